@@ -1,0 +1,301 @@
+"""The cluster inventory: which hosts, which roles, which versions, where things listen.
+
+Pure pydantic, no Prefect: the same model validates a YAML file, a Prefect block and a flow
+parameter. Every validation error names the file, the field and what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+HOSTNAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+CLUSTER_NAME = r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$"
+
+
+class Role(str, Enum):
+    db = "db"
+    etcd = "etcd"
+    backup = "backup"
+    router = "router"
+    restore = "restore"
+
+
+class HaManager(str, Enum):
+    patroni = "patroni"
+    stolon = "stolon"
+
+
+class BackupTool(str, Enum):
+    pgbackrest = "pgbackrest"
+    walg = "walg"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HostSpec(Strict):
+    name: Annotated[str, Field(pattern=HOSTNAME, description="short host name, as HAProxy/pgroute66 know it")]
+    address: ipaddress.IPv4Address
+    roles: list[Role] = Field(default_factory=list)
+    ssh_user: str | None = None
+    ssh_port: int | None = Field(default=None, ge=1, le=65535)
+
+    @field_validator("roles")
+    @classmethod
+    def _unique_roles(cls, roles: list[Role]) -> list[Role]:
+        if len(set(roles)) != len(roles):
+            raise ValueError("a role is listed twice")
+        return roles
+
+    def has(self, role: Role) -> bool:
+        return role in self.roles
+
+
+class PostgresSpec(Strict):
+    version: int = Field(default=15, ge=12, le=18)
+    port: int = Field(default=5432, ge=1, le=65535)
+    data_directory: str | None = Field(default=None, pattern=r"^/")
+    parameters: dict[str, str] = Field(default_factory=dict)
+    synchronous_replication: bool = False
+    application_database: str = Field(default="app", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+
+    @property
+    def data_dir(self) -> str:
+        return self.data_directory or f"/var/lib/postgresql/{self.version}/main"
+
+    @property
+    def bin_dir(self) -> str:
+        return f"/usr/lib/postgresql/{self.version}/bin"
+
+    @property
+    def package(self) -> str:
+        return f"postgresql-{self.version}"
+
+
+class EtcdSpec(Strict):
+    client_port: int = Field(default=2379, ge=1, le=65535)
+    peer_port: int = Field(default=2380, ge=1, le=65535)
+    # Everything this project and its HA manager keep in etcd lives under this prefix.
+    prefix: str = Field(default="/bouwsteen", pattern=r"^/[a-z0-9/_-]*[a-z0-9_-]$")
+
+
+class StolonSpec(Strict):
+    """Production HA manager settings; `cluster_spec` is stolon's cluster spec (checked by the driver)."""
+
+    store_prefix: str = "stolon/cluster"
+    proxy_port: int = Field(default=25432, ge=1, le=65535)
+    cluster_spec: dict[str, Any] = Field(default_factory=dict)
+
+
+class PatroniSpec(Strict):
+    rest_port: int = Field(default=8008, ge=1, le=65535)
+    # Patroni refuses ttl < 20; loop_wait + 2 * retry_timeout must stay <= ttl.
+    ttl: int = Field(default=20, ge=20, le=300)
+    loop_wait: int = Field(default=2, ge=1, le=60)
+    retry_timeout: int = Field(default=5, ge=3, le=120)
+    maximum_lag_on_failover: int = Field(default=1048576, ge=0)
+
+    @model_validator(mode="after")
+    def _timing(self) -> "PatroniSpec":
+        if self.loop_wait + 2 * self.retry_timeout > self.ttl:
+            raise ValueError(
+                f"loop_wait ({self.loop_wait}) + 2 * retry_timeout ({self.retry_timeout}) must not exceed ttl ({self.ttl})"
+            )
+        return self
+
+
+class ObjectStoreSpec(Strict):
+    host: str = Field(pattern=HOSTNAME, description="the backup server (role backup)")
+    endpoint: str = Field(pattern=r"^https://[a-z0-9.-]+(:[0-9]+)?/?$", description="S3 endpoint, TLS only")
+    bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    region: str = "us-east-1"
+    data_path: str = Field(default="/srv/s3", pattern=r"^/")
+
+    @property
+    def endpoint_host(self) -> str:
+        return self.endpoint.split("://", 1)[1].split(":", 1)[0].rstrip("/")
+
+    @property
+    def endpoint_port(self) -> int:
+        rest = self.endpoint.split("://", 1)[1].rstrip("/")
+        return int(rest.split(":", 1)[1]) if ":" in rest else 443
+
+
+class RoutingSpec(Strict):
+    vip: ipaddress.IPv4Address
+    rw_port: int = Field(default=5432, ge=1, le=65535)
+    ro_port: int = Field(default=5433, ge=1, le=65535)
+    stats_port: int = Field(default=8404, ge=1, le=65535)
+    detector_port: int = Field(default=8080, ge=1, le=65535)
+    virtual_router_id: int | None = Field(default=None, ge=1, le=255)
+    preempt: bool = False
+
+
+class ClusterSpec(Strict):
+    name: Annotated[str, Field(pattern=CLUSTER_NAME)]
+    network: ipaddress.IPv4Network = Field(description="the subnet the cluster's hosts share")
+    postgres: PostgresSpec = Field(default_factory=PostgresSpec)
+    ha_manager: HaManager = HaManager.patroni
+    backup_tool: BackupTool = BackupTool.pgbackrest
+    etcd: EtcdSpec = Field(default_factory=EtcdSpec)
+    patroni: PatroniSpec = Field(default_factory=PatroniSpec)
+    stolon: StolonSpec = Field(default_factory=StolonSpec)
+    object_store: ObjectStoreSpec | None = None
+    routing: RoutingSpec | None = None
+    admin_networks: list[ipaddress.IPv4Network] = Field(
+        default_factory=list, description="where the controller (Prefect worker) connects from"
+    )
+    backup_retention_full: int = Field(default=7, ge=1, le=365)
+
+    @property
+    def virtual_router_id(self) -> int:
+        if self.routing and self.routing.virtual_router_id:
+            return self.routing.virtual_router_id
+        # Stable per cluster name, never 0 (VRRP ids are 1..255).
+        return int(hashlib.sha256(self.name.encode()).hexdigest(), 16) % 255 + 1
+
+
+class SshSpec(Strict):
+    user: str = "root"
+    port: int = Field(default=22, ge=1, le=65535)
+    key_file: str | None = None
+    known_hosts_file: str | None = None
+
+
+class Inventory(Strict):
+    cluster: ClusterSpec
+    ssh: SshSpec = Field(default_factory=SshSpec)
+    hosts: list[HostSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Inventory":
+        seen_names: dict[str, int] = {}
+        seen_addresses: dict[str, int] = {}
+        for index, host in enumerate(self.hosts):
+            if host.name in seen_names:
+                raise ValueError(
+                    f"hosts[{index}].name: duplicate host {host.name!r} (also hosts[{seen_names[host.name]}])"
+                )
+            if str(host.address) in seen_addresses:
+                raise ValueError(
+                    f"hosts[{index}].address: duplicate address {host.address} "
+                    f"(also hosts[{seen_addresses[str(host.address)]}])"
+                )
+            seen_names[host.name] = index
+            seen_addresses[str(host.address)] = index
+            if host.address not in self.cluster.network:
+                raise ValueError(f"hosts[{index}].address: {host.address} is outside cluster.network {self.cluster.network}")
+        etcd = self.etcd_members
+        if len(etcd) < 3:
+            raise ValueError(
+                f"hosts: {len(etcd)} etcd member(s) ({', '.join(h.name for h in etcd) or 'none'}); "
+                "at least 3 are needed for a quorum that survives one loss"
+            )
+        if len(self.db_hosts) < 1:
+            raise ValueError("hosts: no host has role 'db'")
+        routing = self.cluster.routing
+        if routing is not None:
+            if routing.vip not in self.cluster.network:
+                raise ValueError(f"cluster.routing.vip: {routing.vip} is outside the hosts' subnet {self.cluster.network}")
+            if str(routing.vip) in seen_addresses:
+                raise ValueError(f"cluster.routing.vip: {routing.vip} is already the address of a host")
+            if len(self.with_role(Role.router)) < 1:
+                raise ValueError("cluster.routing: set, but no host has role 'router'")
+        store = self.cluster.object_store
+        if store is not None:
+            host = self.find(store.host)
+            if host is None or not host.has(Role.backup):
+                raise ValueError(f"cluster.object_store.host: {store.host!r} is not a host with role 'backup'")
+        if self.cluster.postgres.port == self.cluster.etcd.client_port:
+            raise ValueError("cluster.etcd.client_port: clashes with cluster.postgres.port")
+        return self
+
+    # -------------------------------------------------------------- lookups
+
+    def with_role(self, role: Role) -> list[HostSpec]:
+        return [h for h in self.hosts if h.has(role)]
+
+    @property
+    def db_hosts(self) -> list[HostSpec]:
+        return self.with_role(Role.db)
+
+    @property
+    def etcd_members(self) -> list[HostSpec]:
+        explicit = self.with_role(Role.etcd)
+        # Like the building block's labs: without explicit etcd hosts, the db hosts run etcd.
+        return explicit or self.db_hosts
+
+    def find(self, name: str) -> HostSpec | None:
+        return next((h for h in self.hosts if h.name == name), None)
+
+    def host(self, name: str) -> HostSpec:
+        found = self.find(name)
+        if found is None:
+            raise UnknownHostError(f"unknown host {name!r}; the inventory of cluster {self.cluster.name!r} has "
+                                   + ", ".join(h.name for h in self.hosts))
+        return found
+
+    def with_db_host(self, name: str) -> "Inventory":
+        """The same inventory with `name` added to the database hosts (after add_standby)."""
+        hosts = [
+            h.model_copy(update={"roles": [*h.roles, Role.db]}) if h.name == name and not h.has(Role.db) else h
+            for h in self.hosts
+        ]
+        return Inventory.model_validate({**self.model_dump(mode="json"), "hosts": [h.model_dump(mode="json") for h in hosts]})
+
+
+class UnknownHostError(ValueError):
+    pass
+
+
+class InventoryError(ValueError):
+    """An inventory that cannot be used; the message names the file, the field and the reason."""
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def format_validation_error(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        msg = err["msg"].removeprefix("Value error, ")
+        where = _location(tuple(err["loc"]))
+        lines.append(f"{source}: {where + ': ' if where else ''}{msg}")
+    return "\n".join(lines)
+
+
+def parse_inventory(data: Any, source: str = "<inventory>") -> Inventory:
+    try:
+        return Inventory.model_validate(data)
+    except ValidationError as exc:
+        raise InventoryError(format_validation_error(source, exc)) from None
+
+
+def load_inventory(path: str | Path) -> Inventory:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InventoryError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise InventoryError(f"{path}:{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise InventoryError(f"{path}: expected a mapping with cluster, ssh and hosts")
+    return parse_inventory(data, str(path))
+

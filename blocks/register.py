@@ -1,0 +1,89 @@
+"""Register a cluster's blocks on the Prefect server: one command, idempotent."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from blocks.inventory import Inventory, load_inventory
+from blocks.prefect_blocks import (
+    ALL_BLOCKS,
+    ClusterInventory,
+    DatabaseCredentials,
+    ObjectStoreCredentials,
+    SshCredentials,
+)
+
+
+@dataclass(frozen=True)
+class ClusterFiles:
+    """Where a cluster's inventory and secrets come from on the controller (root-only files)."""
+
+    inventory: Path
+    ssh_key: Path
+    known_hosts: Path
+    secrets: Path  # JSON: superuser_password, replication_password, application_password, s3_* …
+    ca_certificate: Path | None = None
+    store_certificate: Path | None = None
+    store_private_key: Path | None = None
+
+    @classmethod
+    def for_lab(cls, lab_dir: Path) -> "ClusterFiles":
+        return cls(
+            inventory=lab_dir / "inventory.yaml",
+            ssh_key=lab_dir / "id_ed25519",
+            known_hosts=lab_dir / "known_hosts",
+            secrets=lab_dir / "secrets.json",
+            ca_certificate=lab_dir / "pki" / "ca.crt",
+            store_certificate=lab_dir / "pki" / "backup1.crt",
+            store_private_key=lab_dir / "pki" / "backup1.key",
+        )
+
+
+def register_block_types() -> None:
+    for block_class in ALL_BLOCKS:
+        block_class.register_type_and_schema()
+
+
+def save_inventory(inventory: Inventory) -> None:
+    ClusterInventory(inventory=inventory).save(inventory.cluster.name, overwrite=True)
+
+
+def register_cluster(files: ClusterFiles) -> Inventory:
+    """Validate everything first (nothing is saved if any file is bad), then save every block."""
+    inventory = load_inventory(files.inventory)
+    secrets = json.loads(files.secrets.read_text())
+    ssh_user = inventory.ssh.user
+    blocks = [
+        ClusterInventory(inventory=inventory),
+        SshCredentials(
+            user=ssh_user,
+            private_key=SecretStr(files.ssh_key.read_text()),
+            known_hosts=files.known_hosts.read_text(),
+        ),
+        DatabaseCredentials(
+            superuser_password=SecretStr(secrets["superuser_password"]),
+            replication_password=SecretStr(secrets["replication_password"]),
+            application_password=SecretStr(secrets["application_password"]),
+        ),
+    ]
+    if inventory.cluster.object_store is not None and files.ca_certificate and files.store_certificate:
+        blocks.append(
+            ObjectStoreCredentials(
+                access_key_id=secrets["s3_access_key_id"],
+                secret_access_key=SecretStr(secrets["s3_secret_access_key"]),
+                admin_access_key_id=secrets["s3_admin_access_key_id"],
+                admin_secret_access_key=SecretStr(secrets["s3_admin_secret_access_key"]),
+                ca_certificate=files.ca_certificate.read_text(),
+                server_certificate=files.store_certificate.read_text(),
+                server_private_key=SecretStr(files.store_private_key.read_text()),
+                repository_cipher_pass=SecretStr(secrets["pgbackrest_cipher_pass"]) if secrets.get("pgbackrest_cipher_pass") else None,
+            )
+        )
+    register_block_types()
+    for block in blocks:
+        block.save(inventory.cluster.name, overwrite=True)
+    return inventory

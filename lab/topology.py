@@ -1,0 +1,60 @@
+"""The lab's default topology: eight hosts on one isolated bridge."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+# A private range not used by this machine; nothing outside the lab routes to or from it.
+SUBNET = ipaddress.IPv4Network("172.29.66.0/24")
+CONTROLLER_ADDRESS = ipaddress.IPv4Address("172.29.66.1")
+VIP = ipaddress.IPv4Address("172.29.66.100")
+BRIDGE = "bwlab0"
+DOMAIN = "bouwsteen.lab"
+CLUSTER_NAME = "lab"
+
+
+@dataclass(frozen=True)
+class LabHost:
+    name: str
+    address: ipaddress.IPv4Address
+    roles: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def netns(self) -> str:
+        return f"bwlab-{self.name}"
+
+    @property
+    def veth(self) -> str:
+        # Interface names are limited to 15 bytes.
+        return f"bwl-{self.name}"[:15]
+
+    @property
+    def fqdn(self) -> str:
+        return f"{self.name}.{DOMAIN}"
+
+
+DEFAULT_HOSTS: tuple[LabHost, ...] = (
+    LabHost("pg1", ipaddress.IPv4Address("172.29.66.11"), ("db",)),
+    LabHost("pg2", ipaddress.IPv4Address("172.29.66.12"), ("db",)),
+    LabHost("pg3", ipaddress.IPv4Address("172.29.66.13"), ("db",)),
+    LabHost("pg4", ipaddress.IPv4Address("172.29.66.14"), ()),
+    LabHost("backup1", ipaddress.IPv4Address("172.29.66.21"), ("backup",)),
+    LabHost("router1", ipaddress.IPv4Address("172.29.66.31"), ("router",)),
+    LabHost("router2", ipaddress.IPv4Address("172.29.66.32"), ("router",)),
+    LabHost("restore1", ipaddress.IPv4Address("172.29.66.41"), ("restore",)),
+)
+
+
+def host_by_name(name: str) -> LabHost:
+    for host in DEFAULT_HOSTS:
+        if host.name == name:
+            return host
+    known = ", ".join(h.name for h in DEFAULT_HOSTS)
+    raise KeyError(f"no lab host named {name!r}; the lab has {known}")
+
+
+def etc_hosts() -> str:
+    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+    lines += [f"{h.address}\t{h.fqdn} {h.name}" for h in DEFAULT_HOSTS]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# bouwsteen's two entry points on a fresh Debian 12 machine, as root:
+#   ./run.sh demo   bring up the lab, a Prefect server and worker, and run every lifecycle flow
+#   ./run.sh test   unit tests and the integration tests on the lab
+# Each installs what it needs first (apt packages, the .venv) and is safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+APT_PACKAGES=(debootstrap iproute2 openssh-client util-linux procps psmisc python3 python3-venv python3-pip ca-certificates)
+
+install_system() {
+  local missing=()
+  for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  fi
+}
+
+pick_python() {
+  for candidate in python3.11 python3.12 python3; do
+    if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      echo "$candidate"; return
+    fi
+  done
+  echo "no Python >= 3.11 found" >&2; exit 1
+}
+
+install_venv() {
+  local stamp=.venv/.bouwsteen-installed
+  if [ ! -x .venv/bin/python ]; then
+    "$(pick_python)" -m venv .venv
+  fi
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/pip install --quiet --upgrade pip
+    .venv/bin/pip install --quiet -e '.[test,bench]'
+    touch "$stamp"
+  fi
+}
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "run as root: the lab needs namespaces, mounts and a bridge" >&2
+  exit 1
+fi
+
+case "${1:-}" in
+  demo)
+    install_system
+    install_venv
+    exec .venv/bin/bouwsteen demo "${@:2}"
+    ;;
+  test)
+    install_system
+    install_venv
+    exec .venv/bin/pytest -p no:cacheprovider "${@:2}"
+    ;;
+  *)
+    echo "usage: $0 demo | test [pytest args]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,122 @@
+"""The backup driver interface: files, commands and output parsers, no I/O.
+
+pgBackRest (lab) and WAL-G (production) implement it; flows run the same code path for both.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from blocks.inventory import HostSpec, Inventory
+from tasks.adapters.commands import Command, CommandResult, ManagedFile
+
+
+class BackupOutputError(RuntimeError):
+    """A backup tool's output could not be parsed; never read as 'no backups' or 'archive OK'."""
+
+
+class BackupInputError(ValueError):
+    """A backup name, target or setting the tool would reject; the message names it."""
+
+
+@dataclass(frozen=True)
+class StoreSecrets:
+    access_key_id: str
+    secret_access_key: str
+    ca_certificate: str  # PEM of the CA that signed the object store's certificate
+    # pgBackRest repository encryption; None = unencrypted repository.
+    cipher_pass: str | None = None
+
+
+@dataclass(frozen=True)
+class BackupInfo:
+    name: str
+    kind: Literal["full", "diff", "incr", "delta"]
+    start_time: datetime
+    finish_time: datetime
+    start_lsn: str | None = None
+    finish_lsn: str | None = None
+    start_wal: str | None = None
+    stop_wal: str | None = None
+    database_bytes: int | None = None  # size of the database as backed up
+    stored_bytes: int | None = None  # size in the repository (compressed)
+    source_host: str | None = None
+    # pgBackRest flags backups with page checksum errors; WAL-G has no such flag.
+    error: bool = False
+
+    @property
+    def duration_seconds(self) -> float:
+        return (self.finish_time - self.start_time).total_seconds()
+
+
+@dataclass(frozen=True)
+class ArchiveCheck:
+    status: Literal["OK", "WARNING", "FAILURE"]
+    detail: str
+    missing_segments: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "OK"
+
+
+class BackupDriver(ABC):
+    name: str
+
+    @abstractmethod
+    def packages(self, inv: Inventory) -> list[str]:
+        """OS packages a database or restore host needs for this backup tool."""
+
+    @abstractmethod
+    def host_files(self, inv: Inventory, host: HostSpec, secrets: StoreSecrets) -> list[ManagedFile]:
+        """Config, env and wrapper files on a database or restore host (secrets in 0600/0640 files)."""
+
+    @abstractmethod
+    def archive_parameters(self, inv: Inventory) -> dict[str, str]:
+        """PostgreSQL parameters that turn WAL archiving on (handed to the HA driver)."""
+
+    @abstractmethod
+    def init_repository_commands(self, inv: Inventory) -> list[Command]:
+        """Idempotent repository setup, run on the primary once archiving is configured."""
+
+    @abstractmethod
+    def backup_command(self, inv: Inventory, source: HostSpec, primary: HostSpec) -> Command:
+        """A full base backup, run on `source` (a streaming standby, or the primary itself)."""
+
+    @abstractmethod
+    def list_command(self, inv: Inventory) -> Command:
+        ...
+
+    @abstractmethod
+    def parse_list(self, result: CommandResult) -> list[BackupInfo]:
+        """Backups oldest first. Raise BackupOutputError on output that is not a backup list."""
+
+    @abstractmethod
+    def retention_commands(self, inv: Inventory, keep_full: int) -> list[Command]:
+        """Delete full backups beyond the newest `keep_full` (and the WAL only they need)."""
+
+    @abstractmethod
+    def restore_commands(
+        self,
+        inv: Inventory,
+        target_dir: str,
+        backup: str | None,
+        target_time: datetime | None,
+    ) -> list[Command]:
+        """Fetch a backup into `target_dir` (empty, owned by postgres) and configure recovery to
+        `target_time` (None = end of the archive), promoting when reached. Never writes to the
+        repository: a restored instance must not archive into the cluster's bucket."""
+
+    @abstractmethod
+    def verify_archive_command(self, inv: Inventory) -> Command:
+        """Checks the WAL archive's continuity; run on the primary."""
+
+    @abstractmethod
+    def parse_verify(self, result: CommandResult) -> ArchiveCheck:
+        ...
+
+    def validate_backup_name(self, name: str) -> None:
+        """Raise BackupInputError when `name` cannot be a backup of this tool."""

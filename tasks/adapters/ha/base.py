@@ -1,0 +1,124 @@
+"""The HA driver interface. A driver renders files and commands and parses their output; it
+never does I/O itself, so the flows run the same code path whichever driver they drive, and a
+driver with no binaries on this machine (stolon) is tested on recorded output.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
+from blocks.inventory import HostSpec, Inventory
+from tasks.adapters.commands import Command, CommandResult, ManagedFile, Unit
+
+
+class HaStatusError(RuntimeError):
+    """The HA manager's status could not be read or makes no sense (never treat as 'no primary')."""
+
+
+class HaSpecError(ValueError):
+    """A configuration value the HA manager would reject; the message names the field."""
+
+
+@dataclass(frozen=True)
+class DbSecrets:
+    superuser: str
+    superuser_password: str
+    replication_user: str
+    replication_password: str
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str  # inventory host name
+    address: str
+    role: Literal["primary", "replica", "unknown"]
+    healthy: bool
+    state: str = ""  # the HA manager's own word for it ("running", "streaming", "healthy", ...)
+    timeline: int | None = None
+    lag_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    initialized: bool
+    members: tuple[Member, ...] = ()
+    leader: str | None = None  # inventory host name of the primary, as the HA manager sees it
+    # Driver-specific handles flows never interpret (e.g. stolon's master keeper uid).
+    handles: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def primaries(self) -> list[Member]:
+        return [m for m in self.members if m.role == "primary"]
+
+    @property
+    def replicas(self) -> list[Member]:
+        return [m for m in self.members if m.role == "replica"]
+
+    def member(self, name: str) -> Member | None:
+        return next((m for m in self.members if m.name == name), None)
+
+
+@dataclass(frozen=True)
+class HaSettings:
+    """Cluster-wide settings changed at run time (not per host files)."""
+
+    synchronous_replication: bool | None = None
+    postgres_parameters: dict[str, str] = field(default_factory=dict)
+
+
+class HaDriver(ABC):
+    name: str
+
+    @abstractmethod
+    def packages(self, inv: Inventory) -> list[str]:
+        """OS packages a database host needs for this HA manager."""
+
+    @abstractmethod
+    def validate(self, inv: Inventory) -> None:
+        """Raise HaSpecError naming the field when the inventory asks for something invalid."""
+
+    @abstractmethod
+    def etcd_prefix(self, inv: Inventory) -> str:
+        """The etcd key prefix where this cluster's HA state lives."""
+
+    @abstractmethod
+    def host_files(
+        self, inv: Inventory, host: HostSpec, secrets: DbSecrets, extra_parameters: dict[str, str]
+    ) -> list[ManagedFile]:
+        """Config, env and unit files for one database host. `extra_parameters` carries the
+        backup driver's archive settings (the hook where archiving is configured)."""
+
+    @abstractmethod
+    def host_units(self, inv: Inventory, host: HostSpec) -> list[Unit]:
+        """systemd units to enable and keep running on a database host, in start order."""
+
+    @abstractmethod
+    def bootstrap_commands(self, inv: Inventory, secrets: DbSecrets, extra_parameters: dict[str, str]) -> list[Command]:
+        """Run once on one database host to initialise the cluster (empty when the HA manager
+        bootstraps itself). Only called when `parse_status` said the cluster is not initialised."""
+
+    @abstractmethod
+    def status_commands(self, inv: Inventory) -> list[Command]:
+        """Commands run on one database host whose results `parse_status` reads, in order."""
+
+    @abstractmethod
+    def parse_status(self, inv: Inventory, results: list[CommandResult]) -> ClusterView:
+        """Raise HaStatusError when the output is not a trustworthy status."""
+
+    @abstractmethod
+    def switchover_commands(self, inv: Inventory, view: ClusterView, candidate: str) -> list[Command]:
+        """Planned role change to `candidate` (a replica host name)."""
+
+    @abstractmethod
+    def failover_commands(self, inv: Inventory, view: ClusterView, candidate: str) -> list[Command]:
+        """Promote `candidate` when the primary is gone."""
+
+    @abstractmethod
+    def settings_commands(self, inv: Inventory, settings: HaSettings) -> list[Command]:
+        """Apply cluster-wide settings through the HA manager (never by editing postgresql.conf)."""
+
+    def rejoin_commands(self, inv: Inventory, view: ClusterView, host: str) -> list[Command]:
+        """Bring a diverged former primary back as a replica (pg_rewind or re-clone)."""
+        return []

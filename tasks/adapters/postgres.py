@@ -1,0 +1,177 @@
+"""PostgreSQL over the network with psycopg: short timeouts, typed errors, no Prefect."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import psycopg
+from psycopg import sql as pgsql
+
+__all__ = [
+    "PgEndpoint", "Postgres", "DatabaseUnavailable", "AuthenticationFailed", "DatabaseError", "NodeStatus",
+    "ReplicaLink", "pgsql", "lsn_to_int",
+]
+
+
+@dataclass(frozen=True, repr=False)
+class PgEndpoint:
+    host: str  # inventory name, for messages
+    address: str
+    port: int
+    user: str
+    password: str
+    dbname: str = "postgres"
+    connect_timeout: int = 5
+
+    def __repr__(self) -> str:
+        return f"PgEndpoint({self.user}@{self.host}:{self.port}/{self.dbname})"
+
+
+class DatabaseUnavailable(RuntimeError):
+    """Could not connect or the connection broke: transient, worth retrying."""
+
+
+class AuthenticationFailed(RuntimeError):
+    """The server refused the credentials: never retried, the block holds a wrong password."""
+
+
+class DatabaseError(RuntimeError):
+    """A statement failed."""
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    host: str
+    in_recovery: bool
+    timeline: int
+    lsn: str  # current WAL LSN on a primary, last replayed LSN on a standby
+    receive_lsn: str | None
+    server_version: int
+    last_replay_time: str | None = None
+
+
+@dataclass(frozen=True)
+class ReplicaLink:
+    application_name: str
+    client_addr: str | None
+    state: str
+    sync_state: str
+    lag_bytes: int | None
+
+
+def lsn_to_int(lsn: str | None) -> int | None:
+    if not lsn:
+        return None
+    high, low = lsn.split("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
+class Postgres:
+    def __init__(self, endpoint: PgEndpoint, *, statement_timeout_ms: int = 15000, autocommit: bool = True):
+        self.endpoint = endpoint
+        self.statement_timeout_ms = statement_timeout_ms
+        self.autocommit = autocommit
+        self._conn: psycopg.Connection | None = None
+
+    def __enter__(self) -> "Postgres":
+        self.connect()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def connect(self) -> psycopg.Connection:
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        ep = self.endpoint
+        try:
+            self._conn = psycopg.connect(
+                host=ep.address, port=ep.port, user=ep.user, password=ep.password, dbname=ep.dbname,
+                connect_timeout=ep.connect_timeout, application_name="bouwsteen",
+                options=f"-c statement_timeout={self.statement_timeout_ms}",
+                autocommit=self.autocommit,
+            )
+        except psycopg.OperationalError as exc:
+            text = str(exc).replace(ep.password, "********") if ep.password else str(exc)
+            if "password authentication failed" in text or "no pg_hba.conf entry" in text:
+                raise AuthenticationFailed(f"{ep.host}:{ep.port}: login as {ep.user} refused: {text.strip()}") from None
+            raise DatabaseUnavailable(f"{ep.host}:{ep.port}: cannot connect: {text.strip()}") from None
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    def query(self, statement: str | pgsql.Composable, params: Sequence[Any] | dict | None = None) -> list[tuple]:
+        conn = self.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(statement, params)
+                return cur.fetchall() if cur.description else []
+        except psycopg.OperationalError as exc:
+            self.close()
+            raise DatabaseUnavailable(f"{self.endpoint.host}: connection lost: {str(exc).strip()}") from None
+        except psycopg.Error as exc:
+            raise DatabaseError(f"{self.endpoint.host}: {str(exc).strip()}") from None
+
+    def query_one(self, statement: str | pgsql.Composable, params: Sequence[Any] | dict | None = None) -> tuple | None:
+        rows = self.query(statement, params)
+        return rows[0] if rows else None
+
+    def scalar(self, statement: str | pgsql.Composable, params: Sequence[Any] | dict | None = None) -> Any:
+        row = self.query_one(statement, params)
+        return row[0] if row else None
+
+    # ---------------------------------------------------------------- facts
+
+    def status(self) -> NodeStatus:
+        row = self.query_one(
+            """
+            select pg_is_in_recovery(),
+                   case when pg_is_in_recovery() then pg_last_wal_replay_lsn()::text
+                        else pg_current_wal_lsn()::text end,
+                   pg_last_wal_receive_lsn()::text,
+                   current_setting('server_version_num')::int,
+                   (select timeline_id from pg_control_checkpoint()),
+                   pg_last_xact_replay_timestamp()::text
+            """
+        )
+        assert row is not None
+        in_recovery, lsn, receive_lsn, version, checkpoint_tli, replay_ts = row
+        timeline = checkpoint_tli
+        if in_recovery:
+            received = self.query_one("select received_tli from pg_stat_wal_receiver")
+            if received and received[0]:
+                timeline = received[0]
+        else:
+            # pg_control_checkpoint lags a promotion until the next checkpoint; the WAL file name does not.
+            walfile = self.scalar("select pg_walfile_name(pg_current_wal_lsn())")
+            timeline = int(walfile[:8], 16)
+        return NodeStatus(
+            host=self.endpoint.host, in_recovery=in_recovery, timeline=timeline, lsn=lsn,
+            receive_lsn=receive_lsn, server_version=version, last_replay_time=replay_ts,
+        )
+
+    def replicas(self) -> list[ReplicaLink]:
+        rows = self.query(
+            """
+            select application_name, client_addr::text, state, sync_state,
+                   pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint
+              from pg_stat_replication
+            """
+        )
+        return [ReplicaLink(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    def oldest_transaction_seconds(self) -> float:
+        value = self.scalar(
+            """
+            select coalesce(max(extract(epoch from clock_timestamp() - xact_start)), 0)
+              from pg_stat_activity
+             where xact_start is not null and pid <> pg_backend_pid() and backend_type = 'client backend'
+            """
+        )
+        return float(value or 0)

@@ -1,0 +1,130 @@
+"""Load a cluster's inventory and credentials from Prefect blocks, inside a task.
+
+Tasks receive only the cluster name and plain values; secrets are loaded here, where they are
+used, so they never travel as task or flow parameters (which Prefect stores and shows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from blocks.inventory import HostSpec, Inventory
+from blocks.prefect_blocks import (
+    ClusterInventory,
+    DatabaseCredentials,
+    ObjectStoreCredentials,
+    SshCredentials,
+    secret_values,
+)
+from tasks.adapters.backup.base import StoreSecrets
+from tasks.adapters.ha.base import DbSecrets
+from tasks.adapters.postgres import PgEndpoint
+from tasks.adapters.remote import Masker, RemoteHost, SshAuth, SshTarget
+
+
+@dataclass(frozen=True)
+class ClusterContext:
+    inventory: Inventory
+    ssh_user: str
+    ssh_auth: SshAuth
+    db_blocks: DatabaseCredentials | None
+    store_block: ObjectStoreCredentials | None
+    masker: Masker
+
+    @property
+    def name(self) -> str:
+        return self.inventory.cluster.name
+
+    def target(self, host: HostSpec) -> SshTarget:
+        return SshTarget(
+            host=host.name,
+            address=str(host.address),
+            port=host.ssh_port or self.inventory.ssh.port,
+            user=host.ssh_user or self.ssh_user,
+        )
+
+    def remote(self, host: str | HostSpec) -> RemoteHost:
+        spec = self.inventory.host(host) if isinstance(host, str) else host
+        return RemoteHost(self.target(spec), self.ssh_auth, self.masker)
+
+    @property
+    def db_secrets(self) -> DbSecrets:
+        if self.db_blocks is None:
+            raise LookupError(f"no database-credentials block named {self.name!r}; run `bouwsteen blocks register`")
+        b = self.db_blocks
+        return DbSecrets(
+            superuser=b.superuser,
+            superuser_password=b.superuser_password.get_secret_value(),
+            replication_user=b.replication_user,
+            replication_password=b.replication_password.get_secret_value(),
+        )
+
+    def superuser_endpoint(self, host: HostSpec, *, port: int | None = None, dbname: str = "postgres") -> PgEndpoint:
+        secrets = self.db_secrets
+        return PgEndpoint(
+            host=host.name, address=str(host.address), port=port or self.inventory.cluster.postgres.port,
+            user=secrets.superuser, password=secrets.superuser_password, dbname=dbname,
+        )
+
+    def application_endpoint(self, address: str, port: int, *, name: str = "vip") -> PgEndpoint:
+        if self.db_blocks is None:
+            raise LookupError(f"no database-credentials block named {self.name!r}")
+        return PgEndpoint(
+            host=name, address=address, port=port,
+            user=self.db_blocks.application_user,
+            password=self.db_blocks.application_password.get_secret_value(),
+            dbname=self.inventory.cluster.postgres.application_database,
+        )
+
+    @property
+    def store_secrets(self) -> StoreSecrets:
+        if self.store_block is None:
+            raise LookupError(f"no object-store-credentials block named {self.name!r}")
+        b = self.store_block
+        return StoreSecrets(
+            access_key_id=b.access_key_id,
+            secret_access_key=b.secret_access_key.get_secret_value(),
+            ca_certificate=b.ca_certificate,
+            cipher_pass=b.repository_cipher_pass.get_secret_value() if b.repository_cipher_pass else None,
+        )
+
+
+def _load_optional(block_class, name: str):
+    try:
+        return block_class.load(name, validate=True)
+    except ValueError as exc:
+        if "Unable to find block document" in str(exc):
+            return None
+        raise
+
+
+def load_context(cluster: str) -> ClusterContext:
+    inventory_block = _load_optional(ClusterInventory, cluster)
+    if inventory_block is None:
+        raise LookupError(f"no cluster-inventory block named {cluster!r}; register it with `bouwsteen blocks register`")
+    ssh = _load_optional(SshCredentials, cluster)
+    if ssh is None:
+        raise LookupError(f"no ssh-credentials block named {cluster!r}; register it with `bouwsteen blocks register`")
+    db = _load_optional(DatabaseCredentials, cluster)
+    store = _load_optional(ObjectStoreCredentials, cluster)
+    return ClusterContext(
+        inventory=inventory_block.inventory,
+        ssh_user=ssh.user,
+        ssh_auth=SshAuth(private_key=ssh.private_key.get_secret_value(), known_hosts=ssh.known_hosts),
+        db_blocks=db,
+        store_block=store,
+        masker=Masker(secret_values(ssh, db, store)),
+    )
+
+
+@lru_cache(maxsize=8)
+def _cached(cluster: str) -> ClusterContext:
+    return load_context(cluster)
+
+
+def context_for(cluster: str, *, fresh: bool = False) -> ClusterContext:
+    """One load per worker process and cluster; `fresh=True` after a flow changed a block."""
+    if fresh:
+        _cached.cache_clear()
+    return _cached(cluster)

@@ -1,0 +1,68 @@
+"""How bouwsteen's Prefect tasks retry, cache and report.
+
+Retries happen by error type only: network and "unavailable" errors are retried with backoff;
+anything else (a refused login, a failed promote, a bad config, a command that timed out and
+may have half-acted) fails at once. Side-effecting
+tasks never cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from tasks.adapters.etcd import EtcdUnavailable
+from tasks.adapters.postgres import DatabaseUnavailable
+from tasks.adapters.remote import RemoteUnreachable
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RemoteUnreachable, DatabaseUnavailable, EtcdUnavailable)
+
+
+def _retry_on_transient(task_obj, task_run, state) -> bool:
+    try:
+        state.result()
+    except TRANSIENT_ERRORS:
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+def step(
+    fn: Callable | None = None,
+    *,
+    name: str | None = None,
+    retries: int = 3,
+    timeout_seconds: float | None = None,
+) -> Any:
+    """A side-effecting runbook step: retried only on transient errors, never cached."""
+
+    def wrap(func: Callable) -> Any:
+        return task(
+            func,
+            name=name or func.__name__,
+            retries=retries,
+            retry_delay_seconds=exponential_backoff(backoff_factor=2),
+            retry_jitter_factor=0.5,
+            retry_condition_fn=_retry_on_transient,
+            cache_policy=NO_CACHE,
+            timeout_seconds=timeout_seconds,
+        )
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def once(fn: Callable | None = None, *, name: str | None = None, timeout_seconds: float | None = None) -> Any:
+    """A step that must never be retried blindly (promote, rewind, restore)."""
+    return step(fn, name=name, retries=0, timeout_seconds=timeout_seconds)
+
+
+def say(sentence: str) -> str:
+    """Log a step's one-sentence outcome and return it (tasks end with this)."""
+    get_run_logger().info(sentence)
+    return sentence
+
+
