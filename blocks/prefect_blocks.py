@@ -47,6 +47,9 @@ class DatabaseCredentials(Block):
     replication_password: SecretStr
     application_user: str = "app"
     application_password: SecretStr
+    monitor_user: str = Field(default="pgroute66", description="read-only role the primary detector logs in with")
+    monitor_password: SecretStr | None = None
+    rest_api_password: SecretStr | None = Field(default=None, description="Patroni REST API (user 'patroni')")
 
 
 class ObjectStoreCredentials(Block):

@@ -68,6 +68,8 @@ def register_cluster(files: ClusterFiles) -> Inventory:
             superuser_password=SecretStr(secrets["superuser_password"]),
             replication_password=SecretStr(secrets["replication_password"]),
             application_password=SecretStr(secrets["application_password"]),
+            monitor_password=SecretStr(secrets["monitor_password"]) if secrets.get("monitor_password") else None,
+            rest_api_password=SecretStr(secrets["rest_api_password"]) if secrets.get("rest_api_password") else None,
         ),
     ]
     if inventory.cluster.object_store is not None and files.ca_certificate and files.store_certificate:

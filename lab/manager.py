@@ -248,8 +248,7 @@ class Lab:
     def write_secrets(self) -> dict:
         """Per-lab passwords and keys, generated once; root-only on the controller."""
         path = self.secrets_path()
-        if path.exists():
-            return json.loads(path.read_text())
+        existing = json.loads(path.read_text()) if path.exists() else {}
         values = {
             "superuser_password": secrets.token_urlsafe(18),
             "replication_password": secrets.token_urlsafe(18),
@@ -260,8 +259,13 @@ class Lab:
             "s3_admin_secret_access_key": secrets.token_urlsafe(24),
             "vrrp_password": secrets.token_hex(4),
             "pgbackrest_cipher_pass": secrets.token_urlsafe(24),
+            "monitor_password": secrets.token_urlsafe(18),
+            "rest_api_password": secrets.token_urlsafe(18),
         }
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        if existing and set(values) <= set(existing):
+            return existing
+        values.update(existing)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump(values, fh, indent=2)
         return values

@@ -58,6 +58,7 @@ class ClusterContext:
             superuser_password=b.superuser_password.get_secret_value(),
             replication_user=b.replication_user,
             replication_password=b.replication_password.get_secret_value(),
+            rest_api_password=b.rest_api_password.get_secret_value() if b.rest_api_password else None,
         )
 
     def superuser_endpoint(self, host: HostSpec, *, port: int | None = None, dbname: str = "postgres") -> PgEndpoint:

@@ -68,11 +68,8 @@ class Etcd:
     # ---------------------------------------------------------------- reads
 
     def get_prefix(self, prefix: str) -> dict[str, bytes]:
-        rows = self._call("get", lambda c: c.get_prefix(prefix, metadata=True))
+        rows = self._call("get", lambda c: c.get_prefix(prefix))
         return {meta["key"].decode(): value for value, meta in rows}
-
-    def count_prefix(self, prefix: str) -> int:
-        return len(self._call("count", lambda c: c.get_prefix(prefix, keys_only=True)))
 
     def get(self, key: str) -> bytes | None:
         rows = self._call("get", lambda c: c.get(key))
@@ -129,7 +126,7 @@ class EtcdMutex:
     def holders(self) -> list[tuple[str, bytes]]:
         rows = self.etcd._call(
             "lock read",
-            lambda c: c.get_prefix(self.prefix, metadata=True, sort_order="ascend", sort_target="create"),
+            lambda c: c.get_prefix(self.prefix, sort_order="ascend", sort_target="create"),
         )
         return [(meta["key"].decode(), value) for value, meta in rows]
 

@@ -175,3 +175,44 @@ class Postgres:
             """
         )
         return float(value or 0)
+
+
+# ---------------------------------------------------------------- SCRAM verifiers
+# The server only ever sees a verifier, never a plaintext password: nothing can leak a password
+# into the server log or pg_stat_statements, and checking the stored one needs no login.
+
+import base64 as _b64
+import hashlib as _hashlib
+import hmac as _hmac
+import os as _os
+
+
+def _scram_keys(password: str, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
+    salted = _hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = _hmac.new(salted, b"Client Key", "sha256").digest()
+    stored_key = _hashlib.sha256(client_key).digest()
+    server_key = _hmac.new(salted, b"Server Key", "sha256").digest()
+    return stored_key, server_key
+
+
+def scram_verifier(password: str, *, salt: bytes | None = None, iterations: int = 4096) -> str:
+    salt = salt if salt is not None else _os.urandom(16)
+    stored, server = _scram_keys(password, salt, iterations)
+    enc = lambda b: _b64.b64encode(b).decode()  # noqa: E731
+    return f"SCRAM-SHA-256${iterations}:{enc(salt)}${enc(stored)}:{enc(server)}"
+
+
+def scram_matches(verifier: str | None, password: str) -> bool:
+    """Does `password` match a stored SCRAM-SHA-256 verifier (pg_authid.rolpassword)?"""
+    if not verifier or not verifier.startswith("SCRAM-SHA-256$"):
+        return False
+    try:
+        _, params, keys = verifier.split("$")
+        iterations, salt = params.split(":")
+        stored, server = keys.split(":")
+        want_stored, want_server = _scram_keys(password, _b64.b64decode(salt), int(iterations))
+    except ValueError:
+        return False
+    return _hmac.compare_digest(want_stored, _b64.b64decode(stored)) and _hmac.compare_digest(
+        want_server, _b64.b64decode(server)
+    )

@@ -264,7 +264,7 @@ class RemoteHost:
             raise RemoteUnreachable(self.target.host, f"upload {spec.path}", None, reason=f"sftp failed: {exc}") from None
         self.run(
             script(
-                'umask 077; mkdir -p -- "$(dirname -- "$4")"; tmp="$4.bouwsteen-new"; '
+                '(umask 022; mkdir -p -- "$(dirname -- "$4")"); umask 077; tmp="$4.bouwsteen-new"; '
                 'install -o "${2%%:*}" -g "${2#*:}" -m "$3" -- "$1" "$tmp" && mv -f -- "$tmp" "$4"; rm -f -- "$1"',
                 args=[staged, wanted_owner, f"{spec.mode:o}", spec.path],
                 description=f"install {spec.path}",

@@ -41,9 +41,9 @@ VERIFY_TIMEOUT = 900.0
 # Bounds one archive_command run: a hung upload must fail (PostgreSQL retries), not stall archiving.
 ARCHIVE_PUSH_TIMEOUT = 600
 
-# Matches the names WAL-G gives backups: base_<start WAL>[_D_<base WAL>].
-_BACKUP_NAME = re.compile(r"^base_[0-9A-F]{24}(_D_[0-9A-F]{24})?$")
+# The names WAL-G gives backups: base_<start WAL>[_D_<WAL of the backup it is a delta of>].
 _BACKUP_NAME_IN_TEXT = r"base_[0-9A-F]{24}(?:_D_[0-9A-F]{24})?"
+_BACKUP_NAME = re.compile(_BACKUP_NAME_IN_TEXT)
 _WROTE_BACKUP = re.compile(rf"Wrote backup with name ({_BACKUP_NAME_IN_TEXT})")
 # Dry-run delete log line, e.g. "INFO: 2024/03/05 10:51:42.835751 \twill be deleted: wal_005/0000….lz4,
 # from storage: default" (the storage suffix is v3+).
@@ -134,7 +134,7 @@ class WalgDriver(BackupDriver):
         config = json.dumps(self.config(inv, secrets), indent=2, sort_keys=True) + "\n"
         ca = secrets.ca_certificate if secrets.ca_certificate.endswith("\n") else secrets.ca_certificate + "\n"
         return [
-            # Holds the S3 secret key; read by postgres (archive_command, cron-free flows run as postgres).
+            # Holds the S3 secret key; only postgres reads it (archive_command and every wal-g call run as postgres).
             ManagedFile(self.config_path(inv), config, owner=OS_USER, group=OS_USER, mode=0o600, secret=True),
             ManagedFile(self.ca_path(inv), ca, owner="root", group="root", mode=0o644),
         ]
@@ -235,7 +235,7 @@ class WalgDriver(BackupDriver):
         _store(inv)
         if not target_dir.startswith("/") or "\n" in target_dir or target_dir.rstrip("/") == "":
             raise BackupInputError(f"restore target directory must be an absolute path other than /: {target_dir!r}")
-        name = backup or "LATEST"
+        name = "LATEST" if backup is None else backup
         self.validate_backup_name(name)
         settings = [
             "# bouwsteen restore (WAL-G): replay from the cluster's archive; never archive into it.",
@@ -305,7 +305,7 @@ class WalgDriver(BackupDriver):
         return ArchiveCheck(status=status, detail="; ".join(parts), missing_segments=tuple(lost))
 
     def validate_backup_name(self, name: str) -> None:
-        if name == "LATEST" or _BACKUP_NAME.match(name):
+        if name == "LATEST" or _BACKUP_NAME.fullmatch(name):
             return
         raise BackupInputError(
             f"{name!r} is not a WAL-G backup name (expected LATEST or base_<24 hex>[_D_<24 hex>], "

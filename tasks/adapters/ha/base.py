@@ -27,6 +27,8 @@ class DbSecrets:
     superuser_password: str
     replication_user: str
     replication_password: str
+    # Patroni's REST API write endpoints (switchover, restart) need it; stolon has no REST API.
+    rest_api_password: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,137 @@
+"""build_cluster: from bare hosts to a running HA PostgreSQL cluster. Safe to run again."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from tasks.adapters.ha.base import HaSpecError
+from tasks.cluster import (
+    PreflightRefused,
+    desired_layers,
+    ensure_cluster_initialized,
+    ensure_files,
+    ensure_ha_settings,
+    ensure_packages,
+    ensure_roles,
+    ensure_units,
+    is_cluster_initialized,
+    is_etcd_ours,
+    is_host_ready,
+    is_replication_working,
+    is_superuser_login_ok,
+    wait_until_etcd_healthy,
+    wait_until_primary_accepts_writes,
+    wait_until_replicas_streaming,
+)
+from tasks.context import context_for
+from tasks.desired import ha_driver
+from tasks.locks import cluster_lock
+from tasks.planning.build import BuildPlan, plan_build
+from tasks.reporting import plan_markdown
+
+
+@flow(name="build_cluster")
+def build_cluster(cluster: str = "lab", dry_run: bool = False, adopt_existing: bool = False) -> dict:
+    """Build (or converge) the cluster: etcd, the HA manager, PostgreSQL, roles.
+
+    1. Pre-flight (read-only)  2. Plan (artifact; dry_run stops here)  3. Act  4. Verify.
+    """
+    logger = get_run_logger()
+    ctx = context_for(cluster, fresh=True)
+    inv = ctx.inventory
+
+    # ------------------------------------------------------------------ 1. pre-flight
+    logger.info("1. Pre-flight (read-only): %s with %s on %s.", cluster, inv.cluster.ha_manager.value,
+                ", ".join(h.name for h in inv.db_hosts))
+    try:
+        ha_driver(inv).validate(inv)
+    except HaSpecError as exc:
+        raise PreflightRefused(f"refused, nothing changed: {exc}") from None
+    layers = desired_layers(ctx)
+    futures = {name: is_host_ready.submit(cluster, name) for name in layers}
+    snapshots, refusals = {}, []
+    for name, future in futures.items():
+        try:
+            snapshots[name] = future.result()
+        except Exception as exc:
+            refusals.append(f"{name}: unreachable: {ctx.masker(str(exc)).splitlines()[0]}")
+    if refusals:
+        raise PreflightRefused("refused, nothing changed:\n" + "\n".join(refusals))
+    refusals += is_etcd_ours(cluster)
+    running_pg = [n for n, s in snapshots.items() if inv.cluster.postgres.port in s.listeners]
+    refusals += is_superuser_login_ok(cluster, running_pg)
+    ha_files = {f.path for n in layers for f in layers[n][-1].files}
+    configured = [n for n, s in snapshots.items() if any(s.files.get(p) for p in ha_files if "patroni" in p or "stolon" in p)]
+    view = is_cluster_initialized(cluster, configured)
+
+    # ------------------------------------------------------------------ 2. plan
+    plan = BuildPlan(hosts=())
+    for name, host_layers in layers.items():
+        partial = plan_build(cluster, host_layers, {name: snapshots[name]}, initialized=True,
+                             bootstrap_candidates=[], adopt_existing=adopt_existing)
+        plan = BuildPlan(plan.hosts + partial.hosts, plan.refusals + partial.refusals)
+    bootstrap_on = None
+    if not view.initialized:
+        candidates = [h.name for h in inv.db_hosts]
+        with_data = [h for h in candidates if not snapshots[h].data_dir.is_empty]
+        bootstrap_on = (with_data or candidates)[0]
+    plan = BuildPlan(plan.hosts, tuple(refusals) + plan.refusals, bootstrap_on)
+    create_markdown_artifact(key=f"build-plan-{cluster}", markdown=plan_markdown("build_cluster", cluster, plan, dry_run),
+                             description=f"build_cluster plan for {cluster}")
+    if plan.refusals:
+        for reason in plan.refusals:
+            logger.error("Refused: %s", reason)
+        raise PreflightRefused("refused, nothing changed:\n" + "\n".join(plan.refusals))
+    if plan.is_noop:
+        logger.info("2. Plan: nothing to change; every host already matches the inventory.")
+    else:
+        for row in plan.rows():
+            logger.info("2. Plan: %s: %s", row["host"], row["plan"])
+    if dry_run:
+        logger.info("dry_run: stopping after the plan; nothing was changed.")
+        return {"plan": plan.rows(), "changed": False}
+
+    # ------------------------------------------------------------------ 3. act
+    with cluster_lock(cluster, "build_cluster"):
+        logger.info("3. Act: packages, etcd, HA manager, roles.")
+        for name, host_layers in layers.items():
+            ensure_packages.submit(cluster, name, sorted({p for layer in host_layers for p in layer.packages})).result()
+        etcd_hosts = [h.name for h in inv.etcd_members]
+        etcd_changes = {n: f.result() for n, f in {n: ensure_files.submit(cluster, n, "etcd") for n in etcd_hosts}.items()}
+        # A new etcd cluster only forms when its members start together ...
+        started = {n: f.result() for n, f in {
+            n: ensure_units.submit(cluster, n, "etcd", etcd_changes[n], restart_changed=False, no_block=True)
+            for n in etcd_hosts}.items()}
+        wait_until_etcd_healthy(cluster)
+        # ... while a changed member is restarted one at a time, so quorum is never lost.
+        for name in etcd_hosts:
+            if etcd_changes[name] and not started[name]:
+                ensure_units(cluster, name, "etcd", etcd_changes[name], already_started=started[name])
+                wait_until_etcd_healthy(cluster)
+
+        db_hosts = [h.name for h in inv.db_hosts]
+        db_changes = {n: f.result() for n, f in {n: ensure_files.submit(cluster, n, "db") for n in db_hosts}.items()}
+        initialized_on = []
+        if plan.bootstrap_on:
+            initialized_on = ensure_cluster_initialized(cluster, plan.bootstrap_on)
+            wait_until_primary_accepts_writes(cluster)
+        for future in [
+            ensure_units.submit(cluster, n, "db", db_changes[n],
+                                already_started=initialized_on if n == plan.bootstrap_on else None)
+            for n in db_hosts
+        ]:
+            future.result()
+        wait_until_primary_accepts_writes(cluster)
+        ensure_ha_settings(cluster)
+        ensure_roles(cluster)
+
+        # ------------------------------------------------------------------ 4. verify
+        logger.info("4. Verify: one primary, every standby streaming, a write visible everywhere.")
+        rows = wait_until_replicas_streaming(cluster)
+        is_replication_working(cluster)
+    create_table_artifact(key=f"topology-{cluster}", table=rows, description=f"Topology of {cluster} after build_cluster")
+    changed = not plan.is_noop
+    logger.info("Done: cluster %s is healthy; %s.", cluster,
+                "changes were applied" if changed else "nothing was changed (second run is a no-op)")
+    return {"plan": plan.rows(), "changed": changed, "topology": rows}

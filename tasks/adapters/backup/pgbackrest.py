@@ -1,0 +1,207 @@
+"""pgBackRest (Debian's 2.45) as the backup driver: the one the lab runs, against S3 over TLS."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+
+from blocks.inventory import HostSpec, Inventory
+from tasks.adapters.backup.base import (
+    ArchiveCheck,
+    BackupDriver,
+    BackupInfo,
+    BackupInputError,
+    BackupOutputError,
+    StoreSecrets,
+)
+from tasks.adapters.commands import Command, CommandResult, ManagedFile, cmd
+
+CONFIG_PATH = "/etc/pgbackrest/pgbackrest.conf"
+CA_PATH = "/etc/pgbackrest/object-store-ca.crt"
+SPOOL = "/var/spool/pgbackrest"
+NAME_PATTERN = re.compile(r"^\d{8}-\d{6}F(_\d{8}-\d{6}[DI])?$")
+_KIND = {"full": "full", "diff": "diff", "incr": "incr"}
+
+
+def pgbackrest(inv: Inventory, *args: str, timeout: float = 300) -> Command:
+    return cmd("pgbackrest", f"--stanza={inv.cluster.name}", *args, timeout=timeout, user="postgres")
+
+
+class PgBackRestDriver(BackupDriver):
+    name = "pgbackrest"
+
+    def packages(self, inv: Inventory) -> list[str]:
+        return ["pgbackrest"]
+
+    def repo_path(self, inv: Inventory) -> str:
+        # One repository per cluster and major version, like WAL-G's prefix rule.
+        return f"/{inv.cluster.name}/pg{inv.cluster.postgres.version}"
+
+    def render_config(self, inv: Inventory, secrets: StoreSecrets) -> str:
+        store = inv.cluster.object_store
+        if store is None:
+            raise BackupInputError("cluster.object_store: not set; pgBackRest needs the S3 endpoint")
+        pg = inv.cluster.postgres
+        lines = [
+            "# Managed by bouwsteen; local edits are overwritten.",
+            "[global]",
+            "repo1-type=s3",
+            f"repo1-path={self.repo_path(inv)}",
+            f"repo1-s3-bucket={store.bucket}",
+            f"repo1-s3-endpoint={store.endpoint_host}",
+            f"repo1-storage-port={store.endpoint_port}",
+            f"repo1-s3-region={store.region}",
+            "repo1-s3-uri-style=path",
+            f"repo1-s3-key={secrets.access_key_id}",
+            f"repo1-s3-key-secret={secrets.secret_access_key}",
+            f"repo1-storage-ca-file={CA_PATH}",
+            f"repo1-retention-full={inv.cluster.backup_retention_full}",
+            "repo1-retention-full-type=count",
+        ]
+        if secrets.cipher_pass:
+            lines += ["repo1-cipher-type=aes-256-cbc", f"repo1-cipher-pass={secrets.cipher_pass}"]
+        lines += [
+            "process-max=2",
+            "compress-type=lz4",
+            "start-fast=y",
+            "delta=y",
+            "log-level-console=warn",
+            "log-level-file=detail",
+            f"spool-path={SPOOL}",
+            "",
+            f"[{inv.cluster.name}]",
+            f"pg1-path={pg.data_dir}",
+            f"pg1-port={pg.port}",
+            "pg1-socket-path=/var/run/postgresql",
+            "",
+        ]
+        return "\n".join(lines)
+
+    def host_files(self, inv: Inventory, host: HostSpec, secrets: StoreSecrets) -> list[ManagedFile]:
+        return [
+            ManagedFile(CA_PATH, secrets.ca_certificate, owner="root", mode=0o644),
+            ManagedFile(CONFIG_PATH, self.render_config(inv, secrets), owner="postgres", group="postgres",
+                        mode=0o600, secret=True),
+        ]
+
+    def archive_parameters(self, inv: Inventory) -> dict[str, str]:
+        return {
+            "archive_mode": "on",
+            "archive_command": f"pgbackrest --stanza={inv.cluster.name} archive-push %p",
+            "archive_timeout": "60",
+        }
+
+    def init_repository_commands(self, inv: Inventory) -> list[Command]:
+        # stanza-create is idempotent: it succeeds when the stanza exists and matches this cluster.
+        return [pgbackrest(inv, "stanza-create", timeout=120)]
+
+    def backup_command(self, inv: Inventory, source: HostSpec, primary: HostSpec) -> Command:
+        pg = inv.cluster.postgres
+        # The annotation records where the backup was taken; `info` shows it back.
+        annotation = f"--annotation=source_host={source.name}"
+        if source.name == primary.name:
+            return pgbackrest(inv, annotation, "--type=full", "backup", timeout=6 * 3600)
+        # From a standby: pgBackRest reads the files from the local standby (pg2) and only asks the
+        # primary (pg1, over SSH as postgres) to start and stop the backup.
+        return pgbackrest(
+            inv,
+            "--backup-standby",
+            f"--pg1-host={primary.address}",
+            "--pg1-host-user=postgres",
+            f"--pg1-path={pg.data_dir}",
+            f"--pg1-port={pg.port}",
+            f"--pg2-path={pg.data_dir}",
+            f"--pg2-port={pg.port}",
+            "--pg2-socket-path=/var/run/postgresql",
+            annotation,
+            "--type=full",
+            "backup",
+            timeout=6 * 3600,
+        )
+
+    def list_command(self, inv: Inventory) -> Command:
+        return pgbackrest(inv, "--output=json", "info", timeout=120)
+
+    def parse_list(self, result: CommandResult) -> list[BackupInfo]:
+        if result.exit_code != 0:
+            raise BackupOutputError(f"pgbackrest info failed ({result.exit_code}): {result.stderr.strip()[-300:]}")
+        try:
+            stanzas = json.loads(result.stdout)
+        except json.JSONDecodeError as exc:
+            raise BackupOutputError(f"pgbackrest info printed no JSON: {exc}") from None
+        if not isinstance(stanzas, list) or not stanzas:
+            raise BackupOutputError("pgbackrest info: expected a list with one stanza")
+        stanza = stanzas[0]
+        status = stanza.get("status", {})
+        # code 2 = "no valid backups": an empty list, not an error.
+        if status.get("code") not in (0, 2):
+            raise BackupOutputError(f"pgbackrest info: stanza status {status.get('code')}: {status.get('message')}")
+        backups = []
+        for item in stanza.get("backup", []):
+            try:
+                timestamp = item["timestamp"]
+                archive = item.get("archive") or {}
+                info = item.get("info") or {}
+                lsn = item.get("lsn") or {}
+                repo = info.get("repository") or {}
+                backups.append(
+                    BackupInfo(
+                        name=item["label"],
+                        kind=_KIND.get(item["type"], "full"),
+                        start_time=datetime.fromtimestamp(timestamp["start"], tz=timezone.utc),
+                        finish_time=datetime.fromtimestamp(timestamp["stop"], tz=timezone.utc),
+                        start_lsn=lsn.get("start"),
+                        finish_lsn=lsn.get("stop"),
+                        start_wal=archive.get("start"),
+                        stop_wal=archive.get("stop"),
+                        database_bytes=info.get("size"),
+                        stored_bytes=repo.get("delta") or repo.get("size"),
+                        source_host=(item.get("annotation") or {}).get("source_host"),
+                        error=bool(item.get("error", False)),
+                    )
+                )
+            except (KeyError, TypeError, ValueError) as exc:
+                raise BackupOutputError(f"pgbackrest info: backup entry without {exc}") from None
+        return sorted(backups, key=lambda b: b.start_time)
+
+    def retention_commands(self, inv: Inventory, keep_full: int) -> list[Command]:
+        if not isinstance(keep_full, int) or keep_full < 1:
+            raise BackupInputError(f"keep_full: must be an integer ≥ 1, got {keep_full!r}")
+        return [pgbackrest(inv, f"--repo1-retention-full={keep_full}", "expire", timeout=1800)]
+
+    def restore_commands(self, inv: Inventory, target_dir: str, backup: str | None, target_time: datetime | None) -> list[Command]:
+        if backup is not None:
+            self.validate_backup_name(backup)
+        if not target_dir.startswith("/"):
+            raise BackupInputError(f"target_dir: must be absolute, got {target_dir!r}")
+        args = [f"--pg1-path={target_dir}", "--archive-mode=off"]
+        if backup:
+            args.append(f"--set={backup}")
+        if target_time is not None:
+            if target_time.tzinfo is None:
+                raise BackupInputError("target_time: needs a time zone")
+            args += [
+                "--type=time",
+                f"--target={target_time.astimezone(timezone.utc).strftime('%Y-%m-%d %H:%M:%S.%f+00')}",
+                "--target-action=promote",
+            ]
+        else:
+            args += ["--type=default"]
+        return [pgbackrest(inv, *args, "restore", timeout=6 * 3600)]
+
+    def verify_archive_command(self, inv: Inventory) -> Command:
+        # `check` forces a WAL switch and waits until that segment is in the repository.
+        return pgbackrest(inv, "--output=text", "check", timeout=180)
+
+    def parse_verify(self, result: CommandResult) -> ArchiveCheck:
+        if result.exit_code == 0:
+            return ArchiveCheck(status="OK", detail="pgbackrest check: WAL archived and repository consistent")
+        tail = (result.stderr or result.stdout).strip()[-500:]
+        return ArchiveCheck(status="FAILURE", detail=f"pgbackrest check failed ({result.exit_code}): {tail}")
+
+    def validate_backup_name(self, name: str) -> None:
+        if not NAME_PATTERN.fullmatch(name):
+            raise BackupInputError(
+                f"backup: {name!r} is not a pgBackRest backup label (like 20261127-010000F)"
+            )

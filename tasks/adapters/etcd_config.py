@@ -1,0 +1,50 @@
+"""etcd member configuration for Debian's etcd-server unit (/etc/default/etcd). Pure rendering."""
+
+from __future__ import annotations
+
+from blocks.inventory import HostSpec, Inventory
+from tasks.adapters.commands import ManagedFile, Unit
+
+ENV_PATH = "/etc/default/etcd"
+
+
+def data_dir(inv: Inventory) -> str:
+    return f"/var/lib/etcd/{inv.cluster.name}"
+
+
+def client_endpoints(inv: Inventory) -> list[str]:
+    return [f"{m.address}:{inv.cluster.etcd.client_port}" for m in inv.etcd_members]
+
+
+def render_env(inv: Inventory, host: HostSpec) -> str:
+    etcd = inv.cluster.etcd
+    members = ",".join(f"{m.name}=http://{m.address}:{etcd.peer_port}" for m in inv.etcd_members)
+    settings = {
+        "ETCD_NAME": host.name,
+        "ETCD_DATA_DIR": data_dir(inv),
+        "ETCD_LISTEN_PEER_URLS": f"http://{host.address}:{etcd.peer_port}",
+        "ETCD_LISTEN_CLIENT_URLS": f"http://{host.address}:{etcd.client_port},http://127.0.0.1:{etcd.client_port}",
+        "ETCD_INITIAL_ADVERTISE_PEER_URLS": f"http://{host.address}:{etcd.peer_port}",
+        "ETCD_ADVERTISE_CLIENT_URLS": f"http://{host.address}:{etcd.client_port}",
+        "ETCD_INITIAL_CLUSTER": members,
+        # Only read when the data dir is empty: a rerun never re-bootstraps an existing member.
+        "ETCD_INITIAL_CLUSTER_STATE": "new",
+        "ETCD_INITIAL_CLUSTER_TOKEN": f"bouwsteen-{inv.cluster.name}",
+        # Patroni/stolon rewrite their keys every few seconds; without compaction the DB grows forever.
+        "ETCD_AUTO_COMPACTION_MODE": "periodic",
+        "ETCD_AUTO_COMPACTION_RETENTION": "1h",
+        "ETCD_ENABLE_V2": "false",
+        "ETCD_HEARTBEAT_INTERVAL": "100",
+        "ETCD_ELECTION_TIMEOUT": "1000",
+    }
+    lines = ["# Managed by bouwsteen build_cluster; local edits are overwritten."]
+    lines += [f"{key}={value}" for key, value in settings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def member_files(inv: Inventory, host: HostSpec) -> list[ManagedFile]:
+    return [ManagedFile(ENV_PATH, render_env(inv, host), owner="root", mode=0o644)]
+
+
+def member_units() -> list[Unit]:
+    return [Unit("etcd.service", restart_on=(ENV_PATH,))]

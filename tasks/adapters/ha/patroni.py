@@ -1,0 +1,259 @@
+"""Patroni (Debian's package, 3.x) as the HA driver: the one the lab runs."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from blocks.inventory import HostSpec, Inventory, Role
+from tasks.adapters.commands import Command, CommandResult, ManagedFile, Unit, cmd
+from tasks.adapters.ha.base import ClusterView, DbSecrets, HaDriver, HaSettings, HaSpecError, HaStatusError, Member
+
+CONFIG_PATH = "/etc/patroni/config.yml"
+PGPASS_PATH = "/var/lib/postgresql/.pgpass_patroni"
+REST_USER = "patroni"
+
+# Parameters that need a restart: set once at bootstrap so later runs never restart PostgreSQL.
+BASE_PARAMETERS = {
+    "wal_level": "replica",
+    "hot_standby": "on",
+    "wal_log_hints": "on",
+    "max_wal_senders": "10",
+    "max_replication_slots": "10",
+    "wal_keep_size": "256MB",
+    "password_encryption": "scram-sha-256",
+    "unix_socket_directories": "/var/run/postgresql",
+    "log_line_prefix": "%m [%p] %q%u@%d ",
+    "shared_preload_libraries": "pg_stat_statements",
+}
+
+_ROLE = {
+    "leader": "primary",
+    "standby leader": "primary",
+    "replica": "replica",
+    "sync standby": "replica",
+    "quorum standby": "replica",
+}
+
+
+def patronictl(*args: str, timeout: float = 30) -> Command:
+    return cmd("patronictl", "-c", CONFIG_PATH, *args, timeout=timeout, user="postgres")
+
+
+class PatroniDriver(HaDriver):
+    name = "patroni"
+
+    def packages(self, inv: Inventory) -> list[str]:
+        return [inv.cluster.postgres.package, "postgresql-contrib", "patroni"]
+
+    def validate(self, inv: Inventory) -> None:
+        params = self.dynamic_configuration(inv, {})["postgresql"]["parameters"]
+        for reserved in ("listen_addresses", "port", "data_directory", "hba_file", "primary_conninfo"):
+            if reserved in inv.cluster.postgres.parameters:
+                raise HaSpecError(
+                    f"cluster.postgres.parameters.{reserved}: managed by Patroni from the inventory; remove it"
+                )
+        if params.get("synchronous_commit") == "off" and inv.cluster.postgres.synchronous_replication:
+            raise HaSpecError("cluster.postgres.parameters.synchronous_commit: 'off' defeats synchronous_replication")
+
+    def etcd_prefix(self, inv: Inventory) -> str:
+        return f"{inv.cluster.etcd.prefix}/patroni/{inv.cluster.name}/"
+
+    # ------------------------------------------------------------------ files
+
+    def dynamic_configuration(self, inv: Inventory, extra_parameters: dict[str, str]) -> dict:
+        """The DCS-wide settings (patronictl show-config / edit-config)."""
+        spec = inv.cluster.patroni
+        parameters = {**BASE_PARAMETERS, **extra_parameters, **inv.cluster.postgres.parameters}
+        return {
+            "ttl": spec.ttl,
+            "loop_wait": spec.loop_wait,
+            "retry_timeout": spec.retry_timeout,
+            "maximum_lag_on_failover": spec.maximum_lag_on_failover,
+            "synchronous_mode": inv.cluster.postgres.synchronous_replication,
+            "postgresql": {"use_pg_rewind": True, "use_slots": True, "parameters": parameters},
+        }
+
+    def pg_hba(self, inv: Inventory, secrets: DbSecrets) -> list[str]:
+        """Scoped to the cluster's own addresses: nothing else may even try to log in."""
+        db = inv.db_hosts
+        routers = inv.with_role(Role.router)
+        restore = inv.with_role(Role.restore)
+        app_db = inv.cluster.postgres.application_database
+        lines = [
+            "local all postgres peer",
+            "local replication postgres peer",
+        ]
+        for host in db:
+            lines.append(f"host replication {secrets.replication_user} {host.address}/32 scram-sha-256")
+            # pg_rewind and pgBackRest's backup-from-standby connect as the superuser from peers.
+            lines.append(f"host all {secrets.superuser} {host.address}/32 scram-sha-256")
+            lines.append(f"host {app_db} all {host.address}/32 scram-sha-256")
+        for host in restore:
+            lines.append(f"host all {secrets.superuser} {host.address}/32 scram-sha-256")
+        for net in inv.cluster.admin_networks:
+            lines.append(f"host all {secrets.superuser} {net} scram-sha-256")
+            lines.append(f"host {app_db} all {net} scram-sha-256")
+            lines.append(f"host postgres all {net} scram-sha-256")
+        for host in routers:
+            lines.append(f"host {app_db} all {host.address}/32 scram-sha-256")
+            lines.append(f"host postgres all {host.address}/32 scram-sha-256")
+        return lines
+
+    def render_config(self, inv: Inventory, host: HostSpec, secrets: DbSecrets, extra_parameters: dict[str, str]) -> str:
+        pg = inv.cluster.postgres
+        etcd_hosts = [f"{m.address}:{inv.cluster.etcd.client_port}" for m in inv.etcd_members]
+        rest_port = inv.cluster.patroni.rest_port
+        config: dict = {
+            "scope": inv.cluster.name,
+            "namespace": f"{inv.cluster.etcd.prefix}/patroni/",
+            "name": host.name,
+            "restapi": {
+                "listen": f"{host.address}:{rest_port}",
+                "connect_address": f"{host.address}:{rest_port}",
+            },
+            "etcd3": {"hosts": etcd_hosts, "protocol": "http"},
+            "bootstrap": {
+                "dcs": self.dynamic_configuration(inv, extra_parameters),
+                "initdb": [{"encoding": "UTF8"}, {"locale": "C.UTF-8"}, "data-checksums"],
+            },
+            "postgresql": {
+                "listen": f"{host.address},127.0.0.1:{pg.port}",
+                "connect_address": f"{host.address}:{pg.port}",
+                "data_dir": pg.data_dir,
+                "bin_dir": pg.bin_dir,
+                "pgpass": PGPASS_PATH,
+                # Local connections go through the socket with peer auth: no password over TCP.
+                "use_unix_socket": True,
+                "use_unix_socket_repl": False,
+                "authentication": {
+                    "superuser": {"username": secrets.superuser, "password": secrets.superuser_password},
+                    "replication": {"username": secrets.replication_user, "password": secrets.replication_password},
+                },
+                "parameters": {"unix_socket_directories": "/var/run/postgresql"},
+                "pg_hba": self.pg_hba(inv, secrets),
+                "create_replica_methods": ["basebackup"],
+                "basebackup": [{"checkpoint": "fast"}],
+            },
+            "tags": {"nofailover": False, "noloadbalance": False, "clonefrom": False, "nosync": False},
+        }
+        if secrets.rest_api_password:
+            config["restapi"]["authentication"] = {"username": REST_USER, "password": secrets.rest_api_password}
+            config["ctl"] = {"insecure": False}
+        header = "# Managed by bouwsteen (build_cluster / add_standby). Local edits are overwritten.\n"
+        return header + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+
+    def host_files(
+        self, inv: Inventory, host: HostSpec, secrets: DbSecrets, extra_parameters: dict[str, str]
+    ) -> list[ManagedFile]:
+        return [
+            ManagedFile(
+                CONFIG_PATH, self.render_config(inv, host, secrets, extra_parameters),
+                owner="postgres", group="postgres", mode=0o600, secret=True,
+            ),
+        ]
+
+    def host_units(self, inv: Inventory, host: HostSpec) -> list[Unit]:
+        # Patroni re-reads its file on SIGHUP (ExecReload) and applies pg_hba/parameters itself.
+        return [Unit("patroni.service", reload_on=(CONFIG_PATH,))]
+
+    def bootstrap_commands(self, inv: Inventory, secrets: DbSecrets, extra_parameters: dict[str, str]) -> list[Command]:
+        return []  # the first Patroni to take the initialize key runs initdb itself
+
+    # ------------------------------------------------------------------ status
+
+    def status_commands(self, inv: Inventory) -> list[Command]:
+        return [patronictl("list", "-f", "json", timeout=20)]
+
+    def parse_status(self, inv: Inventory, results: list[CommandResult]) -> ClusterView:
+        if not results:
+            raise HaStatusError("patronictl list: no output")
+        result = results[0]
+        if result.exit_code != 0:
+            raise HaStatusError(f"patronictl list failed ({result.exit_code}): {result.stderr.strip()[-300:]}")
+        try:
+            rows = json.loads(result.stdout or "null")
+        except json.JSONDecodeError as exc:
+            raise HaStatusError(f"patronictl list printed no JSON: {exc}") from None
+        if not isinstance(rows, list):
+            raise HaStatusError("patronictl list: expected a JSON list of members")
+        names = {h.name for h in inv.hosts}
+        members: list[Member] = []
+        for row in rows:
+            try:
+                name = row["Member"]
+                role_text = str(row["Role"]).lower()
+                state = str(row["State"]).lower()
+            except (KeyError, TypeError) as exc:
+                raise HaStatusError(f"patronictl list: member without {exc}") from None
+            if name not in names:
+                raise HaStatusError(f"patronictl list: member {name!r} is not in the inventory of {inv.cluster.name}")
+            role = _ROLE.get(role_text, "unknown")
+            lag = row.get("Lag in MB")
+            lag_bytes = int(float(lag) * 1024 * 1024) if isinstance(lag, (int, float)) else (0 if role == "primary" else None)
+            healthy = state in ("running", "streaming") and role != "unknown"
+            members.append(
+                Member(
+                    name=name, address=str(row.get("Host", "")).rsplit(":", 1)[0], role=role, healthy=healthy,
+                    state=state if role_text != "sync standby" else f"{state} (sync)",
+                    timeline=row.get("TL") if isinstance(row.get("TL"), int) else None, lag_bytes=lag_bytes,
+                )
+            )
+        leaders = [m.name for m in members if m.role == "primary"]
+        return ClusterView(
+            initialized=bool(members), members=tuple(sorted(members, key=lambda m: m.name)),
+            leader=leaders[0] if len(leaders) == 1 else None,
+        )
+
+    # ------------------------------------------------------------------ role changes
+
+    def switchover_commands(self, inv: Inventory, view: ClusterView, candidate: str) -> list[Command]:
+        if view.leader is None:
+            raise HaStatusError("switchover needs a leader; there is none (use failover)")
+        return [patronictl("switchover", "--leader", view.leader, "--candidate", candidate, "--force",
+                           inv.cluster.name, timeout=90)]
+
+    def failover_commands(self, inv: Inventory, view: ClusterView, candidate: str) -> list[Command]:
+        return [patronictl("failover", "--candidate", candidate, "--force", inv.cluster.name, timeout=90)]
+
+    def settings_commands(self, inv: Inventory, settings: HaSettings) -> list[Command]:
+        args: list[str] = []
+        if settings.synchronous_replication is not None:
+            args += ["-s", f"synchronous_mode={'true' if settings.synchronous_replication else 'false'}"]
+        for key, value in sorted(settings.postgres_parameters.items()):
+            args += ["-p", f"{key}={value}"]
+        if not args:
+            return []
+        return [patronictl("edit-config", "--force", "--quiet", *args, inv.cluster.name)]
+
+    def show_config_command(self, inv: Inventory) -> Command:
+        return patronictl("show-config", inv.cluster.name, timeout=20)
+
+    def parse_config(self, result: CommandResult) -> dict:
+        if result.exit_code != 0:
+            raise HaStatusError(f"patronictl show-config failed: {result.stderr.strip()[-300:]}")
+        data = yaml.safe_load(result.stdout) or {}
+        if not isinstance(data, dict):
+            raise HaStatusError("patronictl show-config: not a mapping")
+        return data
+
+    def settings_drift(self, inv: Inventory, current: dict, extra_parameters: dict[str, str]) -> HaSettings:
+        """What differs between the DCS configuration and the inventory (empty = nothing to do)."""
+        wanted = self.dynamic_configuration(inv, extra_parameters)
+        current_params = {k: str(v) for k, v in (current.get("postgresql", {}).get("parameters") or {}).items()}
+        changed = {k: v for k, v in wanted["postgresql"]["parameters"].items() if _norm(current_params.get(k)) != _norm(v)}
+        sync = None
+        if bool(current.get("synchronous_mode", False)) != wanted["synchronous_mode"]:
+            sync = wanted["synchronous_mode"]
+        return HaSettings(synchronous_replication=sync, postgres_parameters=changed)
+
+    def rejoin_commands(self, inv: Inventory, view: ClusterView, host: str) -> list[Command]:
+        return [patronictl("reinit", "--force", inv.cluster.name, host, timeout=600)]
+
+
+def _norm(value) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    return {"true": "on", "false": "off"}.get(text, text)

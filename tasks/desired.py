@@ -1,0 +1,85 @@
+"""What each host of a cluster should look like, from the inventory and the credentials. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from blocks.inventory import BackupTool, HaManager, HostSpec, Inventory, Role
+from tasks.adapters import etcd_config
+from tasks.adapters.backup.base import BackupDriver, StoreSecrets
+from tasks.adapters.backup.pgbackrest import PgBackRestDriver
+from tasks.adapters.backup.walg import WalgDriver
+from tasks.adapters.commands import ManagedFile
+from tasks.adapters.ha.base import DbSecrets, HaDriver
+from tasks.adapters.ha.patroni import PatroniDriver
+from tasks.adapters.ha.stolon import StolonDriver
+from tasks.planning.build import DesiredHost, marker_file
+
+
+def ha_driver(inv: Inventory) -> HaDriver:
+    return {HaManager.patroni: PatroniDriver, HaManager.stolon: StolonDriver}[inv.cluster.ha_manager]()
+
+
+def backup_driver(inv: Inventory) -> BackupDriver:
+    return {BackupTool.pgbackrest: PgBackRestDriver, BackupTool.walg: WalgDriver}[inv.cluster.backup_tool]()
+
+
+@dataclass(frozen=True)
+class ClusterSecrets:
+    db: DbSecrets
+    store: StoreSecrets | None  # None until the object store's credentials are registered
+
+
+def archive_parameters(inv: Inventory, secrets: ClusterSecrets) -> dict[str, str]:
+    """The hook where the backup driver switches WAL archiving on."""
+    if inv.cluster.object_store is None or secrets.store is None:
+        return {}
+    return backup_driver(inv).archive_parameters(inv)
+
+
+def etcd_member(inv: Inventory, host: HostSpec) -> DesiredHost:
+    return DesiredHost(
+        host=host.name,
+        packages=("etcd-server", "etcd-client"),
+        files=(marker_file(inv.cluster.name), *etcd_config.member_files(inv, host)),
+        units=tuple(etcd_config.member_units()),
+        ports={inv.cluster.etcd.client_port: "etcd", inv.cluster.etcd.peer_port: "etcd"},
+    )
+
+
+def db_files(inv: Inventory, host: HostSpec, secrets: ClusterSecrets) -> tuple[ManagedFile, ...]:
+    files: list[ManagedFile] = [marker_file(inv.cluster.name)]
+    if inv.cluster.object_store is not None and secrets.store is not None:
+        files += backup_driver(inv).host_files(inv, host, secrets.store)
+    files += ha_driver(inv).host_files(inv, host, secrets.db, archive_parameters(inv, secrets))
+    return tuple(files)
+
+
+def db_host(inv: Inventory, host: HostSpec, secrets: ClusterSecrets) -> DesiredHost:
+    driver = ha_driver(inv)
+    packages = list(driver.packages(inv))
+    if inv.cluster.object_store is not None:
+        packages += backup_driver(inv).packages(inv)
+    ports = {inv.cluster.postgres.port: "postgres"}
+    if inv.cluster.ha_manager == HaManager.patroni:
+        ports[inv.cluster.patroni.rest_port] = "patroni"
+    else:
+        ports[inv.cluster.stolon.proxy_port] = "stolon"
+    return DesiredHost(
+        host=host.name,
+        packages=tuple(dict.fromkeys(packages)),
+        files=db_files(inv, host, secrets),
+        units=tuple(driver.host_units(inv, host)),
+        ports=ports,
+        needs_data_dir=True,
+    )
+
+
+def all_desired(inv: Inventory, secrets: ClusterSecrets) -> dict[str, list[DesiredHost]]:
+    """Per host, the layers in apply order: etcd member first, then the database host."""
+    layers: dict[str, list[DesiredHost]] = {}
+    for host in inv.etcd_members:
+        layers.setdefault(host.name, []).append(etcd_member(inv, host))
+    for host in inv.with_role(Role.db):
+        layers.setdefault(host.name, []).append(db_host(inv, host, secrets))
+    return layers

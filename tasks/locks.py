@@ -1,0 +1,80 @@
+"""One runbook at a time per cluster: a Prefect global concurrency limit paired with an etcd lock.
+
+The Prefect limit (strict: a missing limit is an error, not "no lock") serialises runs that go
+through the Prefect server. The etcd lease lock also excludes anything that bypasses Prefect
+(a cron job, a DBA's script) and frees itself within the lease TTL when a holder dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from typing import Iterator
+
+from prefect import get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
+
+from tasks.adapters import etcd_config
+from tasks.adapters.etcd import Etcd, EtcdUnavailable, LockTimeout
+from tasks.context import context_for
+
+LEASE_TTL = 30
+
+
+class ClusterBusy(RuntimeError):
+    """Another runbook holds this cluster; refused before anything changed."""
+
+
+def limit_name(cluster: str) -> str:
+    return f"cluster-{cluster}"
+
+
+def ensure_cluster_limit(cluster: str) -> None:
+    name = limit_name(cluster)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+
+
+def etcd_lock_prefix(cluster: str) -> str:
+    inv = context_for(cluster).inventory
+    return f"{inv.cluster.etcd.prefix}/locks/{cluster}/"
+
+
+@contextlib.contextmanager
+def cluster_lock(cluster: str, runbook: str, *, wait_seconds: float = 0, require_etcd: bool = False) -> Iterator[None]:
+    """Hold the cluster for `runbook`; refuse (ClusterBusy) if it stays taken for `wait_seconds`."""
+    logger = get_run_logger()
+    ensure_cluster_limit(cluster)
+    try:
+        with concurrency(limit_name(cluster), occupy=1, strict=True, timeout_seconds=max(wait_seconds, 1),
+                         lease_duration=60):
+            ctx = context_for(cluster)
+            etcd = Etcd(etcd_config.client_endpoints(ctx.inventory), timeout=3)
+            holder = f"{runbook} on {socket.gethostname()} pid {os.getpid()}"
+            mutex = etcd.mutex(etcd_lock_prefix(cluster), ttl=LEASE_TTL, holder=holder)
+            try:
+                mutex.acquire(timeout=max(wait_seconds, 1))
+            except EtcdUnavailable:
+                if require_etcd:
+                    raise
+                logger.warning("etcd does not answer yet; holding only the Prefect lock for cluster %s.", cluster)
+                mutex = None
+            except LockTimeout as exc:
+                raise ClusterBusy(f"cluster {cluster} is busy: {exc}") from None
+            try:
+                logger.info("Holding the lock on cluster %s for %s.", cluster, runbook)
+                yield
+            finally:
+                if mutex is not None:
+                    mutex.release()
+    except TimeoutError:
+        raise ClusterBusy(
+            f"cluster {cluster} is busy: another runbook holds Prefect limit {limit_name(cluster)}"
+        ) from None

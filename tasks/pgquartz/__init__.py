@@ -1,0 +1,50 @@
+"""PgQuartz job files: load and validate them unchanged, and plan their execution.
+
+Pure: no Prefect, no database, no SSH; the only I/O is reading job files and their scripts.
+The `tab_job` flow wraps this: one task per step instance / check, SQL via psycopg, shell over SSH.
+See /work/shared/reference/pgquartz.md for the format and PgQuartz's run-time semantics.
+"""
+
+from .loader import JobFileError, Problem, load_job, load_jobs, parse_job, read_script, script_path
+from .model import (
+    DEFAULT_ETCD_ENDPOINTS,
+    DEFAULT_LOCK_TIMEOUT,
+    SHELL,
+    Check,
+    Command,
+    Connection,
+    EtcdConfig,
+    GitConfig,
+    Job,
+    Step,
+    parse_go_duration,
+)
+from .plan import (
+    MATRIX_ENV_PREFIX,
+    PlanError,
+    check_passed,
+    effective_role,
+    expand_matrix,
+    find_cycle,
+    format_sql_rows,
+    instance_env,
+    render_sql,
+    split_batch,
+    sql_text_args,
+    step_should_run,
+    step_waves,
+)
+from .when import InstanceResult, StepResult, WhenExpressionError, evaluate_when, output_lines, when_step_refs
+
+__all__ = [
+    # model
+    "Job", "Step", "Command", "Check", "Connection", "EtcdConfig", "GitConfig", "parse_go_duration",
+    "SHELL", "DEFAULT_LOCK_TIMEOUT", "DEFAULT_ETCD_ENDPOINTS",
+    # loader
+    "load_job", "load_jobs", "parse_job", "script_path", "read_script", "JobFileError", "Problem",
+    # plan
+    "step_waves", "find_cycle", "expand_matrix", "instance_env", "render_sql", "split_batch", "sql_text_args",
+    "format_sql_rows", "effective_role", "check_passed", "step_should_run", "PlanError", "MATRIX_ENV_PREFIX",
+    # when
+    "evaluate_when", "when_step_refs", "StepResult", "InstanceResult", "output_lines", "WhenExpressionError",
+]

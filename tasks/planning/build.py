@@ -1,0 +1,184 @@
+"""Pure planning for build_cluster and add_standby: snapshot of the hosts in, plan out.
+
+No I/O. The flows take snapshots, call these functions, show the plan, and only then act.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from tasks.adapters.commands import ManagedFile, Unit
+from tasks.adapters.probe import MARKER_PATH, HostSnapshot
+
+SUPPORTED_OS = {("debian", "12")}
+# Who may legitimately listen on a port the cluster needs (the process name `ss` shows).
+PORT_OWNERS = {
+    "postgres": {"postgres", "postmaster"},
+    "etcd": {"etcd"},
+    "patroni": {"patroni", "python3"},
+    "stolon": {"stolon-keeper", "stolon-proxy", "postgres"},
+}
+
+
+def marker_file(cluster: str) -> ManagedFile:
+    return ManagedFile(MARKER_PATH, json.dumps({"cluster": cluster}) + "\n", owner="root", mode=0o644)
+
+
+@dataclass(frozen=True)
+class DesiredHost:
+    """What one host should look like: packages, files and units, in start order."""
+
+    host: str
+    packages: tuple[str, ...]
+    files: tuple[ManagedFile, ...]
+    units: tuple[Unit, ...]
+    ports: dict[int, str] = field(default_factory=dict)  # port -> PORT_OWNERS key
+    needs_data_dir: bool = False
+
+
+@dataclass(frozen=True)
+class FileChange:
+    path: str
+    action: str  # create | update | fix owner/mode
+    secret: bool
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    host: str
+    install: tuple[str, ...] = ()
+    files: tuple[FileChange, ...] = ()
+    start: tuple[str, ...] = ()
+    restart: tuple[str, ...] = ()
+    reload: tuple[str, ...] = ()
+
+    @property
+    def is_noop(self) -> bool:
+        return not (self.install or self.files or self.start or self.restart or self.reload)
+
+    def summary(self) -> str:
+        if self.is_noop:
+            return "no change"
+        parts = []
+        if self.install:
+            parts.append("install " + ", ".join(self.install))
+        if self.files:
+            parts.append("write " + ", ".join(f"{f.path} ({f.action})" for f in self.files))
+        if self.start:
+            parts.append("start " + ", ".join(self.start))
+        if self.restart:
+            parts.append("restart " + ", ".join(self.restart))
+        if self.reload:
+            parts.append("reload " + ", ".join(self.reload))
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    hosts: tuple[HostPlan, ...]
+    refusals: tuple[str, ...] = ()
+    bootstrap_on: str | None = None  # host that initialises the cluster, when it is not initialised yet
+    notes: tuple[str, ...] = ()
+
+    @property
+    def is_noop(self) -> bool:
+        return not self.refusals and self.bootstrap_on is None and all(h.is_noop for h in self.hosts)
+
+    def for_host(self, name: str) -> HostPlan:
+        return next(h for h in self.hosts if h.host == name)
+
+    def rows(self) -> list[dict]:
+        rows = [{"host": h.host, "plan": h.summary()} for h in self.hosts]
+        if self.bootstrap_on:
+            rows.append({"host": self.bootstrap_on, "plan": "initialise the cluster here (first primary)"})
+        return rows
+
+
+def file_changes(desired: tuple[ManagedFile, ...], snap: HostSnapshot) -> tuple[FileChange, ...]:
+    changes = []
+    for spec in desired:
+        current = snap.files.get(spec.path)
+        if current is None:
+            changes.append(FileChange(spec.path, "create", spec.secret))
+        elif current.sha256 != spec.sha256:
+            changes.append(FileChange(spec.path, "update", spec.secret))
+        elif current.owner != f"{spec.owner}:{spec.owner_group}" or current.mode != spec.mode:
+            changes.append(FileChange(spec.path, "fix owner/mode", spec.secret))
+    return tuple(changes)
+
+
+def host_preflight(
+    cluster: str, want: DesiredHost, snap: HostSnapshot, *, adopt_existing: bool, allow_join: bool = True
+) -> list[str]:
+    """Reasons to refuse touching this host at all; each names the host and what is wrong."""
+    refusals = []
+    name = want.host
+    if (snap.os_id, snap.os_version) not in SUPPORTED_OS:
+        refusals.append(f"{name}: unsupported OS {snap.os_pretty or snap.os_id + ' ' + snap.os_version!r} (need Debian 12)")
+    if snap.hostname.split(".")[0] != name:
+        refusals.append(f"{name}: answers as {snap.hostname!r}; the inventory address may point at another machine")
+    ours = snap.marker_cluster == cluster
+    if snap.marker_cluster is not None and not ours:
+        refusals.append(f"{name}: already belongs to cluster {snap.marker_cluster!r}")
+    if want.needs_data_dir and not ours and not snap.data_dir.is_empty and not adopt_existing:
+        refusals.append(
+            f"{name}: data directory is not empty ({snap.data_dir.entries} entries"
+            f"{', PostgreSQL ' + snap.data_dir.pg_version if snap.data_dir.pg_version else ''}) and the host is not part "
+            f"of cluster {cluster!r}; refusing to overwrite it (pass adopt_existing=True to take it over)"
+        )
+    for port, owner_kind in sorted(want.ports.items()):
+        process = snap.listeners.get(port)
+        if process is None:
+            continue
+        if not ours or process not in PORT_OWNERS.get(owner_kind, set()):
+            refusals.append(f"{name}: port {port} is already in use by {process or 'an unknown process'}")
+    if not allow_join and not ours:
+        refusals.append(f"{name}: not part of cluster {cluster!r}")
+    return refusals
+
+
+def plan_host(want: DesiredHost, snap: HostSnapshot) -> HostPlan:
+    install = tuple(p for p in want.packages if not snap.packages.get(p))
+    changes = file_changes(want.files, snap)
+    changed_paths = {c.path for c in changes if c.action != "fix owner/mode"}
+    start, restart, reload = [], [], []
+    for unit in want.units:
+        state = snap.units.get(unit.name)
+        if state is None or not state.is_running or not state.is_enabled:
+            start.append(unit.name)
+        elif changed_paths & set(unit.restart_on):
+            restart.append(unit.name)
+        elif changed_paths & set(unit.reload_on):
+            reload.append(unit.name)
+    return HostPlan(want.host, install, changes, tuple(start), tuple(restart), tuple(reload))
+
+
+def plan_build(
+    cluster: str,
+    desired: list[DesiredHost],
+    snapshots: dict[str, HostSnapshot],
+    *,
+    initialized: bool,
+    bootstrap_candidates: list[str],
+    adopt_existing: bool = False,
+    etcd_refusals: list[str] | None = None,
+) -> BuildPlan:
+    refusals: list[str] = list(etcd_refusals or [])
+    hosts = []
+    for want in desired:
+        snap = snapshots.get(want.host)
+        if snap is None:
+            refusals.append(f"{want.host}: no snapshot (unreachable?)")
+            continue
+        refusals += host_preflight(cluster, want, snap, adopt_existing=adopt_existing)
+        hosts.append(plan_host(want, snap))
+    bootstrap_on = None
+    if not initialized:
+        if not bootstrap_candidates:
+            refusals.append("no database host can initialise the cluster")
+        else:
+            # Prefer a host that already has data (a half-finished earlier run), then inventory order.
+            with_data = [h for h in bootstrap_candidates if not snapshots[h].data_dir.is_empty]
+            bootstrap_on = (with_data or bootstrap_candidates)[0]
+    return BuildPlan(tuple(hosts), tuple(refusals), bootstrap_on)

@@ -1,0 +1,670 @@
+"""The stolon driver on recorded-shape output (tests/unit/fixtures/stolon): no stolon, no network."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blocks.inventory import Inventory, parse_inventory
+from tasks.adapters.commands import Command, CommandResult, ManagedFile
+from tasks.adapters.ha.base import ClusterView, DbSecrets, HaSettings, HaSpecError, HaStatusError, Member
+from tasks.adapters.ha.stolon import (
+    STOLONCTL,
+    StolonDriver,
+    merge_patch,
+    parse_go_duration,
+    parse_status_text,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "stolon"
+SU_PASSWORD = "su-S3cret!with spaces inside"
+REPL_PASSWORD = "repl-An0ther#secret"
+SECRETS = DbSecrets(
+    superuser="postgres", superuser_password=SU_PASSWORD,
+    replication_user="replicator", replication_password=REPL_PASSWORD,
+)
+ARCHIVE_PARAMETERS = {"archive_mode": "on", "archive_command": "/opt/wal-g/scripts/archive.sh %p"}
+NIL_CLUSTER_DATA = CommandResult(stdout="", stderr="nil cluster data: <nil>\n", exit_code=1)
+
+driver = StolonDriver()
+
+
+def make_inventory(cluster_spec: dict[str, Any] | None = None, **cluster: Any) -> Inventory:
+    return parse_inventory({
+        "cluster": {
+            "name": "pg-prod",
+            "network": "10.0.0.0/24",
+            "ha_manager": "stolon",
+            "admin_networks": ["10.0.9.0/24"],
+            "postgres": {"version": 15, "parameters": {"max_connections": "200", "archive_mode": "off"}},
+            "stolon": {"cluster_spec": cluster_spec or {}},
+            **cluster,
+        },
+        "hosts": [
+            {"name": "db-1", "address": "10.0.0.11", "roles": ["db", "etcd"]},
+            {"name": "db-2", "address": "10.0.0.12", "roles": ["db", "etcd"]},
+            {"name": "db-3", "address": "10.0.0.13", "roles": ["db", "etcd"]},
+            {"name": "router-1", "address": "10.0.0.21", "roles": ["router"]},
+        ],
+    })
+
+
+INV = make_inventory()
+
+
+def fixture(name: str) -> str:
+    return (FIXTURES / name).read_text()
+
+
+def ok(name: str) -> CommandResult:
+    return CommandResult(stdout=fixture(name))
+
+
+def view_of(status: str, clusterdata: str) -> ClusterView:
+    return driver.parse_status(INV, [ok(status), ok(clusterdata)])
+
+
+def files_by_path(inv: Inventory = INV, host: str = "db-2") -> dict[str, ManagedFile]:
+    return {f.path: f for f in driver.host_files(inv, inv.host(host), SECRETS, ARCHIVE_PARAMETERS)}
+
+
+def env_values(content: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in content.splitlines() if line and not line.startswith("#"))
+
+
+# ---------------------------------------------------------------- parse_status
+
+
+def test_healthy_cluster_maps_keepers_to_inventory_hosts() -> None:
+    view = view_of("status_healthy.json", "clusterdata_healthy.json")
+
+    assert view.initialized
+    assert view.leader == "db-1"
+    assert [m.name for m in view.members] == ["db-1", "db-2", "db-3"]
+    assert view.handles["master_keeper_uid"] == "db_1"
+    assert view.handles["master_db_uid"] == "5a363897"
+    assert view.handles["phase"] == "normal"
+    assert view.handles["leader_sentinel_uid"] == "bfe3a503"
+    assert view.member("db-1") == Member(
+        name="db-1", address="10.0.0.11", role="primary", healthy=True, state="master", timeline=2, lag_bytes=0
+    )
+    assert view.member("db-2") == Member(
+        name="db-2", address="10.0.0.12", role="replica", healthy=True, state="standby", timeline=2, lag_bytes=0
+    )
+    lagging = view.member("db-3")
+    assert lagging is not None and lagging.lag_bytes == 117440720 - 100663424
+
+
+def test_status_json_is_tab_indented_like_go() -> None:
+    # Guards the fixture: the driver must cope with MarshalIndent's tabs, not just compact JSON.
+    assert "\n\t\"sentinels\"" in fixture("status_healthy.json")
+
+
+def test_no_master_keeper_means_no_leader() -> None:
+    view = view_of("status_no_master.json", "clusterdata_no_master.json")
+
+    assert view.initialized
+    assert view.leader is None
+    assert view.primaries == []
+    assert view.handles["master_keeper_uid"] == ""
+    old_master = view.member("db-1")
+    assert old_master is not None and not old_master.healthy
+    assert "keeper unhealthy" in old_master.state
+    assert {m.name for m in view.replicas} == {"db-2", "db-3"}
+
+
+def test_keeper_without_db_and_unknown_address() -> None:
+    view = view_of("status_new_keeper.json", "clusterdata_new_keeper.json")
+
+    # db-4 is not in the inventory: the uid stays as its name so flows can see a stranger.
+    assert [m.name for m in view.members] == ["db-1", "db-2", "db-3", "db_4"]
+    newcomer = view.member("db_4")
+    assert newcomer is not None
+    assert newcomer.role == "unknown"
+    assert newcomer.address == ""
+    assert not newcomer.healthy
+    assert "no db assigned" in newcomer.state
+
+    lagging = view.member("db-3")
+    assert lagging is not None
+    assert lagging.address == "10.0.0.13"  # "(unknown)" in status: taken from the inventory
+    assert lagging.role == "replica" and not lagging.healthy
+    assert "converging" in lagging.state and "postgres unhealthy" in lagging.state
+    assert lagging.lag_bytes is None and lagging.timeline is None
+
+
+def test_never_initialised_cluster() -> None:
+    view = driver.parse_status(INV, [ok("status_error.json"), NIL_CLUSTER_DATA])
+    assert view == ClusterView(initialized=False)
+
+
+def test_never_initialised_seen_by_text_mode_status() -> None:
+    status_failed = CommandResult(stdout="", stderr="nil cluster data: <nil>\n", exit_code=1)
+    assert not driver.parse_status(INV, [status_failed, NIL_CLUSTER_DATA]).initialized
+
+
+STORE_DOWN = CommandResult(
+    stdout="", stderr="cannot get cluster data: context deadline exceeded\n", exit_code=1
+)
+
+
+@pytest.mark.parametrize(
+    ("status", "clusterdata", "message"),
+    [
+        pytest.param(ok("status_error.json"), STORE_DOWN, "printed {}", id="empty-object-store-down"),
+        pytest.param(ok("status_error.json"), ok("clusterdata_healthy.json"), "printed {}", id="empty-object-but-clusterdata"),
+        pytest.param(ok("status_healthy.json"), NIL_CLUSTER_DATA, "nil cluster data", id="clusterdata-nil-but-status-ok"),
+        pytest.param(CommandResult("", "cannot create store: bad endpoint\n", 1), ok("clusterdata_healthy.json"),
+                     "exited 1: cannot create store", id="status-exit-1"),
+        pytest.param(CommandResult("WARN something\n{"), ok("clusterdata_healthy.json"), "not JSON", id="status-garbage"),
+        pytest.param(CommandResult('{"keepers": []}'), ok("clusterdata_healthy.json"), "no cluster section", id="status-missing-cluster"),
+        pytest.param(CommandResult("[]"), ok("clusterdata_healthy.json"), "expected an object", id="status-list"),
+        pytest.param(ok("status_healthy.json"), CommandResult("{not json"), "clusterdata read`: not JSON", id="clusterdata-garbage"),
+        pytest.param(ok("status_healthy.json"),
+                     CommandResult(fixture("clusterdata_healthy.json").replace('"formatVersion":1', '"formatVersion":2')),
+                     "formatVersion 2", id="clusterdata-format-version"),
+        pytest.param(ok("status_after_failover.json"), ok("clusterdata_healthy.json"),
+                     "failover may be in progress", id="status-and-clusterdata-disagree"),
+        pytest.param(ok("status_healthy.json"),
+                     CommandResult(fixture("clusterdata_healthy.json").replace('"master":"5a363897"', '"master":"deadbeef"')),
+                     "master db 'deadbeef' is not among the dbs", id="master-db-missing"),
+    ],
+)
+def test_untrustworthy_status_raises(status: CommandResult, clusterdata: CommandResult, message: str) -> None:
+    with pytest.raises(HaStatusError) as raised:
+        driver.parse_status(INV, [status, clusterdata])
+    assert message in str(raised.value)
+
+
+def test_parse_status_needs_both_results() -> None:
+    with pytest.raises(HaStatusError, match="got 1"):
+        driver.parse_status(INV, [ok("status_healthy.json")])
+
+
+# ---------------------------------------------------------------- status text (fallback)
+
+
+def test_parse_status_text() -> None:
+    parsed = parse_status_text(fixture("status_healthy.txt"))
+
+    assert parsed["cluster"]["master_keeper_uid"] == "db_1"
+    assert [s["uid"] for s in parsed["sentinels"]] == ["bfe3a503", "c41d7e02"]
+    assert parsed["sentinels"][0]["leader"] is True
+    assert [p["uid"] for p in parsed["proxies"]] == ["26803fc5", "8c4da45d"]
+    assert parsed["keepers"][0] == {
+        "uid": "db_1", "healthy": True, "listen_address": "10.0.0.11:5432",
+        "pg_healthy": True, "pg_wanted_generation": 5, "pg_current_generation": 5,
+    }
+    assert parsed["keepers"][2]["listen_address"] == "(no db assigned)"
+
+
+@pytest.mark.parametrize(
+    ("cluster_info", "master"),
+    [
+        ("=== Cluster Info ===\n\nMaster Keeper: (none)\n", ""),
+        ("=== Cluster Info ===\n\nMaster: keeper_0\n", "keeper_0"),  # before v0.14
+        ("No cluster available\n", ""),
+    ],
+)
+def test_parse_status_text_master_variants(cluster_info: str, master: str) -> None:
+    text = "=== Keepers ===\n\nNo keepers available\n\n" + cluster_info
+    parsed = parse_status_text(text)
+    assert parsed["cluster"]["master_keeper_uid"] == master
+    assert parsed["keepers"] == []
+
+
+def test_parse_status_text_rejects_other_output() -> None:
+    with pytest.raises(HaStatusError, match="Keepers"):
+        parse_status_text("Error: unknown command \"stauts\" for \"stolonctl\"\n")
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_keeper_env_file() -> None:
+    env = env_values(files_by_path()["/etc/sysconfig/stolon-stkeeper-pg-prod"].content)
+
+    assert env == {
+        "STKEEPER_CLUSTER_NAME": "pg-prod",
+        "STKEEPER_STORE_BACKEND": "etcdv3",
+        "STKEEPER_STORE_ENDPOINTS": "http://10.0.0.11:2379,http://10.0.0.12:2379,http://10.0.0.13:2379",
+        "STKEEPER_STORE_PREFIX": "stolon/cluster",
+        "STKEEPER_UID": "db_2",
+        "STKEEPER_DATA_DIR": "/var/lib/stolon/pg-prod",
+        "STKEEPER_PG_LISTEN_ADDRESS": "10.0.0.12",
+        "STKEEPER_PG_PORT": "5432",
+        "STKEEPER_PG_BIN_PATH": "/usr/lib/postgresql/15/bin",
+        "STKEEPER_PG_SU_USERNAME": "postgres",
+        "STKEEPER_PG_SU_PASSWORDFILE": "/etc/stolon/pg-prod/pg-su-password",
+        "STKEEPER_PG_REPL_USERNAME": "replicator",
+        "STKEEPER_PG_REPL_PASSWORDFILE": "/etc/stolon/pg-prod/pg-repl-password",
+    }
+
+
+def test_sentinel_and_proxy_env_files() -> None:
+    files = files_by_path()
+    sentinel = env_values(files["/etc/sysconfig/stolon-stsentinel-pg-prod"].content)
+    proxy = env_values(files["/etc/sysconfig/stolon-stproxy-pg-prod"].content)
+
+    assert sentinel["STSENTINEL_CLUSTER_NAME"] == "pg-prod"
+    assert sentinel["STSENTINEL_STORE_BACKEND"] == "etcdv3"
+    assert "STSENTINEL_INITIAL_CLUSTER_SPEC" not in sentinel  # only the flow initialises
+    assert proxy["STPROXY_LISTEN_ADDRESS"] == "0.0.0.0"
+    assert proxy["STPROXY_PORT"] == "25432"
+    assert proxy["STPROXY_STORE_ENDPOINTS"] == sentinel["STSENTINEL_STORE_ENDPOINTS"]
+
+
+def test_custom_data_directory_is_the_keeper_data_dir() -> None:
+    inv = make_inventory(postgres={"version": 16, "data_directory": "/srv/pg"})
+    env = env_values(files_by_path(inv)["/etc/sysconfig/stolon-stkeeper-pg-prod"].content)
+    assert env["STKEEPER_DATA_DIR"] == "/srv/pg"
+    assert driver.pgdata(inv) == "/srv/pg/postgres"
+
+
+def test_password_files_are_secret() -> None:
+    files = files_by_path()
+    for path, password in [
+        ("/etc/stolon/pg-prod/pg-su-password", SU_PASSWORD),
+        ("/etc/stolon/pg-prod/pg-repl-password", REPL_PASSWORD),
+    ]:
+        secret = files[path]
+        assert secret.secret and secret.mode == 0o600
+        assert secret.owner == "postgres"
+        assert secret.content.strip() == password
+
+
+def test_no_password_outside_secret_files_or_in_commands() -> None:
+    files = driver.host_files(INV, INV.host("db-1"), SECRETS, ARCHIVE_PARAMETERS)
+    view = view_of("status_healthy.json", "clusterdata_healthy.json")
+    commands: list[Command] = [
+        *driver.bootstrap_commands(INV, SECRETS, ARCHIVE_PARAMETERS),
+        *driver.status_commands(INV),
+        *driver.switchover_commands(INV, view, "db-2"),
+        *driver.failover_commands(INV, view, "db-2"),
+        *driver.settings_commands(INV, HaSettings(synchronous_replication=True, postgres_parameters={"work_mem": "8MB"})),
+        *driver.spec_update_commands(INV, ARCHIVE_PARAMETERS),
+    ]
+    public_text = [f.content for f in files if not f.secret]
+    public_text += [c.render(sudo=True) for c in commands]
+    public_text += [f"{k}={v}" for c in commands for k, v in c.env]
+    for password in (SU_PASSWORD, REPL_PASSWORD):
+        assert not any(password in text for text in public_text)
+
+
+def test_units() -> None:
+    files = files_by_path()
+    keeper = files["/etc/systemd/system/stolon-keeper-pg-prod.service"].content
+    for line in [
+        "EnvironmentFile=/etc/sysconfig/stolon-stkeeper-pg-prod",
+        "User=postgres",
+        "ExecStart=/usr/local/bin/stolon-keeper",
+        "Restart=always",
+        "KillMode=mixed",
+        "ExecStartPre=+/usr/bin/install -d -o postgres -g postgres -m 0700 /var/lib/stolon/pg-prod",
+    ]:
+        assert line in keeper.splitlines()
+    sentinel = files["/etc/systemd/system/stolon-sentinel-pg-prod.service"].content
+    proxy = files["/etc/systemd/system/stolon-proxy-pg-prod.service"].content
+    assert "ExecStart=/usr/local/bin/stolon-sentinel" in sentinel
+    assert "EnvironmentFile=/etc/sysconfig/stolon-stproxy-pg-prod" in proxy
+
+
+def test_host_units_restart_on_their_inputs() -> None:
+    units = {u.name: u for u in driver.host_units(INV, INV.host("db-1"))}
+    assert list(units) == ["stolon-keeper-pg-prod.service", "stolon-sentinel-pg-prod.service", "stolon-proxy-pg-prod.service"]
+    keeper = units["stolon-keeper-pg-prod.service"]
+    assert "/etc/sysconfig/stolon-stkeeper-pg-prod" in keeper.restart_on
+    assert "/etc/stolon/pg-prod/pg-su-password" in keeper.restart_on
+    assert "/etc/sysconfig/stolon-stproxy-pg-prod" in units["stolon-proxy-pg-prod.service"].restart_on
+    rendered = set(files_by_path())
+    for unit in units.values():
+        assert set(unit.restart_on) <= rendered
+        assert driver.cluster_spec_path(INV) not in unit.restart_on
+
+
+def test_cluster_spec_file() -> None:
+    inv = make_inventory(
+        {"failInterval": "30s", "pgParameters": {"work_mem": "64MB"}, "newConfig": {"dataChecksums": True}},
+        postgres={"version": 15, "synchronous_replication": True, "parameters": {"max_connections": "200", "archive_mode": "off"}},
+    )
+    spec = json.loads(files_by_path(inv)["/etc/stolon/pg-prod/cluster-spec.json"].content)
+
+    assert spec["initMode"] == "new"
+    assert spec["synchronousReplication"] is True
+    assert spec["usePgrewind"] is True and spec["automaticPgRestart"] is True
+    assert spec["defaultSUReplAccessMode"] == "strict"
+    assert spec["failInterval"] == "30s"
+    assert spec["newConfig"] == {"dataChecksums": True}
+    # Archive settings from the backup driver win over the inventory's; overrides merge in.
+    assert spec["pgParameters"] == {"max_connections": "200", **ARCHIVE_PARAMETERS, "work_mem": "64MB"}
+    assert "host replication all 10.0.0.11/32 md5" in spec["pgHBA"]
+    assert "host all all 10.0.0.13/32 md5" in spec["pgHBA"]
+    assert "host all all 10.0.0.21/32 md5" in spec["pgHBA"]  # router
+    assert "host all all 10.0.9.0/24 md5" in spec["pgHBA"]  # admin network
+    assert not any("0.0.0.0/0" in line for line in spec["pgHBA"])
+
+
+def test_null_override_drops_a_default() -> None:
+    spec = driver.cluster_spec(make_inventory({"pgHBA": None}), {})
+    assert "pgHBA" not in spec
+
+
+@pytest.mark.parametrize(
+    ("secrets", "field"),
+    [
+        (DbSecrets("postgres", "", "replicator", "x"), "secrets.superuser_password: empty"),
+        (DbSecrets("postgres", " padded", "replicator", "x"), "secrets.superuser_password: starts or ends with whitespace"),
+        (DbSecrets("postgres", "a", "postgres", "b"), "secrets.replication_user"),
+    ],
+)
+def test_unusable_secrets(secrets: DbSecrets, field: str) -> None:
+    with pytest.raises(HaSpecError) as raised:
+        driver.host_files(INV, INV.host("db-1"), secrets, {})
+    assert field in str(raised.value)
+    assert " padded" not in str(raised.value)
+
+
+# ---------------------------------------------------------------- validate
+
+
+@pytest.mark.parametrize(
+    "cluster_spec",
+    [
+        {},
+        {"failInterval": "30s", "sleepInterval": "2500ms", "deadKeeperRemovalInterval": "1h30m", "syncTimeout": "0"},
+        {"pgParameters": {"work_mem": "64MB"}, "newConfig": {"dataChecksums": True, "locale": "C.UTF-8"}},
+        {"initMode": "existing", "existingConfig": {"keeperUID": "db_2"}},
+        {"initMode": "pitr", "pitrConfig": {"dataRestoreCommand": "wal-g backup-fetch %d LATEST",
+                                            "archiveRecoverySettings": {"restoreCommand": "wal-g wal-fetch %f %p"}}},
+        {"minSynchronousStandbys": 1, "maxSynchronousStandbys": 2, "maxStandbyLag": 16777216},
+        {"additionalMasterReplicationSlots": ["debezium"], "pgHBA": None, "proxyTimeout": "20s", "proxyCheckInterval": "10s"},
+    ],
+)
+def test_valid_cluster_specs(cluster_spec: dict[str, Any]) -> None:
+    driver.validate(make_inventory(cluster_spec))
+
+
+P = "cluster.stolon.cluster_spec"
+
+
+@pytest.mark.parametrize(
+    ("cluster_spec", "message"),
+    [
+        ({"failIntervall": "20s"}, f"{P}.failIntervall: unknown stolon cluster spec field (did you mean failInterval?)"),
+        ({"standbySettings": {}}, f"{P}.standbySettings: unknown stolon cluster spec field (did you mean standbyConfig.standbySettings?)"),
+        ({"pitrConfig": {"dataRestoreCmd": "x"}}, f"{P}.pitrConfig.dataRestoreCmd: unknown stolon cluster spec field"),
+        ({"failInterval": 20}, f"{P}.failInterval: must be a Go duration string"),
+        ({"failInterval": "20 seconds"}, f"{P}.failInterval: '20 seconds' is not a Go duration"),
+        ({"sleepInterval": "-5s"}, f"{P}.sleepInterval: must not be negative"),
+        ({"usePgrewind": "yes"}, f"{P}.usePgrewind: must be true or false"),
+        ({"maxStandbys": True}, f"{P}.maxStandbys: must be an integer"),
+        ({"maxStandbys": 70000}, f"{P}.maxStandbys: must be between 0 and 65535"),
+        ({"pgParameters": {"max_connections": 200}}, f"{P}.pgParameters.max_connections: must be a string"),
+        ({"pgParameters": ["work_mem=1MB"]}, f"{P}.pgParameters: must be a map"),
+        ({"pgParameters": {"port": "6543"}}, f"{P}.pgParameters.port: managed by the stolon keeper"),
+        ({"pgHBA": "host all all 0.0.0.0/0 md5"}, f"{P}.pgHBA: must be a list of strings"),
+        ({"proxyCheckInterval": "20s"}, f"{P}.proxyCheckInterval: proxyCheckInterval (20s) must be less than proxyTimeout (15s)"),
+        ({"proxyTimeout": "5s"}, f"{P}.proxyTimeout: proxyCheckInterval (5s) must be less than proxyTimeout (5s)"),
+        ({"minSynchronousStandbys": 0}, f"{P}.minSynchronousStandbys: must be at least 1"),
+        ({"minSynchronousStandbys": 2}, f"{P}.maxSynchronousStandbys: (1) must be at least minSynchronousStandbys (2)"),
+        ({"initMode": "clone"}, f"{P}.initMode: must be one of new, existing, pitr"),
+        ({"initMode": None}, f"{P}.initMode: required"),
+        ({"defaultSUReplAccessMode": "none"}, f"{P}.defaultSUReplAccessMode: must be one of all, strict"),
+        ({"initMode": "existing"}, f"{P}.existingConfig.keeperUID: required when initMode is existing"),
+        ({"initMode": "existing", "existingConfig": {"keeperUID": "db-2"}}, f"{P}.existingConfig.keeperUID: 'db-2' is not the keeper uid"),
+        ({"initMode": "pitr", "pitrConfig": {}}, f"{P}.pitrConfig.dataRestoreCommand: required when initMode is pitr"),
+        ({"role": "standby"}, f"{P}.role: a standby cluster cannot use initMode new"),
+        ({"initMode": "pitr", "role": "standby", "pitrConfig": {"dataRestoreCommand": "x"}}, f"{P}.standbyConfig: required"),
+        ({"synchronousReplication": True}, f"{P}.synchronousReplication: True contradicts cluster.postgres.synchronous_replication"),
+        ({"additionalMasterReplicationSlots": ["stolon_x"]}, f"{P}.additionalMasterReplicationSlots[0]: 'stolon_x' uses stolon's reserved prefix"),
+        ({"additionalMasterReplicationSlots": ["Bad-Slot"]}, f"{P}.additionalMasterReplicationSlots[0]: 'Bad-Slot' is not a valid slot name"),
+        ({"newConfig": "C.UTF-8"}, f"{P}.newConfig: must be an object"),
+    ],
+)
+def test_invalid_cluster_spec_names_the_field(cluster_spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(HaSpecError) as raised:
+        driver.validate(make_inventory(cluster_spec))
+    assert message in str(raised.value)
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    with pytest.raises(HaSpecError) as raised:
+        driver.validate(make_inventory({"failIntervall": "20s", "usePgrewind": 1}))
+    assert len(str(raised.value).splitlines()) == 2
+
+
+def test_proxy_port_clash() -> None:
+    inv = make_inventory(stolon={"proxy_port": 5432})
+    with pytest.raises(HaSpecError, match=r"cluster\.stolon\.proxy_port: clashes with cluster\.postgres\.port"):
+        driver.validate(inv)
+
+
+def test_data_directory_must_fit_unit_files() -> None:
+    inv = make_inventory(postgres={"version": 15, "data_directory": "/srv/my data"})
+    with pytest.raises(HaSpecError, match=r"cluster\.postgres\.data_directory: '/srv/my data'"):
+        driver.validate(inv)
+
+
+def test_files_are_not_rendered_from_an_invalid_spec() -> None:
+    with pytest.raises(HaSpecError):
+        driver.host_files(make_inventory({"failIntervall": "20s"}), INV.host("db-1"), SECRETS, {})
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("20s", 20), ("5m", 300), ("48h", 172800), ("1h30m", 5400), ("2500ms", 2.5), ("1.5s", 1.5), ("0", 0), ("-5s", -5)],
+)
+def test_go_durations(text: str, seconds: float) -> None:
+    assert parse_go_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "20", "5 m", "1d", "s", "20S", "1h 30m"])
+def test_not_go_durations(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_go_duration(text)
+
+
+def test_merge_patch() -> None:
+    base = {"a": 1, "m": {"x": "1", "y": "2"}, "l": [1, 2]}
+    assert merge_patch(base, {"m": {"y": None, "z": "3"}, "l": [3], "a": None}) == {"m": {"x": "1", "z": "3"}, "l": [3]}
+    assert base == {"a": 1, "m": {"x": "1", "y": "2"}, "l": [1, 2]}
+
+
+# ---------------------------------------------------------------- commands
+
+
+def test_etcd_prefix() -> None:
+    assert driver.etcd_prefix(INV) == "stolon/cluster/pg-prod"
+    assert driver.etcd_prefix(make_inventory(stolon={"store_prefix": "/stolon/"})) == "/stolon/pg-prod"
+
+
+def test_packages() -> None:
+    assert driver.packages(INV) == ["postgresql-15", "stolon"]
+
+
+ROOT_FLAGS = (
+    "--cluster-name pg-prod --store-backend etcdv3 "
+    "--store-endpoints http://10.0.0.11:2379,http://10.0.0.12:2379,http://10.0.0.13:2379 --store-prefix stolon/cluster"
+)
+
+
+def test_status_commands() -> None:
+    status, clusterdata = driver.status_commands(INV)
+    assert status.render().startswith("timeout -k 5 30 /usr/local/bin/stolonctl ")
+    assert status.render().endswith(f"{ROOT_FLAGS} status --format json")
+    assert clusterdata.render().endswith(f"{ROOT_FLAGS} clusterdata read")
+    assert status.user is None and status.env == ()
+
+
+def test_bootstrap_command() -> None:
+    (bootstrap,) = driver.bootstrap_commands(INV, SECRETS, ARCHIVE_PARAMETERS)
+    rendered = bootstrap.render()
+    assert rendered.startswith("timeout -k 5 120 bash -euo pipefail -c ")
+    assert 'init -y -f "$spec"' in rendered
+    assert "/etc/stolon/pg-prod/cluster-spec.json" in bootstrap.argv
+    assert str(bootstrap) == "stolonctl init -y -f /etc/stolon/pg-prod/cluster-spec.json (cluster pg-prod)"
+
+
+FAKE_STOLONCTL = """#!/bin/sh
+echo "$*" >> "$STOLONCTL_LOG"
+case "$*" in
+  *"clusterdata read"*) printf '%s\\n' "$FAKE_CLUSTERDATA_ERR" >&2; exit "$FAKE_CLUSTERDATA_EXIT" ;;
+  *"init -y -f"*) exit 0 ;;
+esac
+exit 9
+"""
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize(
+    ("clusterdata_exit", "clusterdata_err", "pg_version_exists", "init_mode", "exit_code", "initialised"),
+    [
+        pytest.param(1, "nil cluster data: <nil>", False, "new", 0, True, id="uninitialised"),
+        pytest.param(0, "", False, "new", 3, False, id="clusterdata-exists"),
+        pytest.param(1, "cannot get cluster data: context deadline exceeded", False, "new", 1, False, id="store-down"),
+        pytest.param(1, "nil cluster data: <nil>", True, "new", 3, False, id="old-pgdata-on-host"),
+        pytest.param(1, "nil cluster data: <nil>", True, "existing", 0, True, id="existing-uses-old-pgdata"),
+    ],
+)
+def test_bootstrap_script_guards(
+    tmp_path: Path, clusterdata_exit: int, clusterdata_err: str, pg_version_exists: bool,
+    init_mode: str, exit_code: int, initialised: bool,
+) -> None:
+    spec = {"initMode": init_mode, **({"existingConfig": {"keeperUID": "db_1"}} if init_mode == "existing" else {})}
+    (bootstrap,) = driver.bootstrap_commands(make_inventory(spec), SECRETS, {})
+    fake = tmp_path / "stolonctl"
+    fake.write_text(FAKE_STOLONCTL)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    pgdata = tmp_path / "data" / "postgres"
+    pgdata.mkdir(parents=True)
+    if pg_version_exists:
+        (pgdata / "PG_VERSION").write_text("15\n")
+    argv = [str(fake) if a == STOLONCTL else str(pgdata) if a == driver.pgdata(INV) else a for a in bootstrap.argv]
+    log = tmp_path / "calls"
+    env = {**os.environ, "STOLONCTL_LOG": str(log), "FAKE_CLUSTERDATA_EXIT": str(clusterdata_exit),
+           "FAKE_CLUSTERDATA_ERR": clusterdata_err}
+
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+
+    assert done.returncode == exit_code, done.stderr
+    calls = log.read_text() if log.exists() else ""
+    assert ("init -y -f /etc/stolon/pg-prod/cluster-spec.json" in calls) == initialised
+    assert ROOT_FLAGS in calls or not calls
+
+
+def test_switchover_fails_the_master_keeper() -> None:
+    view = view_of("status_healthy.json", "clusterdata_healthy.json")
+    (failkeeper,) = driver.switchover_commands(INV, view, "db-3")
+    assert failkeeper.render().startswith("timeout -k 5 30 ")
+    assert failkeeper.render().endswith(f"{ROOT_FLAGS} failkeeper db_1")
+
+
+@pytest.mark.parametrize(
+    ("candidate", "error", "message"),
+    [
+        ("db-1", HaSpecError, "already the primary"),
+        ("db-9", HaSpecError, "not a member"),
+    ],
+)
+def test_switchover_rejects_bad_candidates(candidate: str, error: type[Exception], message: str) -> None:
+    view = view_of("status_healthy.json", "clusterdata_healthy.json")
+    with pytest.raises(error, match=message):
+        driver.switchover_commands(INV, view, candidate)
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        ClusterView(initialized=False),
+        view_of("status_no_master.json", "clusterdata_no_master.json"),
+    ],
+)
+def test_switchover_needs_a_master(view: ClusterView) -> None:
+    with pytest.raises(HaStatusError):
+        driver.switchover_commands(INV, view, "db-2")
+
+
+def test_failover() -> None:
+    healthy = view_of("status_healthy.json", "clusterdata_healthy.json")
+    (failkeeper,) = driver.failover_commands(INV, healthy, "db-2")
+    assert failkeeper.argv[-2:] == ("failkeeper", "db_1")
+
+    no_master = view_of("status_no_master.json", "clusterdata_no_master.json")
+    assert driver.failover_commands(INV, no_master, "db-2") == []
+    # The master keeper is no longer registered: the sentinel fails over on its own.
+    gone = ClusterView(initialized=True, members=healthy.members[1:], leader="db-1", handles=healthy.handles)
+    assert driver.failover_commands(INV, gone, "db-2") == []
+
+
+def test_settings_commands_patch() -> None:
+    settings = HaSettings(synchronous_replication=True, postgres_parameters={"work_mem": "8MB"})
+    (update,) = driver.settings_commands(INV, settings)
+    assert update.argv[-3:-1] == ("update", "--patch")
+    assert json.loads(update.argv[-1]) == {"synchronousReplication": True, "pgParameters": {"work_mem": "8MB"}}
+    assert "timeout" in update.render()
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        (HaSettings(), None),
+        (HaSettings(synchronous_replication=False), {"synchronousReplication": False}),
+        (HaSettings(postgres_parameters={"archive_mode": "on"}), {"pgParameters": {"archive_mode": "on"}}),
+    ],
+)
+def test_settings_commands_table(settings: HaSettings, expected: dict[str, Any] | None) -> None:
+    commands = driver.settings_commands(INV, settings)
+    assert [json.loads(c.argv[-1]) for c in commands] == ([expected] if expected else [])
+
+
+def test_settings_refuse_stolon_managed_parameters() -> None:
+    with pytest.raises(HaSpecError, match=r"settings\.postgres_parameters\.max_wal_senders"):
+        driver.settings_commands(INV, HaSettings(postgres_parameters={"max_wal_senders": "20"}))
+
+
+def test_spec_update_leaves_init_only_fields_out() -> None:
+    (update,) = driver.spec_update_commands(INV, ARCHIVE_PARAMETERS)
+    patch = json.loads(update.argv[-1])
+    assert "initMode" not in patch and "role" not in patch
+    assert patch["pgParameters"]["archive_command"] == ARCHIVE_PARAMETERS["archive_command"]
+    assert "host all all 10.0.0.21/32 md5" in patch["pgHBA"]
+
+
+def test_show_config_and_drift() -> None:
+    command = driver.show_config_command(INV)
+    assert command.render().endswith(f"{ROOT_FLAGS} spec")
+    running = driver.parse_config(CommandResult(stdout=json.dumps({
+        "initMode": "new", "synchronousReplication": False,
+        "pgParameters": {"max_connections": "200", "archive_mode": "true", "archive_command": "/bin/true"},
+    })))
+    inv = make_inventory(postgres={"version": 15, "synchronous_replication": True, "parameters": {"max_connections": "200"}})
+
+    drift = driver.settings_drift(inv, running, ARCHIVE_PARAMETERS)
+
+    # archive_mode "true" == "on"; archive_command differs; synchronous replication is off.
+    assert drift == HaSettings(synchronous_replication=True,
+                               postgres_parameters={"archive_command": ARCHIVE_PARAMETERS["archive_command"]})
+    assert driver.settings_drift(inv, {**running, "synchronousReplication": True,
+                                       "pgParameters": {"max_connections": "200", **ARCHIVE_PARAMETERS}},
+                                 ARCHIVE_PARAMETERS) == HaSettings()
+
+
+@pytest.mark.parametrize(
+    "result",
+    [CommandResult("{}\n"), CommandResult("", "nil cluster data: <nil>\n", 1), CommandResult("not json")],
+)
+def test_parse_config_rejects_non_specs(result: CommandResult) -> None:
+    with pytest.raises(HaStatusError, match="stolonctl spec"):
+        driver.parse_config(result)
+
+
+def test_rejoin_is_stolons_job() -> None:
+    view = view_of("status_healthy.json", "clusterdata_healthy.json")
+    assert driver.rejoin_commands(INV, view, "db-1") == []

@@ -1,0 +1,523 @@
+"""WalgDriver on recorded WAL-G output shapes (walg.md); no wal-g binary, no network."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blocks.inventory import Inventory, parse_inventory
+from tasks.adapters.backup.base import BackupInputError, BackupOutputError, StoreSecrets
+from tasks.adapters.backup.walg import WalgDriver
+from tasks.adapters.commands import Command, CommandResult
+
+FIXTURES = Path(__file__).parent / "fixtures" / "walg"
+SECRET_KEY = "s3cr3t-Key/with+chars=="
+ACCESS_KEY = "AKIAWALGTEST0001"
+CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIBfakeCA\n-----END CERTIFICATE-----"
+SECRETS = StoreSecrets(access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY, ca_certificate=CA_PEM)
+CONFIG = "/etc/wal-g/bouw.json"
+WALG = ["/usr/local/bin/wal-g-pg", "--config", CONFIG]
+
+driver = WalgDriver()
+
+
+def make_inventory(**cluster: Any) -> Inventory:
+    base: dict[str, Any] = {
+        "name": "bouw",
+        "network": "10.0.0.0/24",
+        "backup_tool": "walg",
+        "postgres": {"version": 15, "port": 5432},
+        "object_store": {"host": "backup1", "endpoint": "https://backup1.example:9000/", "bucket": "pg-backups"},
+    }
+    base.update(cluster)
+    return parse_inventory({
+        "cluster": base,
+        "hosts": [
+            {"name": "db1", "address": "10.0.0.11", "roles": ["db"]},
+            {"name": "db2", "address": "10.0.0.12", "roles": ["db"]},
+            {"name": "db3", "address": "10.0.0.13", "roles": ["db"]},
+            {"name": "backup1", "address": "10.0.0.20", "roles": ["backup"]},
+        ],
+    })
+
+
+INV = make_inventory()
+
+
+def fixture(name: str) -> str:
+    return (FIXTURES / name).read_text()
+
+
+def all_commands(inv: Inventory) -> list[Command]:
+    db1, db2 = inv.host("db1"), inv.host("db2")
+    return [
+        *driver.init_repository_commands(inv),
+        driver.backup_command(inv, db2, db1),
+        driver.list_command(inv),
+        *driver.retention_commands(inv, 3),
+        driver.retention_dry_run_command(inv, 3),
+        *driver.restore_commands(inv, "/srv/restore/data", None, None),
+        *driver.restore_commands(
+            inv, "/srv/restore/data", "base_000000010000000000000004", datetime(2026, 5, 1, 21, 0, tzinfo=timezone.utc)
+        ),
+        driver.verify_archive_command(inv),
+    ]
+
+
+# ---------------------------------------------------------------------- backup-list
+
+
+def test_parse_list_v3_detail() -> None:
+    backups = driver.parse_list(CommandResult(stdout=fixture("backup_list_detail_v3.json")))
+    assert [b.name for b in backups] == [
+        "base_000000010000000000000004",
+        "base_000000010000000100000060_D_000000010000000000000004",
+        "base_000000020000000100000072",
+    ]
+    first, delta, last = backups
+    assert first.kind == "full" and delta.kind == "delta" and last.kind == "full"
+    assert first.start_time == datetime(2026, 5, 1, 20, 0, 5, 654321, tzinfo=timezone.utc)
+    # Go prints nanoseconds; Python keeps microseconds.
+    assert first.finish_time == datetime(2026, 5, 1, 20, 0, 40, 987654, tzinfo=timezone.utc)
+    assert first.start_lsn == "0/4000028" and first.finish_lsn == "0/4000158"
+    assert delta.start_lsn == "1/60000028" and delta.finish_lsn == "1/60000160"
+    assert first.start_wal == "000000010000000000000004" and first.stop_wal is None
+    assert first.database_bytes == 23456789 and first.stored_bytes == 4567890
+    assert first.source_host == "db2"  # user_data wins over the OS host name
+    assert delta.source_host == "db3.example"  # no user_data: metadata hostname
+    # A +02:00 offset stays an aware datetime for the same instant.
+    assert last.start_time == datetime(2026, 5, 3, 20, 0, 3, tzinfo=timezone.utc)
+    assert last.duration_seconds == 116
+    assert all(b.start_time.tzinfo is not None and b.finish_time.tzinfo is not None for b in backups)
+    assert not any(b.error for b in backups)
+
+
+def test_parse_list_v2_without_storage_name() -> None:
+    backups = driver.parse_list(CommandResult(stdout=fixture("backup_list_detail_v2.json")))
+    assert [(b.name, b.kind, b.start_lsn, b.source_host) for b in backups] == [
+        ("base_000000010000000000000002", "full", "0/2000028", "pg-old-1"),
+        # user_data that is not an object (a plain string) falls back to the hostname.
+        ("base_000000010000000000000009", "full", "0/9000028", "pg-old-2"),
+    ]
+
+
+def test_parse_list_sorts_oldest_first() -> None:
+    data = json.loads(fixture("backup_list_detail_v3.json"))
+    shuffled = json.dumps([data[2], data[0], data[1]])
+    names = [b.name for b in driver.parse_list(CommandResult(stdout=shuffled))]
+    assert names == [item["backup_name"] for item in data]
+
+
+@pytest.mark.parametrize("stdout", ["[]", "[]\n", "  [ ]  \n"])
+def test_parse_list_empty(stdout: str) -> None:
+    assert driver.parse_list(CommandResult(stdout=stdout, stderr="INFO: No backups found\n")) == []
+
+
+def test_parse_list_tolerates_log_line_before_json() -> None:
+    stdout = "INFO: 2026/05/04 08:00:00.1 List backups from storages: [default]\n" + fixture("backup_list_detail_v2.json")
+    assert len(driver.parse_list(CommandResult(stdout=stdout))) == 2
+
+
+def test_parse_list_zero_start_time_falls_back_to_sentinel_time() -> None:
+    item = json.loads(fixture("backup_list_detail_v2.json"))[0]
+    item.update(start_time="0001-01-01T00:00:00Z", finish_time="0001-01-01T00:00:00Z", start_lsn=0, finish_lsn=0)
+    (info,) = driver.parse_list(CommandResult(stdout=json.dumps([item])))
+    assert info.start_time == info.finish_time == datetime(2024, 1, 10, 20, 0, 31, 500000, tzinfo=timezone.utc)
+    assert info.start_lsn is None and info.finish_lsn is None
+
+
+def _v2_item(**changes: Any) -> str:
+    item = json.loads(fixture("backup_list_detail_v2.json"))[0]
+    for key, value in changes.items():
+        if value is ...:
+            del item[key]
+        else:
+            item[key] = value
+    return json.dumps([item])
+
+
+@pytest.mark.parametrize(
+    ("result", "message"),
+    [
+        (CommandResult(stdout=""), "empty output"),
+        (CommandResult(stdout="garbage <html>"), "not JSON"),
+        (CommandResult(stdout='[{"backup_name": "base_'), "not valid JSON"),
+        (CommandResult(stdout='{"backup_name": "x"}'), "expected a JSON list"),
+        (CommandResult(stdout="[1]"), "element 0: expected a JSON object"),
+        # Plain `--json` (no --detail) has no start/finish time.
+        (CommandResult(stdout='[{"backup_name": "base_000000010000000000000002", "time": "2024-01-10T20:00:31Z",'
+                              ' "wal_file_name": "000000010000000000000002"}]'), "was --detail passed"),
+        (CommandResult(stdout=_v2_item(start_time=...)), "missing start_time"),
+        (CommandResult(stdout=_v2_item(backup_name="")), "backup_name is not a name"),
+        (CommandResult(stdout=_v2_item(start_lsn="0/2000028")), "start_lsn is not an LSN number"),
+        (CommandResult(stdout=_v2_item(finish_time="2024-01-10 20:00:30")), "no time zone"),
+        (CommandResult(stdout=_v2_item(finish_time="yesterday")), "not an ISO 8601 timestamp"),
+        (CommandResult(stdout=_v2_item(compressed_size=-1)), "compressed_size is not a byte count"),
+        # Text output (no --json).
+        (CommandResult(stdout="backup_name modified wal_file_name storage_name\n"
+                              "base_000000010000000000000002 2024-01-10T20:00:31Z 000000010000000000000002 default\n"),
+         "not JSON"),
+        (CommandResult(stdout="", stderr="ERROR: 2026/05/04 08:00:00.1 failed to list s3 folder: AccessDenied",
+                       exit_code=1), "AccessDenied"),
+    ],
+)
+def test_parse_list_rejects_bad_output(result: CommandResult, message: str) -> None:
+    with pytest.raises(BackupOutputError, match=message):
+        driver.parse_list(result)
+
+
+# ---------------------------------------------------------------------- wal-verify
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "missing", "detail_parts"),
+    [
+        ("wal_verify_ok.json", "OK", (), ["integrity OK", "timeline OK (cluster timeline 2, highest in storage 2)"]),
+        ("wal_verify_warning.json", "WARNING", (),
+         ["integrity WARNING (1 MISSING_DELAYED range(s), 1 MISSING_UPLOADING range(s))", "timeline OK"]),
+        ("wal_verify_failure_lost.json", "FAILURE",
+         ("00000003000000000000002B", "000000030000000000000030..000000030000000000000033"),
+         ["integrity FAILURE", "2 MISSING_LOST", "lost: 00000003000000000000002B, 0000000300000000000000"]),
+        ("wal_verify_timeline_failure.json", "FAILURE", (),
+         ["integrity OK", "timeline FAILURE (cluster timeline 4, highest in storage 5)"]),
+    ],
+)
+def test_parse_verify_exit_zero_is_not_ok(name: str, status: str, missing: tuple[str, ...], detail_parts: list[str]) -> None:
+    # wal-verify exits 0 whatever it found; every case here is exit 0.
+    check = driver.parse_verify(CommandResult(stdout=fixture(name), exit_code=0))
+    assert check.status == status
+    assert check.ok is (status == "OK")
+    assert check.missing_segments == missing
+    for part in detail_parts:
+        assert part in check.detail
+
+
+def test_parse_verify_worst_status_wins() -> None:
+    data = json.loads(fixture("wal_verify_warning.json"))
+    data["timeline"]["status"] = "FAILURE"
+    assert driver.parse_verify(CommandResult(stdout=json.dumps(data))).status == "FAILURE"
+    data["timeline"]["status"] = "OK"
+    assert driver.parse_verify(CommandResult(stdout=json.dumps(data))).status == "WARNING"
+
+
+def test_parse_verify_null_details() -> None:
+    # An empty scan marshals as null in Go.
+    stdout = '{"integrity": {"status": "OK", "details": null}, "timeline": {"status": "OK", "details": null}}'
+    check = driver.parse_verify(CommandResult(stdout=stdout))
+    assert check.ok and check.missing_segments == ()
+
+
+@pytest.mark.parametrize(
+    ("result", "message"),
+    [
+        (CommandResult(stdout=""), "empty output"),
+        (CommandResult(stdout="[wal-verify] integrity check status: OK\n[wal-verify] timeline check status: OK\n"),
+         "JSON"),
+        (CommandResult(stdout="[]"), "expected a JSON object"),
+        (CommandResult(stdout='{"integrity": {"status": "OK", "details": []}}'), "no timeline check"),
+        (CommandResult(stdout='{"integrity": {"status": "GOOD"}, "timeline": {"status": "OK"}}'), "integrity.status"),
+        (CommandResult(stdout='{"integrity": {"status": "OK", "details": {}}, "timeline": {"status": "OK"}}'),
+         "not a list"),
+        (CommandResult(stdout='{"integrity": {"status": "FAILURE", "details": [{"status": "GONE", '
+                              '"start_segment": "a", "end_segment": "b"}]}, "timeline": {"status": "OK"}}'),
+         "unknown segment status"),
+        (CommandResult(stdout='{"integrity": {"status": "FAILURE", "details": [{"status": "MISSING_LOST"}]},'
+                              ' "timeline": {"status": "OK"}}'), "start_segment/end_segment missing"),
+        (CommandResult(stdout="", stderr="ERROR: 2026/05/04 08:00:00.1 connect: no such file or directory",
+                       exit_code=1), "exit 1"),
+    ],
+)
+def test_parse_verify_rejects_bad_output(result: CommandResult, message: str) -> None:
+    with pytest.raises(BackupOutputError, match=message):
+        driver.parse_verify(result)
+
+
+# ---------------------------------------------------------------------- backup-push
+
+
+@pytest.mark.parametrize(
+    ("stderr", "name"),
+    [
+        (fixture("backup_push.stderr"), "base_000000020000000100000072"),
+        (fixture("backup_push_delta.stderr"), "base_000000020000000100000090_D_000000020000000100000072"),
+    ],
+)
+def test_parse_backup_push(stderr: str, name: str) -> None:
+    assert driver.parse_backup_push(CommandResult(stdout="", stderr=stderr)) == name
+
+
+@pytest.mark.parametrize(
+    ("result", "message"),
+    [
+        (CommandResult(stdout="", stderr="INFO: Calling pg_start_backup()\n"), "did not log"),
+        (CommandResult(stdout="", stderr=""), r"\(no output\)"),
+        (CommandResult(stdout="", stderr="ERROR: 2026/05/03 20:00:03.1 Connect: password authentication failed",
+                       exit_code=1), "password authentication failed"),
+    ],
+)
+def test_parse_backup_push_errors(result: CommandResult, message: str) -> None:
+    with pytest.raises(BackupOutputError, match=message):
+        driver.parse_backup_push(result)
+
+
+# ---------------------------------------------------------------------- delete dry run
+
+
+def test_parse_delete_dry_run() -> None:
+    plan = driver.parse_delete_dry_run(CommandResult(stdout="", stderr=fixture("delete_retain_dry_run.stderr")))
+    assert plan.backups == (
+        "base_000000010000000000000004",
+        "base_000000010000000100000060_D_000000010000000000000004",
+    )
+    assert plan.wal_objects == 3 and plan.objects == 8
+
+
+def test_parse_delete_dry_run_nothing_and_v2_lines() -> None:
+    assert driver.parse_delete_dry_run(CommandResult(stdout="", stderr="INFO: Start delete\n")).objects == 0
+    v2 = "INFO: 2022/08/01 10:00:00.1 \twill be deleted: basebackups_005/base_000000010000000000000002/metadata.json\n"
+    assert driver.parse_delete_dry_run(CommandResult(stdout="", stderr=v2)).backups == ("base_000000010000000000000002",)
+    with pytest.raises(BackupOutputError):
+        driver.parse_delete_dry_run(CommandResult(stdout="", stderr="ERROR: boom", exit_code=1))
+
+
+# ---------------------------------------------------------------------- rendering
+
+
+def test_host_files_config_is_secret_and_complete() -> None:
+    config_file, ca_file = driver.host_files(INV, INV.host("db1"), SECRETS)
+    assert config_file.path == CONFIG
+    assert (config_file.owner, config_file.owner_group, config_file.mode, config_file.secret) == (
+        "postgres", "postgres", 0o600, True)
+    assert json.loads(config_file.content) == {
+        "WALG_S3_PREFIX": "s3://pg-backups/bouw/pg15",
+        "AWS_ENDPOINT": "https://backup1.example:9000",
+        "AWS_S3_FORCE_PATH_STYLE": "true",
+        "AWS_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "WALG_S3_CA_CERT_FILE": "/etc/wal-g/bouw-ca.crt",
+        "WALG_COMPRESSION_METHOD": "lz4",
+        "WALG_UPLOAD_CONCURRENCY": "2",
+        "WALG_PREVENT_WAL_OVERWRITE": "true",
+        "PGHOST": "/var/run/postgresql",
+        "PGPORT": "5432",
+        "PGDATABASE": "postgres",
+        "PGUSER": "postgres",
+    }
+    assert ca_file.path == "/etc/wal-g/bouw-ca.crt"
+    assert (ca_file.mode, ca_file.secret) == (0o644, False)
+    assert ca_file.content == CA_PEM + "\n"
+    assert SECRET_KEY not in ca_file.content and ACCESS_KEY not in ca_file.content
+
+
+def test_prefix_per_major_version() -> None:
+    inv16 = make_inventory(postgres={"version": 16, "port": 5433})
+    assert driver.s3_prefix(inv16) == "s3://pg-backups/bouw/pg16"
+    assert json.loads(driver.host_files(inv16, inv16.host("db1"), SECRETS)[0].content)["PGPORT"] == "5433"
+
+
+def test_no_secret_in_commands_or_parameters() -> None:
+    rendered = [c.render() for c in all_commands(INV)] + [c.render(sudo=True) for c in all_commands(INV)]
+    rendered += list(driver.archive_parameters(INV).values())
+    for text in rendered:
+        assert SECRET_KEY not in text and ACCESS_KEY not in text
+    for command in all_commands(INV):
+        assert command.env == ()  # credentials only ever come from the config file
+        assert command.user == "postgres"
+        assert command.argv[0] in ("/usr/local/bin/wal-g-pg", "bash")
+
+
+def test_archive_parameters() -> None:
+    params = driver.archive_parameters(INV)
+    assert params == {
+        "archive_mode": "on",
+        "archive_command": "/usr/bin/timeout 600 /usr/local/bin/wal-g-pg --config /etc/wal-g/bouw.json wal-push %p",
+        "archive_timeout": "60",
+    }
+
+
+def test_init_repository_is_a_write_probe() -> None:
+    (probe,) = driver.init_repository_commands(INV)
+    assert list(probe.argv) == [*WALG, "st", "check", "write"]
+
+
+def test_backup_command() -> None:
+    command = driver.backup_command(INV, INV.host("db2"), INV.host("db1"))
+    assert list(command.argv) == [
+        *WALG, "backup-push", "--full", "--add-user-data", '{"source_host": "db2"}', "/var/lib/postgresql/15/main"]
+    assert command.timeout >= 3 * 3600
+    rendered = command.render()
+    assert rendered.startswith("timeout -k 5 21600 runuser -u postgres -- /usr/local/bin/wal-g-pg --config")
+    assert shlex.split(rendered)[-2] == '{"source_host": "db2"}'
+
+
+def test_stolon_layout() -> None:
+    inv = make_inventory(ha_manager="stolon", postgres={"version": 15, "data_directory": "/var/lib/pgsql/15/data"})
+    command = driver.backup_command(inv, inv.host("db3"), inv.host("db1"))
+    assert command.argv[-1] == "/var/lib/pgsql/15/data/postgres"
+    assert json.loads(driver.host_files(inv, inv.host("db1"), SECRETS)[0].content)["PGHOST"] == "/tmp"
+
+
+def test_list_and_verify_commands() -> None:
+    assert list(driver.list_command(INV).argv) == [*WALG, "backup-list", "--detail", "--json"]
+    verify = driver.verify_archive_command(INV)
+    assert list(verify.argv) == [*WALG, "wal-verify", "integrity", "timeline", "--json"]
+    assert verify.ok_codes == (0,)
+
+
+def test_retention_commands() -> None:
+    (delete,) = driver.retention_commands(INV, 7)
+    assert list(delete.argv) == [*WALG, "delete", "retain", "FULL", "7", "--confirm"]
+    dry = driver.retention_dry_run_command(INV, 7)
+    assert list(dry.argv) == [*WALG, "delete", "retain", "FULL", "7"]
+
+
+@pytest.mark.parametrize("keep", [0, -1, True, 2.5, "3"])
+def test_retention_rejects_bad_count(keep: Any) -> None:
+    with pytest.raises(BackupInputError, match="keep_full"):
+        driver.retention_commands(INV, keep)
+    with pytest.raises(BackupInputError, match="keep_full"):
+        driver.retention_dry_run_command(INV, keep)
+
+
+def test_missing_object_store() -> None:
+    inv = make_inventory(object_store=None)
+    with pytest.raises(BackupInputError, match="cluster.object_store"):
+        driver.host_files(inv, inv.host("db1"), SECRETS)
+    with pytest.raises(BackupInputError, match="cluster.object_store"):
+        driver.archive_parameters(inv)
+
+
+# ---------------------------------------------------------------------- restore
+
+
+def _settings(command: Command) -> list[str]:
+    # script() argv: bash -euo pipefail -c <text> bouwsteen <target_dir> <settings...>
+    assert list(command.argv[:3]) == ["bash", "-euo", "pipefail"]
+    return list(command.argv[7:])
+
+
+def test_restore_latest_to_end_of_archive() -> None:
+    fetch, configure = driver.restore_commands(INV, "/srv/restore/data", None, None)
+    assert list(fetch.argv) == [*WALG, "backup-fetch", "/srv/restore/data", "LATEST"]
+    assert fetch.timeout >= 3 * 3600
+    assert configure.argv[6] == "/srv/restore/data"
+    settings = _settings(configure)
+    assert (
+        "restore_command = '/usr/local/bin/wal-g-pg --config /etc/wal-g/bouw.json wal-fetch \"%f\" \"%p\"'"
+        in settings
+    )
+    assert "archive_mode = 'off'" in settings
+    assert "recovery_target_timeline = 'latest'" in settings
+    assert not any(s.startswith("recovery_target_time ") for s in settings)
+    assert "recovery.signal" in configure.argv[4]
+
+
+def test_restore_to_time() -> None:
+    target = datetime(2026, 5, 1, 23, 30, tzinfo=timezone(timedelta(hours=2)))
+    fetch, configure = driver.restore_commands(INV, "/srv/restore/data", "base_000000010000000000000004", target)
+    assert fetch.argv[-1] == "base_000000010000000000000004"
+    settings = _settings(configure)
+    assert "recovery_target_time = '2026-05-01 21:30:00+00:00'" in settings
+    assert "recovery_target_action = 'promote'" in settings
+    assert not any(s.startswith("recovery_target_timeline") for s in settings)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["latest", "base_1", "base_000000010000000000000004; rm -rf /", "base_00000001000000000000000g",
+     "base_000000010000000000000004_D_", "../base_000000010000000000000004", ""],
+)
+def test_restore_rejects_bad_backup_name(name: str) -> None:
+    with pytest.raises(BackupInputError) as info:
+        driver.restore_commands(INV, "/srv/restore/data", name, None)
+    assert repr(name) in str(info.value)
+
+
+@pytest.mark.parametrize("target_dir", ["relative/dir", "/", "/srv/a\nb"])
+def test_restore_rejects_bad_target_dir(target_dir: str) -> None:
+    with pytest.raises(BackupInputError, match="absolute path"):
+        driver.restore_commands(INV, target_dir, None, None)
+
+
+def test_restore_rejects_naive_target_time() -> None:
+    with pytest.raises(BackupInputError, match="no time zone"):
+        driver.restore_commands(INV, "/srv/restore/data", None, datetime(2026, 5, 1, 21, 0))
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        ("LATEST", True),
+        ("base_000000010000000000000004", True),
+        ("base_000000020000000100000090_D_000000020000000100000072", True),
+        ("base_000000010000000000000004_D_", False),
+        ("base_00000001000000000000004", False),  # 23 hex digits
+        ("base_000000010000000000000004x", False),
+        ("20260501-200000F", False),  # a pgBackRest label
+        ("base_000000010000000000000004\n", False),
+    ],
+)
+def test_validate_backup_name(name: str, ok: bool) -> None:
+    if ok:
+        driver.validate_backup_name(name)
+    else:
+        with pytest.raises(BackupInputError, match="not a WAL-G backup name"):
+            driver.validate_backup_name(name)
+
+
+def _fake_data_dir(path: Path) -> Path:
+    path.mkdir()
+    (path / "PG_VERSION").write_text("15\n")
+    return path
+
+
+def test_restore_script_writes_recovery_settings(tmp_path: Path) -> None:
+    data = _fake_data_dir(tmp_path / "data")
+    # stolon's data directories link postgresql.auto.conf to /dev/null; a standby backup may carry standby.signal.
+    (data / "postgresql.auto.conf").symlink_to("/dev/null")
+    (data / "standby.signal").write_text("")
+    data.chmod(0o755)
+    target = datetime(2026, 5, 1, 21, 0, tzinfo=timezone.utc)
+    _, configure = driver.restore_commands(INV, str(data), None, target)
+    # Run the exact argv the SSH adapter would run, minus timeout/runuser.
+    subprocess.run(list(configure.argv), check=True, capture_output=True, timeout=30)
+    auto = data / "postgresql.auto.conf"
+    assert not auto.is_symlink()
+    text = auto.read_text()
+    assert "restore_command = '/usr/local/bin/wal-g-pg --config /etc/wal-g/bouw.json wal-fetch \"%f\" \"%p\"'\n" in text
+    assert "archive_mode = 'off'\n" in text
+    assert "recovery_target_time = '2026-05-01 21:00:00+00:00'\n" in text
+    assert (data / "recovery.signal").exists()
+    assert not (data / "standby.signal").exists()
+    assert data.stat().st_mode & 0o777 == 0o700
+
+
+def test_restore_script_is_repeatable_and_keeps_existing_settings(tmp_path: Path) -> None:
+    data = _fake_data_dir(tmp_path / "data")
+    (data / "postgresql.auto.conf").write_text("shared_buffers = '256MB'\n")
+    _, configure = driver.restore_commands(INV, str(data), None, None)
+    for _ in range(2):
+        subprocess.run(list(configure.argv), check=True, capture_output=True, timeout=30)
+    text = (data / "postgresql.auto.conf").read_text()
+    assert text.startswith("shared_buffers = '256MB'\n")
+    assert text.count("recovery_target_timeline = 'latest'") == 2  # last one wins in PostgreSQL
+
+
+def test_restore_script_refuses_dir_without_backup(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    _, configure = driver.restore_commands(INV, str(tmp_path / "empty"), None, None)
+    done = subprocess.run(list(configure.argv), capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and "no PG_VERSION" in done.stderr
+    assert not (tmp_path / "empty" / "recovery.signal").exists()
+
+
+def test_driver_metadata() -> None:
+    assert driver.name == "walg"
+    assert driver.packages(INV) == ["wal-g-pg"]
