@@ -19,7 +19,8 @@ DEFAULT_PORT = 4200
 
 
 def prefect_home() -> Path:
-    return Path(os.environ.get("BOUWSTEEN_HOME", "/var/lib/bouwsteen")) / "prefect"
+    explicit = os.environ.get("BOUWSTEEN_PREFECT_HOME")
+    return Path(explicit) if explicit else Path(os.environ.get("BOUWSTEEN_HOME", "/var/lib/bouwsteen")) / "prefect"
 
 
 def api_url(port: int = DEFAULT_PORT) -> str:

@@ -27,7 +27,7 @@ from tasks.cluster import (
 from tasks.context import context_for
 from tasks.desired import ha_driver
 from tasks.locks import cluster_lock
-from tasks.planning.build import BuildPlan, plan_build
+from tasks.planning.build import plan_build
 from tasks.reporting import plan_markdown
 
 
@@ -66,17 +66,11 @@ def build_cluster(cluster: str = "lab", dry_run: bool = False, adopt_existing: b
     view = is_cluster_initialized(cluster, configured)
 
     # ------------------------------------------------------------------ 2. plan
-    plan = BuildPlan(hosts=())
-    for name, host_layers in layers.items():
-        partial = plan_build(cluster, host_layers, {name: snapshots[name]}, initialized=True,
-                             bootstrap_candidates=[], adopt_existing=adopt_existing)
-        plan = BuildPlan(plan.hosts + partial.hosts, plan.refusals + partial.refusals)
-    bootstrap_on = None
-    if not view.initialized:
-        candidates = [h.name for h in inv.db_hosts]
-        with_data = [h for h in candidates if not snapshots[h].data_dir.is_empty]
-        bootstrap_on = (with_data or candidates)[0]
-    plan = BuildPlan(plan.hosts, tuple(refusals) + plan.refusals, bootstrap_on)
+    plan = plan_build(
+        cluster, [layer for host_layers in layers.values() for layer in host_layers], snapshots,
+        initialized=view.initialized, bootstrap_candidates=[h.name for h in inv.db_hosts],
+        adopt_existing=adopt_existing, refusals=refusals,
+    )
     create_markdown_artifact(key=f"build-plan-{cluster}", markdown=plan_markdown("build_cluster", cluster, plan, dry_run),
                              description=f"build_cluster plan for {cluster}")
     if plan.refusals:

@@ -88,9 +88,9 @@ def wait_for(what: str, probe, *, timeout: float, interval: float = 1.0):
 
 
 @step(retries=2)
-def is_host_ready(cluster: str, host: str) -> HostSnapshot:
+def is_host_ready(cluster: str, host: str, inventory: dict | None = None) -> HostSnapshot:
     """Read-only: probe the host for everything the plan compares against."""
-    ctx = context_for(cluster)
+    ctx = context_for(cluster, inventory=inventory)
     spec = ctx.inventory.host(host)
     wanted = desired_layers(ctx).get(host, [])
     snap = snapshot(ctx, spec, wanted)

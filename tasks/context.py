@@ -124,8 +124,16 @@ def _cached(cluster: str) -> ClusterContext:
     return load_context(cluster)
 
 
-def context_for(cluster: str, *, fresh: bool = False) -> ClusterContext:
-    """One load per worker process and cluster; `fresh=True` after a flow changed a block."""
+def context_for(cluster: str, *, fresh: bool = False, inventory: dict | None = None) -> ClusterContext:
+    """One load per worker process and cluster; `fresh=True` after a flow changed a block.
+
+    `inventory` replaces the stored inventory for a what-if (e.g. planning add_standby before
+    the block is updated); credentials still come from the blocks."""
     if fresh:
         _cached.cache_clear()
-    return _cached(cluster)
+    ctx = _cached(cluster)
+    if inventory is not None:
+        from dataclasses import replace
+
+        ctx = replace(ctx, inventory=Inventory.model_validate(inventory))
+    return ctx

@@ -154,6 +154,28 @@ def plan_host(want: DesiredHost, snap: HostSnapshot) -> HostPlan:
     return HostPlan(want.host, install, changes, tuple(start), tuple(restart), tuple(reload))
 
 
+def merge_host_plans(plans: list[HostPlan]) -> HostPlan:
+    """One row per host when a host carries several layers (etcd member and database)."""
+    def unique(items):
+        return tuple(dict.fromkeys(items))
+
+    seen_paths: set[str] = set()
+    files = []
+    for plan in plans:
+        for change in plan.files:
+            if change.path not in seen_paths:
+                seen_paths.add(change.path)
+                files.append(change)
+    return HostPlan(
+        host=plans[0].host,
+        install=unique(p for plan in plans for p in plan.install),
+        files=tuple(files),
+        start=unique(u for plan in plans for u in plan.start),
+        restart=unique(u for plan in plans for u in plan.restart),
+        reload=unique(u for plan in plans for u in plan.reload),
+    )
+
+
 def plan_build(
     cluster: str,
     desired: list[DesiredHost],
@@ -162,23 +184,27 @@ def plan_build(
     initialized: bool,
     bootstrap_candidates: list[str],
     adopt_existing: bool = False,
-    etcd_refusals: list[str] | None = None,
+    refusals: list[str] | None = None,
 ) -> BuildPlan:
-    refusals: list[str] = list(etcd_refusals or [])
-    hosts = []
+    """Layers of the same host are merged into one HostPlan, in first-seen host order."""
+    found: list[str] = list(refusals or [])
+    per_host: dict[str, list[HostPlan]] = {}
     for want in desired:
         snap = snapshots.get(want.host)
         if snap is None:
-            refusals.append(f"{want.host}: no snapshot (unreachable?)")
+            found.append(f"{want.host}: no snapshot (unreachable?)")
             continue
-        refusals += host_preflight(cluster, want, snap, adopt_existing=adopt_existing)
-        hosts.append(plan_host(want, snap))
+        for reason in host_preflight(cluster, want, snap, adopt_existing=adopt_existing):
+            if reason not in found:
+                found.append(reason)
+        per_host.setdefault(want.host, []).append(plan_host(want, snap))
     bootstrap_on = None
     if not initialized:
         if not bootstrap_candidates:
-            refusals.append("no database host can initialise the cluster")
+            found.append("no database host can initialise the cluster")
         else:
             # Prefer a host that already has data (a half-finished earlier run), then inventory order.
-            with_data = [h for h in bootstrap_candidates if not snapshots[h].data_dir.is_empty]
+            with_data = [h for h in bootstrap_candidates if h in snapshots and not snapshots[h].data_dir.is_empty]
             bootstrap_on = (with_data or bootstrap_candidates)[0]
-    return BuildPlan(tuple(hosts), tuple(refusals), bootstrap_on)
+    hosts = tuple(merge_host_plans(plans) for plans in per_host.values())
+    return BuildPlan(hosts, tuple(found), bootstrap_on)

@@ -62,6 +62,9 @@ class PgBackRestDriver(BackupDriver):
         if secrets.cipher_pass:
             lines += ["repo1-cipher-type=aes-256-cbc", f"repo1-cipher-pass={secrets.cipher_pass}"]
         lines += [
+            # Fail within seconds when the object store is down (the default waits for minutes,
+            # and Patroni runs archive_command synchronously before recovering a crashed primary).
+            "io-timeout=10",
             "process-max=2",
             "compress-type=lz4",
             "start-fast=y",
@@ -88,7 +91,8 @@ class PgBackRestDriver(BackupDriver):
     def archive_parameters(self, inv: Inventory) -> dict[str, str]:
         return {
             "archive_mode": "on",
-            "archive_command": f"pgbackrest --stanza={inv.cluster.name} archive-push %p",
+            # The timeout bounds a hung object store; PostgreSQL keeps the segment and retries.
+            "archive_command": f"/usr/bin/timeout 60 pgbackrest --stanza={inv.cluster.name} archive-push %p",
             "archive_timeout": "60",
         }
 

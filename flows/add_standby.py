@@ -1,0 +1,112 @@
+"""add_standby: grow the cluster by one streaming standby. Safe to run again."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from blocks.inventory import Role, UnknownHostError
+from blocks.register import save_inventory
+from tasks.adapters.ha.base import HaStatusError
+from tasks.cluster import (
+    PreflightRefused,
+    desired_layers,
+    ensure_files,
+    ensure_packages,
+    ensure_units,
+    is_cluster_initialized,
+    is_host_ready,
+    wait_until_replicas_streaming,
+)
+from tasks.context import context_for
+from tasks.locks import cluster_lock
+from tasks.planning.build import plan_build
+from tasks.reporting import plan_markdown
+
+
+def _versions_differ(new, reference, packages: list[str]) -> list[str]:
+    return [
+        f"{p}: {new.packages.get(p) or 'not installed'} on {new.host} vs {reference.packages.get(p)} on {reference.host}"
+        for p in packages
+        if new.packages.get(p) and new.packages.get(p) != reference.packages.get(p)
+    ]
+
+
+@flow(name="add_standby")
+def add_standby(cluster: str = "lab", host: str = "pg4", max_lag_bytes: int = 16 * 1024 * 1024,
+                timeout_seconds: int = 600, dry_run: bool = False) -> dict:
+    """1. Pre-flight  2. Plan  3. Act  4. Verify: the new host streams with lag under the threshold."""
+    logger = get_run_logger()
+    ctx = context_for(cluster, fresh=True)
+    inv = ctx.inventory
+
+    # ------------------------------------------------------------------ 1. pre-flight
+    logger.info("1. Pre-flight (read-only): add %s to cluster %s.", host, cluster)
+    try:
+        spec = inv.host(host)
+    except UnknownHostError as exc:
+        raise PreflightRefused(f"refused, nothing changed: {exc}") from None
+    if spec.has(Role.router) or spec.has(Role.backup) or spec.has(Role.restore):
+        raise PreflightRefused(f"refused, nothing changed: {host} has role(s) "
+                               f"{', '.join(r.value for r in spec.roles)}; a standby needs a host of its own")
+    target_inv = inv.with_db_host(host)
+    target = target_inv.model_dump(mode="json")
+    view = is_cluster_initialized(cluster, [h.name for h in inv.db_hosts if h.name != host])
+    if not view.initialized or view.leader is None:
+        raise PreflightRefused(f"refused, nothing changed: cluster {cluster} has no primary ({view.leader=})")
+    if view.leader == host:
+        raise PreflightRefused(f"refused, nothing changed: {host} is the cluster's primary")
+    names = [h.name for h in target_inv.db_hosts]
+    futures = {n: is_host_ready.submit(cluster, n, inventory=target) for n in names}
+    snapshots, refusals = {}, []
+    for name, future in futures.items():
+        try:
+            snapshots[name] = future.result()
+        except Exception as exc:
+            refusals.append(f"{name}: unreachable: {ctx.masker(str(exc)).splitlines()[0]}")
+    if refusals:
+        raise PreflightRefused("refused, nothing changed:\n" + "\n".join(refusals))
+    packages = [inv.cluster.postgres.package, "patroni" if inv.cluster.ha_manager.value == "patroni" else "stolon"]
+    refusals += _versions_differ(snapshots[host], snapshots[view.leader], packages)
+
+    # ------------------------------------------------------------------ 2. plan
+    layers = desired_layers(context_for(cluster, inventory=target))
+    wanted = [layers[n][-1] for n in names]  # database layers only: etcd stays as it is
+    plan = plan_build(cluster, wanted, snapshots, initialized=True, bootstrap_candidates=[], refusals=refusals)
+    create_markdown_artifact(key=f"add-standby-plan-{cluster}", markdown=plan_markdown("add_standby", cluster, plan, dry_run))
+    if plan.refusals:
+        for reason in plan.refusals:
+            logger.error("Refused: %s", reason)
+        raise PreflightRefused("refused, nothing changed:\n" + "\n".join(plan.refusals))
+    for row in plan.rows():
+        logger.info("2. Plan: %s: %s", row["host"], row["plan"])
+    if dry_run:
+        logger.info("dry_run: stopping after the plan; nothing was changed.")
+        return {"plan": plan.rows(), "changed": False}
+
+    # ------------------------------------------------------------------ 3. act
+    with cluster_lock(cluster, "add_standby"):
+        if not spec.has(Role.db):
+            # The inventory is the desired state: from here on every flow treats the host as a member.
+            save_inventory(target_inv)
+            context_for(cluster, fresh=True)
+            logger.info("3. Act: inventory block of %s now lists %s as a database host.", cluster, host)
+        ensure_packages(cluster, host, list(wanted[names.index(host)].packages))
+        # Existing members first: their pg_hba must admit the newcomer before it asks to replicate.
+        for name in names:
+            if name == host:
+                continue
+            ensure_units(cluster, name, "db", ensure_files(cluster, name, "db"))
+        ensure_units(cluster, host, "db", ensure_files(cluster, host, "db"))
+
+        # ------------------------------------------------------------------ 4. verify
+        logger.info("4. Verify: %s streams with lag under %d bytes.", host, max_lag_bytes)
+        rows = wait_until_replicas_streaming(cluster, max_lag_bytes=max_lag_bytes, timeout=timeout_seconds)
+    new_row = next((r for r in rows if r["host"] == host), None)
+    if new_row is None or not str(new_row["state"]).startswith("streaming"):
+        raise HaStatusError(f"{host} is not streaming: {new_row}")
+    create_table_artifact(key=f"topology-{cluster}", table=rows, description=f"Topology after add_standby {host}")
+    changed = not plan.is_noop or not spec.has(Role.db)
+    logger.info("Done: %s streams from %s (lag %s bytes); %s.", host, rows[0]["host"], new_row["lag_bytes"],
+                "changes were applied" if changed else "nothing was changed (second run is a no-op)")
+    return {"plan": plan.rows(), "changed": changed, "topology": rows}

@@ -1,0 +1,46 @@
+"""Helpers for integration tests: the lab's SSH, the CLI, and hashing a host's state."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+STATE_FILES = [
+    "/etc/bouwsteen/cluster.json", "/etc/default/etcd", "/etc/patroni/config.yml",
+    "/etc/pgbackrest/pgbackrest.conf", "/etc/haproxy/haproxy.cfg", "/etc/keepalived/keepalived.conf",
+]
+
+
+def lab_ssh(lab, host: str, command: str, check: bool = True) -> subprocess.CompletedProcess:
+    from lab.topology import host_by_name
+
+    result = subprocess.run(lab.ssh_argv(host_by_name(host)) + [command], capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{host}: {command!r} failed ({result.returncode}): {result.stderr}")
+    return result
+
+
+def bouwsteen(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """The CLI as a DBA runs it, against the test Prefect server."""
+    return subprocess.run([str(Path(sys.executable).with_name("bouwsteen")), *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ}, cwd=REPO)
+
+
+def host_state_digest(lab, host: str, data_dir: str = "/var/lib/postgresql/15/main") -> str:
+    """Hash of the managed config files and the data directory listing: 'nothing changed' proof."""
+    files = " ".join(STATE_FILES)
+    command = (
+        f"for f in {files}; do if [ -e $f ]; then sha256sum $f; stat -c '%U:%G %a' $f; else echo absent $f; fi; done; "
+        f"ls -la --time-style=+%s {data_dir} 2>/dev/null | grep -v ' postmaster' | awk '{{print $1, $3, $4, $NF}}'; "
+        "systemctl show -p MainPID etcd patroni haproxy keepalived 2>/dev/null"
+    )
+    return lab_ssh(lab, host, command).stdout
+
+
+def cluster_state_digest(lab, hosts=("pg1", "pg2", "pg3", "pg4")) -> dict[str, str]:
+    return {h: host_state_digest(lab, h) for h in hosts}
