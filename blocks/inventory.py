@@ -10,7 +10,7 @@ import hashlib
 import ipaddress
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -117,7 +117,10 @@ class ObjectStoreSpec(Strict):
     endpoint: str = Field(pattern=r"^https://[a-z0-9.-]+(:[0-9]+)?/?$", description="S3 endpoint, TLS only")
     bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
     region: str = "us-east-1"
-    data_path: str = Field(default="/srv/s3", pattern=r"^/")
+    data_path: str = Field(default="/srv/s3", pattern=r"^/", description="the site's file-level backup picks this up")
+    server: Literal["minio", "rclone"] = Field(
+        default="minio", description="MinIO in production; rclone serve s3 where MinIO cannot be installed (the lab)"
+    )
 
     @property
     def endpoint_host(self) -> str:
@@ -244,11 +247,21 @@ class Inventory(Strict):
         return found
 
     def with_db_host(self, name: str) -> "Inventory":
-        """The same inventory with `name` added to the database hosts (after add_standby)."""
-        hosts = [
-            h.model_copy(update={"roles": [*h.roles, Role.db]}) if h.name == name and not h.has(Role.db) else h
-            for h in self.hosts
-        ]
+        """The same inventory with `name` added to the database hosts (after add_standby).
+
+        etcd membership does not follow: when the db hosts were the implicit etcd members, they
+        are pinned with an explicit etcd role first, so the new standby is only an etcd client.
+        """
+        pin_etcd = not self.with_role(Role.etcd)
+        current_etcd = {h.name for h in self.etcd_members}
+        hosts = []
+        for h in self.hosts:
+            roles = list(h.roles)
+            if pin_etcd and h.name in current_etcd and Role.etcd not in roles:
+                roles.append(Role.etcd)
+            if h.name == name and Role.db not in roles:
+                roles.append(Role.db)
+            hosts.append(h.model_copy(update={"roles": roles}))
         return Inventory.model_validate({**self.model_dump(mode="json"), "hosts": [h.model_dump(mode="json") for h in hosts]})
 
 

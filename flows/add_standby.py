@@ -71,7 +71,7 @@ def add_standby(cluster: str = "lab", host: str = "pg4", max_lag_bytes: int = 16
 
     # ------------------------------------------------------------------ 2. plan
     layers = desired_layers(context_for(cluster, inventory=target))
-    wanted = [layers[n][-1] for n in names]  # database layers only: etcd stays as it is
+    wanted = [layers[n]["db"] for n in names]  # database layers only: etcd stays as it is
     plan = plan_build(cluster, wanted, snapshots, initialized=True, bootstrap_candidates=[], refusals=refusals)
     create_markdown_artifact(key=f"add-standby-plan-{cluster}", markdown=plan_markdown("add_standby", cluster, plan, dry_run))
     if plan.refusals:

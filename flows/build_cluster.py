@@ -48,7 +48,8 @@ def build_cluster(cluster: str = "lab", dry_run: bool = False, adopt_existing: b
         ha_driver(inv).validate(inv)
     except HaSpecError as exc:
         raise PreflightRefused(f"refused, nothing changed: {exc}") from None
-    layers = desired_layers(ctx)
+    layers = {name: {k: v for k, v in kinds.items() if k in ("etcd", "db")}
+              for name, kinds in desired_layers(ctx).items() if {"etcd", "db"} & set(kinds)}
     futures = {name: is_host_ready.submit(cluster, name) for name in layers}
     snapshots, refusals = {}, []
     for name, future in futures.items():
@@ -61,13 +62,13 @@ def build_cluster(cluster: str = "lab", dry_run: bool = False, adopt_existing: b
     refusals += is_etcd_ours(cluster)
     running_pg = [n for n, s in snapshots.items() if inv.cluster.postgres.port in s.listeners]
     refusals += is_superuser_login_ok(cluster, running_pg)
-    ha_files = {f.path for n in layers for f in layers[n][-1].files}
+    ha_files = {f.path for kinds in layers.values() if "db" in kinds for f in kinds["db"].files}
     configured = [n for n, s in snapshots.items() if any(s.files.get(p) for p in ha_files if "patroni" in p or "stolon" in p)]
     view = is_cluster_initialized(cluster, configured)
 
     # ------------------------------------------------------------------ 2. plan
     plan = plan_build(
-        cluster, [layer for host_layers in layers.values() for layer in host_layers], snapshots,
+        cluster, [layer for kinds in layers.values() for layer in kinds.values()], snapshots,
         initialized=view.initialized, bootstrap_candidates=[h.name for h in inv.db_hosts],
         adopt_existing=adopt_existing, refusals=refusals,
     )
@@ -89,8 +90,8 @@ def build_cluster(cluster: str = "lab", dry_run: bool = False, adopt_existing: b
     # ------------------------------------------------------------------ 3. act
     with cluster_lock(cluster, "build_cluster"):
         logger.info("3. Act: packages, etcd, HA manager, roles.")
-        for name, host_layers in layers.items():
-            ensure_packages.submit(cluster, name, sorted({p for layer in host_layers for p in layer.packages})).result()
+        for name, kinds in layers.items():
+            ensure_packages.submit(cluster, name, sorted({p for layer in kinds.values() for p in layer.packages})).result()
         etcd_hosts = [h.name for h in inv.etcd_members]
         etcd_changes = {n: f.result() for n, f in {n: ensure_files.submit(cluster, n, "etcd") for n in etcd_hosts}.items()}
         # A new etcd cluster only forms when its members start together ...

@@ -291,6 +291,7 @@ class Lab:
                     "host": "backup1",
                     "endpoint": f"https://backup1.{DOMAIN}:9000",
                     "bucket": "bouwsteen",
+                    "server": "rclone",
                 },
                 "routing": {"vip": str(VIP)},
                 "admin_networks": [f"{CONTROLLER_ADDRESS}/32"],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from blocks.inventory import HostSpec, Role
+from blocks.inventory import HostSpec
 from tasks.adapters import etcd_config
 from tasks.adapters.commands import cmd
 from tasks.adapters.etcd import Etcd, EtcdUnavailable
@@ -44,14 +44,14 @@ class NotYet(Exception):
 
 def cluster_secrets(ctx: ClusterContext) -> ClusterSecrets:
     store = ctx.store_secrets if ctx.store_block is not None else None
-    return ClusterSecrets(db=ctx.db_secrets, store=store)
+    return ClusterSecrets(db=ctx.db_secrets, store=store, server=ctx.server_secrets)
 
 
-def desired_layers(ctx: ClusterContext) -> dict[str, list[DesiredHost]]:
+def desired_layers(ctx: ClusterContext) -> dict[str, dict[str, DesiredHost]]:
     return all_desired(ctx.inventory, cluster_secrets(ctx))
 
 
-def _probe_args(ctx: ClusterContext, layers: list[DesiredHost]) -> dict:
+def _probe_args(ctx: ClusterContext, layers) -> dict:
     inv = ctx.inventory
     return {
         "files": [f.path for layer in layers for f in layer.files],
@@ -62,7 +62,7 @@ def _probe_args(ctx: ClusterContext, layers: list[DesiredHost]) -> dict:
     }
 
 
-def snapshot(ctx: ClusterContext, host: HostSpec, layers: list[DesiredHost]) -> HostSnapshot:
+def snapshot(ctx: ClusterContext, host: HostSpec, layers) -> HostSnapshot:
     with ctx.remote(host) as remote:
         return parse_probe(host.name, remote.run(probe_command(**_probe_args(ctx, layers))))
 
@@ -92,7 +92,7 @@ def is_host_ready(cluster: str, host: str, inventory: dict | None = None) -> Hos
     """Read-only: probe the host for everything the plan compares against."""
     ctx = context_for(cluster, inventory=inventory)
     spec = ctx.inventory.host(host)
-    wanted = desired_layers(ctx).get(host, [])
+    wanted = list(desired_layers(ctx).get(host, {}).values())
     snap = snapshot(ctx, spec, wanted)
     say(f"{host}: {snap.os_pretty}, data directory {'empty' if snap.data_dir.is_empty else 'in use'}, "
         f"member of {snap.marker_cluster or 'no cluster'}.")
@@ -199,12 +199,11 @@ def ensure_packages(cluster: str, host: str, packages: list[str]) -> str:
 
 
 def _layer(ctx: ClusterContext, host: str, kind: str) -> DesiredHost:
-    layers = desired_layers(ctx)[host]
-    index = 0 if kind == "etcd" and host in {h.name for h in ctx.inventory.etcd_members} else -1
-    layer = layers[index]
-    if kind == "db" and not ctx.inventory.host(host).has(Role.db):
-        raise ValueError(f"{host} has no db role")
-    return layer
+    layers = desired_layers(ctx).get(host, {})
+    if kind not in layers:
+        raise ValueError(f"{host} has no {kind} layer in cluster {ctx.name} (roles: "
+                         f"{', '.join(r.value for r in ctx.inventory.host(host).roles) or 'none'})")
+    return layers[kind]
 
 
 @step

@@ -19,6 +19,7 @@ from blocks.prefect_blocks import (
 )
 from tasks.adapters.backup.base import StoreSecrets
 from tasks.adapters.ha.base import DbSecrets
+from tasks.adapters.objectstore_server import ServerSecrets
 from tasks.adapters.postgres import PgEndpoint
 from tasks.adapters.remote import Masker, RemoteHost, SshAuth, SshTarget
 
@@ -76,6 +77,20 @@ class ClusterContext:
             user=self.db_blocks.application_user,
             password=self.db_blocks.application_password.get_secret_value(),
             dbname=self.inventory.cluster.postgres.application_database,
+        )
+
+    @property
+    def server_secrets(self) -> ServerSecrets | None:
+        if self.store_block is None:
+            return None
+        b = self.store_block
+        return ServerSecrets(
+            admin_access_key_id=b.admin_access_key_id,
+            admin_secret_access_key=b.admin_secret_access_key.get_secret_value(),
+            cluster_access_key_id=b.access_key_id,
+            cluster_secret_access_key=b.secret_access_key.get_secret_value(),
+            certificate_pem=b.server_certificate,
+            private_key_pem=b.server_private_key.get_secret_value(),
         )
 
     @property

@@ -13,6 +13,7 @@ from tasks.adapters.commands import ManagedFile
 from tasks.adapters.ha.base import DbSecrets, HaDriver
 from tasks.adapters.ha.patroni import PatroniDriver
 from tasks.adapters.ha.stolon import StolonDriver
+from tasks.adapters.objectstore_server import ServerSecrets, server_for
 from tasks.planning.build import DesiredHost, marker_file
 
 
@@ -28,6 +29,7 @@ def backup_driver(inv: Inventory) -> BackupDriver:
 class ClusterSecrets:
     db: DbSecrets
     store: StoreSecrets | None  # None until the object store's credentials are registered
+    server: ServerSecrets | None = None  # what the backup server itself needs (TLS key, admin key)
 
 
 def archive_parameters(inv: Inventory, secrets: ClusterSecrets) -> dict[str, str]:
@@ -75,11 +77,26 @@ def db_host(inv: Inventory, host: HostSpec, secrets: ClusterSecrets) -> DesiredH
     )
 
 
-def all_desired(inv: Inventory, secrets: ClusterSecrets) -> dict[str, list[DesiredHost]]:
-    """Per host, the layers in apply order: etcd member first, then the database host."""
-    layers: dict[str, list[DesiredHost]] = {}
+def object_store_host(inv: Inventory, secrets: ServerSecrets) -> DesiredHost:
+    store = inv.cluster.object_store
+    assert store is not None
+    server = server_for(store.server)
+    return DesiredHost(
+        host=store.host,
+        packages=tuple(server.packages()),
+        files=tuple(server.host_files(inv, secrets)),
+        units=tuple(server.units(inv)),
+        ports={store.endpoint_port: "objectstore"},
+    )
+
+
+def all_desired(inv: Inventory, secrets: ClusterSecrets) -> dict[str, dict[str, DesiredHost]]:
+    """Per host, its layers by kind, in apply order (etcd member before database host)."""
+    layers: dict[str, dict[str, DesiredHost]] = {}
     for host in inv.etcd_members:
-        layers.setdefault(host.name, []).append(etcd_member(inv, host))
+        layers.setdefault(host.name, {})["etcd"] = etcd_member(inv, host)
     for host in inv.with_role(Role.db):
-        layers.setdefault(host.name, []).append(db_host(inv, host, secrets))
+        layers.setdefault(host.name, {})["db"] = db_host(inv, host, secrets)
+    if inv.cluster.object_store is not None and secrets.server is not None:
+        layers.setdefault(inv.cluster.object_store.host, {})["objectstore"] = object_store_host(inv, secrets.server)
     return layers

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 DEFAULT_TIMEOUT = 60.0
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]*[$]?$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_USER_NAME = re.compile(r"[a-z_][a-z0-9_-]*[$]?")
 
 
 class CommandError(ValueError):
@@ -37,10 +37,10 @@ class Command:
             raise CommandError("empty command")
         if not (0 < self.timeout <= 24 * 3600):
             raise CommandError(f"timeout must be between 0 and 24 h, got {self.timeout}")
-        if self.user is not None and not _USER_NAME.match(self.user):
+        if self.user is not None and not _USER_NAME.fullmatch(self.user):
             raise CommandError(f"invalid user name {self.user!r}")
         for name, _ in self.env:
-            if not _ENV_NAME.match(name):
+            if not _ENV_NAME.fullmatch(name):
                 raise CommandError(f"invalid environment variable name {name!r}")
 
     def render(self, *, sudo: bool = False) -> str:
@@ -94,6 +94,8 @@ def script(
 
     Inside the script, refer to `args` as "$1", "$2", ... so values never need inline quoting.
     """
+    if not text.strip():
+        raise CommandError("empty script")
     return cmd(
         "bash", "-euo", "pipefail", "-c", text, "bouwsteen", *args,
         timeout=timeout, user=user, env=env, ok_codes=ok_codes, description=description or text.strip().splitlines()[0],

@@ -209,10 +209,8 @@ def scram_matches(verifier: str | None, password: str) -> bool:
     try:
         _, params, keys = verifier.split("$")
         iterations, salt = params.split(":")
-        stored, server = keys.split(":")
-        want_stored, want_server = _scram_keys(password, _b64.b64decode(salt), int(iterations))
-    except ValueError:
+        stored, server = (_b64.b64decode(k, validate=True) for k in keys.split(":"))
+        want_stored, want_server = _scram_keys(password, _b64.b64decode(salt, validate=True), int(iterations))
+    except ValueError:  # binascii.Error is a ValueError: a malformed verifier never matches
         return False
-    return _hmac.compare_digest(want_stored, _b64.b64decode(stored)) and _hmac.compare_digest(
-        want_server, _b64.b64decode(server)
-    )
+    return _hmac.compare_digest(want_stored, stored) and _hmac.compare_digest(want_server, server)

@@ -152,6 +152,13 @@ def parse_probe(host: str, result: CommandResult) -> HostSnapshot:
         data = json.loads(result.stdout)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{host}: host probe printed no JSON ({exc}): {result.stderr.strip()[-300:]}") from None
+    try:
+        return _snapshot(host, data)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{host}: host probe output lacks {exc}") from None
+
+
+def _snapshot(host: str, data: dict) -> HostSnapshot:
     marker = data.get("marker") or {}
     return HostSnapshot(
         host=host,

@@ -48,6 +48,10 @@ class ObjectStore:
             config=Config(
                 connect_timeout=timeout, read_timeout=timeout * 3, retries={"max_attempts": 2, "mode": "standard"},
                 s3={"addressing_style": "path"},
+                # Newer boto3 streams checksummed uploads without Content-Length (aws-chunked);
+                # S3-compatible servers (rclone, older MinIO) refuse that. Plain signed PUTs work everywhere.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
             ),
         )
 

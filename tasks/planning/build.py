@@ -18,6 +18,9 @@ PORT_OWNERS = {
     "etcd": {"etcd"},
     "patroni": {"patroni", "python3"},
     "stolon": {"stolon-keeper", "stolon-proxy", "postgres"},
+    "objectstore": {"rclone", "minio"},
+    "haproxy": {"haproxy"},
+    "detector": {"python3", "bouwsteen-prim"},
 }
 
 
@@ -127,11 +130,14 @@ def host_preflight(
             f"{', PostgreSQL ' + snap.data_dir.pg_version if snap.data_dir.pg_version else ''}) and the host is not part "
             f"of cluster {cluster!r}; refusing to overwrite it (pass adopt_existing=True to take it over)"
         )
+    # Hosts without a data directory (object store, routers) carry no cluster marker: a shared
+    # backup server serves many clusters. There the process name alone says whether it is ours.
+    trust_process = ours or not want.needs_data_dir
     for port, owner_kind in sorted(want.ports.items()):
         process = snap.listeners.get(port)
         if process is None:
             continue
-        if not ours or process not in PORT_OWNERS.get(owner_kind, set()):
+        if not trust_process or process not in PORT_OWNERS.get(owner_kind, set()):
             refusals.append(f"{name}: port {port} is already in use by {process or 'an unknown process'}")
     if not allow_join and not ours:
         refusals.append(f"{name}: not part of cluster {cluster!r}")

@@ -170,7 +170,7 @@ class PgBackRestDriver(BackupDriver):
         return sorted(backups, key=lambda b: b.start_time)
 
     def retention_commands(self, inv: Inventory, keep_full: int) -> list[Command]:
-        if not isinstance(keep_full, int) or keep_full < 1:
+        if isinstance(keep_full, bool) or not isinstance(keep_full, int) or keep_full < 1:
             raise BackupInputError(f"keep_full: must be an integer ≥ 1, got {keep_full!r}")
         return [pgbackrest(inv, f"--repo1-retention-full={keep_full}", "expire", timeout=1800)]
 

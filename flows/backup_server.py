@@ -1,0 +1,70 @@
+"""backup_server_rollout: the object store on the backup server, a bucket and the cluster's prefix."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from tasks.backup import (
+    ensure_bucket_and_prefix,
+    ensure_object_store_prepared,
+    is_object_store_working,
+    wait_until_object_store_answers,
+)
+from tasks.cluster import PreflightRefused, desired_layers, ensure_files, ensure_units, is_host_ready
+from tasks.context import context_for
+from tasks.planning.build import plan_build
+from tasks.reporting import plan_markdown
+
+
+@flow(name="backup_server_rollout")
+def backup_server_rollout(cluster: str = "lab", dry_run: bool = False) -> dict:
+    """1. Pre-flight  2. Plan  3. Act (service, bucket, prefix)  4. Verify (put/get/delete round trip)."""
+    logger = get_run_logger()
+    ctx = context_for(cluster, fresh=True)
+    inv = ctx.inventory
+    store = inv.cluster.object_store
+
+    # ------------------------------------------------------------------ 1. pre-flight
+    if store is None:
+        raise PreflightRefused(f"refused, nothing changed: cluster.object_store is not set in the inventory of {cluster}")
+    if ctx.store_block is None:
+        raise PreflightRefused(f"refused, nothing changed: no object-store-credentials block named {cluster!r}")
+    logger.info("1. Pre-flight (read-only): %s object store on %s, bucket %s.", store.server, store.host, store.bucket)
+    try:
+        layer = desired_layers(ctx)[store.host]["objectstore"]
+    except ValueError as exc:
+        raise PreflightRefused(f"refused, nothing changed: {exc}") from None
+    try:
+        snapshot = is_host_ready(cluster, store.host)
+    except Exception as exc:
+        raise PreflightRefused(f"refused, nothing changed: {store.host}: unreachable: "
+                               f"{ctx.masker(str(exc)).splitlines()[0]}") from None
+
+    # ------------------------------------------------------------------ 2. plan
+    plan = plan_build(cluster, [layer], {store.host: snapshot}, initialized=True, bootstrap_candidates=[])
+    # The marker of a cluster is no concern of a shared backup server.
+    plan = type(plan)(plan.hosts, tuple(r for r in plan.refusals if "belongs to cluster" not in r))
+    create_markdown_artifact(key=f"backup-server-plan-{cluster}",
+                             markdown=plan_markdown("backup_server_rollout", cluster, plan, dry_run))
+    if plan.refusals:
+        raise PreflightRefused("refused, nothing changed:\n" + "\n".join(plan.refusals))
+    for row in plan.rows():
+        logger.info("2. Plan: %s: %s", row["host"], row["plan"])
+    if dry_run:
+        return {"plan": plan.rows(), "changed": False}
+
+    # ------------------------------------------------------------------ 3. act
+    logger.info("3. Act: service account, data path, TLS, service, bucket and prefix.")
+    ensure_object_store_prepared(cluster)
+    changed = ensure_files(cluster, store.host, "objectstore")
+    ensure_units(cluster, store.host, "objectstore", changed)
+    wait_until_object_store_answers(cluster)
+    created = ensure_bucket_and_prefix(cluster)
+
+    # ------------------------------------------------------------------ 4. verify
+    seconds = is_object_store_working(cluster)
+    changed_anything = not plan.is_noop or bool(created)
+    logger.info("Done: %s serves bucket %s over TLS; round trip %.2fs; %s.", store.host, store.bucket, seconds,
+                "changes were applied" if changed_anything else "nothing was changed")
+    return {"plan": plan.rows(), "changed": changed_anything, "round_trip_seconds": seconds}
