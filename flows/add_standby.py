@@ -18,6 +18,7 @@ from tasks.cluster import (
     is_host_ready,
     wait_until_replicas_streaming,
 )
+from tasks.backup import ensure_backup_hook
 from tasks.context import context_for
 from tasks.locks import cluster_lock
 from tasks.planning.build import plan_build
@@ -98,6 +99,7 @@ def add_standby(cluster: str = "lab", host: str = "pg4", max_lag_bytes: int = 16
                 continue
             ensure_units(cluster, name, "db", ensure_files(cluster, name, "db"))
         ensure_units(cluster, host, "db", ensure_files(cluster, host, "db"))
+        ensure_backup_hook(cluster)
 
         # ------------------------------------------------------------------ 4. verify
         logger.info("4. Verify: %s streams with lag under %d bytes.", host, max_lag_bytes)

@@ -24,6 +24,7 @@ from tasks.cluster import (
     wait_until_primary_accepts_writes,
     wait_until_replicas_streaming,
 )
+from tasks.backup import ensure_backup_hook
 from tasks.context import context_for
 from tasks.desired import ha_driver
 from tasks.locks import cluster_lock
@@ -120,6 +121,7 @@ def build_cluster(cluster: str = "lab", dry_run: bool = False, adopt_existing: b
         wait_until_primary_accepts_writes(cluster)
         ensure_ha_settings(cluster)
         ensure_roles(cluster)
+        ensure_backup_hook(cluster)
 
         # ------------------------------------------------------------------ 4. verify
         logger.info("4. Verify: one primary, every standby streaming, a write visible everywhere.")

@@ -6,7 +6,7 @@ from tasks.adapters.objectstore_server import server_for
 from tasks.adapters.s3 import ObjectStore, ObjectStoreError, ObjectStoreUnavailable, S3Endpoint
 from tasks.cluster import wait_for
 from tasks.context import ClusterContext, context_for
-from tasks.runtime import say, step
+from tasks.runtime import once, say, step
 
 
 def store_endpoint(ctx: ClusterContext, *, admin: bool = False) -> S3Endpoint:
@@ -91,3 +91,177 @@ def is_object_store_working(cluster: str) -> float:
         seconds = own.round_trip(store.bucket, cluster_prefix(ctx))
     say(f"Put, get and delete of a test object under {cluster_prefix(ctx)} worked in {seconds:.2f}s.")
     return seconds
+
+
+# ------------------------------------------------------------------------------ base backups
+
+
+def _known_hosts_for(ctx: ClusterContext, hosts) -> str:
+    """known_hosts lines of the given hosts, from the SSH block (the keys the controller verifies)."""
+    names = {str(h.address) for h in hosts} | {h.name for h in hosts}
+    lines = []
+    for line in ctx.ssh_auth.known_hosts.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        patterns = set(line.split(" ", 1)[0].split(","))
+        if patterns & names:
+            lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+@step
+def ensure_backup_peer_trust(cluster: str) -> str:
+    """pgBackRest takes a standby's backup by asking the primary (over SSH, as postgres) to start
+    and stop it. Each database host gets a postgres key; peers accept it from that address only,
+    and host keys are the verified ones from the SSH block."""
+    from tasks.adapters.commands import ManagedFile, script
+
+    ctx = context_for(cluster)
+    inv = ctx.inventory
+    db_hosts = inv.db_hosts
+    keys = {}
+    for host in db_hosts:
+        with ctx.remote(host) as remote:
+            keys[host.name] = remote.run(script(
+                'k=/var/lib/postgresql/.ssh/id_ed25519; install -d -o postgres -g postgres -m 0700 "$(dirname "$k")"; '
+                '[ -f "$k" ] || runuser -u postgres -- ssh-keygen -q -t ed25519 -N "" -C "postgres@$(hostname)" -f "$k"; '
+                'cat "$k.pub"', description="ensure postgres SSH key")).stdout.strip()
+    authorized = "".join(
+        f'from="{h.address}",no-agent-forwarding,no-port-forwarding,no-X11-forwarding,no-pty {keys[h.name]}\n'
+        for h in db_hosts
+    )
+    known = _known_hosts_for(ctx, db_hosts)
+    changed = []
+    for host in db_hosts:
+        with ctx.remote(host) as remote:
+            for spec in (
+                ManagedFile("/var/lib/postgresql/.ssh/authorized_keys", authorized, owner="postgres", mode=0o600),
+                ManagedFile("/var/lib/postgresql/.ssh/known_hosts", known, owner="postgres", mode=0o644),
+            ):
+                if remote.ensure_file(spec):
+                    changed.append(f"{host.name}:{spec.path}")
+    return say(f"Updated {', '.join(changed)}." if changed else "postgres SSH trust between database hosts already in place.")
+
+
+def _run_on_primary(ctx: ClusterContext, commands, *, check: bool = True):
+    from tasks.cluster import primary_of
+
+    primary = primary_of(ctx)
+    if primary is None:
+        raise RuntimeError(f"cluster {ctx.name} has no primary")
+    with ctx.remote(primary) as remote:
+        return primary.name, [remote.run(c, check=check) for c in commands]
+
+
+@step
+def is_object_store_reachable(cluster: str) -> bool:
+    ctx = context_for(cluster)
+    try:
+        with ObjectStore(store_endpoint(ctx), timeout=3) as s3:
+            s3.bucket_exists(ctx.inventory.cluster.object_store.bucket)
+    except (ObjectStoreUnavailable, ObjectStoreError, LookupError) as exc:
+        say(f"The object store does not answer ({str(exc)[:160]}); WAL stays on the primary until it does.")
+        return False
+    say("The object store answers.")
+    return True
+
+
+@step
+def ensure_backup_repository(cluster: str) -> str:
+    """The backup tool's repository for this cluster (pgBackRest stanza); idempotent."""
+    from tasks.desired import backup_driver
+
+    ctx = context_for(cluster)
+    driver = backup_driver(ctx.inventory)
+    primary, _ = _run_on_primary(ctx, driver.init_repository_commands(ctx.inventory))
+    return say(f"Backup repository for {cluster} is ready (checked from {primary}).")
+
+
+@step
+def is_backup_list(cluster: str) -> list:
+    """Every backup in the repository, oldest first (read-only)."""
+    from tasks.desired import backup_driver
+
+    ctx = context_for(cluster)
+    driver = backup_driver(ctx.inventory)
+    _, results = _run_on_primary(ctx, [driver.list_command(ctx.inventory)], check=False)
+    backups = driver.parse_list(results[0])
+    say(f"{len(backups)} backup(s) in the repository; newest: {backups[-1].name if backups else 'none'}.")
+    return backups
+
+
+@step
+def is_backup_source(cluster: str, max_lag_bytes: int = 16 * 1024 * 1024) -> dict:
+    """Pick where the backup runs: the least-lagging streaming standby, else the primary."""
+    from tasks.cluster import replication_rows
+    from tasks.planning.backup import SourceCandidate, choose_source
+
+    ctx = context_for(cluster)
+    primary, rows = replication_rows(ctx)
+    candidates = [
+        SourceCandidate(
+            host=r["host"], role="primary" if r["host"] == primary else "replica",
+            streaming=str(r["state"]).startswith("streaming"), lag_bytes=r["lag_bytes"],
+        )
+        for r in rows
+    ]
+    chosen = choose_source(candidates, max_lag_bytes)
+    say(f"Backup source: {chosen.host} ({'streaming standby' if chosen.role == 'replica' else 'the primary: no healthy standby'}).")
+    return {"source": chosen.host, "primary": primary}
+
+
+@once
+def ensure_base_backup(cluster: str, source: str, primary: str) -> dict:
+    """Run one full base backup on `source` (never retried: the next schedule is the retry)."""
+    import time as _time
+
+    from tasks.desired import backup_driver
+
+    ctx = context_for(cluster)
+    inv = ctx.inventory
+    driver = backup_driver(inv)
+    command = driver.backup_command(inv, inv.host(source), inv.host(primary))
+    started = _time.monotonic()
+    with ctx.remote(source) as remote:
+        result = remote.run(command)
+    seconds = _time.monotonic() - started
+    say(f"Full base backup taken on {source} in {seconds:.1f}s.")
+    return {"seconds": seconds, "stderr_tail": ctx.masker(result.stderr[-500:])}
+
+
+@step
+def ensure_retention(cluster: str, keep_full: int) -> str:
+    from tasks.desired import backup_driver
+
+    ctx = context_for(cluster)
+    driver = backup_driver(ctx.inventory)
+    _run_on_primary(ctx, driver.retention_commands(ctx.inventory, keep_full))
+    return say(f"Retention applied: at most {keep_full} full backup(s) kept, older WAL expired.")
+
+
+@step(retries=1)
+def is_archive_intact(cluster: str) -> dict:
+    """WAL archiving works now and the archive is continuous (never trusts an exit code alone)."""
+    from tasks.desired import backup_driver
+
+    ctx = context_for(cluster)
+    driver = backup_driver(ctx.inventory)
+    _, results = _run_on_primary(ctx, [driver.verify_archive_command(ctx.inventory)], check=False)
+    check = driver.parse_verify(results[0])
+    say(f"WAL archive check: {check.status}: {check.detail[:200]}")
+    return {"status": check.status, "detail": check.detail, "missing": list(check.missing_segments)}
+
+
+def ensure_backup_hook(cluster: str) -> None:
+    """Where build_cluster and add_standby hand over to the backup driver: peer trust for backups
+    from a standby, and the repository once the object store answers (WAL waits on the primary
+    until then; archive_command was set with the cluster's parameters)."""
+    from tasks.desired import backup_driver
+
+    ctx = context_for(cluster)
+    if ctx.inventory.cluster.object_store is None or ctx.store_block is None:
+        return
+    if backup_driver(ctx.inventory).needs_peer_ssh:
+        ensure_backup_peer_trust(cluster)
+    if is_object_store_reachable(cluster):
+        ensure_backup_repository(cluster)

@@ -65,6 +65,8 @@ class ArchiveCheck:
 
 class BackupDriver(ABC):
     name: str
+    # pgBackRest backs a standby up by asking the primary over SSH (as postgres) to start/stop it.
+    needs_peer_ssh: bool = False
 
     @abstractmethod
     def packages(self, inv: Inventory) -> list[str]:

@@ -1,0 +1,100 @@
+"""scheduled_basebackup: the nightly full backup, from a standby, with retention and a freshness alarm."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from tasks.backup import (
+    ensure_backup_repository,
+    ensure_base_backup,
+    ensure_retention,
+    is_archive_intact,
+    is_backup_list,
+    is_backup_source,
+)
+from tasks.cluster import PreflightRefused
+from tasks.context import context_for
+from tasks.locks import cluster_lock
+from tasks.planning.backup import decide_backup, freshness_problem, newest_good
+
+
+class BackupFailed(RuntimeError):
+    pass
+
+
+class BackupTooOld(RuntimeError):
+    """The newest good backup is older than the freshness limit: someone must look, tonight."""
+
+
+@flow(name="scheduled_basebackup")
+def scheduled_basebackup(cluster: str = "lab", force: bool = False, skip_window_hours: float = 23,
+                         freshness_limit_hours: float = 26, keep_full: int | None = None) -> dict:
+    """1. Pre-flight (source, existing backups)  2. Plan (skip or run)  3. Act (backup, retention)
+    4. Verify (listed, WAL archived)  — and always: fail loudly when the newest good backup is stale."""
+    logger = get_run_logger()
+    ctx = context_for(cluster, fresh=True)
+    inv = ctx.inventory
+    if inv.cluster.object_store is None:
+        raise PreflightRefused(f"refused: cluster {cluster} has no object store in its inventory")
+    keep = keep_full or inv.cluster.backup_retention_full
+    if keep < 1:
+        raise PreflightRefused("refused: keep_full must be at least 1")
+    report: dict = {"cluster": cluster, "ran": False}
+    error: BaseException | None = None
+    with cluster_lock(cluster, "scheduled_basebackup", wait_seconds=900):
+        try:
+            logger.info("1. Pre-flight (read-only): backups in the repository and a source host.")
+            ensure_backup_repository(cluster)
+            before = is_backup_list(cluster)
+            source = is_backup_source(cluster)
+            decision = decide_backup(before, datetime.now(timezone.utc), skip_window=timedelta(hours=skip_window_hours),
+                                     force=force, source=source["source"])
+            logger.info("2. Plan: %s — %s.", f"full backup on {decision.source}" if decision.run else "skip", decision.reason)
+            report["decision"] = decision.reason
+            if decision.run:
+                logger.info("3. Act: full base backup on %s, then retention (keep %d full).", decision.source, keep)
+                taken = ensure_base_backup(cluster, source["source"], source["primary"])
+                after = is_backup_list(cluster)
+                new = [b for b in after if b.name not in {x.name for x in before}]
+                if len(new) != 1 or new[0].error:
+                    raise BackupFailed(f"expected one new good backup in the list, found {[(b.name, b.error) for b in new]}")
+                backup = new[0]
+                logger.info("4. Verify: %s is listed; WAL from %s on is archived.", backup.name, backup.start_wal)
+                archive = is_archive_intact(cluster)
+                if archive["status"] != "OK":
+                    raise BackupFailed(f"backup {backup.name} was taken but the WAL archive is not intact: {archive['detail']}")
+                ensure_retention(cluster, keep)
+                seconds = taken["seconds"]
+                row = {
+                    "name": backup.name, "host": backup.source_host or decision.source,
+                    "size_mib": round((backup.database_bytes or 0) / 2**20, 1),
+                    "stored_mib": round((backup.stored_bytes or 0) / 2**20, 1),
+                    "duration_s": round(seconds, 1),
+                    "throughput_mib_s": round((backup.database_bytes or 0) / 2**20 / seconds, 1) if seconds else None,
+                    "wal_range": f"{backup.start_wal} – {backup.stop_wal}",
+                }
+                create_table_artifact(key=f"basebackup-{cluster}", table=[row], description=f"Nightly base backup of {cluster}")
+                report.update(ran=True, backup=row)
+        except BaseException as exc:  # the freshness check below must run whatever happened
+            error = exc
+    final = None
+    try:
+        final = is_backup_list(cluster)
+    except Exception as exc:
+        logger.error("Cannot list backups to check their freshness: %s", ctx.masker(str(exc)).splitlines()[0])
+    problem = (freshness_problem(final, datetime.now(timezone.utc), timedelta(hours=freshness_limit_hours))
+               if final is not None else "the backup list cannot be read")
+    if problem:
+        logger.error("BACKUP FRESHNESS ALARM for %s: %s.", cluster, problem)
+    if error is not None:
+        raise error
+    if problem:
+        raise BackupTooOld(f"cluster {cluster}: {problem}")
+    newest = newest_good(final)
+    report["newest_good"] = newest.name if newest else None
+    report["kept"] = [b.name for b in final]
+    logger.info("Done: newest good backup %s; %d in the repository.", report["newest_good"], len(final))
+    return report

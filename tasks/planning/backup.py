@@ -1,0 +1,122 @@
+"""Pure decisions for backups and restore drills: which host, whether to skip, which backup."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from tasks.adapters.backup.base import BackupInfo
+
+
+class BackupPlanError(ValueError):
+    """A request that cannot be satisfied (no backup, target out of range); names the parameter."""
+
+
+@dataclass(frozen=True)
+class SourceCandidate:
+    host: str
+    role: str  # primary | replica
+    streaming: bool
+    lag_bytes: int | None
+
+
+@dataclass(frozen=True)
+class BackupDecision:
+    run: bool
+    source: str | None
+    reason: str
+
+
+def good_backups(backups: list[BackupInfo]) -> list[BackupInfo]:
+    return [b for b in backups if not b.error]
+
+
+def newest_good(backups: list[BackupInfo]) -> BackupInfo | None:
+    good = good_backups(backups)
+    return max(good, key=lambda b: b.finish_time) if good else None
+
+
+def choose_source(candidates: list[SourceCandidate], max_lag_bytes: int) -> SourceCandidate:
+    """A healthy streaming standby with the least lag (the primary stays free), else the primary."""
+    standbys = [c for c in candidates if c.role == "replica" and c.streaming and c.lag_bytes is not None
+                and c.lag_bytes <= max_lag_bytes]
+    if standbys:
+        return min(standbys, key=lambda c: (c.lag_bytes, c.host))
+    primaries = [c for c in candidates if c.role == "primary"]
+    if not primaries:
+        raise BackupPlanError("no primary and no streaming standby to take a backup from")
+    return primaries[0]
+
+
+def decide_backup(
+    backups: list[BackupInfo], now: datetime, *, skip_window: timedelta, force: bool, source: str
+) -> BackupDecision:
+    newest = newest_good(backups)
+    if force:
+        return BackupDecision(True, source, "forced")
+    if newest is not None and now - newest.finish_time < skip_window:
+        age = now - newest.finish_time
+        return BackupDecision(False, None, f"backup {newest.name} is {_hours(age)} old, inside the "
+                                            f"{_hours(skip_window)} skip window")
+    if newest is None:
+        return BackupDecision(True, source, "no good backup exists yet")
+    return BackupDecision(True, source, f"newest good backup {newest.name} is {_hours(now - newest.finish_time)} old")
+
+
+def freshness_problem(backups: list[BackupInfo], now: datetime, limit: timedelta) -> str | None:
+    newest = newest_good(backups)
+    if newest is None:
+        return "there is no good backup at all"
+    age = now - newest.finish_time
+    if age > limit:
+        return f"the newest good backup {newest.name} is {_hours(age)} old, older than the {_hours(limit)} limit"
+    return None
+
+
+def expected_after_retention(backups: list[BackupInfo], keep_full: int) -> list[BackupInfo]:
+    fulls = [b for b in good_backups(backups) if b.kind == "full"]
+    return sorted(fulls, key=lambda b: b.start_time)[-keep_full:]
+
+
+# ----------------------------------------------------------------------------- restore
+
+
+def parse_target(target: str, now: datetime) -> datetime | None:
+    """'latest' → None; else an ISO-8601 time with a zone, not in the future."""
+    if target.strip().lower() == "latest":
+        return None
+    try:
+        moment = datetime.fromisoformat(target.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise BackupPlanError(f"target: {target!r} is neither 'latest' nor an ISO-8601 time "
+                              "(like 2026-11-27T10:15:00+01:00)") from None
+    if moment.tzinfo is None:
+        raise BackupPlanError(f"target: {target!r} has no time zone; add one (e.g. +01:00 or Z)")
+    if moment > now:
+        raise BackupPlanError(f"target: {moment.isoformat()} is in the future (now {now.isoformat(timespec='seconds')})")
+    return moment
+
+
+def pick_restore_backup(backups: list[BackupInfo], target: datetime | None, named: str | None) -> BackupInfo:
+    good = sorted(good_backups(backups), key=lambda b: b.finish_time)
+    if not good:
+        raise BackupPlanError("backup: the repository has no good backup to restore")
+    if named is not None:
+        chosen = next((b for b in good if b.name == named), None)
+        if chosen is None:
+            raise BackupPlanError(f"backup: {named!r} is not among the good backups ({', '.join(b.name for b in good)})")
+        if target is not None and chosen.finish_time > target:
+            raise BackupPlanError(f"target: {target.isoformat()} precedes the end of backup {named} "
+                                  f"({chosen.finish_time.isoformat()}); recovery cannot stop before a backup is consistent")
+        return chosen
+    if target is None:
+        return good[-1]
+    usable = [b for b in good if b.finish_time <= target]
+    if not usable:
+        raise BackupPlanError(f"target: {target.isoformat()} precedes the oldest backup's end "
+                              f"({good[0].finish_time.isoformat()}); nothing can be restored to that time")
+    return usable[-1]
+
+
+def _hours(delta: timedelta) -> str:
+    return f"{delta.total_seconds() / 3600:.1f} h"
