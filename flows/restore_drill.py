@@ -1,0 +1,117 @@
+"""restore_drill: prove the backups restore — on the restore host, isolated, to a point in time."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from tasks.backup import is_backup_list
+from tasks.cluster import PreflightRefused
+from tasks.context import context_for
+from tasks.desired import backup_driver
+from tasks.planning.backup import BackupPlanError, parse_target, pick_restore_backup
+from tasks.restore import (
+    ensure_backup_restored,
+    ensure_drill_torn_down,
+    ensure_marker_row,
+    ensure_restore_host_configured,
+    is_restore_host_free,
+    is_restored_copy_sound,
+    is_source_markers,
+    wait_until_recovered,
+)
+
+
+class DrillFailed(RuntimeError):
+    pass
+
+
+def _compare_markers(source: list[list[str]], restored: list[list[str]], last_commit: str | None,
+                     target: datetime | None, marker: dict | None) -> str:
+    """The restored copy must hold exactly the source's markers up to what it replayed."""
+    restored_ids = {r[0] for r in restored}
+    if target is None:
+        if marker and str(marker["id"]) not in restored_ids:
+            raise DrillFailed(f"marker {marker['id']} written before the drill is missing: recovery stopped early")
+        missing = [r[0] for r in source if r[0] not in restored_ids and (not marker or int(r[0]) <= int(marker["id"]))]
+    else:
+        cutoff = target.isoformat()
+        after = [r for r in restored if datetime.fromisoformat(r[1]) > target]
+        if after:
+            raise DrillFailed(f"markers written after the target {cutoff} are present: {[r[0] for r in after]}")
+        missing = [r[0] for r in source if datetime.fromisoformat(r[1]) <= target and r[0] not in restored_ids]
+    if missing:
+        raise DrillFailed(f"markers {missing} exist on the source before the target but not in the restored copy")
+    return f"{len(restored)} marker row(s) match the source up to the target"
+
+
+@flow(name="restore_drill")
+def restore_drill(cluster: str = "lab", target: str = "latest", backup: str | None = None, keep: bool = False,
+                  replace_kept: bool = False) -> dict:
+    """1. Pre-flight  2. Plan (which backup, which target)  3. Act (fetch, recover)  4. Verify  5. Tear down."""
+    logger = get_run_logger()
+    ctx = context_for(cluster, fresh=True)
+    inv = ctx.inventory
+    now = datetime.now(timezone.utc)
+
+    # ------------------------------------------------------------------ 1. pre-flight
+    logger.info("1. Pre-flight (read-only): target %s, backup %s.", target, backup or "chosen by target")
+    try:
+        target_time = parse_target(target, now)
+        if backup is not None:
+            backup_driver(inv).validate_backup_name(backup)
+    except ValueError as exc:
+        raise PreflightRefused(f"refused, nothing changed: {exc}") from None
+    if inv.cluster.object_store is None or ctx.store_block is None:
+        raise PreflightRefused(f"refused, nothing changed: cluster {cluster} has no object store configured")
+    host_state = is_restore_host_free(cluster, replace_kept)
+    if host_state["refusals"]:
+        raise PreflightRefused("refused, nothing changed:\n" + "\n".join(host_state["refusals"]))
+    backups = is_backup_list(cluster)
+    try:
+        chosen = pick_restore_backup(backups, target_time, backup)
+    except BackupPlanError as exc:
+        raise PreflightRefused(f"refused, nothing changed: {exc}") from None
+
+    # ------------------------------------------------------------------ 2. plan
+    logger.info("2. Plan: restore %s (finished %s) onto %s, recover to %s, verify, %s.", chosen.name,
+                chosen.finish_time.isoformat(timespec="seconds"), host_state["host"],
+                target_time.isoformat() if target_time else "the end of the archive",
+                "keep it running" if keep else "then tear it down")
+
+    # ------------------------------------------------------------------ 3. act
+    logger.info("3. Act: fetch and recover in isolation (no archiving, no replication, localhost only).")
+    ensure_restore_host_configured(cluster)
+    marker = ensure_marker_row(cluster) if target_time is None else None
+    source_markers = is_source_markers(cluster)
+    fetched = ensure_backup_restored(cluster, chosen.name, target_time.isoformat() if target_time else None)
+    try:
+        recovered = wait_until_recovered(cluster)
+
+        # -------------------------------------------------------------- 4. verify
+        logger.info("4. Verify: full read-through, amcheck, marker rows against the source.")
+        sound = is_restored_copy_sound(cluster, source_markers)
+        last = recovered["last_replayed_commit"]
+        markers = _compare_markers(source_markers, sound["restored_markers"], last, target_time, marker)
+        logger.info("%s.", markers)
+    finally:
+        if not keep:
+            ensure_drill_torn_down(cluster)
+    rto = fetched["fetch_seconds"] + recovered["recover_seconds"] + sound["verify_seconds"]
+    behind = None
+    if target_time is not None and last:
+        behind = round((target_time - datetime.fromisoformat(last)).total_seconds(), 3)
+    row = {
+        "backup": chosen.name, "backup_host": chosen.source_host, "target": target,
+        "last_replayed_commit": last, "seconds_before_target": behind,
+        "fetch_s": round(fetched["fetch_seconds"], 1), "recover_s": round(recovered["recover_seconds"], 1),
+        "verify_s": round(sound["verify_seconds"], 1), "rto_s": round(rto, 1),
+        "restored_mib": round(fetched["bytes"] / 2**20, 1), "databases": len(sound["databases"]),
+        "btree_indexes_checked": sound["indexes_checked"], "kept": keep,
+    }
+    create_table_artifact(key=f"restore-drill-{cluster}", table=[row], description=f"Restore drill of {cluster}")
+    logger.info("Done: backup %s restores; RTO %.1fs (fetch %.1f, recover %.1f, verify %.1f).", chosen.name, rto,
+                row["fetch_s"], row["recover_s"], row["verify_s"])
+    return row

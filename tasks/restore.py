@@ -1,0 +1,229 @@
+"""Restore drill steps: fetch a backup onto the restore host, recover it in isolation, prove it."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+
+from tasks.adapters.commands import ManagedFile, cmd, script
+from tasks.adapters.postgres import Postgres
+from tasks.cluster import NotYet, primary_of, wait_for
+from tasks.context import ClusterContext, context_for
+from tasks.desired import backup_driver
+from tasks.runtime import once, say, step
+
+DRILL_PORT = 5432
+SOCKET_DIR = "/var/run/postgresql"
+# Settings that keep a restored copy away from the cluster: no archiving into the cluster's
+# bucket, no replication, reachable on the restore host itself only.
+ISOLATION = {
+    "listen_addresses": "localhost",
+    "port": str(DRILL_PORT),
+    "archive_mode": "off",
+    "archive_command": "",
+    "primary_conninfo": "",
+    "primary_slot_name": "",
+    "synchronous_standby_names": "",
+    "hot_standby": "on",
+    "unix_socket_directories": SOCKET_DIR,
+}
+
+
+def restore_host(ctx: ClusterContext):
+    from blocks.inventory import Role
+
+    hosts = ctx.inventory.with_role(Role.restore)
+    if not hosts:
+        raise LookupError(f"cluster {ctx.name} has no host with role 'restore'")
+    return hosts[0]
+
+
+def psql(sql: str, *, db: str = "postgres", timeout: float = 600):
+    return cmd("psql", "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-F", "\t", "-h", SOCKET_DIR,
+               "-p", DRILL_PORT, "-d", db, "-c", sql, user="postgres", timeout=timeout,
+               description=f"psql -d {db} -c {sql.strip().splitlines()[0][:60]}")
+
+
+def rows(result) -> list[list[str]]:
+    return [line.split("\t") for line in result.stdout.splitlines() if line]
+
+
+@step
+def is_restore_host_free(cluster: str, replace_kept: bool = False) -> dict:
+    """The restore host must be no cluster member, and no earlier drill may still be running there."""
+    ctx = context_for(cluster)
+    host = restore_host(ctx)
+    refusals = []
+    if host.name in {h.name for h in ctx.inventory.db_hosts} or host.name in {h.name for h in ctx.inventory.etcd_members}:
+        refusals.append(f"{host.name}: is a member of cluster {cluster}; restore drills never run on cluster hosts")
+    data_dir = ctx.inventory.cluster.postgres.data_dir
+    with ctx.remote(host) as remote:
+        marker = remote.read_file("/etc/bouwsteen/cluster.json")
+        if marker:
+            refusals.append(f"{host.name}: carries the marker of a cluster ({marker.strip()}); refusing to restore over it")
+        running = remote.run(cmd("pg_isready", "-q", "-h", SOCKET_DIR, "-p", DRILL_PORT, timeout=10,
+                                 ok_codes=range(0, 256))).exit_code == 0
+        leftover = remote.run(script('[ -d "$1" ] && [ -n "$(ls -A "$1")" ] && echo yes || echo no', args=[data_dir],
+                                     description="earlier drill data?")).stdout.strip() == "yes"
+    if (running or leftover) and not replace_kept:
+        refusals.append(f"{host.name}: an earlier drill is still there ({'running' if running else 'data left'} in "
+                        f"{data_dir}); inspect it, then pass replace_kept=True")
+    say(f"{host.name} is free for a restore drill." if not refusals else "; ".join(refusals))
+    return {"host": host.name, "refusals": refusals, "previous": running or leftover}
+
+
+@step
+def ensure_restore_host_configured(cluster: str) -> str:
+    """Packages and the backup tool's configuration on the restore host (read access to the repository)."""
+    ctx = context_for(cluster)
+    inv = ctx.inventory
+    host = restore_host(ctx)
+    driver = backup_driver(inv)
+    changed = []
+    with ctx.remote(host) as remote:
+        wanted = [inv.cluster.postgres.package, *driver.packages(inv)]
+        missing = remote.run(cmd("dpkg-query", "-W", "-f=${Package} ${db:Status-Abbrev}\n", *wanted, timeout=30,
+                                 ok_codes=(0, 1))).stdout
+        installed = {line.split()[0] for line in missing.splitlines() if line.split()[1:2] == ["ii"]}
+        to_install = [p for p in wanted if p not in installed]
+        if to_install:
+            remote.run(cmd("apt-get", "install", "-y", "-qq", *to_install, timeout=1800,
+                           env={"DEBIAN_FRONTEND": "noninteractive"}))
+            changed += to_install
+        for spec in driver.host_files(inv, host, ctx.store_secrets):
+            if remote.ensure_file(spec):
+                changed.append(spec.path)
+    return say(f"{host.name}: {', '.join(changed)} set up." if changed else f"{host.name}: already set up for drills.")
+
+
+@step
+def ensure_marker_row(cluster: str) -> dict:
+    """A marker row on the primary, archived, so the drill can prove it reached the end of the WAL."""
+    ctx = context_for(cluster)
+    primary = primary_of(ctx)
+    if primary is None:
+        raise RuntimeError(f"cluster {cluster} has no primary")
+    with Postgres(ctx.superuser_endpoint(primary)) as pg:
+        pg.query("create schema if not exists bouwsteen")
+        pg.query("create table if not exists bouwsteen.restore_marker (id bigserial primary key, "
+                 "written_at timestamptz not null default clock_timestamp(), note text)")
+        marker_id, written_at = pg.query_one(
+            "insert into bouwsteen.restore_marker (note) values ('restore drill') returning id, written_at::text")
+        segment = pg.scalar("select pg_walfile_name(pg_switch_wal())")
+
+        def archived() -> bool:
+            last = pg.scalar("select last_archived_wal from pg_stat_archiver")
+            if not last or last[8:] < segment[8:]:
+                raise NotYet(f"last archived {last}, waiting for {segment}")
+            return True
+
+        wait_for(f"WAL segment {segment} archived", archived, timeout=120, interval=0.5)
+    say(f"Marker {marker_id} written on {primary.name} at {written_at}; its WAL segment is archived.")
+    return {"id": marker_id, "written_at": written_at}
+
+
+@once
+def ensure_backup_restored(cluster: str, backup: str, target: str | None) -> dict:
+    """Fetch the backup into an empty data directory and configure recovery (never retried)."""
+    ctx = context_for(cluster)
+    inv = ctx.inventory
+    host = restore_host(ctx)
+    data_dir = inv.cluster.postgres.data_dir
+    target_time = datetime.fromisoformat(target) if target else None
+    commands = backup_driver(inv).restore_commands(inv, data_dir, backup, target_time)
+    started = time.monotonic()
+    with ctx.remote(host) as remote:
+        remote.run(script(
+            'pg_ctl="$2/pg_ctl"; if [ -f "$1/postmaster.pid" ]; then runuser -u postgres -- "$pg_ctl" -D "$1" -m immediate stop || true; fi; '
+            'rm -rf -- "$1"; install -d -o postgres -g postgres -m 0700 "$1"',
+            args=[data_dir, inv.cluster.postgres.bin_dir], description=f"empty {data_dir}"))
+        for command in commands:
+            remote.run(command)
+        settings = "".join(f"{k} = '{v}'\n" for k, v in ISOLATION.items())
+        remote.ensure_file(ManagedFile(f"{data_dir}/conf.d-drill.conf", settings, owner="postgres", mode=0o600))
+        # Loaded last, so it wins over whatever the backed-up configuration says.
+        remote.run(script('grep -q "^include_if_exists .conf.d-drill.conf" "$1/postgresql.auto.conf" 2>/dev/null || '
+                          'echo "include_if_exists \'conf.d-drill.conf\'" >> "$1/postgresql.auto.conf"',
+                          args=[data_dir], user="postgres", description="isolate the drill copy"))
+        size = int(remote.run(cmd("du", "-sb", data_dir, timeout=120)).stdout.split()[0])
+    seconds = time.monotonic() - started
+    say(f"Backup {backup} fetched onto {host.name} in {seconds:.1f}s ({size / 2**20:.0f} MiB).")
+    return {"fetch_seconds": seconds, "bytes": size}
+
+
+@once
+def wait_until_recovered(cluster: str, timeout: float = 1800) -> dict:
+    """Start PostgreSQL on the copy and wait until recovery reached its target and promoted."""
+    ctx = context_for(cluster)
+    inv = ctx.inventory
+    host = restore_host(ctx)
+    data_dir = inv.cluster.postgres.data_dir
+    started = time.monotonic()
+    with ctx.remote(host) as remote:
+        remote.run(cmd(f"{inv.cluster.postgres.bin_dir}/pg_ctl", "-D", data_dir, "-l", f"{data_dir}/drill.log",
+                       "-w", "-t", int(timeout), "start", user="postgres", timeout=timeout + 30))
+
+        def promoted() -> bool:
+            state = remote.run(psql("select pg_is_in_recovery()")).stdout.strip()
+            if state != "f":
+                raise NotYet("still in recovery")
+            return True
+
+        wait_for("recovery to finish and promote", promoted, timeout=timeout, interval=0.5)
+        info = rows(remote.run(psql(
+            "select coalesce(pg_last_xact_replay_timestamp()::text, ''), "
+            "(select timeline_id from pg_control_checkpoint()), pg_size_pretty(sum(pg_database_size(oid))) "
+            "from pg_database")))[0]
+    seconds = time.monotonic() - started
+    say(f"{host.name}: recovery finished in {seconds:.1f}s; last replayed commit {info[0] or 'none'}.")
+    return {"recover_seconds": seconds, "last_replayed_commit": info[0] or None, "size": info[2]}
+
+
+@step(retries=0)
+def is_restored_copy_sound(cluster: str, source_markers: list[list[str]]) -> dict:
+    """Every table readable (pg_dump), B-tree indexes intact (amcheck), marker rows as the source had them."""
+    ctx = context_for(cluster)
+    inv = ctx.inventory
+    host = restore_host(ctx)
+    started = time.monotonic()
+    with ctx.remote(host) as remote:
+        databases = [r[0] for r in rows(remote.run(psql(
+            "select datname from pg_database where datallowconn order by 1")))]
+        indexes = 0
+        for db in databases:
+            remote.run(cmd(f"{inv.cluster.postgres.bin_dir}/pg_dump", "-h", SOCKET_DIR, "-p", DRILL_PORT, "-d", db,
+                           "-f", "/dev/null", user="postgres", timeout=7200))
+            remote.run(psql("create extension if not exists amcheck", db=db))
+            checked = rows(remote.run(psql(
+                "select count(bt_index_check(c.oid)) from pg_index i join pg_class c on c.oid = i.indexrelid "
+                "join pg_am a on a.oid = c.relam where a.amname = 'btree' and c.relpersistence <> 't' "
+                "and i.indisvalid and i.indisready", db=db, timeout=7200)))
+            indexes += int(checked[0][0])
+        restored = rows(remote.run(psql(
+            "select id::text, written_at::text from bouwsteen.restore_marker order by id")))
+    seconds = time.monotonic() - started
+    say(f"Read every table of {len(databases)} database(s) and checked {indexes} B-tree indexes in {seconds:.1f}s.")
+    return {"verify_seconds": seconds, "databases": databases, "indexes_checked": indexes, "restored_markers": restored,
+            "source_markers": source_markers}
+
+
+@step
+def is_source_markers(cluster: str) -> list[list[str]]:
+    ctx = context_for(cluster)
+    primary = primary_of(ctx)
+    with Postgres(ctx.superuser_endpoint(primary)) as pg:
+        found = pg.query("select id::text, written_at::text from bouwsteen.restore_marker order by id")
+    return [list(r) for r in found]
+
+
+@step
+def ensure_drill_torn_down(cluster: str) -> str:
+    ctx = context_for(cluster)
+    inv = ctx.inventory
+    host = restore_host(ctx)
+    with ctx.remote(host) as remote:
+        remote.run(script(
+            'if [ -f "$1/postmaster.pid" ]; then runuser -u postgres -- "$2/pg_ctl" -D "$1" -m fast -w stop; fi; rm -rf -- "$1"',
+            args=[inv.cluster.postgres.data_dir, inv.cluster.postgres.bin_dir], timeout=120,
+            description="stop and remove the drill copy"))
+    return say(f"{host.name}: drill copy stopped and removed.")
