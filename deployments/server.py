@@ -123,4 +123,4 @@ def stop_server(port: int = DEFAULT_PORT, timeout: float = 20) -> bool:
 
 
 def ui_url(port: int = DEFAULT_PORT) -> str:
-    return f"http://127.0.0.1:{port}"
+    return api_url(port).removesuffix("/").removesuffix("/api")

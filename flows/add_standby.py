@@ -86,7 +86,7 @@ def add_standby(cluster: str = "lab", host: str = "pg4", max_lag_bytes: int = 16
         return {"plan": plan.rows(), "changed": False}
 
     # ------------------------------------------------------------------ 3. act
-    with cluster_lock(cluster, "add_standby"):
+    with cluster_lock(cluster, "add_standby", wait_seconds=120):
         if not spec.has(Role.db):
             # The inventory is the desired state: from here on every flow treats the host as a member.
             save_inventory(target_inv)

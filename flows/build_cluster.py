@@ -89,7 +89,8 @@ def build_cluster(cluster: str = "lab", dry_run: bool = False, adopt_existing: b
         return {"plan": plan.rows(), "changed": False}
 
     # ------------------------------------------------------------------ 3. act
-    with cluster_lock(cluster, "build_cluster"):
+    # A killed earlier run leaves its lease behind for up to a minute; wait that out.
+    with cluster_lock(cluster, "build_cluster", wait_seconds=120):
         logger.info("3. Act: packages, etcd, HA manager, roles.")
         for name, kinds in layers.items():
             ensure_packages.submit(cluster, name, sorted({p for layer in kinds.values() for p in layer.packages})).result()

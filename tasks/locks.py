@@ -42,6 +42,12 @@ def ensure_cluster_limit(cluster: str) -> None:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
 
 
+def limit_in_use(cluster: str) -> bool:
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(limit_name(cluster))
+    return limit.active_slots >= limit.limit
+
+
 def etcd_lock_prefix(cluster: str) -> str:
     inv = context_for(cluster).inventory
     return f"{inv.cluster.etcd.prefix}/locks/{cluster}/"
@@ -52,8 +58,11 @@ def cluster_lock(cluster: str, runbook: str, *, wait_seconds: float = 0, require
     """Hold the cluster for `runbook`; refuse (ClusterBusy) if it stays taken for `wait_seconds`."""
     logger = get_run_logger()
     ensure_cluster_limit(cluster)
+    if wait_seconds <= 0 and limit_in_use(cluster):
+        raise ClusterBusy(f"cluster {cluster} is busy: another runbook holds Prefect limit {limit_name(cluster)}")
     try:
-        with concurrency(limit_name(cluster), occupy=1, strict=True, timeout_seconds=max(wait_seconds, 1),
+        # The timeout also covers the HTTP round trips of acquiring, so it is never tiny.
+        with concurrency(limit_name(cluster), occupy=1, strict=True, timeout_seconds=max(wait_seconds, 30),
                          lease_duration=60):
             ctx = context_for(cluster)
             etcd = Etcd(etcd_config.client_endpoints(ctx.inventory), timeout=3)

@@ -1,0 +1,189 @@
+"""Backup server, nightly base backup and restore drills on the lab (pgBackRest against rclone S3/TLS)."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import pytest
+
+from labtools import cluster_state_digest, lab_ssh
+
+
+def primary_pg(ctx):
+    from tasks.adapters.postgres import Postgres
+    from tasks.cluster import primary_of
+
+    return Postgres(ctx.superuser_endpoint(primary_of(ctx)))
+
+
+def bucket_keys(ctx) -> set[str]:
+    from tasks.adapters.s3 import ObjectStore
+    from tasks.backup import store_endpoint
+
+    with ObjectStore(store_endpoint(ctx)) as s3:
+        return set(s3.keys(ctx.inventory.cluster.object_store.bucket, "lab/"))
+
+
+def test_backup_server_rollout_and_rerun_is_noop(lab, registered):
+    from flows.backup_server import backup_server_rollout
+
+    state = backup_server_rollout(cluster="lab", return_state=True)
+    assert state.is_completed(), state.message
+    again = backup_server_rollout(cluster="lab", return_state=True)
+    assert again.is_completed(), again.message
+    assert again.result()["changed"] is False
+    # Objects are plain files under the data path the site's file-level backup picks up.
+    listing = lab_ssh(lab, "backup1", "find /srv/s3/bouwsteen -maxdepth 2 | sort").stdout
+    assert "/srv/s3/bouwsteen/lab" in listing
+    mode = lab_ssh(lab, "backup1", "stat -c '%a %U' /etc/bouwsteen-s3/credentials.env /etc/bouwsteen-s3/tls.key").stdout
+    assert mode.split() == ["600", "root", "600", "bouwsteen-s3"]
+
+
+def test_build_cluster_turns_archiving_on(lab, registered):
+    from flows.build_cluster import build_cluster
+    from tasks.context import context_for
+
+    state = build_cluster(cluster="lab", return_state=True)
+    assert state.is_completed(), state.message
+    ctx = context_for("lab", fresh=True)
+    with primary_pg(ctx) as pg:
+        segment = pg.scalar("select pg_walfile_name(pg_switch_wal())")
+        deadline = time.monotonic() + 60
+        while (pg.scalar("select last_archived_wal from pg_stat_archiver") or "")[8:] < segment[8:]:
+            assert time.monotonic() < deadline, "WAL is not being archived"
+            time.sleep(0.5)
+
+
+def test_nightly_backup_from_a_standby_then_skip_then_retention(lab, registered):
+    from flows.basebackup import scheduled_basebackup
+
+    first = scheduled_basebackup(cluster="lab", return_state=True)
+    assert first.is_completed(), first.message
+    report = first.result()
+    assert report["ran"] is True
+    assert report["backup"]["host"] != "pg1" and report["backup"]["host"] in ("pg2", "pg3", "pg4")
+
+    second = scheduled_basebackup(cluster="lab", return_state=True)
+    assert second.is_completed(), second.message
+    assert second.result()["ran"] is False and "skip window" in second.result()["decision"]
+
+    for _ in range(2):
+        forced = scheduled_basebackup(cluster="lab", force=True, keep_full=2, return_state=True)
+        assert forced.is_completed(), forced.message
+    assert len(forced.result()["kept"]) == 2
+
+
+def test_freshness_alarm_fails_loudly(lab, registered):
+    from flows.basebackup import BackupTooOld, scheduled_basebackup
+
+    # A freshness limit shorter than the newest backup's age: the run must fail even though it skips.
+    state = scheduled_basebackup(cluster="lab", freshness_limit_hours=0.0001, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(BackupTooOld):
+        state.result()
+
+
+def test_point_in_time_restore_drill(lab, registered):
+    from flows.restore_drill import restore_drill
+    from tasks.context import context_for
+    from tasks.restore import ensure_drill_torn_down
+
+    ctx = context_for("lab", fresh=True)
+    with primary_pg(ctx) as pg:
+        pg.query("create table if not exists public.pitr_check (label text primary key, "
+                 "at timestamptz not null default clock_timestamp())")
+        pg.query("delete from public.pitr_check")
+        pg.query("insert into public.pitr_check (label) values ('A')")
+        time.sleep(1.0)
+        target = pg.scalar("select clock_timestamp()")
+        time.sleep(1.0)
+        pg.query("insert into public.pitr_check (label) values ('B')")
+        segment = pg.scalar("select pg_walfile_name(pg_switch_wal())")
+        deadline = time.monotonic() + 60
+        while (pg.scalar("select last_archived_wal from pg_stat_archiver") or "")[8:] < segment[8:]:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    timeline = int(segment[:8], 16)
+    keys_before = bucket_keys(ctx)
+
+    def labels() -> list[str]:
+        out = lab_ssh(lab, "restore1", "runuser -u postgres -- psql -X -At -h /var/run/postgresql "
+                                       "-c 'select label from public.pitr_check order by 1'").stdout
+        return out.split()
+
+    try:
+        state = restore_drill(cluster="lab", target=target.isoformat(), keep=True, replace_kept=True,
+                              return_state=True)
+        assert state.is_completed(), state.message
+        assert labels() == ["A"]
+        row = state.result()
+        assert row["seconds_before_target"] is not None and row["seconds_before_target"] >= 0
+
+        state = restore_drill(cluster="lab", target="latest", keep=True, replace_kept=True, return_state=True)
+        assert state.is_completed(), state.message
+        assert labels() == ["A", "B"]
+        assert lab_ssh(lab, "restore1", "ss -Hltn | awk '{print $4}'").stdout.split().count("127.0.0.1:5432") == 1
+        assert "172.29.66.41:5432" not in lab_ssh(lab, "restore1", "ss -Hltn").stdout
+    finally:
+        ensure_drill_torn_down("lab")
+
+    # Whatever the drill did, it wrote nothing to the bucket: the only new objects are the
+    # cluster's own WAL on its own timeline (a promoted drill copy would push a higher one).
+    new = bucket_keys(ctx) - keys_before
+    foreign = [k for k in new if not re.search(rf"/{timeline:08X}[0-9A-F]{{16}}-[0-9a-f]+\.lz4$", k)]
+    assert foreign == [], foreign
+
+
+@pytest.mark.parametrize("target, needle", [
+    ("2999-01-01T00:00:00+00:00", "is in the future"),
+    ("2001-01-01T00:00:00+00:00", "precedes the oldest backup"),
+    ("yesterday", "neither 'latest' nor an ISO-8601 time"),
+    ("2026-11-27T10:00:00", "has no time zone"),
+])
+def test_restore_drill_bad_targets_are_refused(lab, registered, target, needle):
+    from flows.restore_drill import restore_drill
+
+    before = cluster_state_digest(lab, ("restore1",))
+    state = restore_drill(cluster="lab", target=target, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match=re.escape(needle)):
+        state.result()
+    assert cluster_state_digest(lab, ("restore1",)) == before
+
+
+def test_object_store_down_during_backup_fails_then_rerun_succeeds(lab, registered):
+    from flows.basebackup import scheduled_basebackup
+    from tasks.backup import is_backup_list
+    from tasks.context import context_for
+
+    ctx = context_for("lab", fresh=True)
+    with primary_pg(ctx) as pg:
+        # Enough data that the backup is still running when the object store goes away.
+        pg.query("create table if not exists public.ballast as select g, md5(g::text) || repeat('x', 200) as filler "
+                 "from generate_series(1, 1500000) g")
+    before = {b.name for b in is_backup_list("lab")}
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.setdefault(
+        "state", scheduled_basebackup(cluster="lab", force=True, return_state=True)))
+    runner.start()
+    deadline = time.monotonic() + 120
+    while True:
+        busy = lab_ssh(lab, "pg2", "pgrep -f 'pgbackrest.*backup' >/dev/null && echo yes || true", check=False).stdout
+        busy += lab_ssh(lab, "pg3", "pgrep -f 'pgbackrest.*backup' >/dev/null && echo yes || true", check=False).stdout
+        if "yes" in busy or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    lab_ssh(lab, "backup1", "systemctl stop bouwsteen-s3")
+    try:
+        runner.join(timeout=600)
+        state = outcome["state"]
+        assert state.is_failed(), "a backup whose object store vanished must not succeed"
+    finally:
+        lab_ssh(lab, "backup1", "systemctl start bouwsteen-s3")
+    after = is_backup_list("lab")
+    assert not [b for b in after if b.name not in before and not b.error], "no new backup may be reported good"
+
+    rerun = scheduled_basebackup(cluster="lab", force=True, return_state=True)
+    assert rerun.is_completed(), rerun.message
