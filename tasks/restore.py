@@ -104,9 +104,7 @@ def ensure_marker_row(cluster: str) -> dict:
     if primary is None:
         raise RuntimeError(f"cluster {cluster} has no primary")
     with Postgres(ctx.superuser_endpoint(primary)) as pg:
-        pg.query("create schema if not exists bouwsteen")
-        pg.query("create table if not exists bouwsteen.restore_marker (id bigserial primary key, "
-                 "written_at timestamptz not null default clock_timestamp(), note text)")
+        ensure_marker_table(pg)
         marker_id, written_at = pg.query_one(
             "insert into bouwsteen.restore_marker (note) values ('restore drill') returning id, written_at::text")
         segment = pg.scalar("select pg_walfile_name(pg_switch_wal())")
@@ -199,8 +197,9 @@ def is_restored_copy_sound(cluster: str, source_markers: list[list[str]]) -> dic
                 "join pg_am a on a.oid = c.relam where a.amname = 'btree' and c.relpersistence <> 't' "
                 "and i.indisvalid and i.indisready", db=db, timeout=7200)))
             indexes += int(checked[0][0])
+        exists = rows(remote.run(psql("select to_regclass('bouwsteen.restore_marker') is not null")))[0][0] == "t"
         restored = rows(remote.run(psql(
-            "select id::text, written_at::text from bouwsteen.restore_marker order by id")))
+            "select id::text, written_at::text from bouwsteen.restore_marker order by id"))) if exists else []
     seconds = time.monotonic() - started
     say(f"Read every table of {len(databases)} database(s) and checked {indexes} B-tree indexes in {seconds:.1f}s.")
     return {"verify_seconds": seconds, "databases": databases, "indexes_checked": indexes, "restored_markers": restored,
@@ -212,8 +211,15 @@ def is_source_markers(cluster: str) -> list[list[str]]:
     ctx = context_for(cluster)
     primary = primary_of(ctx)
     with Postgres(ctx.superuser_endpoint(primary)) as pg:
+        ensure_marker_table(pg)
         found = pg.query("select id::text, written_at::text from bouwsteen.restore_marker order by id")
     return [list(r) for r in found]
+
+
+def ensure_marker_table(pg: Postgres) -> None:
+    pg.query("create schema if not exists bouwsteen")
+    pg.query("create table if not exists bouwsteen.restore_marker (id bigserial primary key, "
+             "written_at timestamptz not null default clock_timestamp(), note text)")
 
 
 @step
