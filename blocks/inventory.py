@@ -140,6 +140,7 @@ class RoutingSpec(Strict):
     detector_port: int = Field(default=8080, ge=1, le=65535)
     virtual_router_id: int | None = Field(default=None, ge=1, le=255)
     preempt: bool = False
+    interface: str = Field(default="eth0", pattern=r"^[a-zA-Z0-9_.:-]{1,15}$", description="routers' VIP interface")
 
 
 class ClusterSpec(Strict):

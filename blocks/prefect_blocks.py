@@ -70,7 +70,18 @@ class ObjectStoreCredentials(Block):
     )
 
 
-ALL_BLOCKS: tuple[type[Block], ...] = (ClusterInventory, SshCredentials, DatabaseCredentials, ObjectStoreCredentials)
+class RoutingCredentials(Block):
+    """Secrets of the routing cluster (keepalived VRRP authentication)."""
+
+    _block_type_name = "Bouwsteen Routing Credentials"
+    _block_type_slug = "bouwsteen-routing-credentials"
+
+    vrrp_password: SecretStr = Field(description="VRRP PASS authentication, 1-8 letters or digits")
+
+
+ALL_BLOCKS: tuple[type[Block], ...] = (
+    ClusterInventory, SshCredentials, DatabaseCredentials, ObjectStoreCredentials, RoutingCredentials,
+)
 
 
 def secret_values(*blocks: Any) -> list[str]:

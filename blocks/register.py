@@ -14,6 +14,7 @@ from blocks.prefect_blocks import (
     ClusterInventory,
     DatabaseCredentials,
     ObjectStoreCredentials,
+    RoutingCredentials,
     SshCredentials,
 )
 
@@ -85,6 +86,8 @@ def register_cluster(files: ClusterFiles) -> Inventory:
                 repository_cipher_pass=SecretStr(secrets["pgbackrest_cipher_pass"]) if secrets.get("pgbackrest_cipher_pass") else None,
             )
         )
+    if inventory.cluster.routing is not None and secrets.get("vrrp_password"):
+        blocks.append(RoutingCredentials(vrrp_password=SecretStr(secrets["vrrp_password"])))
     register_block_types()
     for block in blocks:
         block.save(inventory.cluster.name, overwrite=True)

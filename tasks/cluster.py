@@ -44,7 +44,7 @@ class NotYet(Exception):
 
 def cluster_secrets(ctx: ClusterContext) -> ClusterSecrets:
     store = ctx.store_secrets if ctx.store_block is not None else None
-    return ClusterSecrets(db=ctx.db_secrets, store=store, server=ctx.server_secrets)
+    return ClusterSecrets(db=ctx.db_secrets, store=store, server=ctx.server_secrets, routing=ctx.routing_secrets)
 
 
 def desired_layers(ctx: ClusterContext) -> dict[str, dict[str, DesiredHost]]:

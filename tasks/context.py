@@ -14,6 +14,7 @@ from blocks.prefect_blocks import (
     ClusterInventory,
     DatabaseCredentials,
     ObjectStoreCredentials,
+    RoutingCredentials,
     SshCredentials,
     secret_values,
 )
@@ -22,6 +23,7 @@ from tasks.adapters.ha.base import DbSecrets
 from tasks.adapters.objectstore_server import ServerSecrets
 from tasks.adapters.postgres import PgEndpoint
 from tasks.adapters.remote import Masker, RemoteHost, SshAuth, SshTarget
+from tasks.adapters.routing.config import RoutingSecrets
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class ClusterContext:
     db_blocks: DatabaseCredentials | None
     store_block: ObjectStoreCredentials | None
     masker: Masker
+    routing_block: RoutingCredentials | None = None
 
     @property
     def name(self) -> str:
@@ -80,6 +83,16 @@ class ClusterContext:
         )
 
     @property
+    def routing_secrets(self) -> RoutingSecrets | None:
+        if self.routing_block is None or self.db_blocks is None:
+            return None
+        return RoutingSecrets(
+            vrrp_password=self.routing_block.vrrp_password.get_secret_value(),
+            monitor_user=self.db_blocks.monitor_user,
+            monitor_password=self.db_blocks.monitor_password.get_secret_value() if self.db_blocks.monitor_password else "",
+        )
+
+    @property
     def server_secrets(self) -> ServerSecrets | None:
         if self.store_block is None:
             return None
@@ -124,13 +137,15 @@ def load_context(cluster: str) -> ClusterContext:
         raise LookupError(f"no ssh-credentials block named {cluster!r}; register it with `bouwsteen blocks register`")
     db = _load_optional(DatabaseCredentials, cluster)
     store = _load_optional(ObjectStoreCredentials, cluster)
+    routing = _load_optional(RoutingCredentials, cluster)
     return ClusterContext(
         inventory=inventory_block.inventory,
         ssh_user=ssh.user,
         ssh_auth=SshAuth(private_key=ssh.private_key.get_secret_value(), known_hosts=ssh.known_hosts),
         db_blocks=db,
         store_block=store,
-        masker=Masker(secret_values(ssh, db, store)),
+        masker=Masker(secret_values(ssh, db, store, routing)),
+        routing_block=routing,
     )
 
 

@@ -14,6 +14,7 @@ from tasks.adapters.ha.base import DbSecrets, HaDriver
 from tasks.adapters.ha.patroni import PatroniDriver
 from tasks.adapters.ha.stolon import StolonDriver
 from tasks.adapters.objectstore_server import ServerSecrets, server_for
+from tasks.adapters.routing.config import RoutingSecrets, router_files, router_units
 from tasks.planning.build import DesiredHost, marker_file
 
 
@@ -30,6 +31,7 @@ class ClusterSecrets:
     db: DbSecrets
     store: StoreSecrets | None  # None until the object store's credentials are registered
     server: ServerSecrets | None = None  # what the backup server itself needs (TLS key, admin key)
+    routing: RoutingSecrets | None = None
 
 
 def archive_parameters(inv: Inventory, secrets: ClusterSecrets) -> dict[str, str]:
@@ -99,4 +101,19 @@ def all_desired(inv: Inventory, secrets: ClusterSecrets) -> dict[str, dict[str, 
         layers.setdefault(host.name, {})["db"] = db_host(inv, host, secrets)
     if inv.cluster.object_store is not None and secrets.server is not None:
         layers.setdefault(inv.cluster.object_store.host, {})["objectstore"] = object_store_host(inv, secrets.server)
+    if inv.cluster.routing is not None and secrets.routing is not None:
+        for host in inv.with_role(Role.router):
+            layers.setdefault(host.name, {})["router"] = router_host(inv, host, secrets.routing)
     return layers
+
+
+def router_host(inv: Inventory, host: HostSpec, secrets: RoutingSecrets) -> DesiredHost:
+    routing = inv.cluster.routing
+    assert routing is not None
+    return DesiredHost(
+        host=host.name,
+        packages=("haproxy", "keepalived", "python3-psycopg", "python3-yaml", "curl", "psmisc"),
+        files=tuple(router_files(inv, host, secrets)),
+        units=tuple(router_units()),
+        ports={routing.rw_port: "haproxy", routing.ro_port: "haproxy", routing.detector_port: "detector"},
+    )

@@ -1,0 +1,85 @@
+"""routing_rollout: keepalived VIP, HAProxy rw/ro, and the primary detector on the routers."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from blocks.inventory import Role
+from tasks.cluster import PreflightRefused, desired_layers, ensure_files, ensure_packages, ensure_units, is_host_ready
+from tasks.context import context_for
+from tasks.locks import cluster_lock
+from tasks.planning.build import plan_build
+from tasks.reporting import plan_markdown
+from tasks.routing import (
+    ensure_router_prepared,
+    is_haproxy_config_valid,
+    is_routing_correct,
+    vip_holders,
+    wait_until_router_routes,
+    wait_until_vip_held,
+)
+
+
+@flow(name="routing_rollout")
+def routing_rollout(cluster: str = "lab", dry_run: bool = False) -> dict:
+    """1. Pre-flight  2. Plan  3. Act, one router at a time  4. Verify through the VIP."""
+    logger = get_run_logger()
+    ctx = context_for(cluster, fresh=True)
+    inv = ctx.inventory
+    routing = inv.cluster.routing
+
+    # ------------------------------------------------------------------ 1. pre-flight
+    if routing is None:
+        raise PreflightRefused(f"refused, nothing changed: cluster.routing is not set for {cluster}")
+    if ctx.routing_secrets is None:
+        raise PreflightRefused(f"refused, nothing changed: no routing-credentials block named {cluster!r}")
+    try:
+        ctx.routing_secrets.check()
+        layers = {h.name: desired_layers(ctx)[h.name]["router"] for h in inv.with_role(Role.router)}
+    except ValueError as exc:
+        raise PreflightRefused(f"refused, nothing changed: {exc}") from None
+    logger.info("1. Pre-flight (read-only): VIP %s on %s.", routing.vip, ", ".join(layers))
+    snapshots, refusals = {}, []
+    for name, future in {n: is_host_ready.submit(cluster, n) for n in layers}.items():
+        try:
+            snapshots[name] = future.result()
+        except Exception as exc:
+            refusals.append(f"{name}: unreachable: {ctx.masker(str(exc)).splitlines()[0]}")
+    if refusals:
+        raise PreflightRefused("refused, nothing changed:\n" + "\n".join(refusals))
+
+    # ------------------------------------------------------------------ 2. plan
+    plan = plan_build(cluster, list(layers.values()), snapshots, initialized=True, bootstrap_candidates=[])
+    plan = type(plan)(plan.hosts, tuple(r for r in plan.refusals if "belongs to cluster" not in r))
+    create_markdown_artifact(key=f"routing-plan-{cluster}", markdown=plan_markdown("routing_rollout", cluster, plan, dry_run))
+    if plan.refusals:
+        raise PreflightRefused("refused, nothing changed:\n" + "\n".join(plan.refusals))
+    for row in plan.rows():
+        logger.info("2. Plan: %s: %s", row["host"], row["plan"])
+    if dry_run:
+        return {"plan": plan.rows(), "changed": False}
+
+    # ------------------------------------------------------------------ 3. act
+    with cluster_lock(cluster, "routing_rollout", wait_seconds=120):
+        # One router at a time, and the VIP confirmed before the next: the other keeps serving.
+        holders = vip_holders(ctx)
+        order = sorted(layers, key=lambda n: n in holders)
+        for name in order:
+            logger.info("3. Act: %s.", name)
+            ensure_packages(cluster, name, list(layers[name].packages))
+            ensure_router_prepared(cluster, name)
+            is_haproxy_config_valid(cluster, name)
+            changed = ensure_files(cluster, name, "router")
+            ensure_units(cluster, name, "router", changed)
+            wait_until_router_routes(cluster, name)
+            wait_until_vip_held(cluster)
+
+        # ------------------------------------------------------------------ 4. verify
+        logger.info("4. Verify: exactly one VIP holder; rw and ro through the VIP.")
+        holder = wait_until_vip_held(cluster)
+        routes = is_routing_correct(cluster)
+    changed = not plan.is_noop
+    logger.info("Done: VIP %s on %s; rw → %s, ro → %s; %s.", routing.vip, holder, routes["rw"], routes["ro"],
+                "changes were applied" if changed else "nothing was changed")
+    return {"plan": plan.rows(), "changed": changed, "vip_holder": holder, **routes}

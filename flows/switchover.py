@@ -1,0 +1,127 @@
+"""switchover (planned) and failover (the primary is gone): through the HA driver, verified end to end."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+
+from tasks.cluster import DeadlineExceeded, PreflightRefused, wait_until_replicas_streaming
+from tasks.context import context_for
+from tasks.locks import cluster_lock
+from tasks.roles import (
+    ensure_failover,
+    ensure_rejoined,
+    ensure_switchover,
+    is_failover_needed,
+    is_switchover_safe,
+    wait_until_primary_is,
+)
+from tasks.routing import is_routing_correct, vip_holders
+
+
+class FailoverDecision(RunInput):
+    """What the DBA on call decides when promoting the best standby may lose data."""
+
+    promote: bool = False
+    candidate: str | None = None
+    reason: str = ""
+
+
+class Timeline:
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def __call__(self, event: str) -> None:
+        self.rows.append({"at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event})
+
+
+def _verify(cluster: str, new_primary: str, old_primary: str | None, timeline: Timeline, logger) -> list[dict]:
+    """New primary writable; the old one streaming again (rejoined if it cannot); rw via the VIP."""
+    ctx = context_for(cluster)
+    try:
+        rows = wait_until_replicas_streaming(cluster, timeout=90)
+    except DeadlineExceeded:
+        if old_primary is None:
+            raise
+        logger.warning("%s does not stream yet; asking the HA manager to rejoin it.", old_primary)
+        timeline(f"rejoin {old_primary}")
+        ensure_rejoined(cluster, old_primary)
+        rows = wait_until_replicas_streaming(cluster, timeout=300)
+    timeline("every standby streaming" + (f", {old_primary} included" if old_primary else ""))
+    if ctx.inventory.cluster.routing is not None and vip_holders(ctx):
+        routes = is_routing_correct(cluster)
+        if routes["rw"] != new_primary:
+            raise RuntimeError(f"rw through the VIP reaches {routes['rw']}, not {new_primary}")
+        timeline(f"rw through the VIP reaches {new_primary}")
+    return rows
+
+
+@flow(name="switchover")
+def switchover(cluster: str = "lab", candidate: str | None = None, max_lag_bytes: int = 1024 * 1024,
+               max_transaction_age_seconds: float = 300) -> dict:
+    """1. Pre-flight (read-only)  2. Plan  3. Act through the HA driver  4. Verify."""
+    logger = get_run_logger()
+    timeline = Timeline()
+    context_for(cluster, fresh=True)
+    logger.info("1. Pre-flight (read-only): candidate health, lag, open transactions, routing.")
+    with cluster_lock(cluster, "switchover"):
+        check = is_switchover_safe(cluster, candidate, max_lag_bytes, max_transaction_age_seconds)
+        if check["refusals"]:
+            raise PreflightRefused("refused, nothing changed:\n" + "\n".join(check["refusals"]))
+        old, new = check["primary"], check["candidate"]
+        logger.info("2. Plan: %s hands the primary role to %s.", old, new)
+        timeline(f"pre-flight passed: {old} → {new}")
+        logger.info("3. Act: switchover through the HA manager.")
+        ensure_switchover(cluster, old, new)
+        timeline("switchover requested")
+        logger.info("4. Verify: new primary, old primary streaming, rw through the VIP.")
+        wait_until_primary_is(cluster, new)
+        timeline(f"{new} accepts writes")
+        rows = _verify(cluster, new, old, timeline, logger)
+    create_table_artifact(key=f"switchover-{cluster}", table=timeline.rows,
+                          description=f"Switchover {old} → {new} on {cluster}")
+    create_table_artifact(key=f"topology-{cluster}", table=rows, description=f"Topology after switchover on {cluster}")
+    logger.info("Done: %s is the primary; %s streams from it.", new, old)
+    return {"old_primary": old, "new_primary": new, "timeline": timeline.rows, "topology": rows}
+
+
+@flow(name="failover")
+def failover(cluster: str = "lab", force: bool = False, max_data_loss_bytes: int = 1024 * 1024,
+             decision_timeout_seconds: int = 3600) -> dict:
+    """For a dead primary: promote the most advanced standby; ask a human when that may lose data."""
+    logger = get_run_logger()
+    timeline = Timeline()
+    context_for(cluster, fresh=True)
+    logger.info("1. Pre-flight (read-only): is the primary really gone; which standby is most advanced.")
+    with cluster_lock(cluster, "failover"):
+        check = is_failover_needed(cluster, force, max_data_loss_bytes)
+        if check["refusals"]:
+            raise PreflightRefused("refused, nothing changed:\n" + "\n".join(check["refusals"]))
+        candidate = check["candidate"]
+        timeline(f"pre-flight: {check['reason']}")
+        if check["needs_human"]:
+            logger.warning("2. Plan: %s. Pausing for a decision in the Prefect UI.", check["reason"])
+            timeline("paused for a human decision")
+            decision = pause_flow_run(wait_for_input=FailoverDecision.with_initial_data(
+                candidate=candidate, reason=""), timeout=decision_timeout_seconds)
+            if decision is None or not decision.promote:
+                timeline("human decided: do not promote")
+                raise PreflightRefused(f"not promoted: the DBA declined ({decision.reason if decision else 'no answer'})")
+            candidate = decision.candidate or candidate
+            timeline(f"human decided: promote {candidate} ({decision.reason})")
+        else:
+            logger.info("2. Plan: promote %s (%s).", candidate, check["reason"])
+        logger.info("3. Act: failover to %s through the HA manager.", candidate)
+        ensure_failover(cluster, candidate)
+        timeline("failover requested")
+        logger.info("4. Verify: new primary, standbys streaming, rw through the VIP.")
+        new = wait_until_primary_is(cluster, candidate)
+        timeline(f"{new} accepts writes")
+        rows = _verify(cluster, new, check["primary"], timeline, logger)
+    create_table_artifact(key=f"failover-{cluster}", table=timeline.rows, description=f"Failover to {new} on {cluster}")
+    logger.info("Done: %s is the primary.", new)
+    return {"old_primary": check["primary"], "new_primary": new, "timeline": timeline.rows, "topology": rows}

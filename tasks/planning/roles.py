@@ -1,0 +1,99 @@
+"""Pure decisions for role changes: which standby, and whether it is safe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CandidateState:
+    name: str
+    reachable: bool
+    in_recovery: bool
+    streaming: bool
+    sync: bool
+    lag_bytes: int | None
+    receive_lsn: int | None
+    ha_healthy: bool
+
+
+@dataclass(frozen=True)
+class SwitchoverPlan:
+    candidate: str | None
+    refusals: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FailoverPlan:
+    candidate: str | None
+    refusals: tuple[str, ...]
+    needs_human: bool
+    reason: str
+    candidate_lag: int | None = None
+
+
+def _healthy(c: CandidateState) -> bool:
+    return c.reachable and c.in_recovery and c.ha_healthy
+
+
+def plan_switchover(
+    *,
+    primary: str | None,
+    candidates: list[CandidateState],
+    requested: str | None,
+    known_hosts: set[str],
+    max_lag_bytes: int,
+    oldest_transaction_s: float,
+    max_transaction_age_s: float,
+    synchronous: bool,
+) -> SwitchoverPlan:
+    refusals: list[str] = []
+    if primary is None:
+        return SwitchoverPlan(None, ("no healthy primary: this is a failover, not a switchover",))
+    if requested is not None and requested not in known_hosts:
+        return SwitchoverPlan(None, (f"candidate: {requested!r} is not a database host of this cluster "
+                                     f"({', '.join(sorted(known_hosts))})",))
+    if requested == primary:
+        return SwitchoverPlan(None, (f"candidate: {requested} is already the primary",))
+    pool = [c for c in candidates if c.name != primary]
+    if requested is not None:
+        chosen = next((c for c in pool if c.name == requested), None)
+        if chosen is None:
+            return SwitchoverPlan(None, (f"candidate: {requested} is not a member the HA manager knows",))
+    else:
+        eligible = [c for c in pool if _healthy(c) and c.streaming and c.lag_bytes is not None]
+        if synchronous and any(c.sync for c in eligible):
+            eligible = [c for c in eligible if c.sync]
+        if not eligible:
+            return SwitchoverPlan(None, ("no healthy streaming standby to switch over to",))
+        chosen = min(eligible, key=lambda c: (c.lag_bytes, c.name))
+    if not _healthy(chosen):
+        refusals.append(f"candidate: {chosen.name} is not healthy (reachable={chosen.reachable}, "
+                        f"in recovery={chosen.in_recovery}, HA manager healthy={chosen.ha_healthy})")
+    elif not chosen.streaming:
+        refusals.append(f"candidate: {chosen.name} is not streaming from {primary}")
+    elif chosen.lag_bytes is None or chosen.lag_bytes > max_lag_bytes:
+        refusals.append(f"candidate: {chosen.name} lags {chosen.lag_bytes} bytes, more than {max_lag_bytes}")
+    if synchronous and not chosen.sync and any(c.sync for c in pool):
+        refusals.append(f"candidate: {chosen.name} is not the synchronous standby; switching to it could lose commits")
+    if oldest_transaction_s > max_transaction_age_s:
+        refusals.append(f"a transaction on {primary} has been open {oldest_transaction_s:.0f}s "
+                        f"(limit {max_transaction_age_s:.0f}s); it would be cut off")
+    return SwitchoverPlan(chosen.name, tuple(refusals))
+
+
+def plan_failover(*, primary_alive: bool, candidates: list[CandidateState], force: bool, max_lag_bytes: int) -> FailoverPlan:
+    if primary_alive and not force:
+        return FailoverPlan(None, ("a healthy primary exists; use switchover, or force=True",), False,
+                            "the primary is healthy")
+    reachable = [c for c in candidates if c.reachable and c.in_recovery and c.receive_lsn is not None]
+    if not reachable:
+        return FailoverPlan(None, ("no reachable standby to promote",), False, "nothing to promote")
+    best = max(reachable, key=lambda c: (c.receive_lsn, c.ha_healthy, c.name))
+    lag = best.lag_bytes
+    if lag is None or lag > max_lag_bytes:
+        return FailoverPlan(best.name, (), True,
+                            f"the most advanced standby {best.name} lags {lag if lag is not None else 'an unknown number of'} "
+                            f"bytes behind the last known primary position (limit {max_lag_bytes}): promoting it may lose data",
+                            lag)
+    return FailoverPlan(best.name, (), False, f"{best.name} is the most advanced standby", lag)

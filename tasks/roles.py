@@ -1,0 +1,144 @@
+"""Runbook steps for role changes: switchover (planned) and failover (the primary is gone)."""
+
+from __future__ import annotations
+
+import time
+
+from tasks.adapters.ha.base import ClusterView, HaStatusError
+from tasks.adapters.postgres import DatabaseUnavailable, Postgres, lsn_to_int
+from tasks.cluster import NotYet, read_view, replication_rows, wait_for
+from tasks.context import context_for
+from tasks.desired import ha_driver
+from tasks.planning.roles import CandidateState, plan_failover, plan_switchover
+from tasks.runtime import once, say, step
+
+
+def _candidate_states(cluster: str, view: ClusterView) -> tuple[str | None, list[CandidateState], dict]:
+    """Per replica: reachable, streaming, lag, receive LSN — from PostgreSQL itself."""
+    ctx = context_for(cluster)
+    primary_alive = False
+    links: dict = {}
+    primary = view.leader
+    if primary:
+        try:
+            primary_name, rows = replication_rows(ctx)
+            primary_alive = primary_name == primary
+            links = {r["host"]: r for r in rows}
+        except (DatabaseUnavailable, HaStatusError):
+            primary_alive = False
+    states = []
+    for member in view.members:
+        if member.name == primary and primary_alive:
+            continue
+        host = ctx.inventory.host(member.name)
+        try:
+            with Postgres(ctx.superuser_endpoint(host), statement_timeout_ms=3000) as pg:
+                in_recovery, receive = pg.query_one("select pg_is_in_recovery(), pg_last_wal_receive_lsn()::text")
+            reachable = True
+        except DatabaseUnavailable:
+            in_recovery, receive, reachable = None, None, False
+        link = links.get(member.name, {})
+        states.append(CandidateState(
+            name=member.name, reachable=reachable, in_recovery=bool(in_recovery),
+            streaming=str(link.get("state", "")).startswith("streaming"),
+            sync=str(link.get("state", "")).endswith("(sync)") or "sync" in member.state,
+            lag_bytes=link.get("lag_bytes") if link else member.lag_bytes,
+            receive_lsn=lsn_to_int(receive), ha_healthy=member.healthy,
+        ))
+    return primary if primary_alive else None, states, links
+
+
+@step(retries=1)
+def is_switchover_safe(cluster: str, candidate: str | None, max_lag_bytes: int, max_transaction_age_s: float) -> dict:
+    """Read-only: who is primary, which standby takes over, and reasons to refuse."""
+    ctx = context_for(cluster)
+    view = read_view(ctx)
+    primary, states, _ = _candidate_states(cluster, view)
+    oldest = 0.0
+    if primary:
+        with Postgres(ctx.superuser_endpoint(ctx.inventory.host(primary))) as pg:
+            oldest = pg.oldest_transaction_seconds()
+    plan = plan_switchover(
+        primary=primary, candidates=states, requested=candidate, known_hosts={h.name for h in ctx.inventory.db_hosts},
+        max_lag_bytes=max_lag_bytes, oldest_transaction_s=oldest, max_transaction_age_s=max_transaction_age_s,
+        synchronous=bool(ctx.inventory.cluster.postgres.synchronous_replication),
+    )
+    say(f"Switchover {primary} → {plan.candidate}: safe." if not plan.refusals else "Not safe: " + "; ".join(plan.refusals))
+    return {"primary": primary, "candidate": plan.candidate, "refusals": list(plan.refusals),
+            "oldest_transaction_s": round(oldest, 1)}
+
+
+@step(retries=1)
+def is_failover_needed(cluster: str, force: bool, max_lag_bytes: int) -> dict:
+    ctx = context_for(cluster)
+    view = read_view(ctx)
+    primary, states, _ = _candidate_states(cluster, view)
+    plan = plan_failover(primary_alive=primary is not None, candidates=states, force=force, max_lag_bytes=max_lag_bytes)
+    say(f"Failover to {plan.candidate} ({plan.reason})." if plan.candidate else "No failover: " + plan.reason)
+    return {"primary": primary, "candidate": plan.candidate, "refusals": list(plan.refusals),
+            "needs_human": plan.needs_human, "reason": plan.reason, "lag_bytes": plan.candidate_lag}
+
+
+@once
+def ensure_switchover(cluster: str, primary: str, candidate: str) -> str:
+    """Ask the HA manager to hand the primary role to the candidate (never retried blindly)."""
+    ctx = context_for(cluster)
+    inv = ctx.inventory
+    driver = ha_driver(inv)
+    view = read_view(ctx)
+    if view.leader != primary:
+        raise HaStatusError(f"the primary changed from {primary} to {view.leader} since pre-flight; not switching")
+    with ctx.remote(candidate) as remote:
+        for command in driver.switchover_commands(inv, view, candidate):
+            remote.run(command)
+    return say(f"Switchover from {primary} to {candidate} requested through {driver.name}.")
+
+
+@once
+def ensure_failover(cluster: str, candidate: str) -> str:
+    ctx = context_for(cluster)
+    inv = ctx.inventory
+    driver = ha_driver(inv)
+    view = read_view(ctx, [inv.host(candidate)] + [h for h in inv.db_hosts if h.name != candidate])
+    with ctx.remote(candidate) as remote:
+        for command in driver.failover_commands(inv, view, candidate):
+            remote.run(command)
+    return say(f"Failover to {candidate} requested through {driver.name}.")
+
+
+@step(retries=0)
+def wait_until_primary_is(cluster: str, expected: str | None, not_host: str | None = None, timeout: float = 120) -> str:
+    """PostgreSQL itself (not only the HA manager) must accept writes on the new primary."""
+    ctx = context_for(cluster)
+
+    def settled() -> str:
+        view = read_view(ctx)
+        leader = view.leader
+        if leader is None or (expected and leader != expected) or leader == not_host:
+            raise NotYet(f"leader {leader}")
+        with Postgres(ctx.superuser_endpoint(ctx.inventory.host(leader)), statement_timeout_ms=3000) as pg:
+            if pg.scalar("select pg_is_in_recovery()"):
+                raise NotYet(f"{leader} still in recovery")
+        return leader
+
+    leader = wait_for("the new primary accepting writes", settled, timeout=timeout, interval=0.5)
+    say(f"{leader} is the primary and accepts writes.")
+    return leader
+
+
+@once
+def ensure_rejoined(cluster: str, host: str) -> str:
+    """Re-clone a former primary that cannot stream (pg_rewind failed); never retried."""
+    ctx = context_for(cluster)
+    inv = ctx.inventory
+    driver = ha_driver(inv)
+    view = read_view(ctx)
+    commands = driver.rejoin_commands(inv, view, host)
+    with ctx.remote(host) as remote:
+        for command in commands:
+            remote.run(command)
+    return say(f"{host}: rejoin requested ({'; '.join(str(c) for c in commands) or 'the HA manager resyncs by itself'}).")
+
+
+def now() -> float:
+    return time.time()
