@@ -1,0 +1,723 @@
+#!/usr/bin/env python3
+"""bouwsteen primary detector: tells HAProxy which PostgreSQL host is primary or standby.
+
+A drop-in replacement for pgroute66 that runs on each router host under systemd:
+
+    python3 /usr/local/lib/bouwsteen/primary_detector.py -c /etc/bouwsteen/primary-detector.yaml
+
+This file is uploaded verbatim, so it may import only the standard library, ``psycopg`` (3.1,
+Debian's python3-psycopg) and ``yaml`` (python3-yaml); both are imported lazily so the pure
+parts can be unit-tested without them.
+
+Command line
+    -c FILE   config file (default /etc/bouwsteen/primary-detector.yaml)
+    -d        debug logging (same as ``loglevel: debug``)
+    -v        print the version and exit 0
+    Exit codes: 0 clean stop (SIGTERM/SIGINT), 1 invalid config, 2 cannot bind/serve.
+
+Config (pgroute66's format; unknown keys are ignored with a warning)
+    hosts:   {name: {host, port, user, dbname, sslmode, connect_timeout, b64password, <libpq keyword>...}}
+    groups:  {group: [name, ...]}          # every member must be a key of hosts
+    bind: localhost                         # IPv4 is preferred when a name resolves to both
+    port: 8080
+    loglevel: info                          # debug | info | warning | error
+    logfile: /path                          # optional, appended (journald is used otherwise)
+    query_timeout: 1.0                      # seconds; per-scan deadline and statement_timeout
+    cache_ms: 200                           # one scan answers every request within this window
+    max_standby_lag_bytes: null             # only /v1/standby/<name> applies it
+    Host names ``primary``, ``primaries``, ``standby``, ``standbys`` (they clash with routes),
+    names containing ``/`` and a group named ``all`` are refused. ``ssl.b64cert``+``ssl.b64key``
+    (pgroute66's TLS) is refused rather than silently served as plain HTTP: bind to loopback.
+    pgx-only pool keys (``pool_*``) are dropped; other host keys go to libpq and are validated
+    at start-up.
+
+Routes (GET or HEAD, indented JSON bodies, sorted lists, ``?group=`` defaults to every host)
+    /v1/primary              200 "name" | 404 "" none | 409 "" two or more (split brain)
+    /v1/primaries            200 [...]   (``[]`` when empty; pgroute66 returns ``null``)
+    /v1/standbys             200 [...]   (``[]`` when empty; lag limit NOT applied, as pgroute66)
+    /v1/<name>/status        200 "primary"|"standby" | 404 "invalid" | 422 "unavailable"
+    /v1/<name>/availability  501: pgroute66 writes a table on the primary for this; we do not
+    /v1/primary/<name>       200 "name" iff exactly one primary in the group and it is <name>,
+                             else 503 ""; 404 "invalid" for an unknown name (HAProxy httpchk)
+    /v1/standby/<name>       200 "name" iff <name> is a reachable standby (in the group, and within
+                             max_standby_lag_bytes when set; unknown lag then fails), else 503 ""
+    /healthz                 200 "ok" (the detector itself, no database query)
+    HAProxy's plain ``option httpchk`` sends ``OPTIONS /``; checks must GET (or HEAD) a route.
+
+Differences from pgroute66 that matter operationally: hosts are probed in parallel with a hard
+deadline (a hung host cannot stall every check), one scan is shared by all requests within
+cache_ms, probe errors are logged at warning level with the host name (throttled), and role
+changes are logged at info level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import concurrent.futures
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+if TYPE_CHECKING:  # pragma: no cover - typing only; psycopg is imported lazily at run time
+    import psycopg
+
+VERSION = "1.0.0"
+DEFAULT_CONFIG = "/etc/bouwsteen/primary-detector.yaml"
+APPLICATION_NAME = "bouwsteen-primary-detector"
+
+log = logging.getLogger("primary_detector")
+
+Role = Literal["primary", "standby"]
+
+# Route words that a host name would shadow (/v1/<name>/status vs /v1/primary/<name>).
+RESERVED_HOST_NAMES = frozenset({"primary", "primaries", "standby", "standbys"})
+ALL_GROUP = "all"
+
+_TOP_LEVEL_KEYS = frozenset(
+    {"hosts", "groups", "bind", "port", "loglevel", "logfile", "ssl",
+     "query_timeout", "cache_ms", "max_standby_lag_bytes"}
+)
+_LOGLEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+              "warn": logging.WARNING, "error": logging.ERROR}
+# A host that keeps failing with the same error would otherwise log a warning on every scan
+# (HAProxy checks every 2 s per server); repeat an unchanged message at most this often.
+_WARN_REPEAT_S = 60.0
+
+
+class ConfigError(Exception):
+    """The config cannot be used; main() prints it and exits 1."""
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class Config:
+    hosts: dict[str, dict[str, str]]
+    groups: dict[str, list[str]]
+    bind: str = "localhost"
+    port: int = 8080
+    loglevel: str = "info"
+    logfile: str | None = None
+    query_timeout: float = 1.0
+    cache_ms: int = 200
+    max_standby_lag_bytes: int | None = None
+    # Collected while parsing because logging is configured only after the config is read.
+    warnings: tuple[str, ...] = ()
+
+
+def _libpq_value(value: Any) -> str:
+    # YAML turns `sslcompression: on` into True; libpq wants 1/0, not "True".
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+def _parse_host(name: str, raw: Any, warnings: list[str]) -> dict[str, str]:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"hosts.{name} must be a mapping of libpq keywords")
+    params: dict[str, str] = {}
+    for key, value in raw.items():
+        key = str(key)
+        if value is None:
+            continue
+        if isinstance(value, (Mapping, list)):
+            raise ConfigError(f"hosts.{name}.{key} must be a scalar")
+        if key == "b64password":
+            try:
+                params["password"] = base64.b64decode(str(value), validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError) as exc:
+                raise ConfigError(f"hosts.{name}.b64password is not valid base64: {exc}") from None
+        elif key.startswith("pool_"):
+            # pgx pool settings (pool_max_conns...) mean nothing to libpq and would fail connect.
+            warnings.append(f"hosts.{name}.{key} is a pgx pool setting; ignored")
+        else:
+            params[key] = _libpq_value(value)
+    # pgroute66 falls back to localhost, libpq to the Unix socket; keep pgroute66's behaviour.
+    if "host" not in params and not os.environ.get("PGHOST"):
+        params["host"] = "localhost"
+    return params
+
+
+def _number(raw: Mapping[str, Any], key: str, default: float, *, integer: bool,
+            minimum: float, strictly_greater: bool = False) -> Any:
+    value = raw.get(key, default)
+    if value is None:
+        return default
+    ok_type = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_type):
+        raise ConfigError(f"{key} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if value < minimum or (strictly_greater and value == minimum):
+        raise ConfigError(f"{key} must be {'>' if strictly_greater else '>='} {minimum}, got {value!r}")
+    return value
+
+
+def parse_config(text: str) -> Config:
+    """Parse and validate the YAML text; raises ConfigError with a message fit for stderr."""
+    import yaml  # lazily: the module must import without it
+
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}") from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError("config must be a YAML mapping")
+    warnings: list[str] = [f"unknown config key {k!r} ignored" for k in raw if k not in _TOP_LEVEL_KEYS]
+
+    raw_hosts = raw.get("hosts")
+    if not isinstance(raw_hosts, Mapping) or not raw_hosts:
+        raise ConfigError("hosts: must be a non-empty mapping of host name to connection settings")
+    hosts: dict[str, dict[str, str]] = {}
+    for key, value in raw_hosts.items():
+        name = str(key)
+        if name in RESERVED_HOST_NAMES:
+            raise ConfigError(
+                f"host name {name!r} is reserved (it clashes with the /v1/{name} route); "
+                f"rename it (reserved: {', '.join(sorted(RESERVED_HOST_NAMES))})"
+            )
+        if not name or "/" in name or name != name.strip():
+            raise ConfigError(f"host name {name!r} cannot be used in a URL path")
+        hosts[name] = _parse_host(name, value, warnings)
+
+    raw_groups = raw.get("groups") or {}
+    if not isinstance(raw_groups, Mapping):
+        raise ConfigError("groups: must be a mapping of group name to a list of host names")
+    if "host_groups" in raw and "groups" not in raw:
+        warnings.append("host_groups: is not read (pgroute66's example is wrong); use groups:")
+    groups: dict[str, list[str]] = {}
+    for key, members in raw_groups.items():
+        group = str(key)
+        if group == ALL_GROUP:
+            raise ConfigError("group name 'all' is reserved: it means every host")
+        if members is None:
+            members = []
+        if not isinstance(members, list):
+            raise ConfigError(f"groups.{group} must be a list of host names")
+        names = [str(m) for m in members]
+        unknown = sorted(set(names) - set(hosts))
+        if unknown:
+            # A typo here would keep that HAProxy server DOWN forever; fail at start instead.
+            raise ConfigError(f"groups.{group} names unknown hosts: {', '.join(unknown)}")
+        groups[group] = sorted(set(names))
+
+    bind = raw.get("bind", "localhost")
+    if bind is None:
+        bind = "localhost"
+    if not isinstance(bind, str):
+        raise ConfigError(f"bind must be a string, got {bind!r}")
+    port = _number(raw, "port", 8080, integer=True, minimum=0)
+    if port > 65535:
+        raise ConfigError(f"port must be <= 65535, got {port}")
+
+    ssl_conf = raw.get("ssl")
+    if isinstance(ssl_conf, Mapping) and ssl_conf.get("b64cert") and ssl_conf.get("b64key"):
+        raise ConfigError("ssl (TLS) is not supported; remove ssl: and bind to 127.0.0.1")
+    if ssl_conf is not None:
+        warnings.append("ssl: without both b64cert and b64key has no effect; ignored")
+
+    loglevel = str(raw.get("loglevel") or "info").lower()
+    if loglevel not in _LOGLEVELS:
+        warnings.append(f"unknown loglevel {loglevel!r}; using info")
+        loglevel = "info"
+    logfile = raw.get("logfile")
+
+    query_timeout = float(_number(raw, "query_timeout", 1.0, integer=False, minimum=0,
+                                  strictly_greater=True))
+    cache_ms = _number(raw, "cache_ms", 200, integer=True, minimum=0)
+    lag = raw.get("max_standby_lag_bytes")
+    if lag is not None:
+        lag = _number(raw, "max_standby_lag_bytes", 0, integer=True, minimum=0)
+
+    return Config(
+        hosts=hosts, groups=groups, bind=bind, port=port, loglevel=loglevel,
+        logfile=str(logfile) if logfile else None, query_timeout=query_timeout,
+        cache_ms=cache_ms, max_standby_lag_bytes=lag, warnings=tuple(warnings),
+    )
+
+
+def load_config(path: str) -> Config:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return parse_config(text)
+
+
+# --------------------------------------------------------------------------- detector
+
+
+@dataclass(frozen=True)
+class HostState:
+    """What one probe saw. role None = unavailable (error, timeout): neither primary nor standby."""
+
+    role: Role | None
+    lag_bytes: int | None = None
+
+
+UNAVAILABLE = HostState(None)
+
+
+@dataclass
+class _Outcome:
+    state: HostState
+    error: str | None
+    finished: float
+
+
+@dataclass
+class _Probe:
+    """One probe of one host; shared by every scan that starts within cache_ms of it."""
+
+    started: float
+    deadline: float
+    future: concurrent.futures.Future[_Outcome]
+    reported: bool = False
+
+
+class _Throttle:
+    """Warn when a host's message changes, repeat an unchanged one only every _WARN_REPEAT_S."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def warn(self, key: str, message: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            prev = self._last.get(key)
+            loud = prev is None or prev[0] != message or now - prev[1] >= _WARN_REPEAT_S
+            if loud:
+                self._last[key] = (message, now)
+        log.log(logging.WARNING if loud else logging.DEBUG, "%s", message)
+
+    def clear(self, key: str) -> None:
+        with self._lock:
+            self._last.pop(key, None)
+
+
+class Detector:
+    """Decides primary/standby from injected probes; no I/O of its own besides threads.
+
+    Single flight per host: a host has at most one probe running. That bounds the thread pool
+    (a hung host holds one worker, never more) and keeps a psycopg connection single-threaded.
+    """
+
+    def __init__(
+        self,
+        hosts: Iterable[str],
+        groups: Mapping[str, Iterable[str]],
+        probe: Callable[[str], HostState],
+        *,
+        query_timeout: float = 1.0,
+        cache_ms: int = 200,
+        max_standby_lag_bytes: int | None = None,
+    ) -> None:
+        self.hosts: list[str] = sorted(hosts)
+        self.groups: dict[str, list[str]] = {g: sorted(m) for g, m in groups.items()}
+        self._probe = probe
+        self.query_timeout = query_timeout
+        self.cache_s = cache_ms / 1000.0
+        self.max_standby_lag_bytes = max_standby_lag_bytes
+        self._lock = threading.Lock()
+        self._probes: dict[str, _Probe] = {}
+        self._roles: dict[str, Role | None] = {}
+        self._throttle = _Throttle()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, len(self.hosts)), thread_name_prefix="probe"
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- scanning
+
+    def members(self, group: str | None) -> list[str] | None:
+        """Hosts of a group; None (after a warning) when the group is not defined."""
+        if not group or group == ALL_GROUP:
+            return self.hosts
+        if group in self.groups:
+            return self.groups[group]
+        self._throttle.warn(f"group:{group}", f"hostgroup {group!r} is not defined; treated as empty")
+        return None
+
+    def scan(self, group: str | None = None) -> dict[str, HostState]:
+        names = self.members(group)
+        return self.scan_hosts(names or [])
+
+    def scan_hosts(self, names: Iterable[str]) -> dict[str, HostState]:
+        names = sorted(set(names))
+        now = time.monotonic()
+        with self._lock:
+            probes = {name: self._current_probe(name, now) for name in names}
+        pending = [p.future for p in probes.values() if not p.future.done()]
+        if pending:
+            latest = max(p.deadline for p in probes.values() if not p.future.done())
+            concurrent.futures.wait(pending, timeout=max(0.0, latest - time.monotonic()))
+        return {name: self._state(name, probe) for name, probe in probes.items()}
+
+    def _current_probe(self, name: str, now: float) -> _Probe:
+        probe = self._probes.get(name)
+        # Reuse a running probe (a concurrent scan started it, or it hangs and must not be
+        # duplicated) and a finished one that is still fresh; otherwise start a new one.
+        if probe is not None and (not probe.future.done() or now - probe.started < self.cache_s):
+            return probe
+        future = self._pool.submit(self._run, name)
+        probe = _Probe(started=now, deadline=now + self.query_timeout, future=future)
+        self._probes[name] = probe
+        return probe
+
+    def _run(self, name: str) -> _Outcome:
+        try:
+            state = self._probe(name)
+            if not isinstance(state, HostState):
+                raise TypeError(f"probe returned {type(state).__name__}, not HostState")
+            return _Outcome(state, None, time.monotonic())
+        except Exception as exc:  # every failure only means "unavailable"
+            return _Outcome(UNAVAILABLE, f"{type(exc).__name__}: {exc}".strip(), time.monotonic())
+
+    def _state(self, name: str, probe: _Probe) -> HostState:
+        if not probe.future.done():
+            self._throttle.warn(name, f"host {name}: no answer within {self.query_timeout:g}s "
+                                      f"(probe running for {time.monotonic() - probe.started:.1f}s)")
+            self._note_role(name, None)
+            return UNAVAILABLE
+        outcome = probe.future.result()
+        if outcome.error is None and outcome.finished > probe.deadline:
+            # Answered, but too late to have been used by the scan that asked; keep it consistent.
+            state, error = UNAVAILABLE, (f"answered after {outcome.finished - probe.started:.2f}s, "
+                                         f"deadline {self.query_timeout:g}s")
+        else:
+            state, error = outcome.state, outcome.error
+        with self._lock:
+            first_report = not probe.reported
+            probe.reported = True
+        if first_report:
+            if error is not None:
+                self._throttle.warn(name, f"host {name}: unavailable: {error}")
+            elif state.role is None:
+                self._throttle.warn(name, f"host {name}: unavailable")
+            else:
+                self._throttle.clear(name)
+            self._note_role(name, state.role)
+        return state
+
+    def _note_role(self, name: str, role: Role | None) -> None:
+        with self._lock:
+            before = self._roles.get(name, "unknown")
+            self._roles[name] = role
+        if before != role:
+            log.info("host %s: %s -> %s", name, before or "unavailable", role or "unavailable")
+
+    # -- routing
+
+    def _standby_ok(self, state: HostState) -> bool:
+        if state.role != "standby":
+            return False
+        if self.max_standby_lag_bytes is None:
+            return True
+        # Unknown lag cannot be shown to be within the limit the operator asked for.
+        return state.lag_bytes is not None and state.lag_bytes <= self.max_standby_lag_bytes
+
+    def route(self, path: str, query: Mapping[str, str] | str | None = None) -> tuple[int, Any]:
+        """(HTTP status, JSON-serialisable body) for a GET of path?query."""
+        if isinstance(query, str):
+            params = dict(parse_qsl(query, keep_blank_values=True))
+        else:
+            params = dict(query or {})
+        group = params.get("group") or None
+        parts = [unquote(p) for p in path.strip("/").split("/")]
+
+        if parts == ["healthz"]:
+            return 200, "ok"
+        if len(parts) < 2 or parts[0] != "v1":
+            return 404, "not found"
+
+        if len(parts) == 2 and parts[1] in ("primary", "primaries", "standbys"):
+            states = self.scan(group)
+            if parts[1] == "standbys":
+                return 200, sorted(n for n, s in states.items() if s.role == "standby")
+            primaries = sorted(n for n, s in states.items() if s.role == "primary")
+            if parts[1] == "primaries":
+                return 200, primaries
+            if len(primaries) == 1:
+                return 200, primaries[0]
+            return (404, "") if not primaries else (409, "")
+
+        if len(parts) == 3 and parts[1] in ("primary", "standby"):
+            name = parts[2]
+            if name not in self.hosts:
+                return 404, "invalid"
+            members = self.members(group)
+            if members is None or name not in members:
+                return 503, ""
+            if parts[1] == "primary":
+                # Fail closed on split brain: the whole group must show exactly this one primary.
+                states = self.scan_hosts(members)
+                primaries = [n for n, s in states.items() if s.role == "primary"]
+                return (200, name) if primaries == [name] else (503, "")
+            state = self.scan_hosts([name])[name]
+            return (200, name) if self._standby_ok(state) else (503, "")
+
+        if len(parts) == 3 and parts[2] in ("status", "availability"):
+            name = parts[1]
+            if name not in self.hosts:
+                return 404, "invalid"
+            if parts[2] == "availability":
+                return 501, "not implemented: use /v1/standby/<name> with max_standby_lag_bytes"
+            state = self.scan_hosts([name])[name]
+            return (200, state.role) if state.role else (422, "unavailable")
+
+        return 404, "not found"
+
+
+# --------------------------------------------------------------------------- psycopg prober
+
+
+class PsycopgProber:
+    """probe(name) over one persistent autocommit connection per host."""
+
+    def __init__(self, hosts: Mapping[str, Mapping[str, str]], *, query_timeout: float = 1.0,
+                 with_lag: bool = False) -> None:
+        import psycopg  # lazily: the module must import without it
+        from psycopg.conninfo import make_conninfo
+
+        self._psycopg = psycopg
+        self.query_timeout = query_timeout
+        # Both in one round trip; on a primary the receive LSN is NULL, so the diff is NULL too.
+        self._sql = (
+            "select pg_is_in_recovery(), "
+            "pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())"
+            if with_lag else "select pg_is_in_recovery()"
+        )
+        self._conninfo: dict[str, str] = {}
+        for name, configured in hosts.items():
+            params = dict(configured)
+            params.setdefault("connect_timeout", "2")
+            params.setdefault("application_name", APPLICATION_NAME)
+            # Server side: a query stuck on a lock or a slow disk is cut at the deadline.
+            timeout_opt = f"-c statement_timeout={max(1, int(query_timeout * 1000))}"
+            params["options"] = f"{params['options']} {timeout_opt}" if params.get("options") else timeout_opt
+            # Client side: unacknowledged data (dead network, powered-off host) errors out
+            # instead of blocking a worker for the kernel's ~15 minute retransmission limit.
+            params.setdefault("tcp_user_timeout", str(max(1000, int(2 * query_timeout * 1000))))
+            params.setdefault("keepalives", "1")
+            params.setdefault("keepalives_idle", "10")
+            params.setdefault("keepalives_interval", "2")
+            params.setdefault("keepalives_count", "3")
+            try:
+                self._conninfo[name] = make_conninfo("", **params)
+            except psycopg.ProgrammingError as exc:
+                raise ConfigError(f"hosts.{name}: {exc}") from None
+        self._conns: dict[str, psycopg.Connection[Any]] = {}
+        self._locks = {name: threading.Lock() for name in self._conninfo}
+
+    def conninfo(self, name: str) -> str:
+        return self._conninfo[name]
+
+    def __call__(self, name: str) -> HostState:
+        lock = self._locks[name]
+        # The Detector never overlaps probes of one host; refuse rather than share a connection.
+        if not lock.acquire(blocking=False):
+            raise RuntimeError("previous probe of this host is still running")
+        try:
+            conn = self._conns.get(name)
+            if conn is not None and not conn.closed:
+                try:
+                    return self._query(conn)
+                except self._psycopg.OperationalError:
+                    lost = conn.broken
+                    self._discard(name)
+                    # A reused connection may have died with a server restart; one fresh try
+                    # saves a spurious "unavailable". A live but slow server gets no retry.
+                    if not lost:
+                        raise
+                except Exception:
+                    self._discard(name)
+                    raise
+            conn = self._psycopg.connect(self._conninfo[name], autocommit=True)
+            self._conns[name] = conn
+            try:
+                return self._query(conn)
+            except Exception:
+                self._discard(name)
+                raise
+        finally:
+            lock.release()
+
+    def _query(self, conn: psycopg.Connection[Any]) -> HostState:
+        started = time.monotonic()
+        row = conn.execute(self._sql).fetchone()
+        elapsed = time.monotonic() - started
+        if elapsed > self.query_timeout:
+            # The Detector already gave up on this answer; a connection this slow is suspect,
+            # so the caller discards it.
+            raise TimeoutError(f"query took {elapsed:.2f}s (deadline {self.query_timeout:g}s)")
+        if row is None:
+            raise RuntimeError("pg_is_in_recovery() returned no row")
+        if not row[0]:
+            return HostState("primary")
+        lag = row[1] if len(row) > 1 else None
+        return HostState("standby", int(lag) if lag is not None else None)
+
+    def _discard(self, name: str) -> None:
+        conn = self._conns.pop(name, None)
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # closing a broken connection must not mask the real error
+                pass
+
+    def close(self) -> None:
+        for name in list(self._conns):
+            self._discard(name)
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = f"bouwsteen-primary-detector/{VERSION}"
+    protocol_version = "HTTP/1.1"  # keep-alive for clients that want it
+    timeout = 30  # an idle keep-alive connection must not hold a thread forever
+    detector: Detector  # set on the per-server subclass
+
+    def _respond(self, with_body: bool) -> None:
+        url = urlsplit(self.path)
+        try:
+            status, body = self.detector.route(url.path, url.query)
+        except Exception:
+            log.exception("internal error on %s", self.path)
+            status, body = 500, "internal error"
+        payload = (json.dumps(body, indent=4) + "\n").encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if with_body:
+            self.wfile.write(payload)
+
+    def do_GET(self) -> None:  # noqa: N802 - name fixed by BaseHTTPRequestHandler
+        self._respond(with_body=True)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._respond(with_body=False)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        # HAProxy checks every 2 s per server; access logs at info would flood the journal.
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+def _address_family(bind: str, port: int) -> socket.AddressFamily:
+    if not bind:
+        return socket.AF_INET
+    try:
+        infos = socket.getaddrinfo(bind, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise OSError(f"cannot resolve bind address {bind!r}: {exc}") from None
+    families = [info[0] for info in infos]
+    # "localhost" may resolve to ::1 first; HAProxy checks 127.0.0.1, so prefer IPv4.
+    return socket.AF_INET if socket.AF_INET in families else families[0]
+
+
+def make_server(detector: Detector, bind: str, port: int) -> ThreadingHTTPServer:
+    handler = type("Handler", (_Handler,), {"detector": detector})
+    server_cls = type("Server", (ThreadingHTTPServer,), {
+        "address_family": _address_family(bind, port),
+        "daemon_threads": True,
+        "allow_reuse_address": True,
+    })
+    return server_cls((bind, port), handler)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _setup_logging(level: str, logfile: str | None) -> None:
+    root = logging.getLogger()
+    handler: logging.Handler
+    if logfile:
+        handler = logging.FileHandler(logfile)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    else:
+        # journald adds timestamps itself.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    root.handlers[:] = [handler]
+    root.setLevel(_LOGLEVELS[level])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="primary_detector",
+                                     description="Tell HAProxy which PostgreSQL host is primary.")
+    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="YAML config file")
+    parser.add_argument("-d", "--debug", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--version", action="store_true", help="print version and exit")
+    args = parser.parse_args(argv)
+    if args.version:
+        print(f"primary_detector {VERSION}")
+        return 0
+
+    try:
+        config = load_config(args.config)
+        prober = PsycopgProber(config.hosts, query_timeout=config.query_timeout,
+                               with_lag=config.max_standby_lag_bytes is not None)
+    except ConfigError as exc:
+        print(f"primary_detector: {args.config}: {exc}", file=sys.stderr)
+        return 1
+
+    try:
+        _setup_logging("debug" if args.debug else config.loglevel, config.logfile)
+    except OSError as exc:
+        print(f"primary_detector: cannot open logfile: {exc}", file=sys.stderr)
+        return 1
+    for warning in config.warnings:
+        log.warning("%s", warning)
+
+    detector = Detector(config.hosts, config.groups, prober, query_timeout=config.query_timeout,
+                        cache_ms=config.cache_ms, max_standby_lag_bytes=config.max_standby_lag_bytes)
+    try:
+        server = make_server(detector, config.bind, config.port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", config.bind, config.port, exc)
+        detector.close()
+        prober.close()
+        return 2
+
+    def stop(signum: int, _frame: Any) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        # shutdown() waits for serve_forever() to return, which runs in this (main) thread.
+        threading.Thread(target=server.shutdown, name="shutdown", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    host, port = server.server_address[:2]
+    log.info("primary_detector %s listening on %s:%s (%d hosts, %d groups)",
+             VERSION, host, port, len(config.hosts), len(config.groups))
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+        detector.close()
+        prober.close()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
