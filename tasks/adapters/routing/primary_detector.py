@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """bouwsteen primary detector: tells HAProxy which PostgreSQL host is primary or standby.
 
 A drop-in replacement for pgroute66 that runs on each router host under systemd:
@@ -65,7 +64,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -364,10 +363,12 @@ class Detector:
         now = time.monotonic()
         with self._lock:
             probes = {name: self._current_probe(name, now) for name in names}
-        pending = [p.future for p in probes.values() if not p.future.done()]
-        if pending:
-            latest = max(p.deadline for p in probes.values() if not p.future.done())
-            concurrent.futures.wait(pending, timeout=max(0.0, latest - time.monotonic()))
+        # Each probe is waited for only until its own deadline: a hung probe reused from an
+        # earlier scan must not stretch this scan to the deadline of the fresh ones.
+        for probe in sorted(probes.values(), key=lambda p: p.deadline):
+            remaining = probe.deadline - time.monotonic()
+            if remaining > 0 and not probe.future.done():
+                concurrent.futures.wait([probe.future], timeout=remaining)
         return {name: self._state(name, probe) for name, probe in probes.items()}
 
     def _current_probe(self, name: str, now: float) -> _Probe:
@@ -387,20 +388,22 @@ class Detector:
             if not isinstance(state, HostState):
                 raise TypeError(f"probe returned {type(state).__name__}, not HostState")
             return _Outcome(state, None, time.monotonic())
-        except Exception as exc:  # every failure only means "unavailable"
-            return _Outcome(UNAVAILABLE, f"{type(exc).__name__}: {exc}".strip(), time.monotonic())
+        except Exception as exc:  # noqa: BLE001 - every failure only means "unavailable"
+            # libpq messages span lines ("\n\tIs the server running..."); keep one log line.
+            text = " ".join(f"{type(exc).__name__}: {exc}".split())
+            return _Outcome(UNAVAILABLE, text, time.monotonic())
 
     def _state(self, name: str, probe: _Probe) -> HostState:
         if not probe.future.done():
-            self._throttle.warn(name, f"host {name}: no answer within {self.query_timeout:g}s "
-                                      f"(probe running for {time.monotonic() - probe.started:.1f}s)")
+            # No elapsed time in the text: a changing message would defeat the throttle.
+            self._throttle.warn(name, f"host {name}: unavailable: no answer within "
+                                      f"{self.query_timeout:g}s")
             self._note_role(name, None)
             return UNAVAILABLE
         outcome = probe.future.result()
         if outcome.error is None and outcome.finished > probe.deadline:
             # Answered, but too late to have been used by the scan that asked; keep it consistent.
-            state, error = UNAVAILABLE, (f"answered after {outcome.finished - probe.started:.2f}s, "
-                                         f"deadline {self.query_timeout:g}s")
+            state, error = UNAVAILABLE, f"answered after the {self.query_timeout:g}s deadline"
         else:
             state, error = outcome.state, outcome.error
         with self._lock:
@@ -579,8 +582,8 @@ class PsycopgProber:
         if conn is not None:
             try:
                 conn.close()
-            except Exception:  # closing a broken connection must not mask the real error
-                pass
+            except Exception as exc:  # noqa: BLE001 - closing must not mask the real error
+                log.debug("host %s: close failed: %s", name, exc)
 
     def close(self) -> None:
         for name in list(self._conns):
@@ -612,13 +615,13 @@ class _Handler(BaseHTTPRequestHandler):
         if with_body:
             self.wfile.write(payload)
 
-    def do_GET(self) -> None:  # noqa: N802 - name fixed by BaseHTTPRequestHandler
+    def do_GET(self) -> None:  # name fixed by BaseHTTPRequestHandler
         self._respond(with_body=True)
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._respond(with_body=False)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         # HAProxy checks every 2 s per server; access logs at info would flood the journal.
         log.debug("%s %s", self.address_string(), format % args)
 
