@@ -68,7 +68,8 @@ def wait_until_router_routes(cluster: str, host: str, timeout: float = 60) -> st
             if health != "200":
                 raise NotYet(f"detector /healthz answers {health or 'nothing'}")
             rows = _stats(remote, routing.stats_port)
-            up = [r["svname"] for r in rows if r.get("pxname") == "postgres_rw" and r.get("status") == "UP"]
+            up = [r["svname"] for r in rows if r.get("pxname") == "postgres_rw" and r.get("status") == "UP"
+                  and r.get("svname") not in ("FRONTEND", "BACKEND")]
             if len(up) != 1:
                 raise NotYet(f"rw servers UP: {up}")
             return up[0]
