@@ -33,7 +33,7 @@ def _versions_differ(new, reference, packages: list[str]) -> list[str]:
     ]
 
 
-@flow(name="add_standby")
+@flow(name="add_standby", persist_result=True)
 def add_standby(cluster: str = "lab", host: str = "pg4", max_lag_bytes: int = 16 * 1024 * 1024,
                 timeout_seconds: int = 600, dry_run: bool = False) -> dict:
     """1. Pre-flight  2. Plan  3. Act  4. Verify: the new host streams with lag under the threshold."""

@@ -17,7 +17,7 @@ from tasks.planning.build import plan_build
 from tasks.reporting import plan_markdown
 
 
-@flow(name="backup_server_rollout")
+@flow(name="backup_server_rollout", persist_result=True)
 def backup_server_rollout(cluster: str = "lab", dry_run: bool = False) -> dict:
     """1. Pre-flight  2. Plan  3. Act (service, bucket, prefix)  4. Verify (put/get/delete round trip)."""
     logger = get_run_logger()

@@ -29,7 +29,7 @@ class BackupTooOld(RuntimeError):
     """The newest good backup is older than the freshness limit: someone must look, tonight."""
 
 
-@flow(name="scheduled_basebackup")
+@flow(name="scheduled_basebackup", persist_result=True)
 def scheduled_basebackup(cluster: str = "lab", force: bool = False, skip_window_hours: float = 23,
                          freshness_limit_hours: float = 26, keep_full: int | None = None) -> dict:
     """1. Pre-flight (source, existing backups)  2. Plan (skip or run)  3. Act (backup, retention)

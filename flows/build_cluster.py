@@ -32,7 +32,7 @@ from tasks.planning.build import plan_build
 from tasks.reporting import plan_markdown
 
 
-@flow(name="build_cluster")
+@flow(name="build_cluster", persist_result=True)
 def build_cluster(cluster: str = "lab", dry_run: bool = False, adopt_existing: bool = False) -> dict:
     """Build (or converge) the cluster: etcd, the HA manager, PostgreSQL, roles.
 

@@ -59,7 +59,7 @@ def is_host_reachable(cluster: str, host: str) -> dict:
     return asdict(facts)
 
 
-@flow(name="check_hosts", log_prints=False)
+@flow(name="check_hosts", persist_result=True)
 def check_hosts(cluster: str = "lab") -> list[dict]:
     """1. Pre-flight: load the inventory. 2. Act: reach every host in parallel. 3. Report."""
     logger = get_run_logger()

@@ -130,6 +130,87 @@ def cmd_blocks(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    from deployments.server import apply_environment, is_healthy, ui_url
+
+    apply_environment()
+    if not is_healthy():
+        print("no Prefect server answers at PREFECT_API_URL; start one with `bouwsteen server start`", file=sys.stderr)
+        return 2
+    from deployments.deploy import SCHEDULES, deploy_all
+
+    result = deploy_all(args.cluster, notify_url=args.notify_url, schedules_active=not args.paused_schedules)
+    for full_name in result.deployments:
+        flow_name = full_name.split("/")[0]
+        when = "; ".join(f"{s.cron} {s.parameters or ''}".strip() for s in SCHEDULES.get(flow_name, []))
+        paused = " (paused)" if when and args.paused_schedules else ""
+        print(f"  {full_name:<34} {when + ' Europe/Amsterdam' + paused if when else 'on demand'}")
+    print(f"{len(result.deployments)} deployments on work pool {result.work_pool!r}; "
+          f"failed/crashed runs notify {result.notify_url} — {ui_url()}/deployments")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from deployments.server import apply_environment, is_healthy
+    from deployments.worker import start_worker, stop_worker
+
+    apply_environment()
+    if args.worker_command == "start":
+        if not is_healthy():
+            print("no Prefect server answers at PREFECT_API_URL; start one with `bouwsteen server start`",
+                  file=sys.stderr)
+            return 2
+        handle = start_worker(args.name, limit=args.limit)
+        print(f"worker {handle.name!r} {'started' if handle.started else 'already running'} "
+              f"(pid {handle.pid}, pool bouwsteen, log {handle.log})")
+    elif args.worker_command == "stop":
+        print(f"worker {args.name!r} stopped" if stop_worker(args.name) else f"no worker {args.name!r} was running")
+    return 0
+
+
+def _print_run(run: dict, artifacts: list[dict]) -> None:
+    state = run["state"] or {}
+    print(f"{run['id']}  {run['name']}  {state.get('name', '?')}  tags={','.join(sorted(run['tags']))}")
+    if state.get("message"):
+        print(f"  {state['message']}")
+    for artifact in artifacts:
+        print(f"  artifact {artifact.get('key') or artifact['id']} ({artifact['type']}): "
+              f"{artifact.get('description') or ''}".rstrip(": "))
+
+
+def cmd_ticket(args) -> int:
+    from deployments.server import apply_environment
+    from deployments.tickets import (FINAL_STATES, TicketError, create_run, find_deployment, read_artifacts,
+                                     read_run, unknown_parameters, wait_for_run)
+
+    apply_environment()
+    try:
+        if args.ticket_command == "status":
+            run = read_run(args.run_id)
+            _print_run(run, read_artifacts(args.run_id))
+            return 0 if run["state"]["type"] == "COMPLETED" else 1 if run["state"]["type"] in FINAL_STATES else 3
+        deployment = find_deployment(args.flow, args.deployment)
+        params = parse_params(args.param or [])
+        unknown = unknown_parameters(deployment, params)
+        if unknown:
+            print(f"refused: {args.flow} has no parameter(s) {', '.join(sorted(unknown))}", file=sys.stderr)
+            return 2
+        created = create_run(deployment["id"], args.ticket, params)
+        print(f"ticket {args.ticket}: {'created' if created.created else 'already had'} flow run "
+              f"{created.id} ({created.name}), {created.state}")
+        if not args.wait:
+            return 0
+        run = wait_for_run(created.id, timeout=args.timeout)
+        _print_run(run, read_artifacts(created.id))
+        return 0 if run["state"]["type"] == "COMPLETED" else 1
+    except TicketError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except TimeoutError as exc:
+        print(exc, file=sys.stderr)
+        return 3
+
+
 def cmd_demo(args) -> int:
     from deployments.demo import run_demo
 
@@ -163,6 +244,33 @@ def build_parser() -> argparse.ArgumentParser:
     blocks.add_argument("--store-cert")
     blocks.add_argument("--store-key")
     blocks.set_defaults(handler=cmd_blocks)
+
+    deploy = sub.add_parser("deploy", help="register the work pool, one deployment per flow, schedules and the "
+                                           "failure notification")
+    deploy.add_argument("--cluster", default="lab", help="cluster the deployments are for (their name)")
+    deploy.add_argument("--notify-url", help="webhook for failed/crashed runs (default $BOUWSTEEN_NOTIFY_URL)")
+    deploy.add_argument("--paused-schedules", action="store_true",
+                        help="register the schedules inactive (a lab shared with others, tests)")
+    deploy.set_defaults(handler=cmd_deploy)
+
+    worker = sub.add_parser("worker", help="the process worker that runs deployments from this checkout")
+    worker.add_argument("worker_command", choices=["start", "stop"])
+    worker.add_argument("--name", default="bouwsteen-worker")
+    worker.add_argument("--limit", type=int, help="at most this many flow runs at once")
+    worker.set_defaults(handler=cmd_worker)
+
+    ticket = sub.add_parser("ticket", help="start or follow a run the way a ticketing system does (REST)")
+    ticket_sub = ticket.add_subparsers(dest="ticket_command", required=True)
+    ticket_run = ticket_sub.add_parser("run", help="create a flow run of a deployment for a ticket (idempotent)")
+    ticket_run.add_argument("flow", choices=sorted(FLOWS))
+    ticket_run.add_argument("--deployment", required=True, help="deployment name, i.e. the cluster")
+    ticket_run.add_argument("--ticket", required=True, help="ticket id: tag and idempotency key")
+    ticket_run.add_argument("--param", action="append", metavar="KEY=VALUE", help="flow parameter; VALUE may be JSON")
+    ticket_run.add_argument("--wait", action="store_true", help="poll until the run ends; print its artifacts")
+    ticket_run.add_argument("--timeout", type=float, default=3600, help="seconds --wait waits")
+    ticket_status = ticket_sub.add_parser("status", help="state and artifacts of a flow run")
+    ticket_status.add_argument("run_id")
+    ticket.set_defaults(handler=cmd_ticket)
 
     demo = sub.add_parser("demo", help="lab up, Prefect server, blocks, then every lifecycle flow")
     demo.add_argument("--skip", action="append", help="flow to leave out")

@@ -47,7 +47,7 @@ def _compare_markers(source: list[list[str]], restored: list[list[str]], last_co
     return f"{len(restored)} marker row(s) match the source up to the target"
 
 
-@flow(name="restore_drill")
+@flow(name="restore_drill", persist_result=True)
 def restore_drill(cluster: str = "lab", target: str = "latest", backup: str | None = None, keep: bool = False,
                   replace_kept: bool = False) -> dict:
     """1. Pre-flight  2. Plan (which backup, which target)  3. Act (fetch, recover)  4. Verify  5. Tear down."""

@@ -21,7 +21,7 @@ from tasks.routing import (
 )
 
 
-@flow(name="routing_rollout")
+@flow(name="routing_rollout", persist_result=True)
 def routing_rollout(cluster: str = "lab", dry_run: bool = False) -> dict:
     """1. Pre-flight  2. Plan  3. Act, one router at a time  4. Verify through the VIP."""
     logger = get_run_logger()

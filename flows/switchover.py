@@ -60,7 +60,7 @@ def _verify(cluster: str, new_primary: str, old_primary: str | None, timeline: T
     return rows
 
 
-@flow(name="switchover")
+@flow(name="switchover", persist_result=True)
 def switchover(cluster: str = "lab", candidate: str | None = None, max_lag_bytes: int = 1024 * 1024,
                max_transaction_age_seconds: float = 300) -> dict:
     """1. Pre-flight (read-only)  2. Plan  3. Act through the HA driver  4. Verify."""
@@ -89,7 +89,7 @@ def switchover(cluster: str = "lab", candidate: str | None = None, max_lag_bytes
     return {"old_primary": old, "new_primary": new, "timeline": timeline.rows, "topology": rows}
 
 
-@flow(name="failover")
+@flow(name="failover", persist_result=True)
 def failover(cluster: str = "lab", force: bool = False, max_data_loss_bytes: int = 1024 * 1024,
              decision_timeout_seconds: int = 3600) -> dict:
     """For a dead primary: promote the most advanced standby; ask a human when that may lose data."""

@@ -34,7 +34,7 @@ class JobFailed(RuntimeError):
     pass
 
 
-@flow(name="tab_job")
+@flow(name="tab_job", persist_result=True)
 def tab_job(cluster: str = "lab", job: str = "purge_audit_log", source: str = str(DEFAULT_JOBS),
             revision: str = "main", fail_on_step_error: bool = True) -> dict:
     """1. Pre-flight (job file valid, target nodes from the live cluster)  2. Plan (waves)
