@@ -8,9 +8,11 @@ tasks never cache.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 from prefect import get_run_logger, task
+from prefect.exceptions import MissingContextError
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
@@ -61,8 +63,15 @@ def once(fn: Callable | None = None, *, name: str | None = None, timeout_seconds
 
 
 def say(sentence: str) -> str:
-    """Log a step's one-sentence outcome and return it (tasks end with this)."""
-    get_run_logger().info(sentence)
+    """Log a step's one-sentence outcome and return it (tasks end with this).
+
+    Outside a Prefect run (a plain script calling a step's `.fn`, as the overhead benchmark does)
+    the sentence goes to the standard logger instead."""
+    try:
+        logger = get_run_logger()
+    except MissingContextError:
+        logger = logging.getLogger("bouwsteen")
+    logger.info(sentence)
     return sentence
 
 

@@ -1,0 +1,386 @@
+"""Every figure in one run on the lab: `.venv/bin/python -m benchmarks.run` → benchmarks/REPORT.md.
+
+Destructive for the lab: it starts from bare hosts (lab down/up) and kills hosts on purpose.
+Ratios and medians are measured within this one run; nothing here is asserted by the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent
+PORT = 4220
+COMMAND = ".venv/bin/python -m benchmarks.run"
+VIP = "172.29.66.100"
+
+
+def log(text: str) -> None:
+    print(f"[{datetime.now().strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def setup_prefect() -> None:
+    os.environ["BOUWSTEEN_PREFECT_HOME"] = str(Path(os.environ.get("BOUWSTEEN_HOME", "/var/lib/bouwsteen")) / "prefect-bench")
+    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{PORT}/api"
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    from deployments.server import apply_environment, start_server
+
+    apply_environment(PORT)
+    start_server(PORT)
+
+
+def fresh_lab(lab) -> dict:
+    from blocks.register import ClusterFiles, register_cluster
+
+    lab.down()
+    summary = lab.up(pip=str(Path(sys.executable).with_name("pip")))
+    register_cluster(ClusterFiles.for_lab(lab.paths.lab))
+    return summary
+
+
+def ssh(lab, host: str, command: str, check: bool = True) -> str:
+    from lab.topology import host_by_name
+
+    result = subprocess.run(lab.ssh_argv(host_by_name(host)) + [command], capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=3600)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{host}: {command}: {result.stderr.strip()[-300:]}")
+    return result.stdout
+
+
+def completed(state):
+    if not state.is_completed():
+        raise RuntimeError(f"flow failed: {state.message}")
+    return state.result()
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def bench_image(results: dict) -> None:
+    from lab.image import build_image
+    from lab.paths import LabPaths
+
+    scratch = Path(tempfile.mkdtemp(prefix="bouwsteen-image-bench-", dir="/var/tmp"))
+    try:
+        started = time.monotonic()
+        build_image(LabPaths(scratch), force=True, pip=str(Path(sys.executable).with_name("pip")))
+        results["image_build_s"] = round(time.monotonic() - started, 1)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    log(f"image build: {results['image_build_s']}s")
+
+
+def host_rss_mib(machine) -> float:
+    total = 0
+    for pid in machine.pids():
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def bench_lab_up(lab, results: dict) -> None:
+    lab.down()
+    started = time.monotonic()
+    summary = lab.up()
+    results["lab_up_s"] = round(time.monotonic() - started, 1)
+    time.sleep(5)
+    rss = [host_rss_mib(m) for m in lab.machines()]
+    results["idle_host_rss_mib"] = round(statistics.mean(rss), 1)
+    results["lab_up_hosts"] = len(summary["hosts"])
+    log(f"lab up: {results['lab_up_s']}s for {len(summary['hosts'])} hosts, {results['idle_host_rss_mib']} MiB RSS per idle host")
+
+
+def bench_build(lab, results: dict) -> None:
+    from benchmarks.plain_build import plain_build
+    from flows.build_cluster import build_cluster
+
+    fresh_lab(lab)
+    results["plain_build_s"] = round(plain_build("lab"), 1)
+    log(f"build as a plain script: {results['plain_build_s']}s")
+    fresh_lab(lab)
+    started = time.monotonic()
+    completed(build_cluster(cluster="lab", return_state=True))
+    results["build_cluster_s"] = round(time.monotonic() - started, 1)
+    results["orchestration_overhead_ratio"] = round(results["build_cluster_s"] / results["plain_build_s"], 3)
+    log(f"build_cluster flow: {results['build_cluster_s']}s; ratio {results['orchestration_overhead_ratio']}")
+
+
+def setup_rest(results: dict) -> None:
+    from flows.backup_server import backup_server_rollout
+    from flows.build_cluster import build_cluster
+    from flows.routing import routing_rollout
+
+    completed(backup_server_rollout(cluster="lab", return_state=True))
+    completed(build_cluster(cluster="lab", return_state=True))
+    completed(routing_rollout(cluster="lab", return_state=True))
+
+
+def enable_sync(on: bool) -> None:
+    from blocks.inventory import Inventory
+    from blocks.register import save_inventory
+    from flows.build_cluster import build_cluster
+    from tasks.context import context_for
+
+    inv = context_for("lab", fresh=True).inventory
+    doc = inv.model_dump(mode="json")
+    doc["cluster"]["postgres"]["synchronous_replication"] = on
+    save_inventory(Inventory.model_validate(doc))
+    completed(build_cluster(cluster="lab", return_state=True))
+
+
+def probe():
+    from tasks.adapters.avprobe import AvailabilityProbe
+    from tasks.context import context_for
+
+    ctx = context_for("lab", fresh=True)
+    return AvailabilityProbe(ctx.application_endpoint(VIP, 5432), max_seconds=300)
+
+
+def primary() -> str:
+    from tasks.cluster import read_view
+    from tasks.context import context_for
+
+    return read_view(context_for("lab")).leader
+
+
+def wait_streaming(timeout: float = 300) -> None:
+    from tasks.cluster import wait_until_replicas_streaming
+
+    wait_until_replicas_streaming.fn("lab", timeout=timeout)
+
+
+def bench_switchovers(results: dict, traces: dict) -> None:
+    from flows.switchover import switchover
+
+    gaps, lost = [], 0
+    for i in range(5):
+        p = probe().start()
+        time.sleep(2)
+        completed(switchover(cluster="lab", return_state=True))
+        time.sleep(2)
+        report = p.stop()
+        missing = p.missing_acknowledged()
+        gaps.append(round(report.longest_gap(), 2))
+        lost += len(missing)
+        if i == 0:
+            traces["switchover"] = report
+        log(f"switchover {i + 1}: write gap {gaps[-1]}s, {len(missing)} acknowledged writes lost")
+    results["switchover_gaps_s"] = gaps
+    results["switchover_gap_median_s"] = statistics.median(gaps)
+    results["switchover_lost_writes"] = lost
+
+
+def bench_hard_failover(lab, results: dict, traces: dict) -> None:
+    old = primary()
+    p = probe().start()
+    time.sleep(3)
+    lab.kill(old)
+    from tasks.roles import wait_until_primary_is
+
+    new = wait_until_primary_is.fn("lab", None, not_host=old, timeout=120)
+    time.sleep(3)
+    report = p.stop()
+    traces["hard_failover"] = report
+    lost = p.missing_acknowledged()
+    results["hard_failover_gap_s"] = round(report.longest_gap(), 2)
+    results["hard_failover_lost_writes"] = len(lost)
+    results["hard_failover"] = f"{old} → {new}"
+    log(f"hard failover {old} → {new}: write gap {results['hard_failover_gap_s']}s, {len(lost)} acknowledged writes lost")
+    lab.start(old)
+    wait_streaming(600)
+
+
+def bench_router_failover(lab, results: dict) -> None:
+    from tasks.context import context_for
+    from tasks.routing import vip_holders
+
+    holder = vip_holders(context_for("lab"))[0]
+    p = probe().start()
+    time.sleep(3)
+    lab.stop(holder)
+    time.sleep(8)
+    report = p.stop()
+    lost = p.missing_acknowledged()
+    results["router_failover_gap_s"] = round(report.longest_gap(), 2)
+    results["router_failover_lost_writes"] = len(lost)
+    log(f"router failover ({holder} off): write gap {results['router_failover_gap_s']}s, {len(lost)} lost")
+    lab.start(holder)
+
+
+def bench_backup_and_restore(lab, results: dict) -> None:
+    from flows.basebackup import scheduled_basebackup
+    from flows.restore_drill import restore_drill
+    from tasks.restore import ensure_drill_torn_down
+
+    leader = primary()
+    log("loading ~1 GiB with pgbench -i -s 68")
+    ssh(lab, leader, "runuser -u postgres -- /usr/lib/postgresql/15/bin/pgbench -q -i -s 68 -h /var/run/postgresql app")
+    wait_streaming(600)
+    size = int(ssh(lab, leader, "runuser -u postgres -- psql -XAt -c 'select sum(pg_database_size(oid)) from pg_database'").strip())
+    results["database_bytes"] = size
+    source = next(h for h in ("pg2", "pg3", "pg1") if h != leader)
+    raw = ssh(lab, source, "rm -rf /var/tmp/raw-bb && install -d -o postgres /var/tmp/raw-bb && "
+                           "s=$(date +%s.%N); runuser -u postgres -- pg_basebackup -D /var/tmp/raw-bb -X none "
+                           "--checkpoint=fast --no-sync -h /var/run/postgresql; e=$(date +%s.%N); "
+                           "python3 -c \"print($e - $s)\"; du -sb /var/tmp/raw-bb | cut -f1; rm -rf /var/tmp/raw-bb").split()
+    raw_s, raw_bytes = float(raw[0]), int(raw[1])
+    report = completed(scheduled_basebackup(cluster="lab", force=True, return_state=True))
+    backup = report["backup"]
+    flow_mib_s = backup["size_mib"] / backup["duration_s"]
+    raw_mib_s = raw_bytes / 2**20 / raw_s
+    results.update(raw_basebackup_s=round(raw_s, 1), raw_basebackup_mib_s=round(raw_mib_s, 1),
+                   flow_backup_s=backup["duration_s"], flow_backup_mib_s=round(flow_mib_s, 1),
+                   backup_throughput_ratio=round(flow_mib_s / raw_mib_s, 3), backup_source=backup["host"])
+    log(f"backup: flow {flow_mib_s:.1f} MiB/s vs raw pg_basebackup {raw_mib_s:.1f} MiB/s → {results['backup_throughput_ratio']}")
+
+    drill = completed(restore_drill(cluster="lab", return_state=True))
+    ready = drill["fetch_s"] + drill["recover_s"]
+    out = ssh(lab, "restore1",
+              "d=/var/lib/postgresql/15/main; rm -rf $d && install -d -o postgres -m 0700 $d && s=$(date +%s.%N); "
+              f"runuser -u postgres -- pgbackrest --stanza=lab --pg1-path=$d --set={drill['backup']} --archive-mode=off "
+              "--type=default restore && printf \"listen_addresses='localhost'\\narchive_mode=off\\n\" >> $d/postgresql.auto.conf && "
+              "runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_ctl -D $d -l /var/tmp/raw.log -w -t 1800 start >/dev/null && "
+              "until [ \"$(runuser -u postgres -- psql -XAt -h /var/run/postgresql -c 'select pg_is_in_recovery()')\" = f ]; do sleep 0.2; done; "
+              "e=$(date +%s.%N); python3 -c \"print($e - $s)\"; runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_ctl -D $d -m fast stop >/dev/null; rm -rf $d")
+    raw_ready = float(out.split()[0])
+    ensure_drill_torn_down.fn("lab")
+    results.update(drill_ready_s=round(ready, 1), raw_restore_ready_s=round(raw_ready, 1),
+                   restore_ready_ratio=round(ready / raw_ready, 3), drill_rto_s=drill["rto_s"])
+    log(f"restore: drill ready {ready:.1f}s vs raw {raw_ready:.1f}s → {results['restore_ready_ratio']}")
+
+
+def plot(traces: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(traces), 1, figsize=(10, 3.2 * len(traces)))
+    axes = axes if len(traces) > 1 else [axes]
+    for ax, (title, report) in zip(axes, traces.items()):
+        t0 = report.attempts[0].sent
+        ok = [(a.sent - t0, a.latency * 1000) for a in report.attempts if a.latency is not None]
+        bad = [a.sent - t0 for a in report.attempts if a.latency is None]
+        ax.plot([x for x, _ in ok], [y for _, y in ok], ".", markersize=3, label="acknowledged insert (latency)")
+        if bad:
+            ax.plot(bad, [1] * len(bad), "rx", markersize=4, label="failed insert")
+        start, end = report.gap_window()
+        ax.axvspan(start - t0, end - t0, color="orange", alpha=0.3, label=f"longest gap {end - start:.2f}s")
+        ax.set_yscale("log")
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("ms")
+        ax.set_title(f"writes through the VIP every 100 ms: {title.replace('_', ' ')}")
+        ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+REPORT_ROWS = [
+    ("lab up, 8 hosts (image present)", "lab_up_s", "s", "≤ 60 s"),
+    ("image build", "image_build_s", "s", "—"),
+    ("memory per idle host (RSS)", "idle_host_rss_mib", "MiB", "—"),
+    ("build_cluster on bare hosts", "build_cluster_s", "s", "≤ 120 s"),
+    ("orchestration overhead (flow ÷ plain script)", "orchestration_overhead_ratio", "×", "≤ 1.15"),
+    ("planned switchover write gap, sync replication, median of 5", "switchover_gap_median_s", "s", "≤ 3 s"),
+    ("acknowledged writes lost in 5 switchovers", "switchover_lost_writes", "", "0"),
+    ("hard failover write gap (primary host killed)", "hard_failover_gap_s", "s", "≤ 23 s"),
+    ("acknowledged writes lost in the hard failover", "hard_failover_lost_writes", "", "counted"),
+    ("router failover write gap (VIP holder powered off)", "router_failover_gap_s", "s", "≤ 3 s"),
+    ("basebackup throughput ÷ raw pg_basebackup", "backup_throughput_ratio", "×", "≥ 0.8"),
+    ("restore-drill ready time ÷ raw restore + recovery", "restore_ready_ratio", "×", "≤ 1.2"),
+]
+
+
+def write_report(results: dict) -> None:
+    (OUT / "report.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    lines = [
+        "# bouwsteen benchmark report",
+        "",
+        f"Measured {results.get('measured_at')} on this machine ({os.cpu_count()} cores), one run of `{COMMAND}`.",
+        "Every ratio compares two measurements taken in that same run. Raw figures are in `report.json`.",
+        "",
+        "| figure | value | goal | reproduce |",
+        "|---|---|---|---|",
+    ]
+    for label, key, unit, goal in REPORT_ROWS:
+        value = results.get(key, "not measured")
+        lines.append(f"| {label} | {value} {unit} | {goal} | `{COMMAND} --only {FIGURE_OF[key]}` |")
+    lines += [
+        "",
+        "Anchors: stolon's default `failInterval` is 20 s (unplanned failover ≈ 25–40 s at defaults); "
+        "PgVillage's avchecker only reports gaps ≥ 7.5 s (1.5 × its 5 s interval).",
+        "",
+        f"Switchover gaps (s): {results.get('switchover_gaps_s')}. Hard failover: {results.get('hard_failover', '—')}.",
+        f"Backup: flow {results.get('flow_backup_mib_s')} MiB/s ({results.get('flow_backup_s')} s, from "
+        f"{results.get('backup_source')}) vs raw pg_basebackup {results.get('raw_basebackup_mib_s')} MiB/s "
+        f"({results.get('raw_basebackup_s')} s) of a {round(results.get('database_bytes', 0) / 2**30, 2)} GiB cluster.",
+        f"Restore: drill ready {results.get('drill_ready_s')} s (RTO with verification {results.get('drill_rto_s')} s) "
+        f"vs raw pgBackRest restore + recovery {results.get('raw_restore_ready_s')} s.",
+        "",
+        "![write latency and gaps through the VIP](writes.png)",
+        "",
+    ]
+    (OUT / "REPORT.md").write_text("\n".join(lines))
+
+
+FIGURE_OF = {
+    "lab_up_s": "lab", "image_build_s": "image", "idle_host_rss_mib": "lab", "build_cluster_s": "build",
+    "orchestration_overhead_ratio": "build", "switchover_gap_median_s": "roles", "switchover_lost_writes": "roles",
+    "hard_failover_gap_s": "roles", "hard_failover_lost_writes": "roles", "router_failover_gap_s": "roles",
+    "backup_throughput_ratio": "backup", "restore_ready_ratio": "backup",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", action="append", choices=["image", "lab", "build", "roles", "backup"])
+    args = parser.parse_args(argv)
+    only = set(args.only or ["image", "lab", "build", "roles", "backup"])
+    from lab.manager import Lab
+
+    lab = Lab()
+    previous = json.loads((OUT / "report.json").read_text()) if (OUT / "report.json").exists() else {}
+    results: dict = {**previous, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    traces: dict = {}
+    setup_prefect()
+    if "image" in only:
+        bench_image(results)
+    if "lab" in only:
+        bench_lab_up(lab, results)
+    if "build" in only:
+        bench_build(lab, results)
+    if only & {"roles", "backup"}:
+        if "build" not in only:
+            fresh_lab(lab)
+        setup_rest(results)
+    if "roles" in only:
+        enable_sync(True)
+        bench_switchovers(results, traces)
+        bench_hard_failover(lab, results, traces)
+        bench_router_failover(lab, results)
+        enable_sync(False)
+        plot(traces, OUT / "writes.png")
+    if "backup" in only:
+        bench_backup_and_restore(lab, results)
+    write_report(results)
+    log(f"wrote {OUT / 'REPORT.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
