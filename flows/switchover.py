@@ -73,11 +73,16 @@ def switchover(cluster: str = "lab", candidate: str | None = None, max_lag_bytes
         if check["refusals"]:
             raise PreflightRefused("refused, nothing changed:\n" + "\n".join(check["refusals"]))
         old, new = check["primary"], check["candidate"]
-        logger.info("2. Plan: %s hands the primary role to %s.", old, new)
-        timeline(f"pre-flight passed: {old} → {new}")
-        logger.info("3. Act: switchover through the HA manager.")
-        ensure_switchover(cluster, old, new)
-        timeline("switchover requested")
+        if check["already_done"]:
+            logger.info("2. Plan: %s already is the primary; nothing to switch (verifying only).", new)
+            timeline(f"{new} already primary")
+            old = None
+        else:
+            logger.info("2. Plan: %s hands the primary role to %s.", old, new)
+            timeline(f"pre-flight passed: {old} → {new}")
+            logger.info("3. Act: switchover through the HA manager.")
+            ensure_switchover(cluster, old, new)
+            timeline("switchover requested")
         logger.info("4. Verify: new primary, old primary streaming, rw through the VIP.")
         wait_until_primary_is(cluster, new)
         timeline(f"{new} accepts writes")

@@ -63,9 +63,12 @@ def is_switchover_safe(cluster: str, candidate: str | None, max_lag_bytes: int, 
         max_lag_bytes=max_lag_bytes, oldest_transaction_s=oldest, max_transaction_age_s=max_transaction_age_s,
         synchronous=bool(ctx.inventory.cluster.postgres.synchronous_replication),
     )
-    say(f"Switchover {primary} → {plan.candidate}: safe." if not plan.refusals else "Not safe: " + "; ".join(plan.refusals))
+    if plan.already_done:
+        say(f"{primary} already is the primary: nothing to switch.")
+    else:
+        say(f"Switchover {primary} → {plan.candidate}: safe." if not plan.refusals else "Not safe: " + "; ".join(plan.refusals))
     return {"primary": primary, "candidate": plan.candidate, "refusals": list(plan.refusals),
-            "oldest_transaction_s": round(oldest, 1)}
+            "oldest_transaction_s": round(oldest, 1), "already_done": plan.already_done}
 
 
 @step(retries=1)

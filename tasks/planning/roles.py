@@ -21,6 +21,8 @@ class CandidateState:
 class SwitchoverPlan:
     candidate: str | None
     refusals: tuple[str, ...]
+    # The requested candidate already is the primary (e.g. a rerun after the flow was killed).
+    already_done: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ def plan_switchover(
         return SwitchoverPlan(None, (f"candidate: {requested!r} is not a database host of this cluster "
                                      f"({', '.join(sorted(known_hosts))})",))
     if requested == primary:
-        return SwitchoverPlan(None, (f"candidate: {requested} is already the primary",))
+        return SwitchoverPlan(requested, (), already_done=True)
     pool = [c for c in candidates if c.name != primary]
     if requested is not None:
         chosen = next((c for c in pool if c.name == requested), None)
