@@ -39,9 +39,9 @@ def scheduled_basebackup(cluster: str = "lab", force: bool = False, skip_window_
     inv = ctx.inventory
     if inv.cluster.object_store is None:
         raise PreflightRefused(f"refused: cluster {cluster} has no object store in its inventory")
-    keep = keep_full or inv.cluster.backup_retention_full
-    if keep < 1:
-        raise PreflightRefused("refused: keep_full must be at least 1")
+    if keep_full is not None and keep_full < 1:
+        raise PreflightRefused(f"refused, nothing changed: keep_full must be at least 1, got {keep_full}")
+    keep = keep_full if keep_full is not None else inv.cluster.backup_retention_full
     report: dict = {"cluster": cluster, "ran": False}
     error: BaseException | None = None
     with cluster_lock(cluster, "scheduled_basebackup", wait_seconds=900):

@@ -1,0 +1,90 @@
+"""After the whole suite: no secret in Prefect logs or artifacts, none readable on the hosts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from labtools import lab_ssh
+
+HOSTS = ["pg1", "pg2", "pg3", "pg4", "backup1", "router1", "router2", "restore1"]
+
+
+def secret_values(lab) -> list[str]:
+    values = json.loads((lab.paths.lab / "secrets.json").read_text())
+    private_key = lab.paths.ssh_key.read_text().strip().splitlines()
+    # The SSH key's base64 body lines are secrets too; one line is enough to recognise a leak.
+    return [v for v in values.values() if isinstance(v, str) and len(v) >= 6] + [private_key[1]]
+
+
+def test_no_secret_in_prefect_logs_or_artifacts(lab, registered):
+    from prefect.client.orchestration import get_client
+
+    secrets = secret_values(lab)
+    leaks = []
+    with get_client(sync_client=True) as client:
+        offset = 0
+        while True:
+            logs = client.read_logs(limit=200, offset=offset)
+            if not logs:
+                break
+            for entry in logs:
+                leaks += [f"log {entry.id}" for s in secrets if s in entry.message]
+            offset += len(logs)
+        for artifact in client.read_artifacts(limit=1000):
+            text = json.dumps(artifact.data, default=str) + (artifact.description or "")
+            leaks += [f"artifact {artifact.key}" for s in secrets if s in text]
+        for run in client.read_flow_runs(limit=1000):
+            text = json.dumps(run.parameters, default=str)
+            leaks += [f"flow run parameters {run.name}" for s in secrets if s in text]
+    assert offset > 100, "expected the suite's logs on the server"
+    assert leaks == [], leaks
+
+
+def test_no_secret_in_a_file_readable_by_other_users_or_in_a_command_line(lab, registered):
+    secrets = secret_values(lab)
+    patterns = "\n".join(secrets) + "\n"
+    for host in HOSTS:
+        # The pattern list goes over stdin to a root-only file: never onto a command line.
+        target = lab.ssh_argv(__import__("lab.topology", fromlist=["host_by_name"]).host_by_name(host))
+        subprocess.run(target + ["umask 077; cat > /root/.secret-scan"], input=patterns, text=True, check=True,
+                       timeout=60)
+        try:
+            found = lab_ssh(lab, host, (
+                "find / -xdev \\( -path /proc -o -path /sys -o -path /dev -o -path /run/user \\) -prune -o -type f "
+                "\\( -perm -o=r -o \\( -perm -g=r ! -group root ! -group postgres ! -group etcd ! -group haproxy "
+                "! -group bouwsteen-s3 ! -group bouwsteen-detector \\) \\) -size -20M -print0 2>/dev/null "
+                "| xargs -0 -r grep -l -F -f /root/.secret-scan 2>/dev/null || true"), check=False).stdout
+            cmdlines = lab_ssh(lab, host, "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done "
+                                          "| grep -c -F -f /root/.secret-scan || true", check=False).stdout
+        finally:
+            lab_ssh(lab, host, "rm -f /root/.secret-scan", check=False)
+        assert found.strip() == "", f"{host}: secret in files readable by other users: {found}"
+        # The scan's own grep holds the pattern file name, not the values; expect no match.
+        assert cmdlines.strip() in ("0", ""), f"{host}: a secret appears in a process command line"
+
+
+def test_postgres_auth_is_scram_and_hba_is_scoped(lab, registered):
+    hba = lab_ssh(lab, "pg1", "runuser -u postgres -- psql -XAt -h /var/run/postgresql "
+                              "-c \"select type, database, user_name, address, netmask, auth_method from pg_hba_file_rules\"").stdout
+    for line in hba.splitlines():
+        kind, _db, _users, address, netmask, method = (line.split("|") + [""] * 6)[:6]
+        if kind == "local":
+            assert method == "peer", line
+        else:
+            assert method == "scram-sha-256", line
+            assert netmask == "255.255.255.255", f"not scoped to a single address: {line}"
+    passwords = lab_ssh(lab, "pg1", "runuser -u postgres -- psql -XAt -h /var/run/postgresql "
+                                    "-c \"select rolname, left(rolpassword, 14) from pg_authid where rolpassword is not null\"").stdout
+    for line in passwords.splitlines():
+        assert line.split("|")[1] == "SCRAM-SHA-256$", line
+
+
+def test_object_store_only_speaks_tls(lab, registered):
+    plain = subprocess.run(["curl", "-s", "-m", "3", "-o", "/dev/null", "-w", "%{http_code}", "http://172.29.66.21:9000/"],
+                           capture_output=True, text=True).stdout
+    assert plain in ("000", "400"), f"plain HTTP answered {plain}"
+    untrusted = subprocess.run(["curl", "-s", "-m", "3", "https://172.29.66.21:9000/"], capture_output=True).returncode
+    assert untrusted != 0, "TLS must not verify without the lab CA"
+    os.environ.get("HOME")
