@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(debootstrap iproute2 openssh-client util-linux procps psmisc python3 python3-venv python3-pip ca-certificates)
+APT_PACKAGES=(debootstrap iproute2 openssh-client util-linux procps psmisc python3 python3-venv python3-pip ca-certificates postgresql-15)
 
 install_system() {
   local missing=()

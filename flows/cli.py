@@ -174,6 +174,8 @@ def _print_run(run: dict, artifacts: list[dict]) -> None:
     if state.get("message"):
         print(f"  {state['message']}")
     for artifact in artifacts:
+        if artifact["type"] is None:
+            continue  # Prefect's own result records, not a report
         print(f"  artifact {artifact.get('key') or artifact['id']} ({artifact['type']}): "
               f"{artifact.get('description') or ''}".rstrip(": "))
 

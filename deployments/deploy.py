@@ -1,0 +1,171 @@
+"""Register bouwsteen's deployments, work pool, failure notification and automation. Idempotent.
+
+Naming: one deployment per flow and cluster, named after the cluster, so the full name is
+`<flow>/<cluster>` (`check_hosts/lab`, `switchover/prod`). Its `cluster` parameter defaults to
+that cluster; every other parameter keeps the flow's default and its type, which the server
+enforces (a bad value is refused with HTTP 409 before any run exists).
+
+Code is not pushed or packaged anywhere: each deployment's pull step changes into this
+repository checkout on the controller, where the process worker runs the entrypoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from uuid import UUID
+
+REPO = Path(__file__).resolve().parents[1]
+WORK_POOL = "bouwsteen"
+TIMEZONE = "Europe/Amsterdam"
+# Every deployment carries this tag and so does every run of it: the automation matches on it,
+# which keeps it correct when deployments for another cluster are added later.
+DEPLOYMENT_TAG = "bouwsteen"
+NOTIFY_BLOCK = "bouwsteen-failed-runs"
+AUTOMATION_NAME = "bouwsteen: failed or crashed run"
+# Nothing listens here by default; a site points it at its chat or ticket webhook.
+DEFAULT_NOTIFY_URL = "http://127.0.0.1:9099/bouwsteen/failed-run"
+
+JOBS_DIR = REPO / "deployments" / "jobs"
+
+
+@dataclass(frozen=True)
+class CronSpec:
+    cron: str
+    slug: str
+    parameters: dict = field(default_factory=dict)
+
+
+# Wall-clock times in Amsterdam, so a run stays at 01:00 local across daylight-saving changes.
+# Basebackup first, the TAB purge after it, the weekly drill on the quiet Sunday morning.
+SCHEDULES: dict[str, list[CronSpec]] = {
+    "scheduled_basebackup": [CronSpec("0 1 * * *", "nightly-basebackup")],
+    "restore_drill": [CronSpec("0 3 * * 0", "weekly-restore-drill")],
+    "tab_job": [CronSpec("30 2 * * *", "tab-purge_audit_log", {"job": "purge_audit_log"})],
+}
+
+NOTIFY_SUBJECT = "bouwsteen: {{ flow.name }}/{{ deployment.name }} {{ flow_run.state.name }}"
+NOTIFY_BODY = """\
+Flow run {{ flow_run.name }} ({{ flow_run.id }}) of deployment {{ flow.name }}/{{ deployment.name }} \
+entered {{ flow_run.state.name }}.
+Message: {{ flow_run.state.message }}
+Parameters: {{ flow_run.parameters }}
+Tags: {{ flow_run.tags }}
+"""
+
+
+@dataclass
+class DeployResult:
+    deployments: dict[str, UUID]  # "<flow>/<cluster>" -> id
+    work_pool: str
+    automation_id: UUID
+    notify_url: str
+
+
+def entrypoint(flow_name: str) -> str:
+    """flows.check_hosts:check_hosts -> flows/check_hosts.py:check_hosts (relative to the repo)."""
+    from flows.cli import FLOWS
+
+    module, attr = FLOWS[flow_name].split(":")
+    return f"{module.replace('.', '/')}.py:{attr}"
+
+
+def schedules_for(flow_name: str, *, active: bool = True) -> list:
+    from prefect.schedules import Cron
+
+    return [Cron(s.cron, timezone=TIMEZONE, active=active, parameters=s.parameters or None, slug=s.slug)
+            for s in SCHEDULES.get(flow_name, [])]
+
+
+def ensure_work_pool(name: str = WORK_POOL) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+            return
+        except ObjectNotFound:
+            pass
+        try:
+            client.create_work_pool(WorkPoolCreate(
+                name=name, type="process",
+                description="bouwsteen flows, run by `bouwsteen worker start` in the repository checkout",
+                base_job_template=ProcessWorker.get_default_base_job_template(),
+            ))
+        except ObjectAlreadyExists:
+            pass  # another `bouwsteen deploy` created it in between
+
+
+def ensure_notification_block(url: str) -> UUID:
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    block = CustomWebhookNotificationBlock(
+        name=NOTIFY_BLOCK, url=url, method="POST",
+        json_data={"subject": "{{subject}}", "body": "{{body}}", "source": "bouwsteen"},
+        timeout=10,
+    )
+    return block.save(NOTIFY_BLOCK, overwrite=True)
+
+
+def ensure_automation(block_document_id: UUID) -> UUID:
+    """One automation for every deployment tagged `bouwsteen`: updated in place when it exists."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.actions import SendNotification
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    automation = AutomationCore(
+        name=AUTOMATION_NAME,
+        description="Notify when any run of a bouwsteen deployment fails or crashes.",
+        enabled=True,
+        trigger=EventTrigger(
+            expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{DEPLOYMENT_TAG}"},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Reactive,
+            threshold=1,
+            within=0,
+        ),
+        actions=[SendNotification(block_document_id=block_document_id, subject=NOTIFY_SUBJECT, body=NOTIFY_BODY)],
+    )
+    with get_client(sync_client=True) as client:
+        existing = client.read_automations_by_name(AUTOMATION_NAME)
+        if not existing:
+            return client.create_automation(automation)
+        keep, *duplicates = existing
+        client.update_automation(keep.id, automation)
+        for extra in duplicates:  # from a race between two deploys; one notification per failure
+            client.delete_automation(extra.id)
+        return keep.id
+
+
+def deploy_flow(flow_name: str, cluster: str, *, schedules_active: bool = True) -> UUID:
+    from prefect import Flow
+
+    flow = Flow.from_source(source=str(REPO), entrypoint=entrypoint(flow_name))
+    deployment = flow.to_deployment(
+        name=cluster,
+        work_pool_name=WORK_POOL,
+        parameters={"cluster": cluster},
+        schedules=schedules_for(flow_name, active=schedules_active),
+        tags=[DEPLOYMENT_TAG, f"cluster:{cluster}"],
+        enforce_parameter_schema=True,
+    )
+    return deployment.apply()
+
+
+def deploy_all(cluster: str = "lab", *, notify_url: str | None = None, schedules_active: bool = True,
+               flows: list[str] | None = None) -> DeployResult:
+    """Work pool, one deployment per flow for `cluster`, notification block, automation."""
+    from flows.cli import FLOWS
+
+    url = notify_url or os.environ.get("BOUWSTEEN_NOTIFY_URL") or DEFAULT_NOTIFY_URL
+    ensure_work_pool()
+    ids = {f"{name}/{cluster}": deploy_flow(name, cluster, schedules_active=schedules_active)
+           for name in (flows or FLOWS)}
+    automation_id = ensure_automation(ensure_notification_block(url))
+    return DeployResult(deployments=ids, work_pool=WORK_POOL, automation_id=automation_id, notify_url=url)

@@ -1,0 +1,99 @@
+"""What a ticketing system does to start and follow a bouwsteen run: plain REST calls, no Prefect client.
+
+Kept deliberately thin: every function is one documented call of deployments/TICKETS.md, so the
+CLI (`bouwsteen ticket ...`) and the tests exercise exactly the contract a ticket system uses.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import httpx
+
+FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+class TicketError(RuntimeError):
+    """The server refused the request; the message carries its status and detail."""
+
+
+def api_url() -> str:
+    from deployments.server import api_url as default_api_url
+
+    return (os.environ.get("PREFECT_API_URL") or default_api_url()).rstrip("/")
+
+
+def _client(base_url: str | None = None, timeout: float = 30) -> httpx.Client:
+    return httpx.Client(base_url=base_url or api_url(), timeout=timeout)
+
+
+def _check(response: httpx.Response, what: str) -> dict | list:
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        raise TicketError(f"{what}: HTTP {response.status_code}: {detail}")
+    return response.json()
+
+
+def ticket_tag(ticket: str) -> str:
+    return f"ticket:{ticket}"
+
+
+def find_deployment(flow: str, deployment: str, *, base_url: str | None = None) -> dict:
+    """GET /api/deployments/name/{flow}/{deployment}"""
+    with _client(base_url) as http:
+        return _check(http.get(f"/deployments/name/{flow}/{deployment}"), f"deployment {flow}/{deployment}")
+
+
+@dataclass
+class CreatedRun:
+    id: str
+    name: str
+    state: str
+    created: bool  # False: an earlier request with this ticket id already made the run (HTTP 200, not 201)
+    body: dict
+
+
+def create_run(deployment_id: str, ticket: str, parameters: dict | None = None, *,
+               base_url: str | None = None) -> CreatedRun:
+    """POST /api/deployments/{id}/create_flow_run, the ticket id as tag and idempotency key."""
+    payload = {"parameters": parameters or {}, "tags": [ticket_tag(ticket)], "idempotency_key": ticket}
+    with _client(base_url) as http:
+        response = http.post(f"/deployments/{deployment_id}/create_flow_run", json=payload)
+    body = _check(response, f"create run for ticket {ticket}")
+    return CreatedRun(id=body["id"], name=body["name"], state=body["state"]["type"],
+                      created=response.status_code == 201, body=body)
+
+
+def read_run(run_id: str, *, base_url: str | None = None) -> dict:
+    """GET /api/flow_runs/{id}"""
+    with _client(base_url) as http:
+        return _check(http.get(f"/flow_runs/{run_id}"), f"flow run {run_id}")
+
+
+def wait_for_run(run_id: str, *, timeout: float = 900, poll: float = 2, base_url: str | None = None) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        run = read_run(run_id, base_url=base_url)
+        if run["state"] and run["state"]["type"] in FINAL_STATES:
+            return run
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"flow run {run_id} still {run['state']['name']} after {timeout:.0f}s")
+        time.sleep(poll)
+
+
+def read_artifacts(run_id: str, *, base_url: str | None = None) -> list[dict]:
+    """POST /api/artifacts/filter for the run's artifacts (the report tables), oldest first."""
+    payload = {"artifacts": {"flow_run_id": {"any_": [run_id]}}, "sort": "CREATED_DESC"}
+    with _client(base_url) as http:
+        newest_first = _check(http.post("/artifacts/filter", json=payload), f"artifacts of flow run {run_id}")
+    return list(reversed(newest_first))
+
+
+def unknown_parameters(deployment: dict, parameters: dict) -> set[str]:
+    """The server checks types but accepts names the flow does not take (the run would then crash)."""
+    return set(parameters) - set((deployment.get("parameter_openapi_schema") or {}).get("properties", {}))
