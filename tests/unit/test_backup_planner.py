@@ -1,0 +1,265 @@
+"""tasks/planning/backup.py: source choice, skip/run decision, freshness, retention, restore targets."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from tasks.adapters.backup.base import BackupInfo
+from tasks.planning.backup import (
+    BackupDecision,
+    BackupPlanError,
+    SourceCandidate,
+    choose_source,
+    decide_backup,
+    expected_after_retention,
+    freshness_problem,
+    newest_good,
+    parse_target,
+    pick_restore_backup,
+)
+
+UTC = timezone.utc
+NOW = datetime(2026, 3, 10, 12, 0, 0, tzinfo=UTC)
+
+
+def backup(name: str, finish_hours_ago: float, *, kind: str = "full", error: bool = False,
+           duration_min: float = 10) -> BackupInfo:
+    finish = NOW - timedelta(hours=finish_hours_ago)
+    return BackupInfo(name=name, kind=kind, start_time=finish - timedelta(minutes=duration_min),  # type: ignore[arg-type]
+                      finish_time=finish, error=error)
+
+
+def src(host: str, role: str = "replica", streaming: bool = True, lag: int | None = 0) -> SourceCandidate:
+    return SourceCandidate(host=host, role=role, streaming=streaming, lag_bytes=lag)
+
+
+# ----------------------------------------------------------------------------- choose_source
+
+
+@pytest.mark.parametrize(
+    ("candidates", "expected"),
+    [
+        pytest.param([src("pg1", "primary"), src("pg2", lag=10), src("pg3", lag=5)], "pg3", id="least-lag-standby"),
+        pytest.param([src("pg1", "primary"), src("pg3", lag=5), src("pg2", lag=5)], "pg2", id="tie-by-name"),
+        pytest.param([src("pg1", "primary"), src("pg2", lag=100), src("pg3", lag=101)], "pg2", id="at-limit-ok"),
+        pytest.param([src("pg1", "primary"), src("pg2", lag=101)], "pg1", id="over-limit-falls-back-to-primary"),
+        pytest.param([src("pg1", "primary"), src("pg2", streaming=False)], "pg1", id="not-streaming"),
+        pytest.param([src("pg1", "primary"), src("pg2", lag=None)], "pg1", id="unknown-lag"),
+        pytest.param([src("pg2", lag=200), src("pg1", "primary", lag=0)], "pg1", id="primary-order-independent"),
+        pytest.param([src("pg2", lag=7)], "pg2", id="standby-without-primary"),
+        pytest.param([src("pg1", "primary", streaming=False, lag=None)], "pg1", id="primary-alone"),
+    ],
+)
+def test_choose_source(candidates: list[SourceCandidate], expected: str) -> None:
+    assert choose_source(candidates, max_lag_bytes=100).host == expected
+
+
+@pytest.mark.parametrize(
+    "candidates",
+    [[], [src("pg2", streaming=False)], [src("pg2", lag=101), src("pg3", lag=None)], [src("pg2", role="unknown")]],
+)
+def test_choose_source_nothing_usable(candidates: list[SourceCandidate]) -> None:
+    with pytest.raises(BackupPlanError, match=r"^no primary and no streaming standby to take a backup from$"):
+        choose_source(candidates, max_lag_bytes=100)
+
+
+# ----------------------------------------------------------------------------- decide_backup
+
+WINDOW = timedelta(hours=20)
+
+
+@pytest.mark.parametrize(
+    ("backups", "force", "expected"),
+    [
+        pytest.param([backup("b1", 1)], True, BackupDecision(True, "pg2", "forced"), id="force-inside-window"),
+        pytest.param([], True, BackupDecision(True, "pg2", "forced"), id="force-no-backups"),
+        pytest.param([backup("b1", 2.5)], False,
+                     BackupDecision(False, None, "backup b1 is 2.5 h old, inside the 20.0 h skip window"),
+                     id="skip-window"),
+        pytest.param([backup("old", 30), backup("new", 2.5), backup("bad", 0.5, error=True)], False,
+                     BackupDecision(False, None, "backup new is 2.5 h old, inside the 20.0 h skip window"),
+                     id="skip-uses-newest-good"),
+        pytest.param([], False, BackupDecision(True, "pg2", "no good backup exists yet"), id="no-backup"),
+        pytest.param([backup("bad", 1, error=True)], False, BackupDecision(True, "pg2", "no good backup exists yet"),
+                     id="only-error-backups"),
+        pytest.param([backup("b1", 26)], False, BackupDecision(True, "pg2", "newest good backup b1 is 26.0 h old"),
+                     id="stale"),
+        pytest.param([backup("b1", 20)], False, BackupDecision(True, "pg2", "newest good backup b1 is 20.0 h old"),
+                     id="exactly-window-runs"),
+    ],
+)
+def test_decide_backup(backups: list[BackupInfo], force: bool, expected: BackupDecision) -> None:
+    assert decide_backup(backups, NOW, skip_window=WINDOW, force=force, source="pg2") == expected
+
+
+def test_newest_good_ignores_errors_and_list_order() -> None:
+    items = [backup("b3", 1, error=True), backup("b2", 5), backup("b1", 50)]
+    assert newest_good(items).name == "b2"  # type: ignore[union-attr]
+    assert newest_good([backup("x", 1, error=True)]) is None
+    assert newest_good([]) is None
+
+
+# ----------------------------------------------------------------------------- freshness_problem
+
+LIMIT = timedelta(hours=26)
+
+
+@pytest.mark.parametrize(
+    ("backups", "expected"),
+    [
+        ([], "there is no good backup at all"),
+        ([backup("bad", 1, error=True)], "there is no good backup at all"),
+        ([backup("b1", 1)], None),
+        ([backup("b1", 26)], None),
+        ([backup("b1", 27)], "the newest good backup b1 is 27.0 h old, older than the 26.0 h limit"),
+        ([backup("b1", 40), backup("b2", 30), backup("bad", 1, error=True)],
+         "the newest good backup b2 is 30.0 h old, older than the 26.0 h limit"),
+        ([backup("b1", 40), backup("b2", 3)], None),
+    ],
+)
+def test_freshness_problem(backups: list[BackupInfo], expected: str | None) -> None:
+    assert freshness_problem(backups, NOW, LIMIT) == expected
+
+
+# ----------------------------------------------------------------------------- expected_after_retention
+
+HISTORY = [
+    backup("f1", 100),
+    backup("d1", 90, kind="diff"),
+    backup("f2", 80),
+    backup("i1", 70, kind="incr"),
+    backup("f3", 60, error=True),
+    backup("f4", 40),
+    backup("f5", 20),
+]
+
+
+@pytest.mark.parametrize(
+    ("keep", "expected"),
+    [
+        (1, ["f5"]),
+        (2, ["f4", "f5"]),
+        (3, ["f2", "f4", "f5"]),
+        (4, ["f1", "f2", "f4", "f5"]),
+        (10, ["f1", "f2", "f4", "f5"]),
+    ],
+)
+def test_expected_after_retention(keep: int, expected: list[str]) -> None:
+    assert [b.name for b in expected_after_retention(HISTORY, keep)] == expected
+    assert [b.name for b in expected_after_retention(list(reversed(HISTORY)), keep)] == expected
+
+
+def test_expected_after_retention_empty() -> None:
+    assert expected_after_retention([], 3) == []
+
+
+# ----------------------------------------------------------------------------- parse_target
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("latest", None),
+        ("  LATEST ", None),
+        ("Latest", None),
+        ("2026-03-10T10:15:00+01:00", datetime(2026, 3, 10, 9, 15, tzinfo=UTC)),
+        ("2026-03-10T10:15:00Z", datetime(2026, 3, 10, 10, 15, tzinfo=UTC)),
+        (" 2026-03-10T10:15:00.250000Z ", datetime(2026, 3, 10, 10, 15, 0, 250000, tzinfo=UTC)),
+        ("2026-03-10T12:00:00+00:00", NOW),  # exactly now is not the future
+        ("2026-03-10 06:59:59-05:00", datetime(2026, 3, 10, 11, 59, 59, tzinfo=UTC)),  # space separator, west of UTC
+        ("2026-03-10 07:00:00-05:00", NOW),
+        ("2026-03-10T12:30:00+01:00", datetime(2026, 3, 10, 11, 30, tzinfo=UTC)),  # later wall clock, earlier instant
+    ],
+)
+def test_parse_target_ok(text: str, expected: datetime | None) -> None:
+    got = parse_target(text, NOW)
+    assert got == expected
+    if got is not None:
+        assert got.tzinfo is not None
+
+
+def test_parse_target_keeps_the_given_offset() -> None:
+    got = parse_target("2026-03-10T10:15:00+01:00", NOW)
+    assert got is not None and got.utcoffset() == timedelta(hours=1)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("2026-03-10T10:15:00", "target: '2026-03-10T10:15:00' has no time zone; add one (e.g. +01:00 or Z)"),
+        ("2026-03-10", "target: '2026-03-10' has no time zone; add one (e.g. +01:00 or Z)"),
+        ("2026-03-10T12:00:01Z", "target: 2026-03-10T12:00:01+00:00 is in the future (now 2026-03-10T12:00:00+00:00)"),
+        ("2027-01-01T00:00:00+01:00",
+         "target: 2027-01-01T00:00:00+01:00 is in the future (now 2026-03-10T12:00:00+00:00)"),
+        ("yesterday", "target: 'yesterday' is neither 'latest' nor an ISO-8601 time (like 2026-11-27T10:15:00+01:00)"),
+        ("", "target: '' is neither 'latest' nor an ISO-8601 time (like 2026-11-27T10:15:00+01:00)"),
+        ("2026-13-01T00:00:00Z",
+         "target: '2026-13-01T00:00:00Z' is neither 'latest' nor an ISO-8601 time (like 2026-11-27T10:15:00+01:00)"),
+        ("latest please",
+         "target: 'latest please' is neither 'latest' nor an ISO-8601 time (like 2026-11-27T10:15:00+01:00)"),
+    ],
+)
+def test_parse_target_refused(text: str, message: str) -> None:
+    with pytest.raises(BackupPlanError) as info:
+        parse_target(text, NOW)
+    assert str(info.value) == message
+
+
+# ----------------------------------------------------------------------------- pick_restore_backup
+
+RESTORE = [
+    backup("b3", 10),
+    backup("b1", 50),
+    backup("bad", 5, error=True),
+    backup("b2", 30),
+]
+
+
+def at(hours_ago: float) -> datetime:
+    return NOW - timedelta(hours=hours_ago)
+
+
+@pytest.mark.parametrize(
+    ("target", "named", "expected"),
+    [
+        pytest.param(None, None, "b3", id="latest"),
+        pytest.param(None, "b1", "b1", id="named-latest"),
+        pytest.param(at(40), "b1", "b1", id="named-target-after"),
+        pytest.param(at(50), "b1", "b1", id="named-target-equals-finish"),
+        pytest.param(at(1), "b2", "b2", id="named-target-after-newer-backup"),
+        pytest.param(at(40), None, "b1", id="target-between-b1-b2"),
+        pytest.param(at(30), None, "b2", id="target-at-b2-finish"),
+        pytest.param(at(20), None, "b2", id="target-between-b2-b3"),
+        pytest.param(at(1), None, "b3", id="target-after-all"),
+        pytest.param(at(6), None, "b3", id="error-backup-never-chosen"),
+    ],
+)
+def test_pick_restore_backup(target: datetime | None, named: str | None, expected: str) -> None:
+    assert pick_restore_backup(RESTORE, target, named).name == expected
+
+
+@pytest.mark.parametrize(
+    ("backups", "target", "named", "message"),
+    [
+        pytest.param([], None, None, "backup: the repository has no good backup to restore", id="none"),
+        pytest.param([backup("bad", 1, error=True)], None, None,
+                     "backup: the repository has no good backup to restore", id="only-error"),
+        pytest.param(RESTORE, None, "b9", "backup: 'b9' is not among the good backups (b1, b2, b3)",
+                     id="named-missing"),
+        pytest.param(RESTORE, None, "bad", "backup: 'bad' is not among the good backups (b1, b2, b3)",
+                     id="named-error-backup"),
+        pytest.param(RESTORE, at(31), "b2",
+                     f"target: {at(31).isoformat()} precedes the end of backup b2 ({at(30).isoformat()}); "
+                     "recovery cannot stop before a backup is consistent", id="target-before-named-finish"),
+        pytest.param(RESTORE, at(51),
+                     None, f"target: {at(51).isoformat()} precedes the oldest backup's end ({at(50).isoformat()}); "
+                     "nothing can be restored to that time", id="target-before-oldest"),
+    ],
+)
+def test_pick_restore_backup_refused(backups: list[BackupInfo], target: datetime | None, named: str | None,
+                                     message: str) -> None:
+    with pytest.raises(BackupPlanError) as info:
+        pick_restore_backup(backups, target, named)
+    assert str(info.value) == message
