@@ -164,7 +164,10 @@ def cmd_worker(args) -> int:
         print(f"worker {handle.name!r} {'started' if handle.started else 'already running'} "
               f"(pid {handle.pid}, pool bouwsteen, log {handle.log})")
     elif args.worker_command == "stop":
-        print(f"worker {args.name!r} stopped" if stop_worker(args.name) else f"no worker {args.name!r} was running")
+        from deployments.worker import worker_names
+
+        for name in (worker_names() or [args.name]) if args.all else [args.name]:
+            print(f"worker {name!r} stopped" if stop_worker(name) else f"no worker {name!r} was running")
     return 0
 
 
@@ -259,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("worker_command", choices=["start", "stop"])
     worker.add_argument("--name", default="bouwsteen-worker")
     worker.add_argument("--limit", type=int, help="at most this many flow runs at once")
+    worker.add_argument("--all", action="store_true", help="stop: every worker started under this PREFECT_HOME")
     worker.set_defaults(handler=cmd_worker)
 
     ticket = sub.add_parser("ticket", help="start or follow a run the way a ticketing system does (REST)")

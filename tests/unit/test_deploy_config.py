@@ -40,6 +40,7 @@ def test_schedules_are_amsterdam_wall_clock_and_tab_jobs_carry_their_job():
     ["deploy", "--cluster", "prod", "--paused-schedules"],
     ["worker", "start", "--name", "w2", "--limit", "2"],
     ["worker", "stop"],
+    ["worker", "stop", "--all"],
     ["ticket", "run", "switchover", "--deployment", "lab", "--ticket", "CHG-1", "--param", "candidate=pg2", "--wait"],
     ["ticket", "status", "6f1c0000-0000-0000-0000-000000000000"],
 ])
