@@ -71,10 +71,29 @@ def entrypoint(flow_name: str) -> str:
     return f"{module.replace('.', '/')}.py:{attr}"
 
 
+def validate_cron(expression: str) -> str:
+    """Five-field cron only: croniter also takes a sixth (seconds) field, which would silently
+    turn a nightly job into one that fires every second of that minute."""
+    from pydantic import ValidationError
+    from prefect.client.schemas.schedules import CronSchedule
+
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError(f"cron expression {expression!r}: expected 5 fields (minute hour day month weekday), "
+                         f"got {len(fields)}")
+    try:
+        CronSchedule(cron=expression, timezone=TIMEZONE)
+    except ValidationError as exc:
+        reason = "; ".join(e["msg"] for e in exc.errors())
+        raise ValueError(f"cron expression {expression!r}: {reason}") from None
+    return expression
+
+
 def schedules_for(flow_name: str, *, active: bool = True) -> list:
     from prefect.schedules import Cron
 
-    return [Cron(s.cron, timezone=TIMEZONE, active=active, parameters=s.parameters or None, slug=s.slug)
+    return [Cron(validate_cron(s.cron), timezone=TIMEZONE, active=active, parameters=s.parameters or None,
+                 slug=s.slug)
             for s in SCHEDULES.get(flow_name, [])]
 
 

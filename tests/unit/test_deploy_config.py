@@ -56,3 +56,18 @@ def test_ticket_run_requires_deployment_and_ticket():
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["ticket", "run", "check_hosts", "--ticket", "CHG-1"])
+
+
+@pytest.mark.parametrize("cron", ["0 1 * * *", "30 2 * * *", "0 3 * * sun", "*/15 1-5 * jan mon-fri"])
+def test_valid_cron_expressions_pass(cron):
+    from deployments.deploy import validate_cron
+
+    assert validate_cron(cron) == cron
+
+
+@pytest.mark.parametrize("cron", ["61 1 * * *", "0 1 * *", "every night", "0 0 * * * *", "@daily", ""])
+def test_invalid_cron_expressions_are_refused_with_the_expression(cron):
+    from deployments.deploy import validate_cron
+
+    with pytest.raises(ValueError, match="cron expression"):
+        validate_cron(cron)
