@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from blocks.inventory import Inventory
 from tasks.adapters.commands import Command, ManagedFile, Unit, script
 
-_KEY_SAFE = re.compile(r"^[A-Za-z0-9_.~+/=-]+$")
+_KEY_SAFE = re.compile(r"[A-Za-z0-9_.~+/=-]+")
 
 
 class ObjectStoreSpecError(ValueError):
@@ -35,7 +35,7 @@ class ServerSecrets:
         for field in ("admin_access_key_id", "admin_secret_access_key", "cluster_access_key_id",
                       "cluster_secret_access_key"):
             value = getattr(self, field)
-            if not value or not _KEY_SAFE.match(value):
+            if not value or not _KEY_SAFE.fullmatch(value):
                 # Never echo the value: it may be a secret.
                 raise ObjectStoreSpecError(f"object store credentials: {field} is empty or has characters "
                                            "outside [A-Za-z0-9_.~+/=-]")
@@ -147,7 +147,8 @@ class MinioServer(ObjectStoreServer):
         # mc reads its alias from MC_HOST_<alias>; kept in a root-only file, sourced by the script.
         endpoint = f"https://{secrets.admin_access_key_id}:{secrets.admin_secret_access_key}@localhost:{store.endpoint_port}"
         return [
-            ManagedFile("/etc/default/minio", env, owner="root", group=self.service_user, mode=0o640, secret=True),
+            # MinIO's unit reads it as root (EnvironmentFile) before dropping to minio-user: root-only is enough.
+            ManagedFile("/etc/default/minio", env, owner="root", mode=0o600, secret=True),
             ManagedFile(f"{certs}/public.crt", secrets.certificate_pem, owner=self.service_user, mode=0o644),
             ManagedFile(f"{certs}/private.key", secrets.private_key_pem, owner=self.service_user, mode=0o600,
                         secret=True),

@@ -74,6 +74,8 @@ def freshness_problem(backups: list[BackupInfo], now: datetime, limit: timedelta
 
 
 def expected_after_retention(backups: list[BackupInfo], keep_full: int) -> list[BackupInfo]:
+    if keep_full < 1:
+        raise BackupPlanError(f"keep_full: must be at least 1, got {keep_full}")
     fulls = [b for b in good_backups(backups) if b.kind == "full"]
     return sorted(fulls, key=lambda b: b.start_time)[-keep_full:]
 

@@ -180,13 +180,6 @@ def test_bad_routing_secrets_refused() -> None:
         all_desired(PATRONI, ClusterSecrets(db=DB, store=None, routing=RoutingSecrets("too-long-pw", "m", "p")))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=CommandError,
-    reason="BUG tasks/adapters/objectstore_server.py:150 (MinIO's /etc/default/minio is secret=True with mode "
-           "0o640, refused by ManagedFile): all_desired raises for the default object_store.server 'minio' "
-           "as soon as server secrets are given",
-)
 def test_minio_objectstore_layer() -> None:
     inv = make_inventory(server="minio")
     layers = all_desired(inv, ClusterSecrets(db=DB, store=STORE, server=SERVER))

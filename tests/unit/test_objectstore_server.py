@@ -164,12 +164,6 @@ def test_server_secrets_accepted(good: str) -> None:
         replace(SECRETS, **{field: good}).check()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG tasks/adapters/objectstore_server.py:18/38: _KEY_SAFE is '^...+$' used with re.match, and '$' "
-           "also matches before a final newline, so a key with one trailing newline (e.g. read from a file) "
-           "passes the check and lands inside RCLONE_AUTH_KEY / MINIO_ROOT_PASSWORD",
-)
 @pytest.mark.parametrize("field", FIELDS)
 def test_server_secrets_trailing_newline_refused(field: str) -> None:
     with pytest.raises(ObjectStoreSpecError):
@@ -179,14 +173,6 @@ def test_server_secrets_trailing_newline_refused(field: str) -> None:
 # ----------------------------------------------------------------------------- MinIO
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=CommandError,
-    reason="BUG tasks/adapters/objectstore_server.py:150: /etc/default/minio is ManagedFile(mode=0o640, "
-           "secret=True), which ManagedFile.__post_init__ (tasks/adapters/commands.py:120) always rejects "
-           "('a secret file must not be readable by group or others'): MinioServer.host_files raises "
-           "CommandError for every input",
-)
 def test_minio_default_file() -> None:
     inv = make_inventory(server="minio")
     files = by_path(MINIO.host_files(inv, SECRETS))
@@ -197,7 +183,7 @@ def test_minio_default_file() -> None:
         "MINIO_ROOT_USER=ADMINKEY01\n"
         "MINIO_ROOT_PASSWORD=adm1n/Secret+key=\n"
     )
-    assert (env.owner, env.group, env.mode, env.secret) == ("root", "minio-user", 0o640, True)
+    assert (env.owner, env.owner_group, env.mode, env.secret) == ("root", "root", 0o600, True)
     key = files["/home/minio-user/.minio/certs/private.key"]
     assert (key.owner, key.mode, key.secret) == ("minio-user", 0o600, True)
     assert files["/home/minio-user/.minio/certs/public.crt"].secret is False

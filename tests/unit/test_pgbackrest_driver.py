@@ -415,7 +415,7 @@ def test_restore_bad_inputs(target_dir: str, backup: str | None, message: str) -
 @pytest.mark.parametrize(
     ("result", "status", "detail"),
     [
-        (CommandResult(stdout=""), "OK", "pgbackrest check: WAL archived and repository consistent"),
+        (CommandResult(stdout=""), "OK", "pgbackrest check and verify: WAL archived, backups and WAL ranges intact"),
         (CommandResult(stdout="", stderr="ERROR: [082]: WAL segment 000000010000000000000009 was not archived\n",
                        exit_code=82),
          "FAILURE", "pgbackrest check failed (82): ERROR: [082]: WAL segment 000000010000000000000009 was not archived"),

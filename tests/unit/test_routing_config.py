@@ -325,12 +325,6 @@ def test_routing_secrets_refused(vrrp: str, monitor: str, message: str) -> None:
         router_files(INV, INV.host("router1"), secrets)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG tasks/adapters/routing/config.py:42 RoutingSecrets.check uses len() (code points) and "
-           "str.isalnum() (Unicode): 'pässwört' (8 characters, 10 UTF-8 bytes) or full-width digits are "
-           "accepted, but keepalived's auth_pass holds at most 8 bytes and truncates (with a config error)",
-)
 @pytest.mark.parametrize("vrrp", ["pässwört", "１２３４５"])
 def test_routing_secrets_vrrp_password_must_be_8_ascii_bytes(vrrp: str) -> None:
     with pytest.raises(RoutingSpecError):

@@ -39,7 +39,9 @@ class RoutingSecrets:
     monitor_password: str
 
     def check(self) -> None:
-        if not self.vrrp_password or len(self.vrrp_password) > 8 or not self.vrrp_password.isalnum():
+        # keepalived keeps 8 bytes of auth_pass: count bytes, allow ASCII letters and digits only.
+        if not self.vrrp_password or len(self.vrrp_password.encode()) > 8 or not (
+                self.vrrp_password.isascii() and self.vrrp_password.isalnum()):
             raise RoutingSpecError("routing credentials: vrrp_password must be 1-8 letters or digits (VRRP PASS)")
         if not self.monitor_password:
             raise RoutingSpecError("database credentials: monitor_password is needed by the primary detector")
