@@ -6,7 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(debootstrap iproute2 openssh-client util-linux procps psmisc python3 python3-venv python3-pip ca-certificates postgresql-15)
+# postgresql-15 on the controller only serves the test of a Prefect server on PostgreSQL; git and
+# curl are used by TAB job sources and the tests.
+APT_PACKAGES=(debootstrap iproute2 openssh-client util-linux procps psmisc python3 python3-venv python3-pip
+              ca-certificates git curl postgresql-15)
 
 install_system() {
   local missing=()
@@ -14,6 +17,10 @@ install_system() {
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
   done
   if [ "${#missing[@]}" -gt 0 ]; then
+    # The controller needs PostgreSQL's binaries, not a running default cluster on its port 5432.
+    mkdir -p /etc/postgresql-common
+    grep -qs '^create_main_cluster' /etc/postgresql-common/createcluster.conf ||
+      echo 'create_main_cluster = false' >> /etc/postgresql-common/createcluster.conf
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
   fi
