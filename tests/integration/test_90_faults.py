@@ -78,8 +78,10 @@ def test_no_acknowledged_write_lost_across_5_switchovers_and_3_hard_failovers(la
         for _ in range(3):
             old = primary()
             lab.kill(old)
-            wait_until_primary_is.fn("lab", None, not_host=old, timeout=120)
-            lab.start(old)
+            try:
+                wait_until_primary_is.fn("lab", None, not_host=old, timeout=120)
+            finally:
+                lab.start(old)
             wait_healthy(600)
     finally:
         report = probe.stop()

@@ -137,7 +137,8 @@ def hba_lines(config: dict | None = None) -> list[str]:
 
 
 def test_pg_hba_only_cluster_hosts_and_admin_networks() -> None:
-    allowed = {f"{h.address}/32" for h in INV.hosts} | set(ADMIN_NETWORKS)
+    # 127.0.0.1: Patroni's own replication connection to its local PostgreSQL.
+    allowed = {f"{h.address}/32" for h in INV.hosts} | set(ADMIN_NETWORKS) | {"127.0.0.1/32"}
     lines = hba_lines()
     assert lines, "no pg_hba lines"
     for line in lines:
@@ -159,6 +160,7 @@ def test_pg_hba_only_cluster_hosts_and_admin_networks() -> None:
     [
         ("local all postgres peer", True),
         ("local replication postgres peer", True),
+        ("host replication replicator 127.0.0.1/32 scram-sha-256", True),
         ("host replication replicator 172.29.66.11/32 scram-sha-256", True),
         ("host replication replicator 172.29.66.13/32 scram-sha-256", True),
         ("host all postgres 172.29.66.12/32 scram-sha-256", True),

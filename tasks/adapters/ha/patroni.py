@@ -84,6 +84,9 @@ class PatroniDriver(HaDriver):
         lines = [
             "local all postgres peer",
             "local replication postgres peer",
+            # Patroni asks its own PostgreSQL for timeline and LSN over a replication connection to
+            # localhost when it races for leadership; without this line no node can win a failover.
+            f"host replication {secrets.replication_user} 127.0.0.1/32 scram-sha-256",
         ]
         for host in db:
             lines.append(f"host replication {secrets.replication_user} {host.address}/32 scram-sha-256")
