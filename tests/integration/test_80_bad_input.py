@@ -55,7 +55,7 @@ def test_job_file(registered, unchanged, tmp_path):
     result = bouwsteen("run", "tab_job", "--cluster", "lab", "--param", "job=broken", "--param", f"source={tmp_path}")
     assert result.returncode != 0
     text = result.stdout + result.stderr
-    assert "broken.yml" in text and "parallel" in text and "depends" in text
+    assert "broken.yml" in text and "parallel: 0 runs nothing" in text
 
 
 @pytest.mark.parametrize("backup, needle", [
