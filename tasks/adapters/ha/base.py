@@ -87,10 +87,12 @@ class HaDriver(ABC):
 
     @abstractmethod
     def host_files(
-        self, inv: Inventory, host: HostSpec, secrets: DbSecrets, extra_parameters: dict[str, str]
+        self, inv: Inventory, host: HostSpec, secrets: DbSecrets, extra_parameters: dict[str, str],
+        restore_command: str | None = None,
     ) -> list[ManagedFile]:
         """Config, env and unit files for one database host. `extra_parameters` carries the
-        backup driver's archive settings (the hook where archiving is configured)."""
+        backup driver's archive settings (the hook where archiving is configured), and
+        `restore_command` how a standby fetches WAL from the archive."""
 
     @abstractmethod
     def host_units(self, inv: Inventory, host: HostSpec) -> list[Unit]:
