@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_table_artifact
 
 from blocks.inventory import Role, UnknownHostError
 from blocks.register import save_inventory
+from flows.runbook import publish_plan, snapshot_hosts
 from tasks.adapters.ha.base import HaStatusError
+from tasks.backup import ensure_backup_hook
 from tasks.cluster import (
     PreflightRefused,
     desired_layers,
@@ -15,14 +17,12 @@ from tasks.cluster import (
     ensure_packages,
     ensure_units,
     is_cluster_initialized,
-    is_host_ready,
     wait_until_replicas_streaming,
 )
-from tasks.backup import ensure_backup_hook
 from tasks.context import context_for
+from tasks.desired import ha_driver
 from tasks.locks import cluster_lock
 from tasks.planning.build import plan_build
-from tasks.reporting import plan_markdown
 
 
 def _versions_differ(new, reference, packages: list[str]) -> list[str]:
@@ -58,31 +58,15 @@ def add_standby(cluster: str = "lab", host: str = "pg4", max_lag_bytes: int = 16
     if view.leader == host:
         raise PreflightRefused(f"refused, nothing changed: {host} is the cluster's primary")
     names = [h.name for h in target_inv.db_hosts]
-    futures = {n: is_host_ready.submit(cluster, n, inventory=target) for n in names}
-    snapshots, refusals = {}, []
-    for name, future in futures.items():
-        try:
-            snapshots[name] = future.result()
-        except Exception as exc:
-            refusals.append(f"{name}: unreachable: {ctx.masker(str(exc)).splitlines()[0]}")
-    if refusals:
-        raise PreflightRefused("refused, nothing changed:\n" + "\n".join(refusals))
-    packages = [inv.cluster.postgres.package, "patroni" if inv.cluster.ha_manager.value == "patroni" else "stolon"]
-    refusals += _versions_differ(snapshots[host], snapshots[view.leader], packages)
+    snapshots = snapshot_hosts(ctx, names, inventory=target)
+    refusals = _versions_differ(snapshots[host], snapshots[view.leader], ha_driver(inv).packages(inv))
 
     # ------------------------------------------------------------------ 2. plan
     layers = desired_layers(context_for(cluster, inventory=target))
     wanted = [layers[n]["db"] for n in names]  # database layers only: etcd stays as it is
     plan = plan_build(cluster, wanted, snapshots, initialized=True, bootstrap_candidates=[], refusals=refusals)
-    create_markdown_artifact(key=f"add-standby-plan-{cluster}", markdown=plan_markdown("add_standby", cluster, plan, dry_run))
-    if plan.refusals:
-        for reason in plan.refusals:
-            logger.error("Refused: %s", reason)
-        raise PreflightRefused("refused, nothing changed:\n" + "\n".join(plan.refusals))
-    for row in plan.rows():
-        logger.info("2. Plan: %s: %s", row["host"], row["plan"])
+    publish_plan("add_standby", cluster, plan, dry_run=dry_run)
     if dry_run:
-        logger.info("dry_run: stopping after the plan; nothing was changed.")
         return {"plan": plan.rows(), "changed": False}
 
     # ------------------------------------------------------------------ 3. act

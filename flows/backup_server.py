@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 
+from flows.runbook import publish_plan, snapshot_hosts
 from tasks.backup import (
     ensure_bucket_and_prefix,
     ensure_object_store_prepared,
     is_object_store_working,
     wait_until_object_store_answers,
 )
-from tasks.cluster import PreflightRefused, desired_layers, ensure_files, ensure_units, is_host_ready
+from tasks.cluster import PreflightRefused, desired_layers, ensure_files, ensure_units
 from tasks.context import context_for
 from tasks.planning.build import plan_build
-from tasks.reporting import plan_markdown
 
 
 @flow(name="backup_server_rollout", persist_result=True)
@@ -35,22 +34,11 @@ def backup_server_rollout(cluster: str = "lab", dry_run: bool = False) -> dict:
         layer = desired_layers(ctx)[store.host]["objectstore"]
     except ValueError as exc:
         raise PreflightRefused(f"refused, nothing changed: {exc}") from None
-    try:
-        snapshot = is_host_ready(cluster, store.host)
-    except Exception as exc:
-        raise PreflightRefused(f"refused, nothing changed: {store.host}: unreachable: "
-                               f"{ctx.masker(str(exc)).splitlines()[0]}") from None
+    snapshot = snapshot_hosts(ctx, [store.host])[store.host]
 
     # ------------------------------------------------------------------ 2. plan
     plan = plan_build(cluster, [layer], {store.host: snapshot}, initialized=True, bootstrap_candidates=[])
-    # The marker of a cluster is no concern of a shared backup server.
-    plan = type(plan)(plan.hosts, tuple(r for r in plan.refusals if "belongs to cluster" not in r))
-    create_markdown_artifact(key=f"backup-server-plan-{cluster}",
-                             markdown=plan_markdown("backup_server_rollout", cluster, plan, dry_run))
-    if plan.refusals:
-        raise PreflightRefused("refused, nothing changed:\n" + "\n".join(plan.refusals))
-    for row in plan.rows():
-        logger.info("2. Plan: %s: %s", row["host"], row["plan"])
+    publish_plan("backup_server_rollout", cluster, plan, dry_run=dry_run)
     if dry_run:
         return {"plan": plan.rows(), "changed": False}
 

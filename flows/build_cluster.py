@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_table_artifact
 
+from flows.runbook import publish_plan, snapshot_hosts
 from tasks.adapters.ha.base import HaSpecError
+from tasks.backup import ensure_backup_hook
 from tasks.cluster import (
     PreflightRefused,
     desired_layers,
@@ -17,19 +19,16 @@ from tasks.cluster import (
     ensure_units,
     is_cluster_initialized,
     is_etcd_ours,
-    is_host_ready,
     is_replication_working,
     is_superuser_login_ok,
     wait_until_etcd_healthy,
     wait_until_primary_accepts_writes,
     wait_until_replicas_streaming,
 )
-from tasks.backup import ensure_backup_hook
 from tasks.context import context_for
 from tasks.desired import ha_driver
 from tasks.locks import cluster_lock
 from tasks.planning.build import plan_build
-from tasks.reporting import plan_markdown
 
 
 @flow(name="build_cluster", persist_result=True)
@@ -51,16 +50,8 @@ def build_cluster(cluster: str = "lab", dry_run: bool = False, adopt_existing: b
         raise PreflightRefused(f"refused, nothing changed: {exc}") from None
     layers = {name: {k: v for k, v in kinds.items() if k in ("etcd", "db")}
               for name, kinds in desired_layers(ctx).items() if {"etcd", "db"} & set(kinds)}
-    futures = {name: is_host_ready.submit(cluster, name) for name in layers}
-    snapshots, refusals = {}, []
-    for name, future in futures.items():
-        try:
-            snapshots[name] = future.result()
-        except Exception as exc:
-            refusals.append(f"{name}: unreachable: {ctx.masker(str(exc)).splitlines()[0]}")
-    if refusals:
-        raise PreflightRefused("refused, nothing changed:\n" + "\n".join(refusals))
-    refusals += is_etcd_ours(cluster)
+    snapshots = snapshot_hosts(ctx, list(layers))
+    refusals = is_etcd_ours(cluster)
     running_pg = [n for n, s in snapshots.items() if inv.cluster.postgres.port in s.listeners]
     refusals += is_superuser_login_ok(cluster, running_pg)
     ha_files = {f.path for kinds in layers.values() if "db" in kinds for f in kinds["db"].files}
@@ -73,19 +64,8 @@ def build_cluster(cluster: str = "lab", dry_run: bool = False, adopt_existing: b
         initialized=view.initialized, bootstrap_candidates=[h.name for h in inv.db_hosts],
         adopt_existing=adopt_existing, refusals=refusals,
     )
-    create_markdown_artifact(key=f"build-plan-{cluster}", markdown=plan_markdown("build_cluster", cluster, plan, dry_run),
-                             description=f"build_cluster plan for {cluster}")
-    if plan.refusals:
-        for reason in plan.refusals:
-            logger.error("Refused: %s", reason)
-        raise PreflightRefused("refused, nothing changed:\n" + "\n".join(plan.refusals))
-    if plan.is_noop:
-        logger.info("2. Plan: nothing to change; every host already matches the inventory.")
-    else:
-        for row in plan.rows():
-            logger.info("2. Plan: %s: %s", row["host"], row["plan"])
+    publish_plan("build_cluster", cluster, plan, dry_run=dry_run)
     if dry_run:
-        logger.info("dry_run: stopping after the plan; nothing was changed.")
         return {"plan": plan.rows(), "changed": False}
 
     # ------------------------------------------------------------------ 3. act

@@ -185,8 +185,16 @@ def _print_run(run: dict, artifacts: list[dict]) -> None:
 
 def cmd_ticket(args) -> int:
     from deployments.server import apply_environment
-    from deployments.tickets import (FINAL_STATES, TicketError, create_run, find_deployment, read_artifacts,
-                                     read_run, unknown_parameters, wait_for_run)
+    from deployments.tickets import (
+        FINAL_STATES,
+        TicketError,
+        create_run,
+        find_deployment,
+        read_artifacts,
+        read_run,
+        unknown_parameters,
+        wait_for_run,
+    )
 
     apply_environment()
     try:

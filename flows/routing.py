@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 
 from blocks.inventory import Role
-from tasks.cluster import PreflightRefused, desired_layers, ensure_files, ensure_packages, ensure_units, is_host_ready
+from flows.runbook import publish_plan, snapshot_hosts
+from tasks.cluster import PreflightRefused, desired_layers, ensure_files, ensure_packages, ensure_units
 from tasks.context import context_for
 from tasks.locks import cluster_lock
 from tasks.planning.build import plan_build
-from tasks.reporting import plan_markdown
 from tasks.routing import (
     ensure_router_prepared,
     is_haproxy_config_valid,
@@ -40,23 +39,11 @@ def routing_rollout(cluster: str = "lab", dry_run: bool = False) -> dict:
     except ValueError as exc:
         raise PreflightRefused(f"refused, nothing changed: {exc}") from None
     logger.info("1. Pre-flight (read-only): VIP %s on %s.", routing.vip, ", ".join(layers))
-    snapshots, refusals = {}, []
-    for name, future in {n: is_host_ready.submit(cluster, n) for n in layers}.items():
-        try:
-            snapshots[name] = future.result()
-        except Exception as exc:
-            refusals.append(f"{name}: unreachable: {ctx.masker(str(exc)).splitlines()[0]}")
-    if refusals:
-        raise PreflightRefused("refused, nothing changed:\n" + "\n".join(refusals))
+    snapshots = snapshot_hosts(ctx, list(layers))
 
     # ------------------------------------------------------------------ 2. plan
     plan = plan_build(cluster, list(layers.values()), snapshots, initialized=True, bootstrap_candidates=[])
-    plan = type(plan)(plan.hosts, tuple(r for r in plan.refusals if "belongs to cluster" not in r))
-    create_markdown_artifact(key=f"routing-plan-{cluster}", markdown=plan_markdown("routing_rollout", cluster, plan, dry_run))
-    if plan.refusals:
-        raise PreflightRefused("refused, nothing changed:\n" + "\n".join(plan.refusals))
-    for row in plan.rows():
-        logger.info("2. Plan: %s: %s", row["host"], row["plan"])
+    publish_plan("routing_rollout", cluster, plan, dry_run=dry_run)
     if dry_run:
         return {"plan": plan.rows(), "changed": False}
 

@@ -50,7 +50,7 @@ def tab_job(cluster: str = "lab", job: str = "purge_audit_log", source: str = st
         raise PreflightRefused(f"refused, nothing ran:\n{exc}") from None
     nodes = target_nodes(cluster, definition)
     if not nodes:
-        raise PreflightRefused(f"refused, nothing ran: no healthy node has the role(s) the job's connections need")
+        raise PreflightRefused("refused, nothing ran: no healthy node has the role(s) the job's connections need")
     waves = step_waves(definition)
     logger.info("1. Pre-flight: job %s from %s is valid; it runs on %s.", definition.name, path, ", ".join(nodes))
     logger.info("2. Plan: %s.", " → ".join("[" + ", ".join(w) + "]" for w in waves))

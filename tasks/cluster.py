@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+
 from blocks.inventory import HostSpec
 from tasks.adapters import etcd_config
 from tasks.adapters.commands import cmd

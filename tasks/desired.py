@@ -55,6 +55,7 @@ def etcd_member(inv: Inventory, host: HostSpec) -> DesiredHost:
         files=(marker_file(inv.cluster.name), *etcd_config.member_files(inv, host)),
         units=tuple(etcd_config.member_units()),
         ports={inv.cluster.etcd.client_port: "etcd", inv.cluster.etcd.peer_port: "etcd"},
+        cluster_member=True,
     )
 
 
@@ -83,7 +84,7 @@ def db_host(inv: Inventory, host: HostSpec, secrets: ClusterSecrets) -> DesiredH
         files=db_files(inv, host, secrets),
         units=tuple(driver.host_units(inv, host)),
         ports=ports,
-        needs_data_dir=True,
+        cluster_member=True,
     )
 
 

@@ -12,8 +12,8 @@ import logging
 from typing import Any, Callable
 
 from prefect import get_run_logger, task
-from prefect.exceptions import MissingContextError
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 from prefect.tasks import exponential_backoff
 
 from tasks.adapters.etcd import EtcdUnavailable

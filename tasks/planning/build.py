@@ -37,7 +37,9 @@ class DesiredHost:
     files: tuple[ManagedFile, ...]
     units: tuple[Unit, ...]
     ports: dict[int, str] = field(default_factory=dict)  # port -> PORT_OWNERS key
-    needs_data_dir: bool = False
+    # A member carries the cluster's marker and (if a database host) its data directory; a backup
+    # server or router serves clusters without belonging to one.
+    cluster_member: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,9 +124,10 @@ def host_preflight(
     if snap.hostname.split(".")[0] != name:
         refusals.append(f"{name}: answers as {snap.hostname!r}; the inventory address may point at another machine")
     ours = snap.marker_cluster == cluster
-    if snap.marker_cluster is not None and not ours:
+    # Only database/etcd hosts carry a cluster marker; a backup server or router may serve many.
+    if want.cluster_member and snap.marker_cluster is not None and not ours:
         refusals.append(f"{name}: already belongs to cluster {snap.marker_cluster!r}")
-    if want.needs_data_dir and not ours and not snap.data_dir.is_empty and not adopt_existing:
+    if want.cluster_member and not ours and not snap.data_dir.is_empty and not adopt_existing:
         refusals.append(
             f"{name}: data directory is not empty ({snap.data_dir.entries} entries"
             f"{', PostgreSQL ' + snap.data_dir.pg_version if snap.data_dir.pg_version else ''}) and the host is not part "
@@ -132,7 +135,7 @@ def host_preflight(
         )
     # Hosts without a data directory (object store, routers) carry no cluster marker: a shared
     # backup server serves many clusters. There the process name alone says whether it is ours.
-    trust_process = ours or not want.needs_data_dir
+    trust_process = ours or not want.cluster_member
     for port, owner_kind in sorted(want.ports.items()):
         process = snap.listeners.get(port)
         if process is None:

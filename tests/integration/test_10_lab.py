@@ -8,7 +8,6 @@ import signal
 import time
 
 import pytest
-
 from labtools import REPO, bouwsteen, lab_ssh
 
 HOSTS = ["pg1", "pg2", "pg3", "pg4", "backup1", "router1", "router2", "restore1"]

@@ -9,8 +9,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from labtools import REPO, cluster_state_digest, lab_ssh
 
 DB = ["pg1", "pg2", "pg3"]
@@ -83,9 +81,8 @@ def test_build_cluster_killed_mid_run_then_rerun_converges(lab, registered):
 
 
 def test_cluster_has_one_leader_two_streaming_replicas_and_replicates(lab, registered):
-    from tasks.context import context_for
-
     from tasks.cluster import replication_rows
+    from tasks.context import context_for
 
     members = patroni_members(lab)
     leaders = [m["Member"] for m in members if m["Role"] == "Leader"]

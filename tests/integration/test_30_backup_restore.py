@@ -7,7 +7,6 @@ import threading
 import time
 
 import pytest
-
 from labtools import cluster_state_digest, lab_ssh
 
 

@@ -8,7 +8,6 @@ import time
 
 import pytest
 import yaml
-
 from labtools import bouwsteen, cluster_state_digest, lab_ssh
 
 VIP = "172.29.66.100"

@@ -27,7 +27,6 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
-
 from labtools import REPO, bouwsteen
 
 WORKER = "test60-worker"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from labtools import bouwsteen, cluster_state_digest
 
 HOSTS = ("pg1", "pg2", "pg3", "restore1", "router1", "backup1")

@@ -12,7 +12,6 @@ import threading
 import time
 
 import pytest
-
 from labtools import REPO, lab_ssh
 
 pytestmark = pytest.mark.slow

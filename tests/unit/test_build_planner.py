@@ -40,7 +40,7 @@ def db_layer(host: str = "pg1", **changes: Any) -> DesiredHost:
         files=(MARKER, PATRONI_FILE),
         units=(Unit("patroni.service", reload_on=(PATRONI_YML,)),),
         ports={5432: "postgres", 8008: "patroni"},
-        needs_data_dir=True,
+        cluster_member=True,
     )
     return dataclasses.replace(want, **changes)
 

@@ -12,7 +12,6 @@ from blocks.inventory import Inventory, parse_inventory
 from tasks.adapters.backup.base import StoreSecrets
 from tasks.adapters.backup.pgbackrest import PgBackRestDriver
 from tasks.adapters.backup.walg import WalgDriver
-from tasks.adapters.commands import CommandError
 from tasks.adapters.ha.base import DbSecrets
 from tasks.adapters.ha.patroni import PatroniDriver
 from tasks.adapters.ha.stolon import StolonDriver
@@ -120,7 +119,7 @@ def test_layer_contents_patroni() -> None:
     db = layers["pg1"]["db"]
     assert db.packages == ("postgresql-15", "postgresql-contrib", "patroni", "pgbackrest")
     assert db.ports == {5432: "postgres", 8008: "patroni"}
-    assert db.needs_data_dir is True
+    assert db.cluster_member is True
     assert [u.name for u in db.units] == ["patroni.service"]
     assert db.files[0].path == "/etc/bouwsteen/cluster.json"
     assert json.loads(db.files[0].content) == {"cluster": "lab"}

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 from blocks.inventory import Inventory, parse_inventory
-from tasks.adapters.commands import CommandError
 from tasks.adapters.objectstore_server import (
     MinioServer,
     ObjectStoreSpecError,
