@@ -35,17 +35,10 @@ class ClusterSecrets:
 
 
 def archive_parameters(inv: Inventory, secrets: ClusterSecrets) -> dict[str, str]:
-    """The hook where the backup driver switches WAL archiving on (cluster-wide parameters)."""
+    """The hook where the backup driver switches WAL archiving on."""
     if inv.cluster.object_store is None or secrets.store is None:
         return {}
     return backup_driver(inv).archive_parameters(inv)
-
-
-def replica_restore_command(inv: Inventory, secrets: ClusterSecrets) -> str | None:
-    """How a standby fetches WAL from the archive when the primary no longer has it."""
-    if inv.cluster.object_store is None or secrets.store is None:
-        return None
-    return backup_driver(inv).replica_restore_command(inv)
 
 
 def etcd_member(inv: Inventory, host: HostSpec) -> DesiredHost:
@@ -63,8 +56,7 @@ def db_files(inv: Inventory, host: HostSpec, secrets: ClusterSecrets) -> tuple[M
     files: list[ManagedFile] = [marker_file(inv.cluster.name)]
     if inv.cluster.object_store is not None and secrets.store is not None:
         files += backup_driver(inv).host_files(inv, host, secrets.store)
-    files += ha_driver(inv).host_files(inv, host, secrets.db, archive_parameters(inv, secrets),
-                                       restore_command=replica_restore_command(inv, secrets))
+    files += ha_driver(inv).host_files(inv, host, secrets.db, archive_parameters(inv, secrets))
     return tuple(files)
 
 

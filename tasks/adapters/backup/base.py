@@ -81,11 +81,6 @@ class BackupDriver(ABC):
         """PostgreSQL parameters that turn WAL archiving on (handed to the HA driver)."""
 
     @abstractmethod
-    def replica_restore_command(self, inv: Inventory) -> str:
-        """restore_command for standbys: fetch WAL from the archive when the primary has already
-        recycled it (a standby that was down or partitioned for a while)."""
-
-    @abstractmethod
     def init_repository_commands(self, inv: Inventory) -> list[Command]:
         """Idempotent repository setup, run on the primary once archiving is configured."""
 

@@ -97,9 +97,6 @@ class PgBackRestDriver(BackupDriver):
             "archive_timeout": "60",
         }
 
-    def replica_restore_command(self, inv: Inventory) -> str:
-        return f'pgbackrest --stanza={inv.cluster.name} archive-get %f "%p"'
-
     def init_repository_commands(self, inv: Inventory) -> list[Command]:
         # stanza-create is idempotent: it succeeds when the stanza exists and matches this cluster.
         return [pgbackrest(inv, "stanza-create", timeout=120)]

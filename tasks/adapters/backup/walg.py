@@ -148,10 +148,6 @@ class WalgDriver(BackupDriver):
         )
         return {"archive_mode": "on", "archive_command": command, "archive_timeout": "60"}
 
-    def replica_restore_command(self, inv: Inventory) -> str:
-        # Not wrapped in timeout: a timed-out fetch would look like "not in the archive".
-        return " ".join(self._walg(inv, "wal-fetch", '"%f"', '"%p"'))
-
     def init_repository_commands(self, inv: Inventory) -> list[Command]:
         # WAL-G has no stanza to create: the prefix comes into being with the first upload. A write
         # probe (puts and deletes one random object) proves credentials, CA and bucket before the

@@ -87,12 +87,10 @@ class HaDriver(ABC):
 
     @abstractmethod
     def host_files(
-        self, inv: Inventory, host: HostSpec, secrets: DbSecrets, extra_parameters: dict[str, str],
-        restore_command: str | None = None,
+        self, inv: Inventory, host: HostSpec, secrets: DbSecrets, extra_parameters: dict[str, str]
     ) -> list[ManagedFile]:
         """Config, env and unit files for one database host. `extra_parameters` carries the
-        backup driver's archive settings (the hook where archiving is configured), and
-        `restore_command` how a standby fetches WAL from the archive."""
+        backup driver's archive settings (the hook where archiving is configured)."""
 
     @abstractmethod
     def host_units(self, inv: Inventory, host: HostSpec) -> list[Unit]:

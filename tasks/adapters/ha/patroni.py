@@ -104,8 +104,7 @@ class PatroniDriver(HaDriver):
             lines.append(f"host postgres all {host.address}/32 scram-sha-256")
         return lines
 
-    def render_config(self, inv: Inventory, host: HostSpec, secrets: DbSecrets, extra_parameters: dict[str, str],
-                      restore_command: str | None = None) -> str:
+    def render_config(self, inv: Inventory, host: HostSpec, secrets: DbSecrets, extra_parameters: dict[str, str]) -> str:
         pg = inv.cluster.postgres
         etcd_hosts = [f"{m.address}:{inv.cluster.etcd.client_port}" for m in inv.etcd_members]
         rest_port = inv.cluster.patroni.rest_port
@@ -137,7 +136,6 @@ class PatroniDriver(HaDriver):
                 },
                 "parameters": {"unix_socket_directories": "/var/run/postgresql"},
                 "pg_hba": self.pg_hba(inv, secrets),
-                **({"recovery_conf": {"restore_command": restore_command}} if restore_command else {}),
                 "create_replica_methods": ["basebackup"],
                 "basebackup": [{"checkpoint": "fast"}],
             },
@@ -150,12 +148,11 @@ class PatroniDriver(HaDriver):
         return header + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
 
     def host_files(
-        self, inv: Inventory, host: HostSpec, secrets: DbSecrets, extra_parameters: dict[str, str],
-        restore_command: str | None = None,
+        self, inv: Inventory, host: HostSpec, secrets: DbSecrets, extra_parameters: dict[str, str]
     ) -> list[ManagedFile]:
         return [
             ManagedFile(
-                CONFIG_PATH, self.render_config(inv, host, secrets, extra_parameters, restore_command),
+                CONFIG_PATH, self.render_config(inv, host, secrets, extra_parameters),
                 owner="postgres", group="postgres", mode=0o600, secret=True,
             ),
         ]

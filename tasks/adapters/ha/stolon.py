@@ -547,11 +547,8 @@ class StolonDriver(HaDriver):
         return lines
 
     def host_files(
-        self, inv: Inventory, host: HostSpec, secrets: DbSecrets, extra_parameters: dict[str, str],
-        restore_command: str | None = None,
+        self, inv: Inventory, host: HostSpec, secrets: DbSecrets, extra_parameters: dict[str, str]
     ) -> list[ManagedFile]:
-        # restore_command is ignored on purpose: stolon manages recovery settings itself (managed
-        # parameters in pgParameters are dropped); standbys resync from the master when behind.
         self._check_secrets(secrets)
         spec = self.cluster_spec(inv, extra_parameters)
         store = self._store_settings(inv)
