@@ -74,8 +74,8 @@ def entrypoint(flow_name: str) -> str:
 def validate_cron(expression: str) -> str:
     """Five-field cron only: croniter also takes a sixth (seconds) field, which would silently
     turn a nightly job into one that fires every second of that minute."""
-    from pydantic import ValidationError
     from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
 
     fields = expression.split()
     if len(fields) != 5:

@@ -185,8 +185,12 @@ def test_split_brain_routes_rw_nowhere(lab, registered):
     ctx = context_for("lab", fresh=True)
     primary = primary_name(ctx)
     rogue = next(h.name for h in ctx.inventory.db_hosts if h.name != primary)
+    psql = "runuser -u postgres -- psql -XAt -h /var/run/postgresql -c "
     patronictl(lab, "pause", "--wait", "lab")
     try:
+        # A promoted rogue would archive its new timeline's history into the cluster's repository,
+        # poisoning it for every later restore; this test is about routing, so it must not archive.
+        lab_ssh(lab, rogue, psql + "\"alter system set archive_command = ''\" && " + psql + "'select pg_reload_conf()'")
         lab_ssh(lab, rogue, "runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_ctl -D /var/lib/postgresql/15/main promote -w")
         deadline = time.monotonic() + 20
         while detector(lab, "router1", "/v1/primary")[0] != 409:
@@ -199,6 +203,8 @@ def test_split_brain_routes_rw_nowhere(lab, registered):
             assert time.monotonic() < deadline, "HAProxy still routes rw during split brain"
             time.sleep(0.5)
     finally:
+        lab_ssh(lab, rogue, psql + "'alter system reset archive_command' && " + psql + "'select pg_reload_conf()'",
+                check=False)
         patronictl(lab, "resume", "--wait", "lab")
     # The rogue diverged onto its own timeline: Patroni may rewind it; if it does not stream
     # within a minute, re-clone it as the runbook would.

@@ -392,7 +392,7 @@ postgresql:
     password_encryption: scram-sha-256
     shared_preload_libraries: pg_stat_statements
     unix_socket_directories: /var/run/postgresql
-    wal_keep_size: 256MB
+    wal_keep_size: 1GB
     wal_level: replica
     wal_log_hints: 'on'
   use_pg_rewind: true

@@ -21,7 +21,8 @@ BASE_PARAMETERS = {
     "wal_log_hints": "on",
     "max_wal_senders": "10",
     "max_replication_slots": "10",
-    "wal_keep_size": "256MB",
+    # A standby cut off for a while (a partition, a reboot) catches up from the primary's pg_wal.
+    "wal_keep_size": "1GB",
     "password_encryption": "scram-sha-256",
     "unix_socket_directories": "/var/run/postgresql",
     "log_line_prefix": "%m [%p] %q%u@%d ",
