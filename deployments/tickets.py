@@ -29,6 +29,27 @@ def _client(base_url: str | None = None, timeout: float = 30) -> httpx.Client:
     return httpx.Client(base_url=base_url or api_url(), timeout=timeout)
 
 
+# Prefect answers 503 for errors it calls retryable (a busy database); gateways add 502/504, and a
+# server under load may shed with 429. Every call here is a read or an idempotent create (the
+# ticket id is the idempotency key), so repeating it after a pause is always safe.
+RETRYABLE_STATUS = {429, 502, 503, 504}
+RETRY_DELAYS = (0.5, 1, 2, 4, 8)
+
+
+def _request(http: httpx.Client, method: str, path: str, **kwargs) -> httpx.Response:
+    for delay in (*RETRY_DELAYS, None):
+        try:
+            response = http.request(method, path, **kwargs)
+        except httpx.TransportError:
+            if delay is None:
+                raise
+        else:
+            if response.status_code not in RETRYABLE_STATUS or delay is None:
+                return response
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 def _check(response: httpx.Response, what: str) -> dict | list:
     if response.status_code >= 400:
         try:
@@ -46,7 +67,7 @@ def ticket_tag(ticket: str) -> str:
 def find_deployment(flow: str, deployment: str, *, base_url: str | None = None) -> dict:
     """GET /api/deployments/name/{flow}/{deployment}"""
     with _client(base_url) as http:
-        return _check(http.get(f"/deployments/name/{flow}/{deployment}"), f"deployment {flow}/{deployment}")
+        return _check(_request(http, "GET", f"/deployments/name/{flow}/{deployment}"), f"deployment {flow}/{deployment}")
 
 
 @dataclass
@@ -63,7 +84,7 @@ def create_run(deployment_id: str, ticket: str, parameters: dict | None = None, 
     """POST /api/deployments/{id}/create_flow_run, the ticket id as tag and idempotency key."""
     payload = {"parameters": parameters or {}, "tags": [ticket_tag(ticket)], "idempotency_key": ticket}
     with _client(base_url) as http:
-        response = http.post(f"/deployments/{deployment_id}/create_flow_run", json=payload)
+        response = _request(http, "POST", f"/deployments/{deployment_id}/create_flow_run", json=payload)
     body = _check(response, f"create run for ticket {ticket}")
     return CreatedRun(id=body["id"], name=body["name"], state=body["state"]["type"],
                       created=response.status_code == 201, body=body)
@@ -72,7 +93,7 @@ def create_run(deployment_id: str, ticket: str, parameters: dict | None = None, 
 def read_run(run_id: str, *, base_url: str | None = None) -> dict:
     """GET /api/flow_runs/{id}"""
     with _client(base_url) as http:
-        return _check(http.get(f"/flow_runs/{run_id}"), f"flow run {run_id}")
+        return _check(_request(http, "GET", f"/flow_runs/{run_id}"), f"flow run {run_id}")
 
 
 def wait_for_run(run_id: str, *, timeout: float = 900, poll: float = 2, base_url: str | None = None) -> dict:
@@ -90,7 +111,7 @@ def read_artifacts(run_id: str, *, base_url: str | None = None) -> list[dict]:
     """POST /api/artifacts/filter for the run's artifacts (the report tables), oldest first."""
     payload = {"artifacts": {"flow_run_id": {"any_": [run_id]}}, "sort": "CREATED_DESC"}
     with _client(base_url) as http:
-        newest_first = _check(http.post("/artifacts/filter", json=payload), f"artifacts of flow run {run_id}")
+        newest_first = _check(_request(http, "POST", "/artifacts/filter", json=payload), f"artifacts of flow run {run_id}")
     return list(reversed(newest_first))
 
 

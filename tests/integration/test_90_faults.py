@@ -54,6 +54,14 @@ def set_sync(on: bool) -> None:
     assert state.is_completed(), state.message
 
 
+def print_patroni_journals(lab, skip: str) -> None:
+    """What the survivors' Patroni said, for the failure report."""
+    for host in ("pg1", "pg2", "pg3", "pg4"):
+        if host != skip:
+            out = lab_ssh(lab, host, "journalctl -u patroni --no-pager -n 30 -o cat", check=False).stdout
+            print(f"--- {host} patroni ---\n{out}")
+
+
 def rerun_until_unlocked(flow_fn, timeout: float = 150, **params):
     """A killed run leaves its lock leases behind (≤ 60 s); a DBA retries after that."""
     deadline = time.monotonic() + timeout
@@ -79,6 +87,9 @@ def test_no_acknowledged_write_lost_across_5_switchovers_and_3_hard_failovers(la
             lab.kill(old)
             try:
                 wait_until_primary_is.fn("lab", None, not_host=old, timeout=120)
+            except Exception:
+                print_patroni_journals(lab, skip=old)
+                raise
             finally:
                 lab.start(old)
             wait_healthy(600)
