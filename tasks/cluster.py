@@ -414,17 +414,21 @@ def wait_until_replicas_streaming(cluster: str, max_lag_bytes: int = 16 * 1024 *
                                   hosts: list[str] | None = None) -> list[dict]:
     ctx = context_for(cluster)
     expected = set(hosts or [h.name for h in ctx.inventory.db_hosts])
-    # In synchronous mode only a sync standby may be promoted; until one is named, losing the
-    # primary means no failover at all, so the cluster is not healthy yet.
+    # In synchronous mode the HA manager only promotes a standby it has recorded as synchronous;
+    # until it has, losing the primary means no failover at all, so the cluster is not healthy yet.
     needs_sync = bool(ctx.inventory.cluster.postgres.synchronous_replication) and not hosts and len(expected) > 1
 
     def streaming() -> list[dict] | None:
         primary, rows = replication_rows(ctx)
         standbys = [r for r in rows if r["host"] != primary and r["host"] in expected]
         ok = all(r["state"].startswith("streaming") and (r["lag_bytes"] or 0) <= max_lag_bytes for r in standbys)
-        if needs_sync and not any(r["state"] in ("streaming (sync)", "streaming (quorum)") for r in standbys):
+        if not ok or len(standbys) != len(expected - {primary}):
             return None
-        return rows if ok and len(standbys) == len(expected - {primary}) else None
+        if needs_sync:
+            promotable = {m.name for m in read_view(ctx).replicas if m.synchronous}
+            if not any(r["host"] in promotable for r in standbys):
+                raise NotYet("no standby recorded as synchronous by the HA manager yet")
+        return rows
 
     rows = wait_for("every standby streaming" + (", one of them synchronous" if needs_sync else ""), streaming,
                     timeout=timeout, interval=2)

@@ -55,7 +55,12 @@ def set_sync(on: bool) -> None:
 
 
 def print_patroni_journals(lab, skip: str) -> None:
-    """What the survivors' Patroni said, for the failure report."""
+    """What the survivors' Patroni said and what it keeps in etcd, for the failure report."""
+    survivor = next(h for h in ("pg1", "pg2", "pg3") if h != skip)
+    keys = lab_ssh(lab, survivor, "for k in leader sync failover status; do echo \"$k: $(ETCDCTL_API=3 etcdctl "
+                                  "--endpoints=http://127.0.0.1:2379 get --print-value-only /bouwsteen/patroni/lab/$k)\"; "
+                                  "done; patronictl -c /etc/patroni/config.yml list", check=False)
+    print(f"--- Patroni keys in etcd ---\n{keys.stdout}{keys.stderr}")
     for host in ("pg1", "pg2", "pg3", "pg4"):
         if host != skip:
             out = lab_ssh(lab, host, "journalctl -u patroni --no-pager -n 30 -o cat", check=False).stdout

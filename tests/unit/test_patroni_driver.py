@@ -261,7 +261,7 @@ def test_parse_status_healthy_three_members() -> None:
         members=(
             Member("pg1", "172.29.66.11", "primary", True, "running", 1, 0),
             Member("pg2", "172.29.66.12", "replica", True, "streaming", 1, 0),
-            Member("pg3", "172.29.66.13", "replica", True, "streaming (sync)", 1, 0),
+            Member("pg3", "172.29.66.13", "replica", True, "streaming (sync)", 1, 0, synchronous=True),
         ),
         leader="pg1",
     )

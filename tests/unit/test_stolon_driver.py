@@ -102,6 +102,16 @@ def test_healthy_cluster_maps_keepers_to_inventory_hosts() -> None:
     assert lagging is not None and lagging.lag_bytes == 117440720 - 100663424
 
 
+def test_standby_the_master_reports_as_synchronous_is_marked_promotable() -> None:
+    # With synchronousReplication on, the master db's status lists its synchronous standbys by db uid.
+    data = json.loads(fixture("clusterdata_healthy.json"))
+    data["dbs"]["5a363897"]["status"]["synchronousStandbys"] = ["0c2f1e4d"]
+    view = driver.parse_status(INV, [ok("status_healthy.json"), CommandResult(stdout=json.dumps(data))])
+    assert [m.name for m in view.replicas if m.synchronous] == ["db-2"]
+    assert not view.member("db-1").synchronous
+    assert not any(m.synchronous for m in view_of("status_healthy.json", "clusterdata_healthy.json").members)
+
+
 def test_status_json_is_tab_indented_like_go() -> None:
     # Guards the fixture: the driver must cope with MarshalIndent's tabs, not just compact JSON.
     assert "\n\t\"sentinels\"" in fixture("status_healthy.json")

@@ -40,6 +40,9 @@ class Member:
     state: str = ""  # the HA manager's own word for it ("running", "streaming", "healthy", ...)
     timeline: int | None = None
     lag_bytes: int | None = None
+    # The HA manager has recorded this standby as synchronous, so it may promote it without
+    # losing a commit. pg_stat_replication says 'sync' a moment before the record is written.
+    synchronous: bool = False
 
 
 @dataclass(frozen=True)

@@ -202,6 +202,7 @@ class PatroniDriver(HaDriver):
                     name=name, address=str(row.get("Host", "")).rsplit(":", 1)[0], role=role, healthy=healthy,
                     state=state if role_text != "sync standby" else f"{state} (sync)",
                     timeline=row.get("TL") if isinstance(row.get("TL"), int) else None, lag_bytes=lag_bytes,
+                    synchronous=role_text == "sync standby",
                 )
             )
         leaders = [m.name for m in members if m.role == "primary"]

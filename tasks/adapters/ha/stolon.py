@@ -26,6 +26,7 @@ import json
 import posixpath
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, Literal
 
 from blocks.inventory import HostSpec, Inventory, Role
@@ -868,6 +869,9 @@ class StolonDriver(HaDriver):
                 if keeper_uid:
                     db_by_keeper[str(keeper_uid)] = {**db, "uid": db_uid}
         master_xlog = _xlog_pos(dbs.get(master_db_uid)) if master_db_uid else None
+        # The sentinel only elects a new master among the dbs the master reports as synchronous.
+        master_status = ((dbs.get(master_db_uid) or {}).get("status") or {}) if master_db_uid else {}
+        synchronous_dbs = {str(uid) for uid in master_status.get("synchronousStandbys") or []}
 
         host_by_keeper = self._keeper_to_host(inv)
         members: list[Member] = []
@@ -876,7 +880,10 @@ class StolonDriver(HaDriver):
                 raise HaStatusError(f"stolon status: malformed keeper entry {entry!r}")
             uid = entry["uid"]
             db = db_by_keeper.get(uid)
-            members.append(self._member(inv, uid, entry, db, uid == master_keeper_uid, master_xlog, host_by_keeper))
+            member = self._member(inv, uid, entry, db, uid == master_keeper_uid, master_xlog, host_by_keeper)
+            if db is not None and member.role == "replica" and db["uid"] in synchronous_dbs:
+                member = replace(member, synchronous=True)
+            members.append(member)
 
         leader = host_by_keeper.get(master_keeper_uid, master_keeper_uid) if master_keeper_uid else None
         leader_sentinel = next(
