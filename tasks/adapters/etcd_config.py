@@ -36,6 +36,9 @@ def render_env(inv: Inventory, host: HostSpec) -> str:
         "ETCD_ENABLE_V2": "false",
         "ETCD_HEARTBEAT_INTERVAL": "100",
         "ETCD_ELECTION_TIMEOUT": "1000",
+        # A member back from a partition would otherwise force an election with its higher term;
+        # the write stall can cost the HA manager its leader key (etcd 3.5 turns this on by default).
+        "ETCD_PRE_VOTE": "true",
     }
     lines = ["# Managed by bouwsteen build_cluster; local edits are overwritten."]
     lines += [f"{key}={value}" for key, value in settings.items()]

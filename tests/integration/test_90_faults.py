@@ -5,6 +5,7 @@ Every loop here is bounded in count and time and ends by itself. Slow; runs in C
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -109,8 +110,6 @@ def test_no_acknowledged_write_lost_across_5_switchovers_and_3_hard_failovers(la
 
 
 def test_partitioned_primary_is_replaced_and_never_two_primaries_reach_haproxy(lab, registered):
-    import json
-
     old = primary()
     seen: list[int] = []
     stop = threading.Event()
@@ -134,38 +133,59 @@ def test_partitioned_primary_is_replaced_and_never_two_primaries_reach_haproxy(l
 
         new = wait_until_primary_is.fn("lab", None, not_host=old, timeout=90)
         assert new != old
-        # Cut off from etcd, the old primary's Patroni must demote it: read-only or stopped.
-        pid = lab.machine(old).init_pid()
+        # Cut off from etcd, the old primary's Patroni must demote it: its own API no longer says
+        # primary, and PostgreSQL is read-only or stopped. Only then does the partition heal.
+        machine = lab.machine(old)
+        address = str(ctx().inventory.host(old).address)
         deadline = time.monotonic() + 90
         while True:
-            inside = subprocess.run(
-                ["nsenter", "-t", str(pid), "-m", "-u", "-i", "-n", "-p", "runuser", "-u", "postgres", "--",
-                 "psql", "-XAt", "-h", "/var/run/postgresql", "-c", "select pg_is_in_recovery()"],
-                capture_output=True, text=True, timeout=30)
-            if inside.returncode != 0 or inside.stdout.strip() == "t":
+            if not patroni_claims_primary(machine, address) and not accepts_writes(machine):
                 break
-            assert time.monotonic() < deadline, f"{old} still accepts writes while partitioned"
+            assert time.monotonic() < deadline, f"{old} still acts as primary while partitioned"
             time.sleep(1)
     finally:
         lab.heal(old)
         stop.set()
         watcher.join(30)
     assert seen and max(seen) <= 1, f"the detector reported {max(seen)} primaries"
-    # Back on the network the old primary rewinds and streams; if it diverged too far, the
-    # runbook's answer is to re-clone it.
+    # Back on the network the old primary rewinds and streams; a member that cannot (diverged
+    # too far, WAL gone) gets the runbook's answer: re-clone it.
     from tasks.cluster import replication_rows
+    from tasks.roles import ensure_rejoined
 
     deadline = time.monotonic() + 120
-    while not any(r["host"] == old and str(r["state"]).startswith("streaming") for r in replication_rows(ctx())[1]):
+    while True:
+        leader, rows = replication_rows(ctx())
+        stuck = [r["host"] for r in rows if r["host"] != leader and not str(r["state"]).startswith("streaming")]
+        if not stuck:
+            break
         if time.monotonic() > deadline:
-            from tasks.roles import ensure_rejoined
-
-            ensure_rejoined.fn("lab", old)
+            for host in stuck:
+                ensure_rejoined.fn("lab", host)
             break
         time.sleep(2)
     wait_healthy(600)
-    _, rows = replication_rows(ctx())
-    assert next(r for r in rows if r["host"] == old)["role"] == "standby"
+    leader, rows = replication_rows(ctx())
+    assert [r["host"] for r in rows if r["role"] != "standby"] == [leader]
+
+
+def nsenter(machine, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["nsenter", "-t", str(machine.init_pid()), "-m", "-u", "-i", "-n", "-p", *argv],
+                          capture_output=True, text=True, timeout=30)
+
+
+def patroni_claims_primary(machine, address: str) -> bool:
+    out = nsenter(machine, "curl", "-s", "-m", "3", f"http://{address}:8008/patroni").stdout
+    try:
+        return json.loads(out).get("role") in ("master", "primary")
+    except ValueError:
+        return False
+
+
+def accepts_writes(machine) -> bool:
+    inside = nsenter(machine, "runuser", "-u", "postgres", "--", "psql", "-XAt", "-h", "/var/run/postgresql",
+                     "-c", "select pg_is_in_recovery()")
+    return inside.returncode == 0 and inside.stdout.strip() == "f"
 
 
 def test_postgres_killed_on_the_primary_writes_continue(lab, registered):

@@ -69,6 +69,7 @@ def test_render_env_exact_keys_and_trailing_newline() -> None:
         "ETCD_ENABLE_V2",
         "ETCD_HEARTBEAT_INTERVAL",
         "ETCD_ELECTION_TIMEOUT",
+        "ETCD_PRE_VOTE",
     ]
 
 
