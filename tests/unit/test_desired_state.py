@@ -202,7 +202,7 @@ def test_archive_parameters_empty_without_object_store_in_inventory() -> None:
 def test_archive_parameters_pgbackrest() -> None:
     assert archive_parameters(PATRONI, ClusterSecrets(db=DB, store=STORE)) == {
         "archive_mode": "on",
-        "archive_command": "/usr/bin/timeout 60 pgbackrest --stanza=lab archive-push %p",
+        "archive_command": "/usr/bin/timeout 15 pgbackrest --stanza=lab archive-push %p",
         "archive_timeout": "60",
     }
 

@@ -169,7 +169,7 @@ def test_archive_parameters() -> None:
     assert driver.archive_parameters(INV) == {
         "archive_mode": "on",
         # bounded: a hung object store must not hang archiving (PostgreSQL keeps the segment and retries)
-        "archive_command": "/usr/bin/timeout 60 pgbackrest --stanza=lab archive-push %p",
+        "archive_command": "/usr/bin/timeout 15 pgbackrest --stanza=lab archive-push %p",
         "archive_timeout": "60",
     }
 
