@@ -42,7 +42,8 @@ def publish_plan(runbook: str, cluster: str, plan: BuildPlan, *, dry_run: bool) 
         raise refuse(*plan.refusals)
     if plan.is_noop:
         logger.info("2. Plan: nothing to change; every host already matches the inventory.")
-    for row in plan.rows():
-        logger.info("2. Plan: %s: %s", row["host"], row["plan"])
+    else:
+        for row in plan.rows():
+            logger.info("2. Plan: %s: %s", row["host"], row["plan"])
     if dry_run:
         logger.info("dry_run: stopping after the plan; nothing was changed.")

@@ -77,6 +77,7 @@ def db_host(inv: Inventory, host: HostSpec, secrets: ClusterSecrets) -> DesiredH
         units=tuple(driver.host_units(inv, host)),
         ports=ports,
         cluster_member=True,
+        needs_data_dir=True,
     )
 
 

@@ -40,6 +40,7 @@ class DesiredHost:
     # A member carries the cluster's marker and (if a database host) its data directory; a backup
     # server or router serves clusters without belonging to one.
     cluster_member: bool = False
+    needs_data_dir: bool = False  # PostgreSQL runs here: its data directory must be empty or ours
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def host_preflight(
     # Only database/etcd hosts carry a cluster marker; a backup server or router may serve many.
     if want.cluster_member and snap.marker_cluster is not None and not ours:
         refusals.append(f"{name}: already belongs to cluster {snap.marker_cluster!r}")
-    if want.cluster_member and not ours and not snap.data_dir.is_empty and not adopt_existing:
+    if want.needs_data_dir and not ours and not snap.data_dir.is_empty and not adopt_existing:
         refusals.append(
             f"{name}: data directory is not empty ({snap.data_dir.entries} entries"
             f"{', PostgreSQL ' + snap.data_dir.pg_version if snap.data_dir.pg_version else ''}) and the host is not part "

@@ -41,6 +41,7 @@ def db_layer(host: str = "pg1", **changes: Any) -> DesiredHost:
         units=(Unit("patroni.service", reload_on=(PATRONI_YML,)),),
         ports={5432: "postgres", 8008: "patroni"},
         cluster_member=True,
+        needs_data_dir=True,
     )
     return dataclasses.replace(want, **changes)
 

@@ -119,7 +119,9 @@ def test_layer_contents_patroni() -> None:
     db = layers["pg1"]["db"]
     assert db.packages == ("postgresql-15", "postgresql-contrib", "patroni", "pgbackrest")
     assert db.ports == {5432: "postgres", 8008: "patroni"}
-    assert db.cluster_member is True
+    assert db.cluster_member is True and db.needs_data_dir is True
+    etcd = layers["pg1"]["etcd"]
+    assert etcd.cluster_member is True and etcd.needs_data_dir is False
     assert [u.name for u in db.units] == ["patroni.service"]
     assert db.files[0].path == "/etc/bouwsteen/cluster.json"
     assert json.loads(db.files[0].content) == {"cluster": "lab"}
