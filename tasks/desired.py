@@ -15,7 +15,7 @@ from tasks.adapters.ha.patroni import PatroniDriver
 from tasks.adapters.ha.stolon import StolonDriver
 from tasks.adapters.objectstore_server import ServerSecrets, server_for
 from tasks.adapters.routing.config import RoutingSecrets, router_files, router_units
-from tasks.planning.build import DesiredHost, marker_file
+from tasks.planning.build import DesiredHost, ReleaseFloor, marker_file
 
 
 def ha_driver(inv: Inventory) -> HaDriver:
@@ -78,6 +78,7 @@ def db_host(inv: Inventory, host: HostSpec, secrets: ClusterSecrets) -> DesiredH
         ports=ports,
         cluster_member=True,
         needs_data_dir=True,
+        release_floors=tuple(ReleaseFloor(*floor) for floor in driver.release_floors()),
     )
 
 

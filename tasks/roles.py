@@ -140,7 +140,7 @@ def ensure_rejoined(cluster: str, host: str) -> str:
     with ctx.remote(host) as remote:
         for command in commands:
             remote.run(command)
-    return say(f"{host}: rejoin requested ({'; '.join(str(c) for c in commands) or 'the HA manager resyncs by itself'}).")
+    return say(f"{host}: rejoined ({'; '.join(str(c) for c in commands) or 'the HA manager resyncs by itself'}).")
 
 
 def now() -> float:

@@ -88,6 +88,14 @@ for line in r.stdout.splitlines():
     if port.isdigit() and int(port) in args["ports"]:
         listeners.setdefault(port, proc)
 out["listeners"] = listeners
+tools = {}
+for tool in args.get("tools", []):
+    try:
+        r = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=15)
+        tools[tool] = (r.stdout or r.stderr).strip().splitlines()[0] if r.returncode == 0 and (r.stdout or r.stderr).strip() else None
+    except (OSError, subprocess.SubprocessError):
+        tools[tool] = None
+out["tools"] = tools
 print(json.dumps(out))
 '''
 
@@ -139,11 +147,14 @@ class HostSnapshot:
     data_dir: DataDirState
     units: dict[str, UnitState]
     listeners: dict[int, str] = field(default_factory=dict)
+    # `<tool> --version`, first line, for tools with a release floor; None when not installed.
+    tools: dict[str, str | None] = field(default_factory=dict)
 
 
-def probe_command(*, files: list[str], units: list[str], packages: list[str], data_dir: str, ports: list[int]) -> Command:
+def probe_command(*, files: list[str], units: list[str], packages: list[str], data_dir: str, ports: list[int],
+                  tools: list[str] = ()) -> Command:
     args = {"files": sorted(set(files)), "units": units, "packages": packages, "data_dir": data_dir,
-            "ports": ports, "marker": MARKER_PATH}
+            "ports": ports, "marker": MARKER_PATH, "tools": sorted(set(tools))}
     return cmd("python3", "-c", _PROBE, json.dumps(args), timeout=30, description="probe host state")
 
 
@@ -172,4 +183,5 @@ def _snapshot(host: str, data: dict) -> HostSnapshot:
         data_dir=DataDirState(**data["data_dir"]),
         units={u: UnitState(**s) for u, s in data["units"].items()},
         listeners={int(p): name for p, name in data["listeners"].items()},
+        tools=dict(data.get("tools") or {}),
     )

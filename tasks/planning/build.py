@@ -6,6 +6,7 @@ No I/O. The flows take snapshots, call these functions, show the plan, and only 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 from tasks.adapters.commands import ManagedFile, Unit
@@ -41,6 +42,35 @@ class DesiredHost:
     # server or router serves clusters without belonging to one.
     cluster_member: bool = False
     needs_data_dir: bool = False  # PostgreSQL runs here: its data directory must be empty or ours
+    release_floors: tuple[ReleaseFloor, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReleaseFloor:
+    """The oldest release of a tool this building block may run, and the reason it is the floor."""
+
+    tool: str
+    minimum: str
+    reason: str
+
+
+def parse_release(text: str | None) -> tuple[int, ...] | None:
+    """`patroni 4.0.7` -> (4, 0, 7); None when the text carries no dotted release number."""
+    match = re.search(r"(\d+(?:\.\d+)+)", text or "")
+    return tuple(int(part) for part in match.group(1).split(".")) if match else None
+
+
+def release_problem(host: str, floor: ReleaseFloor, version_text: str | None) -> str | None:
+    """A refusal when the installed release is known and older than the floor; None otherwise."""
+    found = parse_release(version_text)
+    if found is None:
+        return None
+    wanted = parse_release(floor.minimum) or ()
+    width = max(len(found), len(wanted))
+    if found + (0,) * (width - len(found)) >= wanted + (0,) * (width - len(wanted)):
+        return None
+    return (f"{host}: {floor.tool} {'.'.join(map(str, found))} is older than {floor.minimum}, the oldest release "
+            f"this building block runs: {floor.reason}")
 
 
 @dataclass(frozen=True)
@@ -145,6 +175,10 @@ def host_preflight(
             refusals.append(f"{name}: port {port} is already in use by {process or 'an unknown process'}")
     if not allow_join and not ours:
         refusals.append(f"{name}: not part of cluster {cluster!r}")
+    for floor in want.release_floors:
+        problem = release_problem(name, floor, snap.tools.get(floor.tool))
+        if problem:
+            refusals.append(problem)
     return refusals
 
 

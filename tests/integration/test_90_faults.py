@@ -160,13 +160,15 @@ def test_partitioned_primary_is_replaced_and_never_two_primaries_reach_haproxy(l
         if not stuck:
             break
         if time.monotonic() > deadline:
+            print(f"not streaming 120 s after the partition healed: {rows}")
+            print_patroni_journals(lab, skip="")
             for host in stuck:
                 ensure_rejoined.fn("lab", host)
             break
         time.sleep(2)
     wait_healthy(600)
     leader, rows = replication_rows(ctx())
-    assert [r["host"] for r in rows if r["role"] != "standby"] == [leader]
+    assert [r["host"] for r in rows if r["role"] != "standby"] == [leader], rows
 
 
 def nsenter(machine, *argv: str) -> subprocess.CompletedProcess:

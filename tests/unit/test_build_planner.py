@@ -15,10 +15,13 @@ from tasks.planning.build import (
     DesiredHost,
     FileChange,
     HostPlan,
+    ReleaseFloor,
     host_preflight,
     marker_file,
+    parse_release,
     plan_build,
     plan_host,
+    release_problem,
 )
 from tasks.reporting import plan_markdown
 
@@ -151,6 +154,20 @@ PREFLIGHT = [
       "pg1: data directory is not empty (3 entries, PostgreSQL 15) and the host is not part of cluster 'lab'; "
       "refusing to overwrite it (pass adopt_existing=True to take it over)",
       "pg1: port 5432 is already in use by postgres"]),
+]
+
+
+PATRONI_FLOOR = ReleaseFloor("patroni", "3.0.3", "leader key overwritten after a partition")
+FLOORED = db_layer(release_floors=(PATRONI_FLOOR,))
+PREFLIGHT += [
+    ("release-below-floor", converged(tools={"patroni": "patroni 3.0.2"}), FLOORED, False,
+     ["pg1: patroni 3.0.2 is older than 3.0.3, the oldest release this building block runs: "
+      "leader key overwritten after a partition"]),
+    ("release-at-floor", converged(tools={"patroni": "patroni 3.0.3"}), FLOORED, False, []),
+    ("release-above-floor", converged(tools={"patroni": "patroni 4.0.7"}), FLOORED, False, []),
+    # Not installed yet: checked again right after apt installed it, before anything is configured.
+    ("release-not-installed", fresh(tools={"patroni": None}), FLOORED, False, []),
+    ("release-not-probed", fresh(), FLOORED, False, []),
 ]
 
 
@@ -426,3 +443,38 @@ def test_plan_markdown_refusals_and_noop() -> None:
     md = plan_markdown("build_cluster", CLUSTER, noop, dry_run=False)
     assert "Every host already matches the inventory: **no changes**." in md
     assert "Refused" not in md
+
+
+RELEASES = [
+    ("patroni 3.0.2", (3, 0, 2)),
+    ("patroni 4.0.7", (4, 0, 7)),
+    ("patronictl version 3.3.8", (3, 3, 8)),
+    ("4.1", (4, 1)),
+    ("", None),
+    (None, None),
+    ("patroni: command not found", None),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), RELEASES, ids=[repr(r[0]) for r in RELEASES])
+def test_parse_release(text, expected) -> None:
+    assert parse_release(text) == expected
+
+
+FLOOR_CASES = [
+    ("patroni 3.0.2", True),
+    ("patroni 3.0.3", False),
+    ("patroni 3.1", False),
+    ("patroni 3", False),  # one number is no dotted release: nothing known, nothing refused
+    ("patroni 2.1.7", True),
+    ("patroni 10.0.0", False),
+    ("no version here", False),
+]
+
+
+@pytest.mark.parametrize(("text", "refused"), FLOOR_CASES, ids=[c[0] for c in FLOOR_CASES])
+def test_release_problem(text: str, refused: bool) -> None:
+    problem = release_problem("pg1", PATRONI_FLOOR, text)
+    assert (problem is not None) == refused
+    if refused:
+        assert problem.startswith("pg1: patroni ") and "older than 3.0.3" in problem

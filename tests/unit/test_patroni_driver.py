@@ -370,7 +370,7 @@ def test_failover_and_rejoin_commands() -> None:
     (failover,) = driver.failover_commands(INV, view, "pg3")
     assert failover.argv[3:] == ("failover", "--candidate", "pg3", "--force", "lab")
     (rejoin,) = driver.rejoin_commands(INV, view, "pg1")
-    assert rejoin.argv[3:] == ("reinit", "--force", "lab", "pg1")
+    assert rejoin.argv[3:] == ("reinit", "--force", "--wait", "lab", "pg1")
     assert rejoin.timeout == 600
 
 

@@ -79,6 +79,7 @@ def parse_conf(text: str) -> dict[str, dict[str, str]]:
         ("repo1-storage-ca-file", CA_PATH),
         ("repo1-retention-full", "7"),
         ("repo1-retention-full-type", "count"),
+        ("repo1-bundle", "y"),
         ("spool-path", "/var/spool/pgbackrest"),
         ("io-timeout", "10"),
         ("start-fast", "y"),

@@ -49,6 +49,7 @@ def test_probe_command_shape() -> None:
         "data_dir": "/var/lib/postgresql/15/main",
         "ports": [5432, 8008, 2379, 2380],
         "marker": MARKER_PATH,
+        "tools": [],
     }
     assert MARKER_PATH == "/etc/bouwsteen/cluster.json"
 
@@ -283,3 +284,19 @@ def test_probe_script_parses_tools_output(tmp_path: Path) -> None:
     }
     # sshd's port 22 is not asked for; 2380 has no process column (not root): ""
     assert snap.listeners == {5432: "postgres", 2379: "etcd", 8008: "python3", 2380: ""}
+
+
+def test_probe_script_reports_tool_releases(tmp_path: Path) -> None:
+    """`<tool> --version` first line for tools with a release floor; None when missing or failing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "patroni").write_text("#!/bin/sh\necho 'patroni 4.0.7'\necho second line\n")
+    (bin_dir / "broken").write_text("#!/bin/sh\necho oops >&2\nexit 3\n")
+    for tool in ("patroni", "broken"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    result = run_probe(dict(files=[], units=[], packages=[], data_dir=str(tmp_path / "none"), ports=[],
+                            tools=["patroni", "broken", "no-such-tool-here"]), env=env)
+    assert result.returncode == 0, result.stderr
+    snap = parse_probe("pg1", result)
+    assert snap.tools == {"patroni": "patroni 4.0.7", "broken": None, "no-such-tool-here": None}

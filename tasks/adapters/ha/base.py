@@ -80,6 +80,10 @@ class HaDriver(ABC):
     def packages(self, inv: Inventory) -> list[str]:
         """OS packages a database host needs for this HA manager."""
 
+    def release_floors(self) -> list[tuple[str, str, str]]:
+        """(tool, oldest safe release, why): releases below it have a known unsafe failover bug."""
+        return []
+
     @abstractmethod
     def validate(self, inv: Inventory) -> None:
         """Raise HaSpecError naming the field when the inventory asks for something invalid."""

@@ -1,4 +1,4 @@
-"""Patroni (Debian's package, 3.x) as the HA driver: the one the lab runs."""
+"""Patroni (3.0.3 or later; the lab runs 4.0.7 over Debian's package) as the HA driver: the one the lab runs."""
 
 from __future__ import annotations
 
@@ -47,6 +47,15 @@ class PatroniDriver(HaDriver):
 
     def packages(self, inv: Inventory) -> list[str]:
         return [inv.cluster.postgres.package, "postgresql-contrib", "patroni"]
+
+    def release_floors(self) -> list[tuple[str, str, str]]:
+        # Seen in the lab with Debian 12's 3.0.2: a primary cut off from etcd took longer to demote
+        # than the partition lasted; when its demotion finished it wrote its own leader key over its
+        # successor's and promoted itself again, leaving two timeline 2s and the successor's
+        # writes gone. 3.0.3 only updates the leader key while it is still its own (patroni#2689).
+        return [("patroni", "3.0.3", "an older Patroni overwrites its successor's leader key when a partitioned "
+                 "primary's demotion ends after the network is back, and promotes itself again (lost writes; "
+                 "fixed in 3.0.3, patroni/patroni#2689)")]
 
     def validate(self, inv: Inventory) -> None:
         params = self.dynamic_configuration(inv, {})["postgresql"]["parameters"]
@@ -254,7 +263,9 @@ class PatroniDriver(HaDriver):
         return HaSettings(synchronous_replication=sync, postgres_parameters=changed)
 
     def rejoin_commands(self, inv: Inventory, view: ClusterView, host: str) -> list[Command]:
-        return [patronictl("reinit", "--force", inv.cluster.name, host, timeout=600)]
+        # --wait: without it patronictl returns at once, and a member seen streaming a moment later
+        # may be the one about to be wiped, so "rejoined" would be declared too early.
+        return [patronictl("reinit", "--force", "--wait", inv.cluster.name, host, timeout=600)]
 
 
 def _norm(value) -> str | None:
