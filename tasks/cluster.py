@@ -200,9 +200,10 @@ def ensure_packages(cluster: str, host: str, packages: list[str]) -> str:
         # Pre-flight could only check releases already installed; what apt just chose is checked
         # here, before any configuration is written or a service started.
         floors = {f.tool: f for layer in desired_layers(ctx).get(host, {}).values() for f in layer.release_floors}
-        problems = [problem for floor in floors.values()
-                    if (problem := release_problem(host, floor, remote.run(
-                        cmd(floor.tool, "--version", timeout=15, ok_codes=range(0, 256))).stdout.strip()))]
+        problems = []
+        for floor in floors.values():
+            version = remote.run(cmd(floor.tool, "--version", timeout=15, ok_codes=range(0, 256))).stdout.strip()
+            problems += [p for p in [release_problem(host, floor, version)] if p]
     if problems:
         raise PreflightRefused("refused before configuring anything:\n" + "\n".join(problems))
     return say(f"{host}: installed {', '.join(missing)}.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from datetime import datetime
 
-from tasks.adapters.commands import cmd, script
+from tasks.adapters.commands import ManagedFile, cmd, script
 from tasks.adapters.postgres import Postgres
 from tasks.cluster import NotYet, primary_of, wait_for
 from tasks.context import ClusterContext, context_for
@@ -137,14 +137,13 @@ def ensure_backup_restored(cluster: str, backup: str, target: str | None) -> dic
             args=[data_dir, inv.cluster.postgres.bin_dir], description=f"empty {data_dir}"))
         for command in commands:
             remote.run(command)
-        # One round trip: the settings carry no secret, and the drill's ready time is what it measures.
-        # The include is appended last, so it wins over whatever the backed-up configuration says.
         settings = "".join(f"{k} = '{v}'\n" for k, v in ISOLATION.items())
+        remote.ensure_file(ManagedFile(f"{data_dir}/conf.d-drill.conf", settings, owner="postgres", mode=0o600))
+        # The include is appended last, so it wins over whatever the backed-up configuration says.
         size = int(remote.run(script(
-            'umask 077; printf "%s" "$2" > "$1/conf.d-drill.conf" && '
             'grep -q "^include_if_exists .conf.d-drill.conf" "$1/postgresql.auto.conf" 2>/dev/null || '
             'echo "include_if_exists \'conf.d-drill.conf\'" >> "$1/postgresql.auto.conf"; du -sb "$1" | cut -f1',
-            args=[data_dir, settings], user="postgres", description="isolate the drill copy")).stdout.split()[-1])
+            args=[data_dir], user="postgres", description="isolate the drill copy")).stdout.split()[-1])
     seconds = time.monotonic() - started
     say(f"Backup {backup} fetched onto {host.name} in {seconds:.1f}s ({size / 2**20:.0f} MiB).")
     return {"fetch_seconds": seconds, "bytes": size}

@@ -92,7 +92,8 @@ tools = {}
 for tool in args.get("tools", []):
     try:
         r = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=15)
-        tools[tool] = (r.stdout or r.stderr).strip().splitlines()[0] if r.returncode == 0 and (r.stdout or r.stderr).strip() else None
+        text = (r.stdout or r.stderr).strip()
+        tools[tool] = text.splitlines()[0] if r.returncode == 0 and text else None
     except (OSError, subprocess.SubprocessError):
         tools[tool] = None
 out["tools"] = tools
