@@ -12,6 +12,7 @@ from tasks.cluster import (
     PreflightRefused,
     desired_layers,
     ensure_cluster_initialized,
+    ensure_etcd_leader_off_primary,
     ensure_files,
     ensure_ha_settings,
     ensure_packages,
@@ -103,6 +104,7 @@ def build_cluster(cluster: str = "lab", dry_run: bool = False, adopt_existing: b
         ensure_ha_settings(cluster)
         ensure_roles(cluster)
         ensure_backup_hook(cluster)
+        ensure_etcd_leader_off_primary(cluster)
 
         # ------------------------------------------------------------------ 4. verify
         logger.info("4. Verify: one primary, every standby streaming, a write visible everywhere.")

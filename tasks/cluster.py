@@ -326,6 +326,26 @@ def wait_until_primary_accepts_writes(cluster: str, timeout: float = 180) -> str
 
 
 @step
+def ensure_etcd_leader_off_primary(cluster: str) -> str:
+    """Where etcd runs on the database hosts, losing the primary's host must not also cost etcd its
+    leader: the new etcd leader would renew every lease, and the HA manager's leader key would outlive
+    the dead primary by an election on top of its TTL. Patroni's callback does this after every
+    promotion; this step covers the bootstrap (no callback) and HA managers without callbacks."""
+    ctx = context_for(cluster)
+    inv = ctx.inventory
+    primary = primary_of(ctx)
+    if primary is None:
+        return say("No primary right now; the etcd leader is left where it is.")
+    if primary.name not in {m.name for m in inv.etcd_members}:
+        return say(f"etcd does not run on the primary's host {primary.name}; nothing to place.")
+    with ctx.remote(primary) as remote:
+        result = remote.run(etcd_config.leader_away_command(inv, primary))
+    outcome = (result.stdout.strip() or result.stderr.strip()).splitlines()[-1:] or ["no answer"]
+    # Placement shortens a failover; it is not worth failing a runbook that otherwise succeeded.
+    return say(outcome[0], warning=result.exit_code != 0)
+
+
+@step
 def ensure_ha_settings(cluster: str) -> str:
     """Cluster-wide settings (DCS) equal to the inventory; only differences are applied."""
     ctx = context_for(cluster)

@@ -53,7 +53,7 @@ def etcd_member(inv: Inventory, host: HostSpec) -> DesiredHost:
 
 
 def db_files(inv: Inventory, host: HostSpec, secrets: ClusterSecrets) -> tuple[ManagedFile, ...]:
-    files: list[ManagedFile] = [marker_file(inv.cluster.name)]
+    files: list[ManagedFile] = [marker_file(inv.cluster.name), etcd_config.leader_away_file()]
     if inv.cluster.object_store is not None and secrets.store is not None:
         files += backup_driver(inv).host_files(inv, host, secrets.store)
     files += ha_driver(inv).host_files(inv, host, secrets.db, archive_parameters(inv, secrets))

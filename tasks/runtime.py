@@ -62,16 +62,17 @@ def once(fn: Callable | None = None, *, name: str | None = None, timeout_seconds
     return step(fn, name=name, retries=0, timeout_seconds=timeout_seconds)
 
 
-def say(sentence: str) -> str:
+def say(sentence: str, *, warning: bool = False) -> str:
     """Log a step's one-sentence outcome and return it (tasks end with this).
 
-    Outside a Prefect run (a plain script calling a step's `.fn`, as the overhead benchmark does)
-    the sentence goes to the standard logger instead."""
+    `warning`: the step went on, but a DBA should read this line. Outside a Prefect run (a plain
+    script calling a step's `.fn`, as the overhead benchmark does) the sentence goes to the
+    standard logger instead."""
     try:
         logger = get_run_logger()
     except MissingContextError:
         logger = logging.getLogger("bouwsteen")
-    logger.info(sentence)
+    logger.log(logging.WARNING if warning else logging.INFO, sentence)
     return sentence
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from blocks.inventory import HostSpec, Inventory
-from tasks.adapters.commands import ManagedFile, Unit
+from tasks.adapters.commands import Command, ManagedFile, Unit, cmd
 
 ENV_PATH = "/etc/default/etcd"
+LEADER_AWAY_BIN = "/usr/local/lib/bouwsteen/etcd_leader_away.py"
+LEADER_AWAY_SOURCE = Path(__file__).with_name("etcd_leader_away.py")
 
 
 def data_dir(inv: Inventory) -> str:
@@ -14,6 +18,21 @@ def data_dir(inv: Inventory) -> str:
 
 def client_endpoints(inv: Inventory) -> list[str]:
     return [f"{m.address}:{inv.cluster.etcd.client_port}" for m in inv.etcd_members]
+
+
+def client_urls(inv: Inventory) -> list[str]:
+    return [f"http://{endpoint}" for endpoint in client_endpoints(inv)]
+
+
+def leader_away_file() -> ManagedFile:
+    """On every database host: the HA manager's callback and the flows run it on the primary."""
+    return ManagedFile(LEADER_AWAY_BIN, LEADER_AWAY_SOURCE.read_text(), owner="root", mode=0o755)
+
+
+def leader_away_command(inv: Inventory, host: HostSpec) -> Command:
+    """Exit 1 (a move was needed and failed) is an answer the caller reports, not a crash."""
+    return cmd("python3", LEADER_AWAY_BIN, "--member", host.name, "--endpoints", ",".join(client_urls(inv)),
+               timeout=30, ok_codes=(0, 1), description="keep the etcd leader off the primary's host")
 
 
 def render_env(inv: Inventory, host: HostSpec) -> str:

@@ -25,6 +25,19 @@ def lab_ssh(lab, host: str, command: str, check: bool = True) -> subprocess.Comp
     return result
 
 
+def etcd_leader(lab, via: str = "pg1") -> str:
+    """The lab host whose etcd member is raft leader, as etcd itself reports it."""
+    import json
+
+    from lab.topology import DEFAULT_HOSTS
+
+    rows = json.loads(lab_ssh(lab, via, "etcdctl --endpoints=http://127.0.0.1:2379 endpoint status --cluster -w json").stdout)
+    leaders = {row["Endpoint"] for row in rows if row["Status"]["header"]["member_id"] == row["Status"]["leader"]}
+    names = [h.name for h in DEFAULT_HOSTS for endpoint in leaders if f"//{h.address}:" in endpoint]
+    assert len(names) == 1, f"etcd leaders: {leaders}"
+    return names[0]
+
+
 def bouwsteen(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """The CLI as a DBA runs it, against the test Prefect server."""
     return subprocess.run([str(Path(sys.executable).with_name("bouwsteen")), *args], capture_output=True,

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from labtools import REPO, cluster_state_digest, lab_ssh
+from labtools import REPO, cluster_state_digest, etcd_leader, lab_ssh
 
 DB = ["pg1", "pg2", "pg3"]
 
@@ -94,6 +94,8 @@ def test_cluster_has_one_leader_two_streaming_replicas_and_replicates(lab, regis
     assert sorted(r["state"] for r in rows if r["host"] != primary) == ["streaming (async)", "streaming (async)"]
     others = [h for h in DB if h != leaders[0]]
     row_visible_everywhere(ctx, [leaders[0], *others])
+    # Losing the primary's host must not also cost etcd its leader (a failover ~6 s longer).
+    assert etcd_leader(lab) in others
 
 
 def test_second_build_changes_nothing_and_keeps_pids(lab, registered):

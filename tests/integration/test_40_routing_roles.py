@@ -8,7 +8,7 @@ import time
 
 import pytest
 import yaml
-from labtools import bouwsteen, cluster_state_digest, lab_ssh
+from labtools import bouwsteen, cluster_state_digest, etcd_leader, lab_ssh
 
 VIP = "172.29.66.100"
 
@@ -172,6 +172,7 @@ def test_switchover_keeps_every_acknowledged_write(lab, registered):
     result = state.result()
     assert result["new_primary"] != result["old_primary"]
     assert [e["event"] for e in result["timeline"]][-1].startswith("rw through the VIP reaches")
+    assert etcd_leader(lab) != result["new_primary"]
     assert probe.missing_acknowledged() == []
     assert len(report.acknowledged) > 20
     print(f"switchover write gap: {report.longest_gap():.2f}s")

@@ -419,6 +419,33 @@ def test_slow_host_is_unavailable_and_deadline_holds() -> None:
         det.close()
 
 
+def test_a_host_unavailable_at_its_last_probe_is_not_waited_for() -> None:
+    # After a failover the old primary's host is dead: each new connect attempt hangs. Checks for
+    # the new primary must not wait for it every time, and the host counts again once it answers.
+    probe = FakeProbe({"db1": ConnectionError("no route to host"), "db2": P}, delays={"db1": 0.5})
+    det = Detector(["db1", "db2"], {}, probe, query_timeout=0.3, cache_ms=0)
+    try:
+        started = time.monotonic()
+        assert det.scan()["db1"] == HostState(None)  # first time: waited for, up to the deadline
+        assert 0.25 < time.monotonic() - started < 0.5
+        time.sleep(0.3)  # the hung probe ends (failed); the next scan starts a fresh one
+        started = time.monotonic()
+        assert det.route("/v1/primary/db2") == (200, "db2")
+        assert time.monotonic() - started < 0.1
+        assert probe.calls["db1"] == 2
+
+        probe.states["db1"], probe.delays["db1"] = P, 0.0  # it comes back, still claiming primary
+        time.sleep(0.6)  # the probe started while it was down has ended
+        det.scan()  # starts a probe that meets the returned host; it answers at once
+        deadline = time.monotonic() + 2
+        while det.route("/v1/primary")[0] != 409 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert det.route("/v1/primary") == (409, "")  # split brain is seen again within a scan or two
+        assert det.route("/v1/primary/db2") == (503, "")
+    finally:
+        det.close()
+
+
 def test_late_answer_is_not_used() -> None:
     probe = FakeProbe({"db1": P}, delays={"db1": 0.3})
     det = Detector(["db1"], {}, probe, query_timeout=0.1, cache_ms=60_000)

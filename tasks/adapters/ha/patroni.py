@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import yaml
 
 from blocks.inventory import HostSpec, Inventory, Role
+from tasks.adapters import etcd_config
 from tasks.adapters.commands import Command, CommandResult, ManagedFile, Unit, cmd
 from tasks.adapters.ha.base import ClusterView, DbSecrets, HaDriver, HaSettings, HaSpecError, HaStatusError, Member
 
@@ -118,6 +120,7 @@ class PatroniDriver(HaDriver):
         pg = inv.cluster.postgres
         etcd_hosts = [f"{m.address}:{inv.cluster.etcd.client_port}" for m in inv.etcd_members]
         rest_port = inv.cluster.patroni.rest_port
+        leader_away = shlex.join(etcd_config.leader_away_command(inv, host).argv)
         config: dict = {
             "scope": inv.cluster.name,
             "namespace": f"{inv.cluster.etcd.prefix}/patroni/",
@@ -148,6 +151,11 @@ class PatroniDriver(HaDriver):
                 "pg_hba": self.pg_hba(inv, secrets),
                 "create_replica_methods": ["basebackup"],
                 "basebackup": [{"checkpoint": "fast"}],
+                # Patroni appends action, role and scope; the script acts only when the role is primary.
+                "callbacks": {
+                    "on_start": leader_away,
+                    "on_role_change": leader_away,
+                },
             },
             "tags": {"nofailover": False, "noloadbalance": False, "clonefrom": False, "nosync": False},
         }

@@ -102,8 +102,10 @@ def render_haproxy(inv: Inventory, router: HostSpec) -> str:
             "    option httpchk",
             f"    http-check send meth GET uri-lf /v1/primary/%[srv_name]?group={group}",
             "    http-check expect status 200",
-            # Split brain: the detector answers 503 for every server, so rw goes nowhere.
-            f"    default-server inter 1s fastinter 500ms downinter 1s fall 2 rise 2 on-marked-down shutdown-sessions "
+            # Split brain: the detector answers 503 for every server, so rw goes nowhere. One 200 is
+            # enough to route (rise 1): the detector only says it when its scan saw exactly one primary,
+            # and a second check would add half a second to every failover's write gap.
+            f"    default-server inter 1s fastinter 500ms downinter 500ms fall 2 rise 1 on-marked-down shutdown-sessions "
             f"check port {detector} addr 127.0.0.1 maxconn 1000",
         ]
         lines += [f"    server {h.name} {h.address}:{inv.cluster.postgres.port}" for h in db]

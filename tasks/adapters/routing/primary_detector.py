@@ -44,8 +44,9 @@ Routes (GET or HEAD, indented JSON bodies, sorted lists, ``?group=`` defaults to
     HAProxy's plain ``option httpchk`` sends ``OPTIONS /``; checks must GET (or HEAD) a route.
 
 Differences from pgroute66 that matter operationally: hosts are probed in parallel with a hard
-deadline (a hung host cannot stall every check), one scan is shared by all requests within
-cache_ms, probe errors are logged at warning level with the host name (throttled), and role
+deadline (a hung host cannot stall every check), a host unavailable at its last probe is not
+waited for at all (it counts again from the scan after it answers), one scan is shared by all
+requests within cache_ms, probe errors are logged at warning level with the host name (throttled), and role
 changes are logged at info level.
 """
 
@@ -286,6 +287,10 @@ class _Probe:
     deadline: float
     future: concurrent.futures.Future[_Outcome]
     reported: bool = False
+    # False for a host that was unavailable at its last probe: scans do not wait for it (a dead
+    # host's connect attempt would hold every check for the whole deadline, e.g. right after a
+    # failover); its answer counts from the first scan after it arrives.
+    awaited: bool = True
 
 
 class _Throttle:
@@ -365,7 +370,7 @@ class Detector:
             probes = {name: self._current_probe(name, now) for name in names}
         # Each probe is waited for only until its own deadline: a hung probe reused from an
         # earlier scan must not stretch this scan to the deadline of the fresh ones.
-        for probe in sorted(probes.values(), key=lambda p: p.deadline):
+        for probe in sorted((p for p in probes.values() if p.awaited), key=lambda p: p.deadline):
             remaining = probe.deadline - time.monotonic()
             if remaining > 0 and not probe.future.done():
                 concurrent.futures.wait([probe.future], timeout=remaining)
@@ -378,7 +383,9 @@ class Detector:
         if probe is not None and (not probe.future.done() or now - probe.started < self.cache_s):
             return probe
         future = self._pool.submit(self._run, name)
-        probe = _Probe(started=now, deadline=now + self.query_timeout, future=future)
+        last_seen_unavailable = name in self._roles and self._roles[name] is None
+        probe = _Probe(started=now, deadline=now + self.query_timeout, future=future,
+                       awaited=not last_seen_unavailable)
         self._probes[name] = probe
         return probe
 
@@ -394,6 +401,8 @@ class Detector:
             return _Outcome(UNAVAILABLE, text, time.monotonic())
 
     def _state(self, name: str, probe: _Probe) -> HostState:
+        if not probe.future.done() and not probe.awaited:
+            return UNAVAILABLE  # still unavailable, as already reported; its probe is under way
         if not probe.future.done():
             # No elapsed time in the text: a changing message would defeat the throttle.
             self._throttle.warn(name, f"host {name}: unavailable: no answer within "
