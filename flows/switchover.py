@@ -79,19 +79,20 @@ def switchover(cluster: str = "lab", candidate: str | None = None, max_lag_bytes
             raise PreflightRefused("refused, nothing changed:\n" + "\n".join(check["refusals"]))
         old, new = check["primary"], check["candidate"]
         if check["already_done"]:
-            logger.info("2. Plan: %s already is the primary; nothing to switch (verifying only).", new)
+            logger.info("2. Plan: %s already is the primary; nothing to switch.", new)
             timeline(f"{new} already primary")
             old = None
+            logger.info("3. Act: only keep etcd's leader off the primary's host.")
         else:
             logger.info("2. Plan: %s hands the primary role to %s.", old, new)
             timeline(f"pre-flight passed: {old} → {new}")
-            logger.info("3. Act: switchover through the HA manager.")
+            logger.info("3. Act: switchover through the HA manager, then etcd's leader off the new primary's host.")
             ensure_switchover(cluster, old, new)
             timeline("switchover requested")
-        logger.info("4. Verify: new primary, old primary streaming, rw through the VIP.")
         wait_until_primary_is(cluster, new)
         timeline(f"{new} accepts writes")
         timeline(ensure_etcd_leader_off_primary(cluster))
+        logger.info("4. Verify: standbys streaming (the old primary among them), rw through the VIP.")
         rows = _verify(cluster, new, old, timeline, logger)
     create_table_artifact(key=f"switchover-{cluster}", table=timeline.rows,
                           description=f"Switchover {old} → {new} on {cluster}")
@@ -126,13 +127,13 @@ def failover(cluster: str = "lab", force: bool = False, max_data_loss_bytes: int
             timeline(f"human decided: promote {candidate} ({decision.reason})")
         else:
             logger.info("2. Plan: promote %s (%s).", candidate, check["reason"])
-        logger.info("3. Act: failover to %s through the HA manager.", candidate)
+        logger.info("3. Act: failover to %s through the HA manager, then etcd's leader off its host.", candidate)
         ensure_failover(cluster, candidate)
         timeline("failover requested")
-        logger.info("4. Verify: new primary, standbys streaming, rw through the VIP.")
         new = wait_until_primary_is(cluster, candidate)
         timeline(f"{new} accepts writes")
         timeline(ensure_etcd_leader_off_primary(cluster))
+        logger.info("4. Verify: standbys streaming, rw through the VIP.")
         rows = _verify(cluster, new, check["primary"], timeline, logger)
     create_table_artifact(key=f"failover-{cluster}", table=timeline.rows, description=f"Failover to {new} on {cluster}")
     logger.info("Done: %s is the primary.", new)

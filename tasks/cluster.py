@@ -197,13 +197,12 @@ def ensure_packages(cluster: str, host: str, packages: list[str]) -> str:
         remote.run(cmd("apt-get", "update", "-qq", timeout=600))
         remote.run(cmd("apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing,
                        timeout=1800, env={"DEBIAN_FRONTEND": "noninteractive"}))
-        # Pre-flight could only check releases already installed; what apt just chose is checked
-        # here, before any configuration is written or a service started.
-        floors = {f.tool: f for layer in desired_layers(ctx).get(host, {}).values() for f in layer.release_floors}
-        problems = []
-        for floor in floors.values():
-            version = remote.run(cmd(floor.tool, "--version", timeout=15, ok_codes=range(0, 256))).stdout.strip()
-            problems += [p for p in [release_problem(host, floor, version)] if p]
+    # Pre-flight could only check releases already installed; what apt just chose is checked here
+    # with the same host probe, before any configuration is written or a service started.
+    layers = list(desired_layers(ctx).get(host, {}).values())
+    floors = [floor for layer in layers for floor in layer.release_floors]
+    tools = snapshot(ctx, ctx.inventory.host(host), layers).tools if floors else {}
+    problems = [problem for floor in floors if (problem := release_problem(host, floor, tools.get(floor.tool)))]
     if problems:
         raise PreflightRefused("refused before configuring anything:\n" + "\n".join(problems))
     return say(f"{host}: installed {', '.join(missing)}.")

@@ -23,7 +23,6 @@ import argparse
 import json
 import sys
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
@@ -100,14 +99,16 @@ def parse_status(doc: dict) -> tuple[int, int | None, int]:
 
 def read_cluster(endpoints: list[str]) -> tuple[list[EtcdMemberState], int | None]:
     listed: list[dict] | None = None
-    statuses: dict[int, tuple[int | None, int]] = {}
     for url in endpoints:
         try:
-            if listed is None:
-                listed = parse_member_list(_post(url, "/v3/cluster/member/list", {}))
+            listed = parse_member_list(_post(url, "/v3/cluster/member/list", {}))
+            break
         except (OSError, ValueError, KeyError):
             continue
-    for member in listed or []:
+    if listed is None:
+        raise ConnectionError(f"no etcd endpoint answered ({', '.join(endpoints)})")
+    statuses: dict[int, tuple[int | None, int]] = {}
+    for member in listed:
         for url in member["client_urls"]:
             try:
                 member_id, leader, index = parse_status(_post(url, "/v3/maintenance/status", {}))
@@ -115,8 +116,6 @@ def read_cluster(endpoints: list[str]) -> tuple[list[EtcdMemberState], int | Non
                 continue
             statuses[member_id] = (leader, index)
             break
-    if listed is None:
-        raise ConnectionError(f"no etcd endpoint answered ({', '.join(endpoints)})")
     leaders = {leader for leader, _ in statuses.values() if leader}
     leader_id = leaders.pop() if len(leaders) == 1 else None
     members = [

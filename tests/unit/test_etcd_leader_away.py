@@ -5,6 +5,8 @@ the lab (build_cluster and the role-change flows call it on the primary)."""
 from __future__ import annotations
 
 import shlex
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -13,7 +15,13 @@ import yaml
 from blocks.inventory import parse_inventory
 from tasks.adapters import etcd_config
 from tasks.adapters import etcd_leader_away as away
-from tasks.adapters.etcd_leader_away import EtcdMemberState, main, parse_member_list, parse_status, plan_leader_move
+from tasks.adapters.etcd_leader_away import (
+    EtcdMemberState,
+    main,
+    parse_member_list,
+    parse_status,
+    plan_leader_move,
+)
 from tasks.adapters.ha.base import DbSecrets
 from tasks.adapters.ha.patroni import PatroniDriver
 
@@ -120,7 +128,14 @@ def test_command_and_patroni_callbacks_run_the_same_line() -> None:
     assert all(shlex.split(line) == list(command.argv) for line in callbacks.values())
 
 
-def test_the_uploaded_file_is_this_module_verbatim() -> None:
+def test_the_uploaded_file_runs_with_the_standard_library_alone(tmp_path) -> None:
+    # Hosts get this file verbatim and run it with the system python3: no site-packages (-S), no
+    # project on the path (-I, a copy outside the repository). It must still parse its arguments.
     file = etcd_config.leader_away_file()
-    assert file.content == etcd_config.LEADER_AWAY_SOURCE.read_text()
     assert file.path == etcd_config.LEADER_AWAY_BIN and file.mode == 0o755 and not file.secret
+    copy = tmp_path / "etcd_leader_away.py"
+    copy.write_text(file.content)
+    done = subprocess.run([sys.executable, "-I", "-S", str(copy), "--help"], capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "--member" in done.stdout
