@@ -107,6 +107,8 @@ def restore_drill(cluster: str = "lab", target: str = "latest", backup: str | No
         "backup": chosen.name, "backup_host": chosen.source_host, "target": target,
         "last_replayed_commit": last, "seconds_before_target": behind,
         "fetch_s": round(fetched["fetch_seconds"], 1), "recover_s": round(recovered["recover_seconds"], 1),
+        # Until the copy answers queries as a primary: the RTO before verification.
+        "ready_s": round(fetched["fetch_seconds"] + recovered["recover_seconds"], 2),
         "verify_s": round(sound["verify_seconds"], 1), "rto_s": round(rto, 1),
         "restored_mib": round(fetched["bytes"] / 2**20, 1), "databases": len(sound["databases"]),
         "btree_indexes_checked": sound["indexes_checked"], "kept": keep,

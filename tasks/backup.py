@@ -109,6 +109,30 @@ def _known_hosts_for(ctx: ClusterContext, hosts) -> str:
     return "\n".join(lines) + "\n"
 
 
+PEER_SSH_DIR = "/var/lib/postgresql/.ssh"
+
+
+def peer_ssh_config(addresses: list[str]) -> str:
+    """postgres's SSH client settings towards the other database hosts.
+
+    A standby's backup opens one SSH connection to the primary per pgBackRest process (the main
+    one and each worker): multiplexed over the first, the workers' connections take ~15 ms instead
+    of a full handshake each (~0.2 s, all at once on a busy host). The shared connection outlives
+    the backup by seconds only, and a dead peer ends it within ~6 s.
+    """
+    if not addresses:
+        raise ValueError("peer_ssh_config: no peer addresses")
+    return (
+        "# Managed by bouwsteen; local edits are overwritten.\n"
+        f"Host {' '.join(sorted(addresses))}\n"
+        "    ControlMaster auto\n"
+        "    ControlPath ~/.ssh/mux-%C\n"
+        "    ControlPersist 5s\n"
+        "    ServerAliveInterval 2\n"
+        "    ServerAliveCountMax 3\n"
+    )
+
+
 @step
 def ensure_backup_peer_trust(cluster: str) -> str:
     """pgBackRest takes a standby's backup by asking the primary (over SSH, as postgres) to start
@@ -123,7 +147,7 @@ def ensure_backup_peer_trust(cluster: str) -> str:
     for host in db_hosts:
         with ctx.remote(host) as remote:
             keys[host.name] = remote.run(script(
-                'k=/var/lib/postgresql/.ssh/id_ed25519; install -d -o postgres -g postgres -m 0700 "$(dirname "$k")"; '
+                f'k={PEER_SSH_DIR}/id_ed25519; install -d -o postgres -g postgres -m 0700 "$(dirname "$k")"; '
                 '[ -f "$k" ] || runuser -u postgres -- ssh-keygen -q -t ed25519 -N "" -C "postgres@$(hostname)" -f "$k"; '
                 'cat "$k.pub"', description="ensure postgres SSH key")).stdout.strip()
     authorized = "".join(
@@ -135,8 +159,10 @@ def ensure_backup_peer_trust(cluster: str) -> str:
     for host in db_hosts:
         with ctx.remote(host) as remote:
             for spec in (
-                ManagedFile("/var/lib/postgresql/.ssh/authorized_keys", authorized, owner="postgres", mode=0o600),
-                ManagedFile("/var/lib/postgresql/.ssh/known_hosts", known, owner="postgres", mode=0o644),
+                ManagedFile(f"{PEER_SSH_DIR}/authorized_keys", authorized, owner="postgres", mode=0o600),
+                ManagedFile(f"{PEER_SSH_DIR}/known_hosts", known, owner="postgres", mode=0o644),
+                ManagedFile(f"{PEER_SSH_DIR}/config", peer_ssh_config([str(h.address) for h in db_hosts]),
+                            owner="postgres", mode=0o600),
             ):
                 if remote.ensure_file(spec):
                     changed.append(f"{host.name}:{spec.path}")
@@ -213,18 +239,16 @@ def is_backup_source(cluster: str, max_lag_bytes: int = 16 * 1024 * 1024) -> dic
 @once
 def ensure_base_backup(cluster: str, source: str, primary: str) -> dict:
     """Run one full base backup on `source` (never retried: the next schedule is the retry)."""
-    import time as _time
-
     from tasks.desired import backup_driver
 
     ctx = context_for(cluster)
     inv = ctx.inventory
     driver = backup_driver(inv)
     command = driver.backup_command(inv, inv.host(source), inv.host(primary))
-    started = _time.monotonic()
     with ctx.remote(source) as remote:
         result = remote.run(command)
-    seconds = _time.monotonic() - started
+    # The backup's own time: the controller's SSH connection set-up is not part of it.
+    seconds = result.seconds
     say(f"Full base backup taken on {source} in {seconds:.1f}s.")
     return {"seconds": seconds, "stderr_tail": ctx.masker(result.stderr[-500:])}
 

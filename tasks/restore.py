@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from datetime import datetime
 
-from tasks.adapters.commands import ManagedFile, cmd, script
+from tasks.adapters.commands import chain, cmd, script
 from tasks.adapters.postgres import Postgres
 from tasks.cluster import NotYet, primary_of, wait_for
 from tasks.context import ClusterContext, context_for
@@ -128,23 +128,25 @@ def ensure_backup_restored(cluster: str, backup: str, target: str | None) -> dic
     host = restore_host(ctx)
     data_dir = inv.cluster.postgres.data_dir
     target_time = datetime.fromisoformat(target) if target else None
-    commands = backup_driver(inv).restore_commands(inv, data_dir, backup, target_time)
-    started = time.monotonic()
+    settings = "".join(f"{k} = '{v}'\n" for k, v in ISOLATION.items())
+    # One round trip: empty the directory, fetch and configure recovery, then isolate the copy.
+    # The include is appended last, so it wins over whatever the backed-up configuration says.
+    fetch = chain(
+        script('pg_ctl="$2/pg_ctl"; if [ -f "$1/postmaster.pid" ]; then runuser -u postgres -- "$pg_ctl" -D "$1" -m immediate stop || true; fi; '
+               'rm -rf -- "$1"; install -d -o postgres -g postgres -m 0700 "$1"',
+               args=[data_dir, inv.cluster.postgres.bin_dir], description=f"empty {data_dir}"),
+        *backup_driver(inv).restore_commands(inv, data_dir, backup, target_time),
+        script('install -o postgres -g postgres -m 0600 /dev/null "$1/conf.d-drill.conf"; printf %s "$2" > "$1/conf.d-drill.conf"; '
+               'grep -q "^include_if_exists .conf.d-drill.conf" "$1/postgresql.auto.conf" 2>/dev/null || '
+               'echo "include_if_exists \'conf.d-drill.conf\'" >> "$1/postgresql.auto.conf"; du -sb "$1" | cut -f1',
+               args=[data_dir, settings], user="postgres", description="isolate the drill copy"),
+        description=f"fetch backup {backup} into {data_dir} and isolate it",
+    )
     with ctx.remote(host) as remote:
-        remote.run(script(
-            'pg_ctl="$2/pg_ctl"; if [ -f "$1/postmaster.pid" ]; then runuser -u postgres -- "$pg_ctl" -D "$1" -m immediate stop || true; fi; '
-            'rm -rf -- "$1"; install -d -o postgres -g postgres -m 0700 "$1"',
-            args=[data_dir, inv.cluster.postgres.bin_dir], description=f"empty {data_dir}"))
-        for command in commands:
-            remote.run(command)
-        settings = "".join(f"{k} = '{v}'\n" for k, v in ISOLATION.items())
-        remote.ensure_file(ManagedFile(f"{data_dir}/conf.d-drill.conf", settings, owner="postgres", mode=0o600))
-        # The include is appended last, so it wins over whatever the backed-up configuration says.
-        size = int(remote.run(script(
-            'grep -q "^include_if_exists .conf.d-drill.conf" "$1/postgresql.auto.conf" 2>/dev/null || '
-            'echo "include_if_exists \'conf.d-drill.conf\'" >> "$1/postgresql.auto.conf"; du -sb "$1" | cut -f1',
-            args=[data_dir], user="postgres", description="isolate the drill copy")).stdout.split()[-1])
-    seconds = time.monotonic() - started
+        result = remote.run(fetch)
+    size = int(result.stdout.split()[-1])
+    # The command's own time: the SSH connection set-up is not part of fetching a backup.
+    seconds = result.seconds
     say(f"Backup {backup} fetched onto {host.name} in {seconds:.1f}s ({size / 2**20:.0f} MiB).")
     return {"fetch_seconds": seconds, "bytes": size}
 
@@ -156,11 +158,10 @@ def wait_until_recovered(cluster: str, timeout: float = 1800) -> dict:
     inv = ctx.inventory
     host = restore_host(ctx)
     data_dir = inv.cluster.postgres.data_dir
-    started = time.monotonic()
     with ctx.remote(host) as remote:
         # Start and wait on the host itself: polling from here would add a round trip (and the
         # psql wrapper's start-up) to every look, and the ready time is what the drill reports.
-        remote.run(script(
+        waited = remote.run(script(
             '"$1/pg_ctl" -D "$2" -l "$2/drill.log" -w -t "$3" start >/dev/null\n'
             'deadline=$((SECONDS + $3))\n'
             'until [ "$("$1/psql" -XAtq -h "$4" -p "$5" -d postgres -c "select pg_is_in_recovery()" 2>/dev/null)" = f ]; do\n'
@@ -170,7 +171,7 @@ def wait_until_recovered(cluster: str, timeout: float = 1800) -> dict:
             'done',
             args=[inv.cluster.postgres.bin_dir, data_dir, str(int(timeout)), SOCKET_DIR, str(DRILL_PORT)],
             user="postgres", timeout=2 * timeout + 60, description="start the drill copy and wait for promotion"))
-        seconds = time.monotonic() - started
+        seconds = waited.seconds
         info = rows(remote.run(psql(
             "select coalesce(pg_last_xact_replay_timestamp()::text, ''), "
             "(select timeline_id from pg_control_checkpoint()), pg_size_pretty(sum(pg_database_size(oid))) "

@@ -102,6 +102,22 @@ def script(
     )
 
 
+def chain(*commands: Command, description: str) -> Command:
+    """Several commands in one round trip, stopping at the first failure.
+
+    Each keeps its own rendering (timeout, user, env), so the chain is exactly the commands one by
+    one, less the round trips; it runs as the session's user and times out when they all would have.
+    """
+    if not commands:
+        raise CommandError("empty chain")
+    lenient = [str(c) for c in commands if c.ok_codes != (0,)]
+    if lenient:
+        raise CommandError(f"cannot chain commands whose non-zero exits are answers: {lenient}")
+    text = "\n".join(c.render() for c in commands)
+    total = min(sum(c.timeout + 5 for c in commands), 24 * 3600)
+    return Command(argv=("bash", "-euo", "pipefail", "-c", text), timeout=total, description=description)
+
+
 @dataclass(frozen=True)
 class ManagedFile:
     """A file a flow owns on a host: written only when its content, owner or mode differ."""
@@ -146,3 +162,5 @@ class CommandResult:
     stdout: str
     stderr: str = ""
     exit_code: int = 0
+    # Wall time of the command itself, from sending it to its exit status (connection set-up excluded).
+    seconds: float = 0.0

@@ -195,7 +195,8 @@ class RemoteHost:
         except (OSError, EOFError, paramiko.SSHException) as exc:
             self.close()
             raise RemoteUnreachable(self.target.host, shown, None, reason=f"connection lost: {exc}") from None
-        outcome = CommandResult(stdout=result.stdout, stderr=result.stderr, exit_code=result.exited)
+        outcome = CommandResult(stdout=result.stdout, stderr=result.stderr, exit_code=result.exited,
+                                seconds=time.monotonic() - started)
         if result.exited == 124 and time.monotonic() - started >= command.timeout * 0.9:
             raise RemoteTimeout(
                 self.target.host, shown, 124, self.mask(result.stdout), self.mask(result.stderr),

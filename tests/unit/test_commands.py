@@ -14,6 +14,7 @@ from tasks.adapters.commands import (
     Command,
     CommandError,
     ManagedFile,
+    chain,
     cmd,
     script,
 )
@@ -274,3 +275,34 @@ def test_sha256_stable_and_content_only() -> None:
 @pytest.mark.parametrize(("owner", "group", "expected"), [("root", None, "root"), ("postgres", "ssl-cert", "ssl-cert")])
 def test_owner_group(owner: str, group: str | None, expected: str) -> None:
     assert ManagedFile("/etc/x", "", owner=owner, group=group).owner_group == expected
+
+
+def test_chain_runs_each_command_in_order_with_literal_arguments(tmp_path) -> None:
+    log = tmp_path / "log"
+    line = chain(cmd("sh", "-c", 'printf "%s\\n" "$1" >> "$2"', "sh", "first; $(id)", str(log), timeout=10),
+                 script('printf "%s\\n" "$1" >> "$2"', args=["second 'x'", str(log)], timeout=10),
+                 description="two steps").render()
+    subprocess.run(["bash", "-c", line], check=True)
+    assert log.read_text().splitlines() == ["first; $(id)", "second 'x'"]
+
+
+def test_chain_stops_at_the_first_failure(tmp_path) -> None:
+    after = tmp_path / "after"
+    line = chain(cmd("true", timeout=10), cmd("false", timeout=10), cmd("touch", str(after), timeout=10),
+                 description="fails in the middle").render()
+    assert subprocess.run(["bash", "-c", line]).returncode == 1
+    assert not after.exists()
+
+
+def test_chain_keeps_each_commands_user_and_timeout_and_sums_the_timeouts() -> None:
+    first, second = cmd("pgbackrest", "restore", user="postgres", timeout=600), cmd("du", "-sb", "/x", timeout=30)
+    chained = chain(first, second, description="restore, then measure")
+    assert chained.argv[-1] == first.render() + "\n" + second.render()
+    assert chained.timeout == 600 + 5 + 30 + 5
+    assert chained.user is None and str(chained) == "restore, then measure"
+
+
+@pytest.mark.parametrize("commands", [(), (cmd("pg_isready", ok_codes=(0, 2)),)])
+def test_chain_refuses_nothing_and_commands_whose_failures_are_answers(commands) -> None:
+    with pytest.raises(CommandError):
+        chain(*commands, description="x")
