@@ -1,4 +1,4 @@
-"""pgBackRest (Debian's 2.45) as the backup driver: the one the lab runs, against S3 over TLS."""
+"""pgBackRest as the backup driver: the one the lab runs, against S3 over TLS."""
 
 from __future__ import annotations
 
@@ -70,7 +70,10 @@ class PgBackRestDriver(BackupDriver):
             # and Patroni runs archive_command synchronously before recovering a crashed primary).
             "io-timeout=10",
             "process-max=2",
-            "compress-type=lz4",
+            # zstd level 1 over lz4: a 1 GiB cluster's largest file (one process) copies in ~1.2 s
+            # instead of ~1.7 s here, and the repository holds ~2.5× less (lab, pgBackRest 2.55.1).
+            "compress-type=zst",
+            "compress-level=1",
             "start-fast=y",
             "delta=y",
             "log-level-console=warn",
