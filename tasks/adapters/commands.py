@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 DEFAULT_TIMEOUT = 60.0
+# --norc: Debian's bash reads /etc/bash.bashrc when started over SSH even without a terminal, and
+# under -u its `$PS1` test prints "PS1: unbound variable" into every script's stderr.
+BASH = ("bash", "--norc", "-euo", "pipefail", "-c")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _USER_NAME = re.compile(r"[a-z_][a-z0-9_-]*[$]?")
 
@@ -97,7 +100,7 @@ def script(
     if not text.strip():
         raise CommandError("empty script")
     return cmd(
-        "bash", "-euo", "pipefail", "-c", text, "bouwsteen", *args,
+        *BASH, text, "bouwsteen", *args,
         timeout=timeout, user=user, env=env, ok_codes=ok_codes, description=description or text.strip().splitlines()[0],
     )
 
@@ -115,7 +118,7 @@ def chain(*commands: Command, description: str) -> Command:
         raise CommandError(f"cannot chain commands whose non-zero exits are answers: {lenient}")
     text = "\n".join(c.render() for c in commands)
     total = min(sum(c.timeout + 5 for c in commands), 24 * 3600)
-    return Command(argv=("bash", "-euo", "pipefail", "-c", text), timeout=total, description=description)
+    return Command(argv=(*BASH, text), timeout=total, description=description)
 
 
 @dataclass(frozen=True)

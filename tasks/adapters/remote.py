@@ -67,7 +67,9 @@ class RemoteError(RuntimeError):
         self.stdout_tail = stdout[-TAIL_CHARS:]
         self.stderr_tail = stderr[-TAIL_CHARS:]
         self.reason = reason
-        tail = (self.stderr_tail or self.stdout_tail).strip()
+        # Both: some tools report errors on stdout (pgBackRest's console), and a chain's stderr may
+        # hold only an earlier step's warnings.
+        tail = "\n".join(t for t in (self.stderr_tail.strip(), self.stdout_tail.strip()) if t)
         what = reason or f"exit code {exit_code}"
         super().__init__(f"{host}: `{command}` failed: {what}" + (f"\n{tail}" if tail else ""))
 
@@ -189,7 +191,7 @@ class RemoteHost:
             result = self._conn.run(line, timeout=command.timeout + 15)
         except CommandTimedOut as exc:
             raise RemoteTimeout(
-                self.target.host, shown, None, exc.result.stdout if exc.result else "",
+                self.target.host, shown, None, self.mask(exc.result.stdout) if exc.result else "",
                 reason=f"no answer within {command.timeout + 15:.0f}s",
             ) from None
         except (OSError, EOFError, paramiko.SSHException) as exc:

@@ -190,11 +190,11 @@ def test_command_is_frozen() -> None:
 def test_script_argv_shape() -> None:
     text = "set -x\npg_ctl status -D \"$1\" | grep -q running\n"
     s = script(text, args=["/var/lib/postgresql/15/main", "x y"], user="postgres", timeout=12)
-    assert s.argv == ("bash", "-euo", "pipefail", "-c", text, "bouwsteen", "/var/lib/postgresql/15/main", "x y")
+    assert s.argv == ("bash", "--norc", "-euo", "pipefail", "-c", text, "bouwsteen", "/var/lib/postgresql/15/main", "x y")
     assert s.user == "postgres" and s.timeout == 12
     assert shlex.split(s.render()) == [
         "timeout", "-k", "5", "12", "runuser", "-u", "postgres", "--",
-        "bash", "-euo", "pipefail", "-c", text, "bouwsteen", "/var/lib/postgresql/15/main", "x y",
+        "bash", "--norc", "-euo", "pipefail", "-c", text, "bouwsteen", "/var/lib/postgresql/15/main", "x y",
     ]
 
 

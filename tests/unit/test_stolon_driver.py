@@ -516,7 +516,7 @@ def test_status_commands() -> None:
 def test_bootstrap_command() -> None:
     (bootstrap,) = driver.bootstrap_commands(INV, SECRETS, ARCHIVE_PARAMETERS)
     rendered = bootstrap.render()
-    assert rendered.startswith("timeout -k 5 120 bash -euo pipefail -c ")
+    assert rendered.startswith("timeout -k 5 120 bash --norc -euo pipefail -c ")
     assert 'init -y -f "$spec"' in rendered
     assert "/etc/stolon/pg-prod/cluster-spec.json" in bootstrap.argv
     assert str(bootstrap) == "stolonctl init -y -f /etc/stolon/pg-prod/cluster-spec.json (cluster pg-prod)"

@@ -398,16 +398,16 @@ def test_missing_object_store() -> None:
 
 
 def _settings(command: Command) -> list[str]:
-    # script() argv: bash -euo pipefail -c <text> bouwsteen <target_dir> <settings...>
-    assert list(command.argv[:3]) == ["bash", "-euo", "pipefail"]
-    return list(command.argv[7:])
+    # script() argv: bash --norc -euo pipefail -c <text> bouwsteen <target_dir> <settings...>
+    assert list(command.argv[:4]) == ["bash", "--norc", "-euo", "pipefail"]
+    return list(command.argv[8:])
 
 
 def test_restore_latest_to_end_of_archive() -> None:
     fetch, configure = driver.restore_commands(INV, "/srv/restore/data", None, None)
     assert list(fetch.argv) == [*WALG, "backup-fetch", "/srv/restore/data", "LATEST"]
     assert fetch.timeout >= 3 * 3600
-    assert configure.argv[6] == "/srv/restore/data"
+    assert configure.argv[7] == "/srv/restore/data"
     settings = _settings(configure)
     assert (
         "restore_command = '/usr/local/bin/wal-g-pg --config /etc/wal-g/bouw.json wal-fetch \"%f\" \"%p\"'"
@@ -416,7 +416,7 @@ def test_restore_latest_to_end_of_archive() -> None:
     assert "archive_mode = 'off'" in settings
     assert "recovery_target_timeline = 'latest'" in settings
     assert not any(s.startswith("recovery_target_time ") for s in settings)
-    assert "recovery.signal" in configure.argv[4]
+    assert "recovery.signal" in configure.argv[5]
 
 
 def test_restore_to_time() -> None:
