@@ -19,6 +19,7 @@ from tasks.adapters.postgres import (
     AuthenticationFailed,
     DatabaseUnavailable,
     Postgres,
+    UndefinedObject,
     pgsql,
     scram_matches,
     scram_verifier,
@@ -495,7 +496,12 @@ def is_replication_working(cluster: str, timeout: float = 30) -> str:
 
         def seen(host=host) -> bool:
             with Postgres(ctx.superuser_endpoint(host)) as pg:
-                return pg.scalar("select token from bouwsteen.canary where id = 1") == token
+                try:
+                    return pg.scalar("select token from bouwsteen.canary where id = 1") == token
+                except UndefinedObject as exc:
+                    # The table's DDL is committed on the primary; a standby still replaying up
+                    # to it has no such table yet.
+                    raise NotYet(f"{host.name} has not replayed the canary table yet ({exc})") from None
 
         wait_for(f"canary row on {host.name}", seen, timeout=timeout, interval=0.2)
     return say(f"A row written on {primary.name} was read back on every standby within "

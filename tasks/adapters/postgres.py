@@ -9,7 +9,8 @@ import psycopg
 from psycopg import sql as pgsql
 
 __all__ = [
-    "PgEndpoint", "Postgres", "DatabaseUnavailable", "AuthenticationFailed", "DatabaseError", "NodeStatus",
+    "PgEndpoint", "Postgres", "DatabaseUnavailable", "AuthenticationFailed", "DatabaseError", "UndefinedObject",
+    "NodeStatus",
     "ReplicaLink", "pgsql", "lsn_to_int",
 ]
 
@@ -38,6 +39,15 @@ class AuthenticationFailed(RuntimeError):
 
 class DatabaseError(RuntimeError):
     """A statement failed."""
+
+
+class UndefinedObject(DatabaseError):
+    """The statement names a table, schema or object this server does not have (yet): on a standby
+    that has not replayed the DDL, a wait's "not yet", not a failure."""
+
+
+# SQLSTATEs of a missing relation, schema or other object.
+_UNDEFINED = (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName, psycopg.errors.UndefinedObject)
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,8 @@ class Postgres:
         except psycopg.OperationalError as exc:
             self.close()
             raise DatabaseUnavailable(f"{self.endpoint.host}: connection lost: {str(exc).strip()}") from None
+        except _UNDEFINED as exc:
+            raise UndefinedObject(f"{self.endpoint.host}: {str(exc).strip()}") from None
         except psycopg.Error as exc:
             raise DatabaseError(f"{self.endpoint.host}: {str(exc).strip()}") from None
 

@@ -26,7 +26,7 @@ def service_pids(lab, host: str) -> dict:
 
 
 def row_visible_everywhere(ctx, hosts: list[str]) -> None:
-    from tasks.adapters.postgres import Postgres
+    from tasks.adapters.postgres import Postgres, UndefinedObject
 
     primary = next(h for h in ctx.inventory.db_hosts if h.name == hosts[0])
     token = f"test-{time.time_ns()}"
@@ -38,8 +38,11 @@ def row_visible_everywhere(ctx, hosts: list[str]) -> None:
         deadline = time.monotonic() + 15
         while True:
             with Postgres(ctx.superuser_endpoint(host)) as pg:
-                if pg.scalar("select count(*) from public.build_check where token = %s", [token]) == 1:
-                    break
+                try:
+                    if pg.scalar("select count(*) from public.build_check where token = %s", [token]) == 1:
+                        break
+                except UndefinedObject:
+                    pass  # the standby has not replayed the table's creation yet
             assert time.monotonic() < deadline, f"row not visible on {name}"
             time.sleep(0.2)
 
@@ -80,7 +83,7 @@ def test_build_cluster_killed_mid_run_then_rerun_converges(lab, registered):
     assert all(m["State"] in ("running", "streaming") for m in members)
 
 
-def test_cluster_has_one_leader_two_streaming_replicas_and_replicates(lab, registered):
+def test_cluster_has_one_leader_two_streaming_replicas_and_replicates(lab, cluster):
     from tasks.cluster import replication_rows
     from tasks.context import context_for
 
@@ -98,7 +101,7 @@ def test_cluster_has_one_leader_two_streaming_replicas_and_replicates(lab, regis
     assert etcd_leader(lab) in others
 
 
-def test_second_build_changes_nothing_and_keeps_pids(lab, registered):
+def test_second_build_changes_nothing_and_keeps_pids(lab, cluster):
     from flows.build_cluster import build_cluster
 
     pids = {h: service_pids(lab, h) for h in DB}
@@ -134,7 +137,7 @@ def test_unknown_host_is_refused(lab, registered):
     assert cluster_state_digest(lab) == before
 
 
-def test_host_of_another_cluster_is_refused(lab, registered):
+def test_host_of_another_cluster_is_refused(lab, cluster):
     from flows.add_standby import add_standby
 
     lab_ssh(lab, "pg4", "mkdir -p /etc/bouwsteen && echo '{\"cluster\": \"other\"}' > /etc/bouwsteen/cluster.json")
@@ -147,7 +150,7 @@ def test_host_of_another_cluster_is_refused(lab, registered):
         lab_ssh(lab, "pg4", "rm -f /etc/bouwsteen/cluster.json")
 
 
-def test_unreachable_host_is_refused(lab, registered):
+def test_unreachable_host_is_refused(lab, cluster):
     from flows.add_standby import add_standby
 
     before = cluster_state_digest(lab, DB)
@@ -159,7 +162,7 @@ def test_unreachable_host_is_refused(lab, registered):
     assert cluster_state_digest(lab, DB) == before
 
 
-def test_wrong_superuser_password_is_refused(lab, registered):
+def test_wrong_superuser_password_is_refused(lab, cluster):
     from pydantic import SecretStr
 
     from blocks.prefect_blocks import DatabaseCredentials
@@ -198,7 +201,7 @@ def test_invalid_stolon_spec_field_is_refused(lab, registered):
 # ----------------------------------------------------------------------------- add_standby
 
 
-def test_add_standby_streams_and_second_run_is_noop(lab, registered):
+def test_add_standby_streams_and_second_run_is_noop(lab, cluster):
     from flows.add_standby import add_standby
     from tasks.context import context_for
 

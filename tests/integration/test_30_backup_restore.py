@@ -40,7 +40,7 @@ def test_backup_server_rollout_and_rerun_is_noop(lab, registered):
     assert mode.split() == ["600", "root", "600", "bouwsteen-s3"]
 
 
-def test_build_cluster_turns_archiving_on(lab, registered):
+def test_build_cluster_turns_archiving_on(lab, object_store):
     from flows.build_cluster import build_cluster
     from tasks.context import context_for
 
@@ -55,7 +55,7 @@ def test_build_cluster_turns_archiving_on(lab, registered):
             time.sleep(0.5)
 
 
-def test_nightly_backup_from_a_standby_then_skip_then_retention(lab, registered):
+def test_nightly_backup_from_a_standby_then_skip_then_retention(lab, archiving):
     from flows.basebackup import scheduled_basebackup
 
     first = scheduled_basebackup(cluster="lab", return_state=True)
@@ -74,7 +74,7 @@ def test_nightly_backup_from_a_standby_then_skip_then_retention(lab, registered)
     assert len(forced.result()["kept"]) == 2
 
 
-def test_freshness_alarm_fails_loudly(lab, registered):
+def test_freshness_alarm_fails_loudly(lab, backed_up):
     from flows.basebackup import BackupTooOld, scheduled_basebackup
 
     # A freshness limit shorter than the newest backup's age: the run must fail even though it skips.
@@ -84,7 +84,7 @@ def test_freshness_alarm_fails_loudly(lab, registered):
         state.result()
 
 
-def test_point_in_time_restore_drill(lab, registered):
+def test_point_in_time_restore_drill(lab, backed_up):
     from flows.restore_drill import restore_drill
     from tasks.context import context_for
     from tasks.restore import ensure_drill_torn_down
@@ -141,7 +141,7 @@ def test_point_in_time_restore_drill(lab, registered):
     ("yesterday", "neither 'latest' nor an ISO-8601 time"),
     ("2026-11-27T10:00:00", "has no time zone"),
 ])
-def test_restore_drill_bad_targets_are_refused(lab, registered, target, needle):
+def test_restore_drill_bad_targets_are_refused(lab, backed_up, target, needle):
     from flows.restore_drill import restore_drill
 
     before = cluster_state_digest(lab, ("restore1",))
@@ -152,35 +152,58 @@ def test_restore_drill_bad_targets_are_refused(lab, registered, target, needle):
     assert cluster_state_digest(lab, ("restore1",)) == before
 
 
-def test_object_store_down_during_backup_fails_then_rerun_succeeds(lab, registered):
+# pgBackRest's own backup process (not its local workers, not this hunt's shell: "[p]" keeps the
+# pattern from matching the command line that carries it).
+BACKUP_PROCESS = "[p]gbackrest .*backup$"
+
+
+def freeze_backup_when_it_starts(lab, host: str, seconds: int = 110) -> bool:
+    """SIGSTOP pgBackRest's backup on `host` the moment it exists: the backup is then certainly
+    still running when the object store goes away, however fast this machine copies (within
+    lab_ssh's own 120 s limit)."""
+    hunt = f"timeout {seconds} bash --norc -c 'until pkill -STOP -f \"{BACKUP_PROCESS}\"; do sleep 0.05; done'"
+    return lab_ssh(lab, host, hunt, check=False).returncode == 0
+
+
+def test_object_store_down_during_backup_fails_then_rerun_succeeds(lab, backed_up):
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
     from flows.basebackup import scheduled_basebackup
     from tasks.backup import is_backup_list
+    from tasks.cluster import primary_of
     from tasks.context import context_for
 
     ctx = context_for("lab", fresh=True)
-    with primary_pg(ctx) as pg:
-        # Enough data that the backup is still running when the object store goes away.
-        pg.query("create table if not exists public.ballast as select g, md5(g::text) || repeat('x', 200) as filler "
-                 "from generate_series(1, 1500000) g")
+    standbys = [h.name for h in ctx.inventory.db_hosts if h.name != primary_of(ctx).name]
     before = {b.name for b in is_backup_list("lab")}
     outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.setdefault(
-        "state", scheduled_basebackup(cluster="lab", force=True, return_state=True)))
-    runner.start()
-    deadline = time.monotonic() + 120
-    while True:
-        busy = lab_ssh(lab, "pg2", "pgrep -f 'pgbackrest.*backup' >/dev/null && echo yes || true", check=False).stdout
-        busy += lab_ssh(lab, "pg3", "pgrep -f 'pgbackrest.*backup' >/dev/null && echo yes || true", check=False).stdout
-        if "yes" in busy or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    lab_ssh(lab, "backup1", "systemctl stop bouwsteen-s3")
+    frozen: list[str] = []
+    with ThreadPoolExecutor(len(standbys)) as hunters:
+        hunts = {hunters.submit(freeze_backup_when_it_starts, lab, host): host for host in standbys}
+        runner = threading.Thread(target=lambda: outcome.setdefault(
+            "state", scheduled_basebackup(cluster="lab", force=True, return_state=True)))
+        runner.start()
+        try:
+            pending = set(hunts)
+            while pending and not frozen:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                frozen += [hunts[f] for f in done if f.result()]
+        finally:
+            # No hunt may outlive this test: it would freeze the rerun's backup.
+            for host in standbys:
+                lab_ssh(lab, host, "pkill -f '[u]ntil pkill -STOP' || true", check=False)
     try:
+        assert frozen, f"no backup process appeared on {standbys}"
+        lab_ssh(lab, "backup1", "systemctl stop bouwsteen-s3")
+        lab_ssh(lab, frozen[0], f"pkill -CONT -f '{BACKUP_PROCESS}'")
         runner.join(timeout=600)
         state = outcome["state"]
         assert state.is_failed(), "a backup whose object store vanished must not succeed"
     finally:
+        for host in frozen:
+            lab_ssh(lab, host, f"pkill -CONT -f '{BACKUP_PROCESS}' || true", check=False)
         lab_ssh(lab, "backup1", "systemctl start bouwsteen-s3")
+        runner.join(timeout=600)
     after = is_backup_list("lab")
     assert not [b for b in after if b.name not in before and not b.error], "no new backup may be reported good"
 

@@ -37,7 +37,7 @@ def rw_up(lab, router: str) -> list[str]:
             and r["svname"] not in ("FRONTEND", "BACKEND")]
 
 
-def test_routing_rollout_dry_run_then_apply_then_noop(lab, registered):
+def test_routing_rollout_dry_run_then_apply_then_noop(lab, cluster):
     from flows.routing import routing_rollout
 
     before = cluster_state_digest(lab, ("router1", "router2"))
@@ -53,7 +53,7 @@ def test_routing_rollout_dry_run_then_apply_then_noop(lab, registered):
     assert again.result()["changed"] is False
 
 
-def test_vip_routes_rw_to_primary_and_ro_to_standby(lab, registered):
+def test_vip_routes_rw_to_primary_and_ro_to_standby(lab, routed):
     from tasks.context import context_for
     from tasks.routing import through_vip
 
@@ -65,7 +65,7 @@ def test_vip_routes_rw_to_primary_and_ro_to_standby(lab, registered):
     assert ro_recovery is True and ro_addr != rw_addr
 
 
-def test_router_keepalived_stopped_moves_the_vip(lab, registered):
+def test_router_keepalived_stopped_moves_the_vip(lab, routed):
     from tasks.context import context_for
     from tasks.routing import through_vip, vip_holders, wait_until_vip_held
 
@@ -94,7 +94,7 @@ def test_vip_outside_the_subnet_is_refused(lab, registered, tmp_path):
     assert "cluster.routing.vip" in result.stderr and "outside the hosts' subnet" in result.stderr
 
 
-def test_detector_is_pgroute66_compatible(lab, registered):
+def test_detector_is_pgroute66_compatible(lab, routed):
     from tasks.context import context_for
 
     ctx = context_for("lab", fresh=True)
@@ -118,7 +118,7 @@ def _refused(state, needle: str) -> None:
         state.result()
 
 
-def test_switchover_bad_candidates_are_refused(lab, registered):
+def test_switchover_bad_candidates_are_refused(lab, routed):
     from flows.switchover import switchover
 
     before = cluster_state_digest(lab, ("pg1", "pg2", "pg3"))
@@ -132,7 +132,7 @@ def test_switchover_bad_candidates_are_refused(lab, registered):
     assert cluster_state_digest(lab, ("pg1", "pg2"))["pg1"] == before["pg1"]
 
 
-def test_second_runbook_on_the_cluster_is_refused(lab, registered):
+def test_second_runbook_on_the_cluster_is_refused(lab, routed):
     from prefect import flow
 
     from flows.switchover import switchover
@@ -157,7 +157,7 @@ def test_second_runbook_on_the_cluster_is_refused(lab, registered):
         holder.join(120)
 
 
-def test_switchover_keeps_every_acknowledged_write(lab, registered):
+def test_switchover_keeps_every_acknowledged_write(lab, routed):
     from flows.switchover import switchover
     from tasks.adapters.avprobe import AvailabilityProbe
     from tasks.context import context_for
@@ -178,7 +178,7 @@ def test_switchover_keeps_every_acknowledged_write(lab, registered):
     print(f"switchover write gap: {report.longest_gap():.2f}s")
 
 
-def test_split_brain_routes_rw_nowhere(lab, registered):
+def test_split_brain_routes_rw_nowhere(lab, routed):
     """Promote a standby behind Patroni's back (maintenance mode keeps Patroni from fixing it):
     the detector answers 409 and HAProxy takes every rw server out."""
     from tasks.context import context_for
@@ -223,13 +223,13 @@ def test_split_brain_routes_rw_nowhere(lab, registered):
     wait_until_replicas_streaming("lab", timeout=180)
 
 
-def test_failover_refuses_while_the_primary_is_healthy(lab, registered):
+def test_failover_refuses_while_the_primary_is_healthy(lab, routed):
     from flows.switchover import failover
 
     _refused(failover(cluster="lab", return_state=True), "healthy primary exists")
 
 
-def test_failover_pauses_for_a_human_when_data_may_be_lost(lab, registered, prefect_server):
+def test_failover_pauses_for_a_human_when_data_may_be_lost(lab, routed, prefect_server):
     """A negative loss threshold makes any candidate 'too far behind': the run must pause and
     promote only after a DBA answers in the UI (here: through the API)."""
     from prefect.client.orchestration import get_client

@@ -42,7 +42,7 @@ def test_inventory_yaml(lab, registered, tmp_path, unchanged, mutate, needle):
     (["run", "scheduled_basebackup", "--cluster", "lab", "--param", "keep_full=0"], "keep_full"),
     (["run", "check_hosts", "--cluster", "no-such-cluster"], "no cluster-inventory block named 'no-such-cluster'"),
 ])
-def test_flow_parameters(registered, unchanged, args, needle):
+def test_flow_parameters(cluster, unchanged, args, needle):
     result = bouwsteen(*args)
     assert result.returncode != 0
     assert needle in result.stdout + result.stderr, result.stdout + result.stderr
@@ -62,7 +62,7 @@ def test_job_file(registered, unchanged, tmp_path):
     ("../../etc/passwd", "is not a pgBackRest backup label"),
     ("20200101-000000F", "is not among the good backups"),
 ])
-def test_backup_names(registered, unchanged, backup, needle):
+def test_backup_names(backed_up, unchanged, backup, needle):
     result = bouwsteen("run", "restore_drill", "--cluster", "lab", "--param", f"backup={backup}")
     assert result.returncode != 0
     assert needle in result.stdout + result.stderr, result.stdout + result.stderr
@@ -73,7 +73,7 @@ def test_backup_names(registered, unchanged, backup, needle):
     ("last tuesday", "neither 'latest' nor an ISO-8601 time"),
     ("2026-11-27T10:00:00", "no time zone"),
 ])
-def test_pitr_targets(registered, unchanged, target, needle):
+def test_pitr_targets(backed_up, unchanged, target, needle):
     result = bouwsteen("run", "restore_drill", "--cluster", "lab", "--param", f"target={target}")
     assert result.returncode != 0
     assert needle in result.stdout + result.stderr, result.stdout + result.stderr

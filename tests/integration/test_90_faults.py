@@ -15,7 +15,7 @@ import time
 import pytest
 from labtools import REPO, lab_ssh
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("backed_up", "routed")]
 VIP = "172.29.66.100"
 
 

@@ -6,7 +6,11 @@ import json
 import os
 import subprocess
 
+import pytest
 from labtools import lab_ssh
+
+# The scans mean something only once every runbook has written its files and logs.
+pytestmark = pytest.mark.usefixtures("backed_up", "routed")
 
 HOSTS = ["pg1", "pg2", "pg3", "pg4", "backup1", "router1", "router2", "restore1"]
 
