@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from tasks.errors import BouwsteenError
 
 HOSTNAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 CLUSTER_NAME = r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$"
@@ -266,11 +275,11 @@ class Inventory(Strict):
         return Inventory.model_validate({**self.model_dump(mode="json"), "hosts": [h.model_dump(mode="json") for h in hosts]})
 
 
-class UnknownHostError(ValueError):
+class UnknownHostError(BouwsteenError, ValueError):
     pass
 
 
-class InventoryError(ValueError):
+class InventoryError(BouwsteenError, ValueError):
     """An inventory that cannot be used; the message names the file, the field and the reason."""
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from tasks.errors import ServiceDidNotStart
+
 DEFAULT_PORT = 4200
 
 
@@ -86,9 +88,9 @@ def start_server(port: int = DEFAULT_PORT, *, database_url: str | None = None, t
     deadline = time.monotonic() + timeout
     while not is_healthy(url):
         if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {proc.returncode}; see {home / f'server-{port}.log'}")
+            raise ServiceDidNotStart(f"prefect server exited with {proc.returncode}; see {home / f'server-{port}.log'}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"prefect server did not answer within {timeout:.0f}s; see {home / f'server-{port}.log'}")
+            raise ServiceDidNotStart(f"prefect server did not answer within {timeout:.0f}s; see {home / f'server-{port}.log'}")
         time.sleep(0.5)
     return ServerHandle(url=url, pid=proc.pid, started=True)
 

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 
 import httpx
 
+from tasks.errors import BouwsteenError
+
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-class TicketError(RuntimeError):
+class TicketError(BouwsteenError):
     """The server refused the request; the message carries its status and detail."""
 
 

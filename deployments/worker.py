@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deployments.server import _prefect_bin, base_environment, prefect_home
+from tasks.errors import ServiceDidNotStart
 
 REPO = Path(__file__).resolve().parents[1]
 WORK_POOL = "bouwsteen"
@@ -99,9 +100,9 @@ def start_worker(name: str = DEFAULT_WORKER, *, pool: str = WORK_POOL, limit: in
                 break
         if proc.poll() is not None:
             _pid_file(name).unlink(missing_ok=True)
-            raise RuntimeError(f"prefect worker {name} exited with {proc.returncode}; see {log_path}")
+            raise ServiceDidNotStart(f"prefect worker {name} exited with {proc.returncode}; see {log_path}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"prefect worker {name} did not start within {timeout:.0f}s; see {log_path}")
+            raise ServiceDidNotStart(f"prefect worker {name} did not start within {timeout:.0f}s; see {log_path}")
         time.sleep(0.3)
     return WorkerHandle(name=name, pid=proc.pid, started=True, log=log_path)
 

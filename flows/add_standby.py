@@ -8,10 +8,8 @@ from prefect.artifacts import create_table_artifact
 from blocks.inventory import Role, UnknownHostError
 from blocks.register import save_inventory
 from flows.runbook import publish_plan, snapshot_hosts
-from tasks.adapters.ha.base import HaStatusError
 from tasks.backup import ensure_backup_hook
 from tasks.cluster import (
-    PreflightRefused,
     desired_layers,
     ensure_files,
     ensure_packages,
@@ -21,6 +19,7 @@ from tasks.cluster import (
 )
 from tasks.context import context_for
 from tasks.desired import ha_driver
+from tasks.errors import PreflightRefused, VerifyFailed
 from tasks.locks import cluster_lock
 from tasks.planning.build import plan_build
 
@@ -46,17 +45,17 @@ def add_standby(cluster: str = "lab", host: str = "pg4", max_lag_bytes: int = 16
     try:
         spec = inv.host(host)
     except UnknownHostError as exc:
-        raise PreflightRefused(f"refused, nothing changed: {exc}") from None
+        raise PreflightRefused(f"{exc}") from None
     if spec.has(Role.router) or spec.has(Role.backup) or spec.has(Role.restore):
-        raise PreflightRefused(f"refused, nothing changed: {host} has role(s) "
+        raise PreflightRefused(f"{host} has role(s) "
                                f"{', '.join(r.value for r in spec.roles)}; a standby needs a host of its own")
     target_inv = inv.with_db_host(host)
     target = target_inv.model_dump(mode="json")
     view = is_cluster_initialized(cluster, [h.name for h in inv.db_hosts if h.name != host])
     if not view.initialized or view.leader is None:
-        raise PreflightRefused(f"refused, nothing changed: cluster {cluster} has no primary ({view.leader=})")
+        raise PreflightRefused(f"cluster {cluster} has no primary ({view.leader=})")
     if view.leader == host:
-        raise PreflightRefused(f"refused, nothing changed: {host} is the cluster's primary")
+        raise PreflightRefused(f"{host} is the cluster's primary")
     names = [h.name for h in target_inv.db_hosts]
     snapshots = snapshot_hosts(ctx, names, inventory=target)
     refusals = _versions_differ(snapshots[host], snapshots[view.leader], ha_driver(inv).packages(inv))
@@ -90,7 +89,7 @@ def add_standby(cluster: str = "lab", host: str = "pg4", max_lag_bytes: int = 16
         rows = wait_until_replicas_streaming(cluster, max_lag_bytes=max_lag_bytes, timeout=timeout_seconds)
     new_row = next((r for r in rows if r["host"] == host), None)
     if new_row is None or not str(new_row["state"]).startswith("streaming"):
-        raise HaStatusError(f"{host} is not streaming: {new_row}")
+        raise VerifyFailed(f"{host} is not streaming: {new_row}")
     create_table_artifact(key=f"topology-{cluster}", table=rows, description=f"Topology after add_standby {host}")
     changed = not plan.is_noop or not spec.has(Role.db)
     logger.info("Done: %s streams from %s (lag %s bytes); %s.", host, rows[0]["host"], new_row["lag_bytes"],

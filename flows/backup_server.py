@@ -11,8 +11,9 @@ from tasks.backup import (
     is_object_store_working,
     wait_until_object_store_answers,
 )
-from tasks.cluster import PreflightRefused, desired_layers, ensure_files, ensure_units
+from tasks.cluster import desired_layers, ensure_files, ensure_units
 from tasks.context import context_for
+from tasks.errors import PreflightRefused
 from tasks.planning.build import plan_build
 
 
@@ -26,14 +27,14 @@ def backup_server_rollout(cluster: str = "lab", dry_run: bool = False) -> dict:
 
     # ------------------------------------------------------------------ 1. pre-flight
     if store is None:
-        raise PreflightRefused(f"refused, nothing changed: cluster.object_store is not set in the inventory of {cluster}")
+        raise PreflightRefused(f"cluster.object_store is not set in the inventory of {cluster}")
     if ctx.store_block is None:
-        raise PreflightRefused(f"refused, nothing changed: no object-store-credentials block named {cluster!r}")
+        raise PreflightRefused(f"no object-store-credentials block named {cluster!r}")
     logger.info("1. Pre-flight (read-only): %s object store on %s, bucket %s.", store.server, store.host, store.bucket)
     try:
         layer = desired_layers(ctx)[store.host]["objectstore"]
     except ValueError as exc:
-        raise PreflightRefused(f"refused, nothing changed: {exc}") from None
+        raise PreflightRefused(f"{exc}") from None
     snapshot = snapshot_hosts(ctx, [store.host])[store.host]
 
     # ------------------------------------------------------------------ 2. plan

@@ -15,18 +15,10 @@ from tasks.backup import (
     is_backup_list,
     is_backup_source,
 )
-from tasks.cluster import PreflightRefused
 from tasks.context import context_for
+from tasks.errors import BackupFailed, BackupTooOld, PreflightRefused
 from tasks.locks import cluster_lock
 from tasks.planning.backup import decide_backup, freshness_problem, newest_good
-
-
-class BackupFailed(RuntimeError):
-    pass
-
-
-class BackupTooOld(RuntimeError):
-    """The newest good backup is older than the freshness limit: someone must look, tonight."""
 
 
 @flow(name="scheduled_basebackup", persist_result=True)
@@ -38,9 +30,9 @@ def scheduled_basebackup(cluster: str = "lab", force: bool = False, skip_window_
     ctx = context_for(cluster, fresh=True)
     inv = ctx.inventory
     if inv.cluster.object_store is None:
-        raise PreflightRefused(f"refused: cluster {cluster} has no object store in its inventory")
+        raise PreflightRefused(f"cluster {cluster} has no object store in its inventory")
     if keep_full is not None and keep_full < 1:
-        raise PreflightRefused(f"refused, nothing changed: keep_full must be at least 1, got {keep_full}")
+        raise PreflightRefused(f"keep_full must be at least 1, got {keep_full}")
     keep = keep_full if keep_full is not None else inv.cluster.backup_retention_full
     report: dict = {"cluster": cluster, "ran": False}
     error: BaseException | None = None

@@ -9,7 +9,6 @@ from flows.runbook import publish_plan, snapshot_hosts
 from tasks.adapters.ha.base import HaSpecError
 from tasks.backup import ensure_backup_hook
 from tasks.cluster import (
-    PreflightRefused,
     desired_layers,
     ensure_cluster_initialized,
     ensure_etcd_leader_off_primary,
@@ -28,6 +27,7 @@ from tasks.cluster import (
 )
 from tasks.context import context_for
 from tasks.desired import ha_driver
+from tasks.errors import PreflightRefused
 from tasks.locks import cluster_lock
 from tasks.planning.build import plan_build
 
@@ -48,7 +48,7 @@ def build_cluster(cluster: str = "lab", dry_run: bool = False, adopt_existing: b
     try:
         ha_driver(inv).validate(inv)
     except HaSpecError as exc:
-        raise PreflightRefused(f"refused, nothing changed: {exc}") from None
+        raise PreflightRefused(f"{exc}") from None
     layers = {name: {k: v for k, v in kinds.items() if k in ("etcd", "db")}
               for name, kinds in desired_layers(ctx).items() if {"etcd", "db"} & set(kinds)}
     snapshots = snapshot_hosts(ctx, list(layers))

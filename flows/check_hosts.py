@@ -9,6 +9,7 @@ from prefect.artifacts import create_table_artifact
 
 from tasks.adapters.commands import cmd, script
 from tasks.context import context_for
+from tasks.errors import VerifyFailed
 from tasks.runtime import say, step
 
 STACK_PACKAGES = (
@@ -93,6 +94,6 @@ def check_hosts(cluster: str = "lab") -> list[dict]:
         description=f"check_hosts for cluster {cluster}: {len(rows) - len(unreachable)}/{len(rows)} hosts reachable",
     )
     if unreachable:
-        raise RuntimeError(f"{len(unreachable)} host(s) unreachable: {', '.join(unreachable)}")
+        raise VerifyFailed(f"{len(unreachable)} host(s) unreachable: {', '.join(unreachable)}")
     logger.info("3. Done: all %d hosts answered.", len(rows))
     return rows

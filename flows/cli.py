@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from lab import cli as lab_cli
+from tasks.errors import PreflightRefused
 
 FLOWS = {
     "check_hosts": "flows.check_hosts:check_hosts",
@@ -62,7 +63,7 @@ def cmd_run(args) -> int:
         try:
             inventory = load_inventory(args.inventory)
         except InventoryError as exc:
-            print(f"refused, nothing was changed:\n{exc}", file=sys.stderr)
+            print(PreflightRefused(str(exc)), file=sys.stderr)
             return 2
         register_block_types()
         save_inventory(inventory)
@@ -71,8 +72,8 @@ def cmd_run(args) -> int:
         params.setdefault("cluster", args.cluster)
     unknown = set(params) - set(flow_fn.parameters.properties)
     if unknown:
-        print(f"refused: {args.flow} has no parameter(s) {', '.join(sorted(unknown))}; "
-              f"it takes {', '.join(flow_fn.parameters.properties)}", file=sys.stderr)
+        print(PreflightRefused(f"{args.flow} has no parameter(s) {', '.join(sorted(unknown))}; "
+                               f"it takes {', '.join(flow_fn.parameters.properties)}"), file=sys.stderr)
         return 2
     started = time.monotonic()
     state = flow_fn(**params, return_state=True)
@@ -124,7 +125,7 @@ def cmd_blocks(args) -> int:
     try:
         inventory = register_cluster(files)
     except InventoryError as exc:
-        print(f"refused, nothing was saved:\n{exc}", file=sys.stderr)
+        print(PreflightRefused(str(exc), nothing="saved"), file=sys.stderr)
         return 2
     print(f"blocks for cluster {inventory.cluster.name!r} registered (secrets stored as SecretStr)")
     return 0
@@ -206,7 +207,7 @@ def cmd_ticket(args) -> int:
         params = parse_params(args.param or [])
         unknown = unknown_parameters(deployment, params)
         if unknown:
-            print(f"refused: {args.flow} has no parameter(s) {', '.join(sorted(unknown))}", file=sys.stderr)
+            print(PreflightRefused(f"{args.flow} has no parameter(s) {', '.join(sorted(unknown))}"), file=sys.stderr)
             return 2
         created = create_run(deployment["id"], args.ticket, params)
         print(f"ticket {args.ticket}: {'created' if created.created else 'already had'} flow run "

@@ -8,9 +8,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from tasks.backup import is_backup_list
-from tasks.cluster import PreflightRefused
 from tasks.context import context_for
 from tasks.desired import backup_driver
+from tasks.errors import DrillFailed, PreflightRefused
 from tasks.planning.backup import BackupPlanError, parse_target, pick_restore_backup
 from tasks.restore import (
     ensure_backup_restored,
@@ -22,10 +22,6 @@ from tasks.restore import (
     is_source_markers,
     wait_until_recovered,
 )
-
-
-class DrillFailed(RuntimeError):
-    pass
 
 
 def _compare_markers(source: list[list[str]], restored: list[list[str]], last_commit: str | None,
@@ -63,17 +59,17 @@ def restore_drill(cluster: str = "lab", target: str = "latest", backup: str | No
         if backup is not None:
             backup_driver(inv).validate_backup_name(backup)
     except ValueError as exc:
-        raise PreflightRefused(f"refused, nothing changed: {exc}") from None
+        raise PreflightRefused(f"{exc}") from None
     if inv.cluster.object_store is None or ctx.store_block is None:
-        raise PreflightRefused(f"refused, nothing changed: cluster {cluster} has no object store configured")
+        raise PreflightRefused(f"cluster {cluster} has no object store configured")
     host_state = is_restore_host_free(cluster, replace_kept)
     if host_state["refusals"]:
-        raise PreflightRefused("refused, nothing changed:\n" + "\n".join(host_state["refusals"]))
+        raise PreflightRefused(*host_state["refusals"])
     backups = is_backup_list(cluster)
     try:
         chosen = pick_restore_backup(backups, target_time, backup)
     except BackupPlanError as exc:
-        raise PreflightRefused(f"refused, nothing changed: {exc}") from None
+        raise PreflightRefused(f"{exc}") from None
 
     # ------------------------------------------------------------------ 2. plan
     logger.info("2. Plan: restore %s (finished %s) onto %s, recover to %s, verify, %s.", chosen.name,

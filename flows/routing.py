@@ -6,8 +6,9 @@ from prefect import flow, get_run_logger
 
 from blocks.inventory import Role
 from flows.runbook import publish_plan, snapshot_hosts
-from tasks.cluster import PreflightRefused, desired_layers, ensure_files, ensure_packages, ensure_units
+from tasks.cluster import desired_layers, ensure_files, ensure_packages, ensure_units
 from tasks.context import context_for
+from tasks.errors import PreflightRefused
 from tasks.locks import cluster_lock
 from tasks.planning.build import plan_build
 from tasks.routing import (
@@ -30,14 +31,14 @@ def routing_rollout(cluster: str = "lab", dry_run: bool = False) -> dict:
 
     # ------------------------------------------------------------------ 1. pre-flight
     if routing is None:
-        raise PreflightRefused(f"refused, nothing changed: cluster.routing is not set for {cluster}")
+        raise PreflightRefused(f"cluster.routing is not set for {cluster}")
     if ctx.routing_secrets is None:
-        raise PreflightRefused(f"refused, nothing changed: no routing-credentials block named {cluster!r}")
+        raise PreflightRefused(f"no routing-credentials block named {cluster!r}")
     try:
         ctx.routing_secrets.check()
         layers = {h.name: desired_layers(ctx)[h.name]["router"] for h in inv.with_role(Role.router)}
     except ValueError as exc:
-        raise PreflightRefused(f"refused, nothing changed: {exc}") from None
+        raise PreflightRefused(f"{exc}") from None
     logger.info("1. Pre-flight (read-only): VIP %s on %s.", routing.vip, ", ".join(layers))
     snapshots = snapshot_hosts(ctx, list(layers))
 

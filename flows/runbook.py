@@ -6,14 +6,11 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.adapters.probe import HostSnapshot
-from tasks.cluster import PreflightRefused, is_host_ready
+from tasks.cluster import is_host_ready
 from tasks.context import ClusterContext
+from tasks.errors import PreflightRefused
 from tasks.planning.build import BuildPlan
 from tasks.reporting import plan_markdown
-
-
-def refuse(*reasons: str) -> PreflightRefused:
-    return PreflightRefused("refused, nothing changed:\n" + "\n".join(reasons))
 
 
 def snapshot_hosts(ctx: ClusterContext, names: list[str], *, inventory: dict | None = None) -> dict[str, HostSnapshot]:
@@ -26,7 +23,7 @@ def snapshot_hosts(ctx: ClusterContext, names: list[str], *, inventory: dict | N
         except Exception as exc:  # one line per host: the whole reason, secrets masked
             unreachable.append(f"{name}: unreachable: {ctx.masker(str(exc)).splitlines()[0]}")
     if unreachable:
-        raise refuse(*unreachable)
+        raise PreflightRefused(*unreachable)
     return snapshots
 
 
@@ -39,7 +36,7 @@ def publish_plan(runbook: str, cluster: str, plan: BuildPlan, *, dry_run: bool) 
     if plan.refusals:
         for reason in plan.refusals:
             logger.error("Refused: %s", reason)
-        raise refuse(*plan.refusals)
+        raise PreflightRefused(*plan.refusals)
     if plan.is_noop:
         logger.info("2. Plan: nothing to change; every host already matches the inventory.")
     else:

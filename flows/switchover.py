@@ -11,11 +11,11 @@ from prefect.input import RunInput
 
 from tasks.cluster import (
     DeadlineExceeded,
-    PreflightRefused,
     ensure_etcd_leader_off_primary,
     wait_until_replicas_streaming,
 )
 from tasks.context import context_for
+from tasks.errors import PreflightRefused, VerifyFailed
 from tasks.locks import cluster_lock
 from tasks.roles import (
     ensure_failover,
@@ -60,7 +60,7 @@ def _verify(cluster: str, new_primary: str, old_primary: str | None, timeline: T
     if ctx.inventory.cluster.routing is not None and vip_holders(ctx):
         routes = is_routing_correct(cluster)
         if routes["rw"] != new_primary:
-            raise RuntimeError(f"rw through the VIP reaches {routes['rw']}, not {new_primary}")
+            raise VerifyFailed(f"rw through the VIP reaches {routes['rw']}, not {new_primary}")
         timeline(f"rw through the VIP reaches {new_primary}")
     return rows
 
@@ -76,7 +76,7 @@ def switchover(cluster: str = "lab", candidate: str | None = None, max_lag_bytes
     with cluster_lock(cluster, "switchover"):
         check = is_switchover_safe(cluster, candidate, max_lag_bytes, max_transaction_age_seconds)
         if check["refusals"]:
-            raise PreflightRefused("refused, nothing changed:\n" + "\n".join(check["refusals"]))
+            raise PreflightRefused(*check["refusals"])
         old, new = check["primary"], check["candidate"]
         if check["already_done"]:
             logger.info("2. Plan: %s already is the primary; nothing to switch.", new)
@@ -112,7 +112,7 @@ def failover(cluster: str = "lab", force: bool = False, max_data_loss_bytes: int
     with cluster_lock(cluster, "failover"):
         check = is_failover_needed(cluster, force, max_data_loss_bytes)
         if check["refusals"]:
-            raise PreflightRefused("refused, nothing changed:\n" + "\n".join(check["refusals"]))
+            raise PreflightRefused(*check["refusals"])
         candidate = check["candidate"]
         timeline(f"pre-flight: {check['reason']}")
         if check["needs_human"]:

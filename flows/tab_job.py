@@ -12,9 +12,17 @@ from prefect.runtime import flow_run
 
 from tasks.adapters import etcd_config
 from tasks.adapters.etcd import Etcd, LockTimeout
-from tasks.cluster import PreflightRefused
 from tasks.context import context_for
-from tasks.pgquartz import JobFileError, StepResult, WhenExpressionError, expand_matrix, load_job, step_should_run, step_waves
+from tasks.errors import JobFailed, PreflightRefused
+from tasks.pgquartz import (
+    JobFileError,
+    StepResult,
+    WhenExpressionError,
+    expand_matrix,
+    load_job,
+    step_should_run,
+    step_waves,
+)
 from tasks.tab import (
     DEFAULT_JOBS,
     JobSourceError,
@@ -30,10 +38,6 @@ from tasks.tab import (
 PGQUARTZ_LEASE_TTL = 60
 
 
-class JobFailed(RuntimeError):
-    pass
-
-
 @flow(name="tab_job", persist_result=True)
 def tab_job(cluster: str = "lab", job: str = "purge_audit_log", source: str = str(DEFAULT_JOBS),
             revision: str = "main", fail_on_step_error: bool = True) -> dict:
@@ -47,10 +51,10 @@ def tab_job(cluster: str = "lab", job: str = "purge_audit_log", source: str = st
         path = job_file(fetch_job_source(source, revision), job)
         definition = load_job(path)
     except (JobFileError, JobSourceError) as exc:
-        raise PreflightRefused(f"refused, nothing ran:\n{exc}") from None
+        raise PreflightRefused(str(exc), nothing="ran") from None
     nodes = target_nodes(cluster, definition)
     if not nodes:
-        raise PreflightRefused("refused, nothing ran: no healthy node has the role(s) the job's connections need")
+        raise PreflightRefused("no healthy node has the role(s) the job's connections need", nothing="ran")
     waves = step_waves(definition)
     logger.info("1. Pre-flight: job %s from %s is valid; it runs on %s.", definition.name, path, ", ".join(nodes))
     logger.info("2. Plan: %s.", " → ".join("[" + ", ".join(w) + "]" for w in waves))

@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 from lab.paths import LabPaths
+from tasks.errors import BouwsteenError
 
 # Packages every lab host carries; production hosts get the same list from the flows' install step.
 STACK_PACKAGES = [
@@ -75,7 +76,7 @@ MASKED_UNITS = ["console-getty.service", "getty@tty1.service"]
 RECIPE_VERSION = 3
 
 
-class ImageError(RuntimeError):
+class ImageError(BouwsteenError):
     pass
 
 

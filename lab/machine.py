@@ -17,13 +17,14 @@ from pathlib import Path
 
 from lab.paths import LabPaths
 from lab.topology import BRIDGE, CONTROLLER_ADDRESS, SUBNET, LabHost, etc_hosts
+from tasks.errors import BouwsteenError
 
 BOOT_SCRIPT = Path(__file__).with_name("boot-host.sh")
 # systemd's documented signal for "power off" (systemd(1), SIGRTMIN+4).
 SIGPOWEROFF = signal.SIGRTMIN + 4
 
 
-class LabError(RuntimeError):
+class LabError(BouwsteenError):
     pass
 
 

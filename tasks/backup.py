@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from tasks.adapters.objectstore_server import server_for
-from tasks.adapters.s3 import ObjectStore, ObjectStoreError, ObjectStoreUnavailable, S3Endpoint
+from tasks.adapters.s3 import (
+    ObjectStore,
+    ObjectStoreError,
+    ObjectStoreUnavailable,
+    S3Endpoint,
+)
 from tasks.cluster import wait_for
 from tasks.context import ClusterContext, context_for
 from tasks.runtime import once, say, step
@@ -170,11 +175,9 @@ def ensure_backup_peer_trust(cluster: str) -> str:
 
 
 def _run_on_primary(ctx: ClusterContext, commands, *, check: bool = True):
-    from tasks.cluster import primary_of
+    from tasks.cluster import require_primary
 
-    primary = primary_of(ctx)
-    if primary is None:
-        raise RuntimeError(f"cluster {ctx.name} has no primary")
+    primary = require_primary(ctx, "to run the backup tool on")
     with ctx.remote(primary) as remote:
         return primary.name, [remote.run(c, check=check) for c in commands]
 

@@ -28,20 +28,9 @@ from tasks.adapters.probe import HostSnapshot, parse_probe, probe_command
 from tasks.adapters.remote import RemoteError
 from tasks.context import ClusterContext, context_for
 from tasks.desired import ClusterSecrets, all_desired, archive_parameters, ha_driver
+from tasks.errors import DeadlineExceeded, NoPrimary, NotYet, PreflightRefused
 from tasks.planning.build import DesiredHost, plan_host, release_problem
 from tasks.runtime import say, step
-
-
-class PreflightRefused(RuntimeError):
-    """Pre-flight found a reason not to touch the cluster; nothing was changed."""
-
-
-class DeadlineExceeded(RuntimeError):
-    pass
-
-
-class NotYet(Exception):
-    """Raised by a wait_for probe to say what it saw instead of the wanted state."""
 
 
 def cluster_secrets(ctx: ClusterContext) -> ClusterSecrets:
@@ -80,7 +69,7 @@ def wait_for(what: str, probe, *, timeout: float, interval: float = 1.0):
             if value:
                 return value
             last = value
-        except (NotYet, RemoteError, DatabaseUnavailable, EtcdUnavailable, HaStatusError) as exc:
+        except (NotYet, NoPrimary, RemoteError, DatabaseUnavailable, EtcdUnavailable, HaStatusError) as exc:
             last = exc
         if time.monotonic() > deadline:
             raise DeadlineExceeded(f"{what}: not reached within {timeout:.0f}s (last seen: {last})")
@@ -309,6 +298,14 @@ def primary_of(ctx: ClusterContext) -> HostSpec | None:
     return ctx.inventory.host(view.leader) if view.leader else None
 
 
+def require_primary(ctx: ClusterContext, purpose: str) -> HostSpec:
+    """The primary, for a step that cannot do without one (`purpose` completes the error)."""
+    primary = primary_of(ctx)
+    if primary is None:
+        raise NoPrimary(f"cluster {ctx.name} has no primary {purpose}")
+    return primary
+
+
 @step(retries=0)
 def wait_until_primary_accepts_writes(cluster: str, timeout: float = 180) -> str:
     ctx = context_for(cluster)
@@ -353,9 +350,7 @@ def ensure_ha_settings(cluster: str) -> str:
     driver = ha_driver(inv)
     if not isinstance(driver, PatroniDriver):
         return say("Cluster spec is applied at init by the stolon driver; no drift check here.")
-    primary = primary_of(ctx)
-    if primary is None:
-        raise HaStatusError("no primary to read the cluster configuration from")
+    primary = require_primary(ctx, "to read the cluster configuration from")
     with ctx.remote(primary) as remote:
         current = driver.parse_config(remote.run(driver.show_config_command(inv), check=False))
         drift = driver.settings_drift(inv, current, archive_parameters(inv, cluster_secrets(ctx)))
@@ -377,9 +372,7 @@ def ensure_roles(cluster: str) -> str:
     inv = ctx.inventory
     blocks = ctx.db_blocks
     assert blocks is not None
-    primary = primary_of(ctx)
-    if primary is None:
-        raise HaStatusError("no primary to create roles on")
+    primary = require_primary(ctx, "to create roles on")
     wanted = [
         (blocks.replication_user, blocks.replication_password.get_secret_value(), "REPLICATION"),
         (blocks.application_user, blocks.application_password.get_secret_value(), ""),
@@ -411,9 +404,7 @@ def ensure_roles(cluster: str) -> str:
 
 def replication_rows(ctx: ClusterContext) -> tuple[str, list[dict]]:
     """Topology as PostgreSQL itself reports it (not the HA manager's idea of it)."""
-    primary = primary_of(ctx)
-    if primary is None:
-        raise HaStatusError("no primary")
+    primary = require_primary(ctx, "to read the replication topology from")
     rows = []
     with Postgres(ctx.superuser_endpoint(primary)) as pg:
         status = pg.status()
@@ -479,9 +470,7 @@ def wait_until_replicas_streaming(cluster: str, max_lag_bytes: int = 16 * 1024 *
 def is_replication_working(cluster: str, timeout: float = 30) -> str:
     """A row written on the primary must be readable on every standby within the deadline."""
     ctx = context_for(cluster)
-    primary = primary_of(ctx)
-    if primary is None:
-        raise HaStatusError("no primary")
+    primary = require_primary(ctx, "to write the canary row on")
     token = uuid.uuid4().hex
     with Postgres(ctx.superuser_endpoint(primary)) as pg:
         pg.query("create schema if not exists bouwsteen")

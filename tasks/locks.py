@@ -21,12 +21,9 @@ from prefect.exceptions import ObjectNotFound
 from tasks.adapters import etcd_config
 from tasks.adapters.etcd import Etcd, EtcdUnavailable, LockTimeout
 from tasks.context import context_for
+from tasks.errors import ClusterBusy
 
 LEASE_TTL = 30
-
-
-class ClusterBusy(RuntimeError):
-    """Another runbook holds this cluster; refused before anything changed."""
 
 
 def limit_name(cluster: str) -> str:

@@ -7,9 +7,10 @@ from datetime import datetime
 
 from tasks.adapters.commands import chain, cmd, script
 from tasks.adapters.postgres import Postgres
-from tasks.cluster import NotYet, primary_of, wait_for
+from tasks.cluster import require_primary, wait_for
 from tasks.context import ClusterContext, context_for
 from tasks.desired import backup_driver
+from tasks.errors import NotYet
 from tasks.runtime import once, say, step
 
 DRILL_PORT = 5432
@@ -100,9 +101,7 @@ def ensure_restore_host_configured(cluster: str) -> str:
 def ensure_marker_row(cluster: str) -> dict:
     """A marker row on the primary, archived, so the drill can prove it reached the end of the WAL."""
     ctx = context_for(cluster)
-    primary = primary_of(ctx)
-    if primary is None:
-        raise RuntimeError(f"cluster {cluster} has no primary")
+    primary = require_primary(ctx, "to write the drill's marker row on")
     with Postgres(ctx.superuser_endpoint(primary)) as pg:
         ensure_marker_table(pg)
         marker_id, written_at = pg.query_one(
@@ -212,7 +211,7 @@ def is_restored_copy_sound(cluster: str, source_markers: list[list[str]]) -> dic
 @step
 def is_source_markers(cluster: str) -> list[list[str]]:
     ctx = context_for(cluster)
-    primary = primary_of(ctx)
+    primary = require_primary(ctx, "to read the drill's marker rows from")
     with Postgres(ctx.superuser_endpoint(primary)) as pg:
         ensure_marker_table(pg)
         found = pg.query("select id::text, written_at::text from bouwsteen.restore_marker order by id")

@@ -13,6 +13,7 @@ from tasks.adapters.commands import cmd
 from tasks.adapters.postgres import DatabaseError, Postgres, pgsql
 from tasks.cluster import read_view
 from tasks.context import context_for
+from tasks.errors import BouwsteenError
 from tasks.pgquartz import (
     Check,
     Command,
@@ -32,7 +33,7 @@ from tasks.runtime import say, step
 DEFAULT_JOBS = Path(__file__).resolve().parents[1] / "deployments" / "jobs"
 
 
-class JobSourceError(ValueError):
+class JobSourceError(BouwsteenError, ValueError):
     pass
 
 

@@ -13,6 +13,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from tasks.errors import BouwsteenError
+
 DEFAULT_TIMEOUT = 60.0
 # --norc: Debian's bash reads /etc/bash.bashrc when started over SSH even without a terminal, and
 # under -u its `$PS1` test prints "PS1: unbound variable" into every script's stderr.
@@ -21,7 +23,7 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _USER_NAME = re.compile(r"[a-z_][a-z0-9_-]*[$]?")
 
 
-class CommandError(ValueError):
+class CommandError(BouwsteenError, ValueError):
     """A command that cannot be built safely (bad env name, missing timeout, secret in argv)."""
 
 

@@ -17,13 +17,19 @@ import etcd3gw
 from etcd3gw import exceptions as etcd_exc
 from etcd3gw.lease import Lease
 
+from tasks.errors import BouwsteenError
 
-class EtcdUnavailable(RuntimeError):
+
+class EtcdUnavailable(BouwsteenError):
     """No endpoint answered: transient, worth retrying."""
 
 
-class LockTimeout(RuntimeError):
+class LockTimeout(BouwsteenError):
     """Someone else held the lock for longer than we were willing to wait."""
+
+
+class LockKeyTaken(BouwsteenError):
+    """The key derived from a fresh lease already exists: another client's, never ours to take."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,7 @@ class EtcdMutex:
         self._key = f"{self.prefix}{lease.id:x}"
         created = self.etcd._call("lock create", lambda c: c.create(self._key, self.holder, lease=lease))
         if not created:
-            raise RuntimeError(f"lock key {self._key} already exists")
+            raise LockKeyTaken(f"lock key {self._key} already exists")
         self._start_keepalive()
         deadline = time.monotonic() + timeout
         while True:

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 from blocks.inventory import Inventory
 from tasks.adapters.commands import Command, ManagedFile, Unit, script
+from tasks.errors import BouwsteenError
 
 _KEY_SAFE = re.compile(r"[A-Za-z0-9_.~+/=-]+")
 
 
-class ObjectStoreSpecError(ValueError):
+class ObjectStoreSpecError(BouwsteenError, ValueError):
     pass
 
 

@@ -8,6 +8,8 @@ from typing import Any, Sequence
 import psycopg
 from psycopg import sql as pgsql
 
+from tasks.errors import BouwsteenError
+
 __all__ = [
     "PgEndpoint", "Postgres", "DatabaseUnavailable", "AuthenticationFailed", "DatabaseError", "UndefinedObject",
     "NodeStatus",
@@ -29,15 +31,15 @@ class PgEndpoint:
         return f"PgEndpoint({self.user}@{self.host}:{self.port}/{self.dbname})"
 
 
-class DatabaseUnavailable(RuntimeError):
+class DatabaseUnavailable(BouwsteenError):
     """Could not connect or the connection broke: transient, worth retrying."""
 
 
-class AuthenticationFailed(RuntimeError):
+class AuthenticationFailed(BouwsteenError):
     """The server refused the credentials: never retried, the block holds a wrong password."""
 
 
-class DatabaseError(RuntimeError):
+class DatabaseError(BouwsteenError):
     """A statement failed."""
 
 

@@ -25,6 +25,7 @@ from fabric import Config, Connection
 from invoke.exceptions import CommandTimedOut
 
 from tasks.adapters.commands import Command, CommandResult, ManagedFile, script
+from tasks.errors import BouwsteenError
 
 TAIL_CHARS = 2000
 
@@ -57,7 +58,7 @@ class Masker:
         return text
 
 
-class RemoteError(RuntimeError):
+class RemoteError(BouwsteenError):
     """A remote command failed. Carries host, the command, exit code and the tail of its output."""
 
     def __init__(self, host: str, command: str, exit_code: int | None, stdout: str = "", stderr: str = "", reason: str = ""):

@@ -11,12 +11,14 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
+from tasks.errors import BouwsteenError
 
-class ObjectStoreUnavailable(RuntimeError):
+
+class ObjectStoreUnavailable(BouwsteenError):
     """The endpoint does not answer (transient)."""
 
 
-class ObjectStoreError(RuntimeError):
+class ObjectStoreError(BouwsteenError):
     pass
 
 

@@ -17,6 +17,8 @@ from typing import Any, Iterable, Sequence
 import yaml
 from pydantic import ValidationError
 
+from tasks.errors import BouwsteenError
+
 from .model import ALL_KEYS, SHELL, Check, Command, Job
 from .plan import find_cycle, split_batch, sql_text_args
 from .when import WhenExpressionError, when_step_refs
@@ -37,7 +39,7 @@ class Problem:
         return f"{self.file}: {self.key}: {self.reason}"
 
 
-class JobFileError(ValueError):
+class JobFileError(BouwsteenError, ValueError):
     """One or more problems in job files; `str()` lists them one per line."""
 
     def __init__(self, problems: Sequence[Problem]) -> None:

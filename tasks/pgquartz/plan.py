@@ -21,8 +21,17 @@ import itertools
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
+from tasks.errors import BouwsteenError
+
 from .model import Check, Command, Job, Step
-from .when import InstanceResult, StepResult, WhenExpressionError, evaluate_when, output_lines, when_step_refs
+from .when import (
+    InstanceResult,
+    StepResult,
+    WhenExpressionError,
+    evaluate_when,
+    output_lines,
+    when_step_refs,
+)
 
 __all__ = [
     "PlanError", "step_waves", "find_cycle", "expand_matrix", "instance_env", "render_sql", "split_batch",
@@ -34,7 +43,7 @@ __all__ = [
 MATRIX_ENV_PREFIX = "PGQ_INSTANCE_"
 
 
-class PlanError(ValueError):
+class PlanError(BouwsteenError, ValueError):
     """A job that cannot be ordered (unknown dependency or a cycle)."""
 
 

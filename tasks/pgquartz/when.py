@@ -18,12 +18,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from tasks.errors import BouwsteenError
+
 __all__ = [
     "WhenExpressionError", "InstanceResult", "StepResult", "output_lines", "evaluate_when", "when_step_refs",
 ]
 
 
-class WhenExpressionError(ValueError):
+class WhenExpressionError(BouwsteenError, ValueError):
     """A `when` rule that cannot be parsed or evaluated (unknown function, unknown step, type error)."""
 
 

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from tasks.adapters.backup.base import BackupInfo
+from tasks.errors import BouwsteenError
 
 
-class BackupPlanError(ValueError):
+class BackupPlanError(BouwsteenError, ValueError):
     """A request that cannot be satisfied (no backup, target out of range); names the parameter."""
 
 

@@ -12,13 +12,14 @@ from typing import Literal
 
 from blocks.inventory import HostSpec, Inventory
 from tasks.adapters.commands import Command, CommandResult, ManagedFile
+from tasks.errors import BouwsteenError
 
 
-class BackupOutputError(RuntimeError):
+class BackupOutputError(BouwsteenError):
     """A backup tool's output could not be parsed; never read as 'no backups' or 'archive OK'."""
 
 
-class BackupInputError(ValueError):
+class BackupInputError(BouwsteenError, ValueError):
     """A backup name, target or setting the tool would reject; the message names it."""
 
 

@@ -11,13 +11,14 @@ from typing import Literal
 
 from blocks.inventory import HostSpec, Inventory
 from tasks.adapters.commands import Command, CommandResult, ManagedFile, Unit
+from tasks.errors import BouwsteenError
 
 
-class HaStatusError(RuntimeError):
+class HaStatusError(BouwsteenError):
     """The HA manager's status could not be read or makes no sense (never treat as 'no primary')."""
 
 
-class HaSpecError(ValueError):
+class HaSpecError(BouwsteenError, ValueError):
     """A configuration value the HA manager would reject; the message names the field."""
 
 

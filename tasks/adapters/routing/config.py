@@ -17,6 +17,7 @@ import yaml
 
 from blocks.inventory import HaManager, HostSpec, Inventory, Role
 from tasks.adapters.commands import ManagedFile, Unit
+from tasks.errors import BouwsteenError
 
 HAPROXY_CFG = "/etc/haproxy/haproxy.cfg"
 KEEPALIVED_CFG = "/etc/keepalived/keepalived.conf"
@@ -28,7 +29,7 @@ ROUTER_CHECK = "/usr/local/lib/bouwsteen/check-router"
 DETECTOR_SOURCE = Path(__file__).with_name("primary_detector.py")
 
 
-class RoutingSpecError(ValueError):
+class RoutingSpecError(BouwsteenError, ValueError):
     pass
 
 
