@@ -79,6 +79,7 @@ def run_demo(skip: set[str] | None = None) -> int:
 
     print("== 3/4 lifecycle flows, each as a deployment run through the worker", flush=True)
     from prefect.deployments import run_deployment
+    from prefect.exceptions import MissingResult
 
     plan = [
         ("check_hosts", {}),
@@ -107,7 +108,7 @@ def run_demo(skip: set[str] | None = None) -> int:
         if state is not None and state.is_completed():
             try:
                 result = state.result()
-            except Exception:  # results may not be persisted for deployment runs; the figure is optional
+            except (MissingResult, OSError):  # not persisted, or not in this storage: the figure is optional
                 result = None
         if probe is not None:
             report = probe.stop()

@@ -9,7 +9,7 @@ from prefect.artifacts import create_table_artifact
 
 from tasks.adapters.commands import cmd, script
 from tasks.context import context_for
-from tasks.errors import VerifyFailed
+from tasks.errors import BouwsteenError, VerifyFailed
 from tasks.runtime import say, step
 
 STACK_PACKAGES = (
@@ -79,7 +79,7 @@ def check_hosts(cluster: str = "lab") -> list[dict]:
             continue
         try:
             future.result()
-        except Exception as exc:  # one line per host, the whole reason
+        except BouwsteenError as exc:  # one line per host, the whole reason
             reason = ctx.masker(str(exc)).splitlines()[0]
         else:
             reason = str(state)

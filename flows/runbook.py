@@ -8,7 +8,7 @@ from prefect.artifacts import create_markdown_artifact
 from tasks.adapters.probe import HostSnapshot
 from tasks.cluster import is_host_ready
 from tasks.context import ClusterContext
-from tasks.errors import PreflightRefused
+from tasks.errors import BouwsteenError, PreflightRefused
 from tasks.planning.build import BuildPlan
 from tasks.reporting import plan_markdown
 
@@ -20,7 +20,7 @@ def snapshot_hosts(ctx: ClusterContext, names: list[str], *, inventory: dict | N
     for name, future in futures.items():
         try:
             snapshots[name] = future.result()
-        except Exception as exc:  # one line per host: the whole reason, secrets masked
+        except BouwsteenError as exc:  # one line per host: the whole reason, secrets masked
             unreachable.append(f"{name}: unreachable: {ctx.masker(str(exc)).splitlines()[0]}")
     if unreachable:
         raise PreflightRefused(*unreachable)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from tasks.adapters.objectstore_server import server_for
 from tasks.adapters.s3 import (
     ObjectStore,
@@ -11,6 +13,7 @@ from tasks.adapters.s3 import (
 )
 from tasks.cluster import wait_for
 from tasks.context import ClusterContext, context_for
+from tasks.errors import NotYet
 from tasks.runtime import once, say, step
 
 
@@ -62,9 +65,7 @@ def wait_until_object_store_answers(cluster: str, timeout: float = 60) -> str:
 def _swallow(fn):
     try:
         return fn()
-    except (ObjectStoreUnavailable, ObjectStoreError, Exception) as exc:  # noqa: BLE001 - polled until deadline
-        from tasks.cluster import NotYet
-
+    except (ObjectStoreUnavailable, ObjectStoreError, BotoCoreError, ClientError) as exc:
         raise NotYet(str(exc)[:200]) from None
 
 

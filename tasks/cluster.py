@@ -495,8 +495,3 @@ def is_replication_working(cluster: str, timeout: float = 30) -> str:
         wait_for(f"canary row on {host.name}", seen, timeout=timeout, interval=0.2)
     return say(f"A row written on {primary.name} was read back on every standby within "
                f"{time.monotonic() - started:.1f}s.")
-
-
-def topology_rows(cluster: str) -> list[dict]:
-    _, rows = replication_rows(context_for(cluster))
-    return rows

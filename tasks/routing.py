@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 from blocks.inventory import Role
 from tasks.adapters.commands import ManagedFile, cmd, script
 from tasks.adapters.postgres import Postgres
+from tasks.adapters.remote import RemoteError
 from tasks.adapters.routing.config import DETECTOR_USER, HAPROXY_CFG
 from tasks.cluster import NotYet, desired_layers, wait_for
 from tasks.context import ClusterContext, context_for
@@ -86,7 +85,7 @@ def vip_holders(ctx: ClusterContext) -> list[str]:
         try:
             with ctx.remote(router) as remote:
                 out = remote.run(cmd("ip", "-4", "-o", "addr", "show", "dev", routing.interface, timeout=10)).stdout
-        except Exception:  # an unreachable router holds nothing we can see
+        except RemoteError:  # an unreachable router holds nothing we can see
             continue
         if f" {routing.vip}/" in out:
             holders.append(router.name)
@@ -137,14 +136,4 @@ def is_routing_correct(cluster: str, timeout: float = 30) -> dict:
     say(f"Through the VIP: :{routing.rw_port} reaches the primary {result['rw']}, "
         f":{routing.ro_port} a standby ({result['ro']}).")
     return result
-
-
-def detector_answer(ctx: ClusterContext, router: str, path: str) -> tuple[int, object]:
-    routing = ctx.inventory.cluster.routing
-    assert routing is not None
-    with ctx.remote(router) as remote:
-        out = remote.run(cmd("curl", "-s", "-m", "3", "-w", "\n%{http_code}",
-                             f"http://127.0.0.1:{routing.detector_port}{path}", timeout=10)).stdout
-    body, _, code = out.rpartition("\n")
-    return int(code), json.loads(body) if body.strip() else None
 

@@ -7,6 +7,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psycopg
 from prefect import get_run_logger
 
 from tasks.adapters.commands import cmd
@@ -103,7 +104,7 @@ def _sql(ctx, node: str, job: Job, command: Command, instance: dict, timeout_ms:
                         lines += format_sql_rows([d.name for d in cur.description], cur.fetchall())
     except DatabaseError as exc:
         return 1, "\n".join(lines), str(exc)
-    except Exception as exc:  # psycopg errors raised directly by the cursor
+    except psycopg.Error as exc:  # raised by the cursor itself, not through the adapter
         return 1, "\n".join(lines), str(exc).strip()
     return 0, "\n".join(lines), ""
 

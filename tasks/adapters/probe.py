@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 
 from tasks.adapters.commands import Command, CommandResult, cmd
+from tasks.errors import BouwsteenError
 
 MARKER_PATH = "/etc/bouwsteen/cluster.json"
 
@@ -159,15 +160,19 @@ def probe_command(*, files: list[str], units: list[str], packages: list[str], da
     return cmd("python3", "-c", _PROBE, json.dumps(args), timeout=30, description="probe host state")
 
 
+class ProbeOutputError(BouwsteenError, ValueError):
+    """The host probe's output is not what the probe script prints."""
+
+
 def parse_probe(host: str, result: CommandResult) -> HostSnapshot:
     try:
         data = json.loads(result.stdout)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{host}: host probe printed no JSON ({exc}): {result.stderr.strip()[-300:]}") from None
+        raise ProbeOutputError(f"{host}: host probe printed no JSON ({exc}): {result.stderr.strip()[-300:]}") from None
     try:
         return _snapshot(host, data)
     except (KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{host}: host probe output lacks {exc}") from None
+        raise ProbeOutputError(f"{host}: host probe output lacks {exc}") from None
 
 
 def _snapshot(host: str, data: dict) -> HostSnapshot:

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import posixpath
 import shlex
@@ -280,10 +279,6 @@ class RemoteHost:
         result = self.run(script('if [ -e "$1" ]; then rm -f -- "$1"; echo removed; fi', args=[path],
                                  description=f"remove {path}"))
         return "removed" in result.stdout
-
-
-def content_digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def quote(value: str) -> str:

@@ -48,10 +48,6 @@ class RoutingSecrets:
             raise RoutingSpecError("database credentials: monitor_password is needed by the primary detector")
 
 
-def check_interval_ms(inv: Inventory) -> int:
-    return 1000
-
-
 def render_haproxy(inv: Inventory, router: HostSpec) -> str:
     routing = inv.cluster.routing
     assert routing is not None
