@@ -7,7 +7,7 @@ from prefect.artifacts import create_table_artifact
 
 from blocks.inventory import Role, UnknownHostError
 from blocks.register import save_inventory
-from flows.runbook import publish_plan, snapshot_hosts
+from flows.runbook import holding, publish_plan, snapshot_hosts
 from tasks.backup import ensure_backup_hook
 from tasks.cluster import (
     desired_layers,
@@ -20,7 +20,6 @@ from tasks.cluster import (
 from tasks.context import context_for
 from tasks.desired import ha_driver
 from tasks.errors import PreflightRefused, VerifyFailed
-from tasks.locks import cluster_lock
 from tasks.planning.build import plan_build
 
 
@@ -69,7 +68,7 @@ def add_standby(cluster: str = "lab", host: str = "pg4", max_lag_bytes: int = 16
         return {"plan": plan.rows(), "changed": False}
 
     # ------------------------------------------------------------------ 3. act
-    with cluster_lock(cluster, "add_standby", wait_seconds=120):
+    with holding(cluster, "add_standby"):
         if not spec.has(Role.db):
             # The inventory is the desired state: from here on every flow treats the host as a member.
             save_inventory(target_inv)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.runbook import publish_plan, snapshot_hosts
+from flows.runbook import holding, publish_plan, snapshot_hosts
 from tasks.backup import (
     ensure_bucket_and_prefix,
     ensure_object_store_prepared,
@@ -43,16 +43,17 @@ def backup_server_rollout(cluster: str = "lab", dry_run: bool = False) -> dict:
     if dry_run:
         return {"plan": plan.rows(), "changed": False}
 
-    # ------------------------------------------------------------------ 3. act
-    logger.info("3. Act: service account, data path, TLS, service, bucket and prefix.")
-    ensure_object_store_prepared(cluster)
-    changed = ensure_files(cluster, store.host, "objectstore")
-    ensure_units(cluster, store.host, "objectstore", changed)
-    wait_until_object_store_answers(cluster)
-    created = ensure_bucket_and_prefix(cluster)
+    with holding(cluster, "backup_server_rollout"):
+        # -------------------------------------------------------------- 3. act
+        logger.info("3. Act: service account, data path, TLS, service, bucket and prefix.")
+        ensure_object_store_prepared(cluster)
+        changed = ensure_files(cluster, store.host, "objectstore")
+        ensure_units(cluster, store.host, "objectstore", changed)
+        wait_until_object_store_answers(cluster)
+        created = ensure_bucket_and_prefix(cluster)
 
-    # ------------------------------------------------------------------ 4. verify
-    seconds = is_object_store_working(cluster)
+        # -------------------------------------------------------------- 4. verify
+        seconds = is_object_store_working(cluster)
     changed_anything = not plan.is_noop or bool(created)
     logger.info("Done: %s serves bucket %s over TLS; round trip %.2fs; %s.", store.host, store.bucket, seconds,
                 "changes were applied" if changed_anything else "nothing was changed")

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from flows.runbook import holding, publish_plan
 from tasks.backup import (
     ensure_backup_repository,
     ensure_base_backup,
@@ -17,15 +18,16 @@ from tasks.backup import (
 )
 from tasks.context import context_for
 from tasks.errors import BackupFailed, BackupTooOld, PreflightRefused
-from tasks.locks import cluster_lock
 from tasks.planning.backup import decide_backup, freshness_problem, newest_good
 
 
 @flow(name="scheduled_basebackup", persist_result=True)
 def scheduled_basebackup(cluster: str = "lab", force: bool = False, skip_window_hours: float = 23,
-                         freshness_limit_hours: float = 26, keep_full: int | None = None) -> dict:
-    """1. Pre-flight (source, existing backups)  2. Plan (skip or run)  3. Act (backup, retention)
-    4. Verify (listed, WAL archived)  — and always: fail loudly when the newest good backup is stale."""
+                         freshness_limit_hours: float = 26, keep_full: int | None = None,
+                         dry_run: bool = False) -> dict:
+    """1. Pre-flight (source, existing backups)  2. Plan (skip or run; dry_run stops here)
+    3. Act (backup, retention)  4. Verify (listed, WAL archived)  — and always: fail loudly when the
+    newest good backup is stale."""
     logger = get_run_logger()
     ctx = context_for(cluster, fresh=True)
     inv = ctx.inventory
@@ -36,17 +38,18 @@ def scheduled_basebackup(cluster: str = "lab", force: bool = False, skip_window_
     keep = keep_full if keep_full is not None else inv.cluster.backup_retention_full
     report: dict = {"cluster": cluster, "ran": False}
     error: BaseException | None = None
-    with cluster_lock(cluster, "scheduled_basebackup", wait_seconds=900):
+    with holding(cluster, "scheduled_basebackup"):
         try:
             logger.info("1. Pre-flight (read-only): backups in the repository and a source host.")
-            ensure_backup_repository(cluster)
+            if not dry_run:
+                ensure_backup_repository(cluster)  # stanza-create: idempotent, and needed to list
             before = is_backup_list(cluster)
             source = is_backup_source(cluster)
             decision = decide_backup(before, datetime.now(timezone.utc), skip_window=timedelta(hours=skip_window_hours),
                                      force=force, source=source["source"])
-            logger.info("2. Plan: %s — %s.", f"full backup on {decision.source}" if decision.run else "skip", decision.reason)
+            publish_plan("scheduled_basebackup", cluster, decision.plan(keep), dry_run=dry_run)
             report["decision"] = decision.reason
-            if decision.run:
+            if decision.run and not dry_run:
                 logger.info("3. Act: full base backup on %s, then retention (keep %d full).", decision.source, keep)
                 taken = ensure_base_backup(cluster, source["source"], source["primary"])
                 after = is_backup_list(cluster)

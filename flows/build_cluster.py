@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows.runbook import publish_plan, snapshot_hosts
+from flows.runbook import holding, publish_plan, snapshot_hosts
 from tasks.adapters.ha.base import HaSpecError
 from tasks.backup import ensure_backup_hook
 from tasks.cluster import (
@@ -28,7 +28,6 @@ from tasks.cluster import (
 from tasks.context import context_for
 from tasks.desired import ha_driver
 from tasks.errors import PreflightRefused
-from tasks.locks import cluster_lock
 from tasks.planning.build import plan_build
 
 
@@ -71,7 +70,7 @@ def build_cluster(cluster: str = "lab", dry_run: bool = False, adopt_existing: b
 
     # ------------------------------------------------------------------ 3. act
     # A killed earlier run leaves its lease behind for up to a minute; wait that out.
-    with cluster_lock(cluster, "build_cluster", wait_seconds=120):
+    with holding(cluster, "build_cluster"):
         logger.info("3. Act: packages, etcd, HA manager, roles.")
         for name, kinds in layers.items():
             ensure_packages.submit(cluster, name, sorted({p for layer in kinds.values() for p in layer.packages})).result()

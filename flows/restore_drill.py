@@ -7,11 +7,17 @@ from datetime import datetime, timezone
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from flows.runbook import holding, publish_plan
 from tasks.backup import is_backup_list
 from tasks.context import context_for
 from tasks.desired import backup_driver
 from tasks.errors import DrillFailed, PreflightRefused
-from tasks.planning.backup import BackupPlanError, parse_target, pick_restore_backup
+from tasks.planning.backup import (
+    BackupPlanError,
+    drill_plan,
+    parse_target,
+    pick_restore_backup,
+)
 from tasks.restore import (
     ensure_backup_restored,
     ensure_drill_torn_down,
@@ -45,8 +51,9 @@ def _compare_markers(source: list[list[str]], restored: list[list[str]], last_co
 
 @flow(name="restore_drill", persist_result=True)
 def restore_drill(cluster: str = "lab", target: str = "latest", backup: str | None = None, keep: bool = False,
-                  replace_kept: bool = False) -> dict:
-    """1. Pre-flight  2. Plan (which backup, which target)  3. Act (fetch, recover)  4. Verify  5. Tear down."""
+                  replace_kept: bool = False, dry_run: bool = False) -> dict:
+    """1. Pre-flight  2. Plan (which backup, which target; dry_run stops here)  3. Act (fetch, recover)
+    4. Verify  5. Tear down."""
     logger = get_run_logger()
     ctx = context_for(cluster, fresh=True)
     inv = ctx.inventory
@@ -72,29 +79,30 @@ def restore_drill(cluster: str = "lab", target: str = "latest", backup: str | No
         raise PreflightRefused(f"{exc}") from None
 
     # ------------------------------------------------------------------ 2. plan
-    logger.info("2. Plan: restore %s (finished %s) onto %s, recover to %s, verify, %s.", chosen.name,
-                chosen.finish_time.isoformat(timespec="seconds"), host_state["host"],
-                target_time.isoformat() if target_time else "the end of the archive",
-                "keep it running" if keep else "then tear it down")
+    plan = drill_plan(chosen, host_state["host"], target_time, keep)
+    publish_plan("restore_drill", cluster, plan, dry_run=dry_run)
+    if dry_run:
+        return {"backup": chosen.name, "target": target, "plan": plan.rows()}
 
-    # ------------------------------------------------------------------ 3. act
-    logger.info("3. Act: fetch and recover in isolation (no archiving, no replication, localhost only).")
-    ensure_restore_host_configured(cluster)
-    marker = ensure_marker_row(cluster) if target_time is None else None
-    source_markers = is_source_markers(cluster)
-    fetched = ensure_backup_restored(cluster, chosen.name, target_time.isoformat() if target_time else None)
-    try:
-        recovered = wait_until_recovered(cluster)
+    with holding(cluster, "restore_drill"):
+        # -------------------------------------------------------------- 3. act
+        logger.info("3. Act: fetch and recover in isolation (no archiving, no replication, localhost only).")
+        ensure_restore_host_configured(cluster)
+        marker = ensure_marker_row(cluster) if target_time is None else None
+        source_markers = is_source_markers(cluster)
+        fetched = ensure_backup_restored(cluster, chosen.name, target_time.isoformat() if target_time else None)
+        try:
+            recovered = wait_until_recovered(cluster)
 
-        # -------------------------------------------------------------- 4. verify
-        logger.info("4. Verify: full read-through, amcheck, marker rows against the source.")
-        sound = is_restored_copy_sound(cluster, source_markers)
-        last = recovered["last_replayed_commit"]
-        markers = _compare_markers(source_markers, sound["restored_markers"], last, target_time, marker)
-        logger.info("%s.", markers)
-    finally:
-        if not keep:
-            ensure_drill_torn_down(cluster)
+            # ---------------------------------------------------------- 4. verify
+            logger.info("4. Verify: full read-through, amcheck, marker rows against the source.")
+            sound = is_restored_copy_sound(cluster, source_markers)
+            last = recovered["last_replayed_commit"]
+            markers = _compare_markers(source_markers, sound["restored_markers"], last, target_time, marker)
+            logger.info("%s.", markers)
+        finally:
+            if not keep:
+                ensure_drill_torn_down(cluster)
     rto = fetched["fetch_seconds"] + recovered["recover_seconds"] + sound["verify_seconds"]
     behind = None
     if target_time is not None and last:

@@ -5,11 +5,10 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from blocks.inventory import Role
-from flows.runbook import publish_plan, snapshot_hosts
+from flows.runbook import holding, publish_plan, snapshot_hosts
 from tasks.cluster import desired_layers, ensure_files, ensure_packages, ensure_units
 from tasks.context import context_for
 from tasks.errors import PreflightRefused
-from tasks.locks import cluster_lock
 from tasks.planning.build import plan_build
 from tasks.routing import (
     ensure_router_prepared,
@@ -49,7 +48,7 @@ def routing_rollout(cluster: str = "lab", dry_run: bool = False) -> dict:
         return {"plan": plan.rows(), "changed": False}
 
     # ------------------------------------------------------------------ 3. act
-    with cluster_lock(cluster, "routing_rollout", wait_seconds=120):
+    with holding(cluster, "routing_rollout"):
         # One router at a time, and the VIP confirmed before the next: the other keeps serving.
         holders = vip_holders(ctx)
         order = sorted(layers, key=lambda n: n in holders)

@@ -1,6 +1,11 @@
-"""What every runbook flow does the same way: probe hosts for pre-flight, publish and enforce a plan."""
+"""What every runbook flow does the same way: its declared policy (lock, plan, dry_run), probing
+hosts for pre-flight, publishing and enforcing its plan."""
 
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Literal
 
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -9,8 +14,56 @@ from tasks.adapters.probe import HostSnapshot
 from tasks.cluster import is_host_ready
 from tasks.context import ClusterContext
 from tasks.errors import BouwsteenError, PreflightRefused
-from tasks.planning.build import BuildPlan
+from tasks.locks import cluster_lock
+from tasks.planning.plan import Plan
 from tasks.reporting import plan_markdown
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a runbook holds its cluster and shows what it will do.
+
+    lock: "cluster" is the cluster lock (Prefect limit + etcd lease); "pgquartz" is a TAB job's own
+    etcd lock, the one a cron-run pgquartz takes, so the two exclude each other (the job changes
+    data, not the cluster); "none" is for a runbook that changes nothing.
+    wait_seconds: how long a busy cluster is waited for before the run is refused.
+    changes: the runbook changes something, so it takes `dry_run` and publishes a plan artifact.
+    """
+
+    lock: Literal["cluster", "pgquartz", "none"]
+    wait_seconds: float = 0
+    changes: bool = True
+
+
+# Role changes refuse at once when the cluster is busy (a DBA retries knowingly); builds and
+# rollouts wait out a killed run's lease (one minute); the nightly backup and the weekly drill
+# wait out each other.
+POLICIES: dict[str, Policy] = {
+    "check_hosts": Policy("none", changes=False),
+    "build_cluster": Policy("cluster", wait_seconds=120),
+    "add_standby": Policy("cluster", wait_seconds=120),
+    "backup_server_rollout": Policy("cluster", wait_seconds=120),
+    "routing_rollout": Policy("cluster", wait_seconds=120),
+    "scheduled_basebackup": Policy("cluster", wait_seconds=900),
+    "restore_drill": Policy("cluster", wait_seconds=900),
+    "switchover": Policy("cluster"),
+    "failover": Policy("cluster"),
+    "tab_job": Policy("pgquartz"),
+}
+
+
+@contextlib.contextmanager
+def holding(cluster: str, runbook: str, *, dry_run: bool = False) -> Iterator[None]:
+    """The cluster lock, as the runbook's policy declares it. A dry run only reads: it takes no
+    lock, so it answers even while another runbook works on the cluster."""
+    policy = POLICIES[runbook]
+    if policy.lock != "cluster":
+        raise ValueError(f"{runbook} does not take the cluster lock (policy: {policy.lock})")
+    if dry_run:
+        yield
+        return
+    with cluster_lock(cluster, runbook, wait_seconds=policy.wait_seconds):
+        yield
 
 
 def snapshot_hosts(ctx: ClusterContext, names: list[str], *, inventory: dict | None = None) -> dict[str, HostSnapshot]:
@@ -27,7 +80,7 @@ def snapshot_hosts(ctx: ClusterContext, names: list[str], *, inventory: dict | N
     return snapshots
 
 
-def publish_plan(runbook: str, cluster: str, plan: BuildPlan, *, dry_run: bool) -> None:
+def publish_plan(runbook: str, cluster: str, plan: Plan, *, dry_run: bool) -> None:
     """The plan as an artifact and in the log; refuse when pre-flight found a reason."""
     logger = get_run_logger()
     create_markdown_artifact(key=f"{runbook.replace('_', '-')}-plan-{cluster}",
@@ -38,7 +91,7 @@ def publish_plan(runbook: str, cluster: str, plan: BuildPlan, *, dry_run: bool) 
             logger.error("Refused: %s", reason)
         raise PreflightRefused(*plan.refusals)
     if plan.is_noop:
-        logger.info("2. Plan: nothing to change; every host already matches the inventory.")
+        logger.info("2. Plan: %s", plan.noop_summary.replace("**", ""))
     else:
         for row in plan.rows():
             logger.info("2. Plan: %s: %s", row["host"], row["plan"])

@@ -9,6 +9,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
+from flows.runbook import holding, publish_plan
 from tasks.cluster import (
     DeadlineExceeded,
     ensure_etcd_leader_off_primary,
@@ -16,7 +17,7 @@ from tasks.cluster import (
 )
 from tasks.context import context_for
 from tasks.errors import PreflightRefused, VerifyFailed
-from tasks.locks import cluster_lock
+from tasks.planning.roles import failover_action_plan, switchover_action_plan
 from tasks.roles import (
     ensure_failover,
     ensure_rejoined,
@@ -67,24 +68,25 @@ def _verify(cluster: str, new_primary: str, old_primary: str | None, timeline: T
 
 @flow(name="switchover", persist_result=True)
 def switchover(cluster: str = "lab", candidate: str | None = None, max_lag_bytes: int = 1024 * 1024,
-               max_transaction_age_seconds: float = 300) -> dict:
-    """1. Pre-flight (read-only)  2. Plan  3. Act through the HA driver  4. Verify."""
+               max_transaction_age_seconds: float = 300, dry_run: bool = False) -> dict:
+    """1. Pre-flight (read-only)  2. Plan (dry_run stops here)  3. Act through the HA driver  4. Verify."""
     logger = get_run_logger()
     timeline = Timeline()
     context_for(cluster, fresh=True)
     logger.info("1. Pre-flight (read-only): candidate health, lag, open transactions, routing.")
-    with cluster_lock(cluster, "switchover"):
+    # Pre-flight runs under the lock: nothing may change the roles between the check and the act.
+    with holding(cluster, "switchover", dry_run=dry_run):
         check = is_switchover_safe(cluster, candidate, max_lag_bytes, max_transaction_age_seconds)
-        if check["refusals"]:
-            raise PreflightRefused(*check["refusals"])
         old, new = check["primary"], check["candidate"]
+        publish_plan("switchover", cluster, switchover_action_plan(old, new, check["refusals"], check["already_done"]),
+                     dry_run=dry_run)
+        if dry_run:
+            return {"old_primary": old, "new_primary": new, "dry_run": True}
         if check["already_done"]:
-            logger.info("2. Plan: %s already is the primary; nothing to switch.", new)
             timeline(f"{new} already primary")
             old = None
             logger.info("3. Act: only keep etcd's leader off the primary's host.")
         else:
-            logger.info("2. Plan: %s hands the primary role to %s.", old, new)
             timeline(f"pre-flight passed: {old} → {new}")
             logger.info("3. Act: switchover through the HA manager, then etcd's leader off the new primary's host.")
             ensure_switchover(cluster, old, new)
@@ -103,17 +105,21 @@ def switchover(cluster: str = "lab", candidate: str | None = None, max_lag_bytes
 
 @flow(name="failover", persist_result=True)
 def failover(cluster: str = "lab", force: bool = False, max_data_loss_bytes: int = 1024 * 1024,
-             decision_timeout_seconds: int = 3600) -> dict:
-    """For a dead primary: promote the most advanced standby; ask a human when that may lose data."""
+             decision_timeout_seconds: int = 3600, dry_run: bool = False) -> dict:
+    """For a dead primary: promote the most advanced standby; ask a human when that may lose data.
+
+    1. Pre-flight (read-only)  2. Plan (dry_run stops here)  3. Act  4. Verify."""
     logger = get_run_logger()
     timeline = Timeline()
     context_for(cluster, fresh=True)
     logger.info("1. Pre-flight (read-only): is the primary really gone; which standby is most advanced.")
-    with cluster_lock(cluster, "failover"):
+    with holding(cluster, "failover", dry_run=dry_run):
         check = is_failover_needed(cluster, force, max_data_loss_bytes)
-        if check["refusals"]:
-            raise PreflightRefused(*check["refusals"])
         candidate = check["candidate"]
+        publish_plan("failover", cluster, failover_action_plan(check["primary"], candidate, check["refusals"],
+                                                               check["reason"], check["needs_human"]), dry_run=dry_run)
+        if dry_run:
+            return {"old_primary": check["primary"], "new_primary": candidate, "dry_run": True}
         timeline(f"pre-flight: {check['reason']}")
         if check["needs_human"]:
             logger.warning("2. Plan: %s. Pausing for a decision in the Prefect UI.", check["reason"])
@@ -125,8 +131,6 @@ def failover(cluster: str = "lab", force: bool = False, max_data_loss_bytes: int
                 raise PreflightRefused(f"not promoted: the DBA declined ({decision.reason if decision else 'no answer'})")
             candidate = decision.candidate or candidate
             timeline(f"human decided: promote {candidate} ({decision.reason})")
-        else:
-            logger.info("2. Plan: promote %s (%s).", candidate, check["reason"])
         logger.info("3. Act: failover to %s through the HA manager, then etcd's leader off its host.", candidate)
         ensure_failover(cluster, candidate)
         timeline("failover requested")

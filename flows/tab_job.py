@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
+from flows.runbook import publish_plan
 from tasks.adapters import etcd_config
 from tasks.adapters.etcd import Etcd, LockTimeout
 from tasks.context import context_for
@@ -19,6 +20,7 @@ from tasks.pgquartz import (
     StepResult,
     WhenExpressionError,
     expand_matrix,
+    job_action_plan,
     load_job,
     step_should_run,
     step_waves,
@@ -40,9 +42,9 @@ PGQUARTZ_LEASE_TTL = 60
 
 @flow(name="tab_job", persist_result=True)
 def tab_job(cluster: str = "lab", job: str = "purge_audit_log", source: str = str(DEFAULT_JOBS),
-            revision: str = "main", fail_on_step_error: bool = True) -> dict:
-    """1. Pre-flight (job file valid, target nodes from the live cluster)  2. Plan (waves)
-    3. Act under pgquartz's own etcd lock  4. Verify: the job's checks."""
+            revision: str = "main", fail_on_step_error: bool = True, dry_run: bool = False) -> dict:
+    """1. Pre-flight (job file valid, target nodes from the live cluster)  2. Plan (waves; dry_run
+    stops here)  3. Act under pgquartz's own etcd lock  4. Verify: the job's checks."""
     logger = get_run_logger()
     ctx = context_for(cluster, fresh=True)
 
@@ -57,7 +59,9 @@ def tab_job(cluster: str = "lab", job: str = "purge_audit_log", source: str = st
         raise PreflightRefused("no healthy node has the role(s) the job's connections need", nothing="ran")
     waves = step_waves(definition)
     logger.info("1. Pre-flight: job %s from %s is valid; it runs on %s.", definition.name, path, ", ".join(nodes))
-    logger.info("2. Plan: %s.", " → ".join("[" + ", ".join(w) + "]" for w in waves))
+    publish_plan("tab_job", cluster, job_action_plan(definition, nodes, definition.lock_prefix), dry_run=dry_run)
+    if dry_run:
+        return {"job": definition.name, "nodes": nodes, "waves": waves, "dry_run": True}
 
     # ------------------------------------------------------------------ 3. act under the lock
     etcd = Etcd(etcd_config.client_endpoints(ctx.inventory), timeout=3)

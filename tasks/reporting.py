@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-from tasks.planning.build import BuildPlan
+from tasks.planning.plan import Plan
 
 
-def plan_markdown(runbook: str, cluster: str, plan: BuildPlan, dry_run: bool) -> str:
+def plan_markdown(runbook: str, cluster: str, plan: Plan, dry_run: bool) -> str:
     lines = [f"# {runbook} plan for cluster `{cluster}`", ""]
     if plan.refusals:
         lines += ["**Refused — nothing will be changed:**", ""] + [f"- {r}" for r in plan.refusals] + [""]
     if plan.is_noop:
-        lines += ["Every host already matches the inventory: **no changes**.", ""]
-    lines += ["| host | install | write | start | restart | reload |", "|---|---|---|---|---|---|"]
-    for host in plan.hosts:
-        files = "<br>".join(f"`{f.path}` ({f.action}{', secret' if f.secret else ''})" for f in host.files)
-        lines.append(
-            f"| {host.host} | {', '.join(host.install) or '—'} | {files or '—'} | {', '.join(host.start) or '—'} "
-            f"| {', '.join(host.restart) or '—'} | {', '.join(host.reload) or '—'} |"
-        )
-    if plan.bootstrap_on:
-        lines += ["", f"The cluster is not initialised yet: the HA manager on **{plan.bootstrap_on}** initialises it."]
+        lines += [plan.noop_summary, ""]
+    header, cells = plan.table()
+    if cells or not plan.is_noop:
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in cells]
+    remarks = plan.remarks()
+    if remarks:
+        lines += [""] + remarks
     if dry_run:
         lines += ["", "_dry_run: nothing was changed._"]
     return "\n".join(lines) + "\n"

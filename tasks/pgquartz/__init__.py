@@ -5,7 +5,15 @@ The `tab_job` flow wraps this: one task per step instance / check, SQL via psyco
 See /work/shared/reference/pgquartz.md for the format and PgQuartz's run-time semantics.
 """
 
-from .loader import JobFileError, Problem, load_job, load_jobs, parse_job, read_script, script_path
+from .loader import (
+    JobFileError,
+    Problem,
+    load_job,
+    load_jobs,
+    parse_job,
+    read_script,
+    script_path,
+)
 from .model import (
     DEFAULT_ETCD_ENDPOINTS,
     DEFAULT_LOCK_TIMEOUT,
@@ -28,13 +36,21 @@ from .plan import (
     find_cycle,
     format_sql_rows,
     instance_env,
+    job_action_plan,
     render_sql,
     split_batch,
     sql_text_args,
     step_should_run,
     step_waves,
 )
-from .when import InstanceResult, StepResult, WhenExpressionError, evaluate_when, output_lines, when_step_refs
+from .when import (
+    InstanceResult,
+    StepResult,
+    WhenExpressionError,
+    evaluate_when,
+    output_lines,
+    when_step_refs,
+)
 
 __all__ = [
     # model
@@ -45,6 +61,7 @@ __all__ = [
     # plan
     "step_waves", "find_cycle", "expand_matrix", "instance_env", "render_sql", "split_batch", "sql_text_args",
     "format_sql_rows", "effective_role", "check_passed", "step_should_run", "PlanError", "MATRIX_ENV_PREFIX",
+    "job_action_plan",
     # when
     "evaluate_when", "when_step_refs", "StepResult", "InstanceResult", "output_lines", "WhenExpressionError",
 ]

@@ -22,6 +22,7 @@ import re
 from typing import Any, Iterable, Mapping, Sequence
 
 from tasks.errors import BouwsteenError
+from tasks.planning.plan import Action, ActionPlan
 
 from .model import Check, Command, Job, Step
 from .when import (
@@ -37,7 +38,7 @@ __all__ = [
     "PlanError", "step_waves", "find_cycle", "expand_matrix", "instance_env", "render_sql", "split_batch",
     "sql_text_args", "format_sql_rows", "effective_role", "check_passed", "step_should_run",
     "evaluate_when", "when_step_refs", "WhenExpressionError", "StepResult", "InstanceResult", "output_lines",
-    "MATRIX_ENV_PREFIX",
+    "MATRIX_ENV_PREFIX", "job_action_plan",
 ]
 
 MATRIX_ENV_PREFIX = "PGQ_INSTANCE_"
@@ -108,6 +109,17 @@ def step_waves(job: Job | Mapping[str, Step]) -> list[list[str]]:
             waves.append([])
         waves[d].append(name)
     return waves
+
+
+def job_action_plan(job: Job, nodes: Sequence[str], lock_prefix: str) -> ActionPlan:
+    """One action per wave, on every target node in turn; `when` rules are decided as the job runs."""
+    where = ", ".join(nodes)
+    waves = step_waves(job)
+    actions = tuple(Action(where, f"wave {i}: " + ", ".join(
+        f"{name}" + (f" ×{len(expand_matrix(job.steps[name].matrix))}" if job.steps[name].matrix else "")
+        for name in wave)) for i, wave in enumerate(waves, 1))
+    checks = (Action(where, f"then {len(job.checks)} check(s), after the lock is released"),) if job.checks else ()
+    return ActionPlan(actions + checks, notes=(f"Steps run under pgquartz's etcd lock `{lock_prefix}`.",))
 
 
 def step_should_run(step: Step, step_results: Mapping[str, StepResult]) -> bool:

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 
 from tasks.adapters.backup.base import BackupInfo
 from tasks.errors import BouwsteenError
+from tasks.planning.plan import Action, ActionPlan
 
 
 class BackupPlanError(BouwsteenError, ValueError):
@@ -26,6 +27,12 @@ class BackupDecision:
     run: bool
     source: str | None
     reason: str
+
+    def plan(self, keep_full: int) -> ActionPlan:
+        if not self.run:
+            return ActionPlan(nothing_to_do=f"No backup tonight: {self.reason}.")
+        return ActionPlan((Action(self.source or "?", f"full base backup ({self.reason}), "
+                                                     f"then keep the newest {keep_full} full backup(s)"),))
 
 
 def good_backups(backups: list[BackupInfo]) -> list[BackupInfo]:
@@ -119,6 +126,14 @@ def pick_restore_backup(backups: list[BackupInfo], target: datetime | None, name
         raise BackupPlanError(f"target: {target.isoformat()} precedes the oldest backup's end "
                               f"({good[0].finish_time.isoformat()}); nothing can be restored to that time")
     return usable[-1]
+
+
+def drill_plan(chosen: BackupInfo, restore_host: str, target: datetime | None, keep: bool) -> ActionPlan:
+    """The drill's one action; it writes a marker row on the primary when it recovers to the end."""
+    recover_to = target.isoformat() if target else "the end of the archive (after a fresh marker row)"
+    return ActionPlan((Action(restore_host, f"restore {chosen.name} (finished {chosen.finish_time.isoformat(timespec='seconds')}), "
+                                            f"recover to {recover_to} in isolation, verify, "
+                                            f"{'keep it running' if keep else 'then tear it down'}"),))
 
 
 def _hours(delta: timedelta) -> str:

@@ -130,6 +130,23 @@ class BuildPlan:
             rows.append({"host": self.bootstrap_on, "plan": "initialise the cluster here (first primary)"})
         return rows
 
+    # The rest of the `Plan` protocol (tasks/planning/plan.py).
+    noop_summary = "Every host already matches the inventory: **no changes**."
+
+    def table(self) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+        cells = []
+        for h in self.hosts:
+            files = "<br>".join(f"`{f.path}` ({f.action}{', secret' if f.secret else ''})" for f in h.files)
+            cells.append((h.host, ", ".join(h.install) or "—", files or "—", ", ".join(h.start) or "—",
+                          ", ".join(h.restart) or "—", ", ".join(h.reload) or "—"))
+        return ("host", "install", "write", "start", "restart", "reload"), cells
+
+    def remarks(self) -> list[str]:
+        lines = list(self.notes)
+        if self.bootstrap_on:
+            lines.append(f"The cluster is not initialised yet: the HA manager on **{self.bootstrap_on}** initialises it.")
+        return lines
+
 
 def file_changes(desired: tuple[ManagedFile, ...], snap: HostSnapshot) -> tuple[FileChange, ...]:
     changes = []

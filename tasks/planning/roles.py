@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tasks.planning.plan import Action, ActionPlan
+
 
 @dataclass(frozen=True)
 class CandidateState:
@@ -32,6 +34,24 @@ class FailoverPlan:
     needs_human: bool
     reason: str
     candidate_lag: int | None = None
+
+
+def switchover_action_plan(primary: str | None, candidate: str | None, refusals: list[str] | tuple[str, ...],
+                           already_done: bool) -> ActionPlan:
+    if already_done:
+        return ActionPlan(refusals=tuple(refusals),
+                          nothing_to_do=f"{candidate} already is the primary; only etcd's leader is kept off its host.")
+    actions = (Action(f"{primary} → {candidate}", "switchover through the HA manager; etcd's leader off the new "
+                                                  "primary's host; the old primary streams again"),)
+    return ActionPlan(actions if not refusals else (), tuple(refusals))
+
+
+def failover_action_plan(primary: str | None, candidate: str | None, refusals: list[str] | tuple[str, ...],
+                         reason: str, needs_human: bool) -> ActionPlan:
+    if refusals or candidate is None:
+        return ActionPlan(refusals=tuple(refusals) or (f"no candidate: {reason}",))
+    notes = ("Promoting may lose data: the run pauses for a DBA's decision in the Prefect UI.",) if needs_human else ()
+    return ActionPlan((Action(candidate, f"promote ({reason}); etcd's leader off its host"),), notes=notes)
 
 
 def _healthy(c: CandidateState) -> bool:
