@@ -12,6 +12,7 @@ from tasks.backup import ensure_backup_hook
 from tasks.cluster import (
     desired_layers,
     ensure_files,
+    ensure_membership,
     ensure_packages,
     ensure_units,
     is_cluster_initialized,
@@ -80,6 +81,7 @@ def add_standby(cluster: str = "lab", host: str = "pg4", max_lag_bytes: int = 16
             if name == host:
                 continue
             ensure_units(cluster, name, "db", ensure_files(cluster, name, "db"))
+        ensure_membership(cluster)
         ensure_units(cluster, host, "db", ensure_files(cluster, host, "db"))
         ensure_backup_hook(cluster)
 

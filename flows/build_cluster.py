@@ -54,8 +54,8 @@ def build_cluster(cluster: str = "lab", dry_run: bool = False, adopt_existing: b
     refusals = is_etcd_ours(cluster)
     running_pg = [n for n, s in snapshots.items() if inv.cluster.postgres.port in s.listeners]
     refusals += is_superuser_login_ok(cluster, running_pg)
-    ha_files = {f.path for kinds in layers.values() if "db" in kinds for f in kinds["db"].files}
-    configured = [n for n, s in snapshots.items() if any(s.files.get(p) for p in ha_files if "patroni" in p or "stolon" in p)]
+    ha_files = ha_driver(inv).config_paths(inv)
+    configured = [n for n, s in snapshots.items() if any(s.files.get(p) for p in ha_files)]
     view = is_cluster_initialized(cluster, configured)
 
     # ------------------------------------------------------------------ 2. plan

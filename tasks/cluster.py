@@ -14,7 +14,6 @@ from tasks.adapters import etcd_config
 from tasks.adapters.commands import cmd
 from tasks.adapters.etcd import Etcd, EtcdUnavailable
 from tasks.adapters.ha.base import ClusterView, HaStatusError
-from tasks.adapters.ha.patroni import PatroniDriver
 from tasks.adapters.postgres import (
     AuthenticationFailed,
     DatabaseUnavailable,
@@ -343,13 +342,27 @@ def ensure_etcd_leader_off_primary(cluster: str) -> str:
 
 
 @step
+def ensure_membership(cluster: str) -> str:
+    """Tell the HA manager the inventory's database hosts, after one was added or removed."""
+    ctx = context_for(cluster)
+    inv = ctx.inventory
+    driver = ha_driver(inv)
+    commands = driver.membership_commands(inv, archive_parameters(inv, cluster_secrets(ctx)))
+    if not commands:
+        return say(f"{driver.name} takes its members from the files just written; nothing else to tell it.")
+    primary = require_primary(ctx, "to tell the HA manager its members on")
+    with ctx.remote(primary) as remote:
+        for command in commands:
+            remote.run(command)
+    return say(f"{driver.name} now admits exactly {', '.join(h.name for h in inv.db_hosts)}.")
+
+
+@step
 def ensure_ha_settings(cluster: str) -> str:
     """Cluster-wide settings (DCS) equal to the inventory; only differences are applied."""
     ctx = context_for(cluster)
     inv = ctx.inventory
     driver = ha_driver(inv)
-    if not isinstance(driver, PatroniDriver):
-        return say("Cluster spec is applied at init by the stolon driver; no drift check here.")
     primary = require_primary(ctx, "to read the cluster configuration from")
     with ctx.remote(primary) as remote:
         current = driver.parse_config(remote.run(driver.show_config_command(inv), check=False))

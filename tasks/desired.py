@@ -17,6 +17,12 @@ from tasks.adapters.objectstore_server import ServerSecrets, server_for
 from tasks.adapters.routing.config import RoutingSecrets, router_files, router_units
 from tasks.planning.build import DesiredHost, ReleaseFloor, marker_file
 
+# Who may legitimately listen on a port the cluster needs (process names as `ss` shows them).
+POSTGRES = frozenset({"postgres", "postmaster"})
+ETCD = frozenset({"etcd"})
+HAPROXY = frozenset({"haproxy"})
+DETECTOR = frozenset({"python3", "bouwsteen-prim"})
+
 
 def ha_driver(inv: Inventory) -> HaDriver:
     return {HaManager.patroni: PatroniDriver, HaManager.stolon: StolonDriver}[inv.cluster.ha_manager]()
@@ -47,7 +53,7 @@ def etcd_member(inv: Inventory, host: HostSpec) -> DesiredHost:
         packages=("etcd-server", "etcd-client"),
         files=(marker_file(inv.cluster.name), *etcd_config.member_files(inv, host)),
         units=tuple(etcd_config.member_units()),
-        ports={inv.cluster.etcd.client_port: "etcd", inv.cluster.etcd.peer_port: "etcd"},
+        ports={inv.cluster.etcd.client_port: ETCD, inv.cluster.etcd.peer_port: ETCD},
         cluster_member=True,
     )
 
@@ -65,11 +71,7 @@ def db_host(inv: Inventory, host: HostSpec, secrets: ClusterSecrets) -> DesiredH
     packages = list(driver.packages(inv))
     if inv.cluster.object_store is not None:
         packages += backup_driver(inv).packages(inv)
-    ports = {inv.cluster.postgres.port: "postgres"}
-    if inv.cluster.ha_manager == HaManager.patroni:
-        ports[inv.cluster.patroni.rest_port] = "patroni"
-    else:
-        ports[inv.cluster.stolon.proxy_port] = "stolon"
+    ports = {inv.cluster.postgres.port: POSTGRES, **driver.listeners(inv)}
     return DesiredHost(
         host=host.name,
         packages=tuple(dict.fromkeys(packages)),
@@ -91,7 +93,7 @@ def object_store_host(inv: Inventory, secrets: ServerSecrets) -> DesiredHost:
         packages=tuple(server.packages()),
         files=tuple(server.host_files(inv, secrets)),
         units=tuple(server.units(inv)),
-        ports={store.endpoint_port: "objectstore"},
+        ports={store.endpoint_port: server.processes},
     )
 
 
@@ -116,7 +118,7 @@ def router_host(inv: Inventory, host: HostSpec, secrets: RoutingSecrets) -> Desi
     return DesiredHost(
         host=host.name,
         packages=("haproxy", "keepalived", "python3-psycopg", "python3-yaml", "curl", "psmisc"),
-        files=tuple(router_files(inv, host, secrets)),
+        files=tuple(router_files(inv, host, secrets, ha_driver(inv).rw_port(inv))),
         units=tuple(router_units()),
-        ports={routing.rw_port: "haproxy", routing.ro_port: "haproxy", routing.detector_port: "detector"},
+        ports={routing.rw_port: HAPROXY, routing.ro_port: HAPROXY, routing.detector_port: DETECTOR},
     )

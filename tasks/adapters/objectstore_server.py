@@ -45,6 +45,7 @@ class ServerSecrets:
 class ObjectStoreServer(ABC):
     service_user: str
     unit: str
+    processes: frozenset[str]  # the listener's name as `ss` shows it
 
     @abstractmethod
     def packages(self) -> list[str]: ...
@@ -73,6 +74,7 @@ class RcloneS3Server(ObjectStoreServer):
 
     service_user = "bouwsteen-s3"
     unit = "bouwsteen-s3.service"
+    processes = frozenset({"rclone"})
     binary = "/usr/local/bin/rclone"
     etc = "/etc/bouwsteen-s3"
 
@@ -130,6 +132,7 @@ class MinioServer(ObjectStoreServer):
 
     service_user = "minio-user"
     unit = "minio.service"
+    processes = frozenset({"minio"})
 
     def packages(self) -> list[str]:
         return ["minio", "mcli"]

@@ -13,16 +13,6 @@ from tasks.adapters.commands import ManagedFile, Unit
 from tasks.adapters.probe import MARKER_PATH, HostSnapshot
 
 SUPPORTED_OS = {("debian", "12")}
-# Who may legitimately listen on a port the cluster needs (the process name `ss` shows).
-PORT_OWNERS = {
-    "postgres": {"postgres", "postmaster"},
-    "etcd": {"etcd"},
-    "patroni": {"patroni", "python3"},
-    "stolon": {"stolon-keeper", "stolon-proxy", "postgres"},
-    "objectstore": {"rclone", "minio"},
-    "haproxy": {"haproxy"},
-    "detector": {"python3", "bouwsteen-prim"},
-}
 
 
 def marker_file(cluster: str) -> ManagedFile:
@@ -37,7 +27,9 @@ class DesiredHost:
     packages: tuple[str, ...]
     files: tuple[ManagedFile, ...]
     units: tuple[Unit, ...]
-    ports: dict[int, str] = field(default_factory=dict)  # port -> PORT_OWNERS key
+    # Port -> who may legitimately listen on it (process names as `ss` shows them); any other
+    # listener there is someone else's service and refuses the host.
+    ports: dict[int, frozenset[str]] = field(default_factory=dict)
     # A member carries the cluster's marker and (if a database host) its data directory; a backup
     # server or router serves clusters without belonging to one.
     cluster_member: bool = False
@@ -184,11 +176,11 @@ def host_preflight(
     # Hosts without a data directory (object store, routers) carry no cluster marker: a shared
     # backup server serves many clusters. There the process name alone says whether it is ours.
     trust_process = ours or not want.cluster_member
-    for port, owner_kind in sorted(want.ports.items()):
+    for port, owners in sorted(want.ports.items()):
         process = snap.listeners.get(port)
         if process is None:
             continue
-        if not trust_process or process not in PORT_OWNERS.get(owner_kind, set()):
+        if not trust_process or process not in owners:
             refusals.append(f"{name}: port {port} is already in use by {process or 'an unknown process'}")
     if not allow_join and not ours:
         refusals.append(f"{name}: not part of cluster {cluster!r}")

@@ -42,7 +42,7 @@ def db_layer(host: str = "pg1", **changes: Any) -> DesiredHost:
         packages=("postgresql-15", "patroni"),
         files=(MARKER, PATRONI_FILE),
         units=(Unit("patroni.service", reload_on=(PATRONI_YML,)),),
-        ports={5432: "postgres", 8008: "patroni"},
+        ports={5432: frozenset({"postgres", "postmaster"}), 8008: frozenset({"patroni", "python3"})},
         cluster_member=True,
         needs_data_dir=True,
     )
@@ -55,7 +55,7 @@ def etcd_layer(host: str = "pg1") -> DesiredHost:
         packages=("etcd-server", "etcd-client"),
         files=(MARKER, ETCD_FILE),
         units=(Unit("etcd.service", restart_on=(ETCD_ENV,)),),
-        ports={2379: "etcd", 2380: "etcd"},
+        ports={2379: frozenset({"etcd"}), 2380: frozenset({"etcd"})},
     )
 
 

@@ -115,10 +115,10 @@ def test_layer_contents_patroni() -> None:
     etcd = layers["pg1"]["etcd"]
     assert etcd.packages == ("etcd-server", "etcd-client")
     assert [f.path for f in etcd.files] == ["/etc/bouwsteen/cluster.json", "/etc/default/etcd"]
-    assert etcd.ports == {2379: "etcd", 2380: "etcd"}
+    assert etcd.ports == {2379: {"etcd"}, 2380: {"etcd"}}
     db = layers["pg1"]["db"]
     assert db.packages == ("postgresql-15", "postgresql-contrib", "patroni", "pgbackrest")
-    assert db.ports == {5432: "postgres", 8008: "patroni"}
+    assert db.ports == {5432: {"postgres", "postmaster"}, 8008: {"patroni", "python3"}}
     assert db.cluster_member is True and db.needs_data_dir is True
     etcd = layers["pg1"]["etcd"]
     assert etcd.cluster_member is True and etcd.needs_data_dir is False
@@ -126,10 +126,10 @@ def test_layer_contents_patroni() -> None:
     assert db.files[0].path == "/etc/bouwsteen/cluster.json"
     assert json.loads(db.files[0].content) == {"cluster": "lab"}
     store = layers["backup1"]["objectstore"]
-    assert store.ports == {9000: "objectstore"}
+    assert store.ports == {9000: {"rclone"}}
     assert [u.name for u in store.units] == ["bouwsteen-s3.service"]
     router = layers["router1"]["router"]
-    assert router.ports == {5432: "haproxy", 5433: "haproxy", 8080: "detector"}
+    assert router.ports == {5432: {"haproxy"}, 5433: {"haproxy"}, 8080: {"python3", "bouwsteen-prim"}}
     assert [u.name for u in router.units] == ["bouwsteen-primary-detector.service", "haproxy.service",
                                               "keepalived.service"]
     assert {"haproxy", "keepalived"} <= set(router.packages)
@@ -137,7 +137,7 @@ def test_layer_contents_patroni() -> None:
 
 def test_layer_contents_stolon() -> None:
     db = all_desired(STOLON, ClusterSecrets(db=DB, store=STORE))["pg2"]["db"]
-    assert db.ports == {5432: "postgres", 25432: "stolon"}
+    assert db.ports == {5432: {"postgres", "postmaster"}, 25432: {"stolon-keeper", "stolon-proxy", "postgres"}}
     assert "stolon" in db.packages and "patroni" not in db.packages
     assert [u.name for u in db.units] == ["stolon-keeper-lab.service", "stolon-sentinel-lab.service",
                                           "stolon-proxy-lab.service"]
@@ -250,3 +250,30 @@ def test_driver_selection(cluster: dict, ha: type, backup: type) -> None:
     inv = make_inventory(**cluster)
     assert type(ha_driver(inv)) is ha
     assert type(backup_driver(inv)) is backup
+
+
+# ----------------------------------------------------------------------------- the HA interface, both drivers
+
+
+@pytest.mark.parametrize("inv", [PATRONI, STOLON], ids=["patroni", "stolon"])
+def test_config_paths_are_files_the_driver_writes(inv: Inventory) -> None:
+    driver = ha_driver(inv)
+    written = {f.path for f in driver.host_files(inv, inv.host("pg1"), DB, {})}
+    assert driver.config_paths(inv) and set(driver.config_paths(inv)) <= written
+
+
+def test_patroni_membership_lives_in_the_per_host_files() -> None:
+    assert ha_driver(PATRONI).membership_commands(PATRONI, {}) == []
+
+
+def test_stolon_membership_patches_pghba_with_every_database_host() -> None:
+    grown = make_inventory(ha_manager="stolon", backup_tool="walg")
+    document = grown.model_dump(mode="json")
+    document["hosts"].append({"name": "pg4", "address": "10.0.0.14", "roles": ["db"]})
+    grown = parse_inventory(document)
+    [command] = ha_driver(grown).membership_commands(grown, {})
+    assert command.argv[0].endswith("/stolonctl") and "update" in command.argv and "--patch" in command.argv
+    patch = json.loads(command.argv[command.argv.index("--patch") + 1])
+    assert "initMode" not in patch
+    assert "host replication all 10.0.0.14/32 md5" in patch["pgHBA"]
+    assert all(f"10.0.0.1{i}/32" in " ".join(patch["pgHBA"]) for i in range(1, 5))

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from blocks.inventory import Inventory, parse_inventory
+from tasks.desired import ha_driver
 from tasks.adapters.routing.config import (
     DETECTOR_BIN,
     DETECTOR_CFG,
@@ -50,6 +51,10 @@ INV = make_inventory()
 STOLON = make_inventory(ha_manager="stolon")
 
 
+def haproxy_cfg(inv: Inventory, router: str) -> str:
+    return render_haproxy(inv, inv.host(router), ha_driver(inv).rw_port(inv))
+
+
 def section(text: str, header: str) -> list[str]:
     """The indented lines under `header` (up to the next blank line)."""
     lines = text.splitlines()
@@ -67,7 +72,7 @@ def section(text: str, header: str) -> list[str]:
 
 @pytest.mark.parametrize("router", ["router1", "router2"])
 def test_haproxy_patroni_rw_backend(router: str) -> None:
-    rw = section(render_haproxy(INV, INV.host(router)), "backend postgres_rw")
+    rw = section(haproxy_cfg(INV, router), "backend postgres_rw")
     assert "option httpchk" in rw
     assert "http-check send meth GET uri-lf /v1/primary/%[srv_name]?group=lab" in rw
     assert "http-check expect status 200" in rw
@@ -83,7 +88,7 @@ def test_haproxy_patroni_rw_backend(router: str) -> None:
 
 
 def test_haproxy_patroni_ro_backend() -> None:
-    ro = section(render_haproxy(INV, INV.host("router1")), "backend postgres_ro")
+    ro = section(haproxy_cfg(INV, "router1"), "backend postgres_ro")
     assert ro[0] == "balance leastconn"
     assert "http-check send meth GET uri-lf /v1/standby/%[srv_name]?group=lab" in ro
     assert not any("/v1/primary/" in line for line in ro)
@@ -104,7 +109,7 @@ def test_haproxy_patroni_ro_backend() -> None:
 )
 def test_haproxy_follows_inventory(cluster: dict, routing: dict, group: str, pg_port: int, detector: int) -> None:
     inv = make_inventory(routing, **cluster)
-    text = render_haproxy(inv, inv.host("router1"))
+    text = haproxy_cfg(inv, "router1")
     assert f"    http-check send meth GET uri-lf /v1/primary/%[srv_name]?group={group}" in text.splitlines()
     assert f"    http-check send meth GET uri-lf /v1/standby/%[srv_name]?group={group}" in text.splitlines()
     assert text.count(f"check port {detector} addr 127.0.0.1") == 2
@@ -118,7 +123,7 @@ def test_haproxy_follows_inventory(cluster: dict, routing: dict, group: str, pg_
 
 @pytest.mark.parametrize(("router", "address"), list(ROUTERS.items()))
 def test_haproxy_stats_bound_to_router_and_admin_only(router: str, address: str) -> None:
-    stats = section(render_haproxy(INV, INV.host(router)), "frontend stats")
+    stats = section(haproxy_cfg(INV, router), "frontend stats")
     assert [line for line in stats if line.startswith("bind ")] == [f"bind {address}:8404", "bind 127.0.0.1:8404"]
     assert "acl admin_net src 127.0.0.1/32 10.0.0.1/32" in stats
     assert "http-request deny unless admin_net" in stats
@@ -137,12 +142,12 @@ def test_haproxy_stats_bound_to_router_and_admin_only(router: str, address: str)
 )
 def test_haproxy_stats_acl(networks: list[str], acl: str) -> None:
     inv = make_inventory(admin_networks=networks)
-    assert acl in section(render_haproxy(inv, inv.host("router1")), "frontend stats")
+    assert acl in section(haproxy_cfg(inv, "router1"), "frontend stats")
 
 
 @pytest.mark.parametrize("inv", [INV, STOLON], ids=["patroni", "stolon"])
 def test_haproxy_never_forks(inv: Inventory) -> None:
-    text = render_haproxy(inv, inv.host("router1"))
+    text = haproxy_cfg(inv, "router1")
     assert "external-check" not in text
     assert "insecure-fork-wanted" not in text
     assert "lua" not in text.lower()
@@ -151,17 +156,17 @@ def test_haproxy_never_forks(inv: Inventory) -> None:
 # ----------------------------------------------------------------------------- HAProxy, stolon
 
 
-def test_haproxy_stolon_rw_goes_to_proxies() -> None:
-    text = render_haproxy(STOLON, STOLON.host("router1"))
+def test_haproxy_stolon_rw_goes_to_the_proxy_the_detector_names() -> None:
+    # stolon-proxy keeps :25432 open with no master: only the detector can say a server is the one.
+    text = haproxy_cfg(STOLON, "router1")
     rw = section(text, "backend postgres_rw")
-    assert rw[0] == "balance first"
     assert [line for line in rw if line.startswith("server ")] == [
         "server pg1 10.0.0.11:25432",
         "server pg2 10.0.0.12:25432",
         "server pg3 10.0.0.13:25432",
     ]
-    assert not any("httpchk" in line or "http-check" in line for line in rw)
-    assert "/v1/primary/" not in text
+    assert "http-check send meth GET uri-lf /v1/primary/%[srv_name]?group=lab" in rw
+    assert not any(line.startswith("balance first") for line in rw)
     ro = section(text, "backend postgres_ro")
     assert "http-check send meth GET uri-lf /v1/standby/%[srv_name]?group=lab" in ro
     assert [line for line in ro if line.startswith("server ")] == [
@@ -173,7 +178,7 @@ def test_haproxy_stolon_rw_goes_to_proxies() -> None:
 
 def test_haproxy_stolon_proxy_port_from_inventory() -> None:
     inv = make_inventory(ha_manager="stolon", stolon={"proxy_port": 26000})
-    rw = section(render_haproxy(inv, inv.host("router1")), "backend postgres_rw")
+    rw = section(haproxy_cfg(inv, "router1"), "backend postgres_rw")
     assert [line for line in rw if line.startswith("server ")][0] == "server pg1 10.0.0.11:26000"
 
 
@@ -322,7 +327,7 @@ def test_routing_secrets_refused(vrrp: str, monitor: str, message: str) -> None:
     if vrrp:
         assert vrrp not in str(info.value)
     with pytest.raises(RoutingSpecError):
-        router_files(INV, INV.host("router1"), secrets)
+        router_files(INV, INV.host("router1"), secrets, 5432)
 
 
 @pytest.mark.parametrize("vrrp", ["pässwört", "１２３４５"])
@@ -337,7 +342,7 @@ def test_routing_secrets_vrrp_password_must_be_8_ascii_bytes(vrrp: str) -> None:
 @pytest.mark.parametrize("inv", [INV, STOLON], ids=["patroni", "stolon"])
 @pytest.mark.parametrize("router", ["router1", "router2"])
 def test_router_files_secret_flags(inv: Inventory, router: str) -> None:
-    files = {f.path: f for f in router_files(inv, inv.host(router), SECRETS)}
+    files = {f.path: f for f in router_files(inv, inv.host(router), SECRETS, ha_driver(inv).rw_port(inv))}
     assert set(files) == {DETECTOR_BIN, DETECTOR_CFG, f"/etc/systemd/system/{DETECTOR_UNIT}", HAPROXY_CFG,
                           ROUTER_CHECK, KEEPALIVED_CFG}
     assert {p for p, f in files.items() if f.secret} == {DETECTOR_CFG, KEEPALIVED_CFG}
@@ -345,7 +350,7 @@ def test_router_files_secret_flags(inv: Inventory, router: str) -> None:
         assert files[path].mode == 0o600
     assert files[DETECTOR_CFG].owner == "bouwsteen-detector"
     assert files[KEEPALIVED_CFG].owner == "root"
-    assert files[HAPROXY_CFG].content == render_haproxy(inv, inv.host(router))
+    assert files[HAPROXY_CFG].content == haproxy_cfg(inv, router)
     assert files[KEEPALIVED_CFG].content == render_keepalived(inv, inv.host(router), SECRETS)
     assert files[DETECTOR_CFG].content == render_detector_config(inv, SECRETS)
     for path in (DETECTOR_BIN, ROUTER_CHECK):
@@ -359,7 +364,7 @@ def test_no_secret_in_non_secret_files(router: str) -> None:
         SECRETS.monitor_password,
         base64.b64encode(SECRETS.monitor_password.encode()).decode(),
     ]
-    files = router_files(INV, INV.host(router), SECRETS)
+    files = router_files(INV, INV.host(router), SECRETS, 5432)
     public = [f for f in files if not f.secret]
     assert len(public) == 4
     for f in public:

@@ -105,6 +105,21 @@ class HaDriver(ABC):
         """systemd units to enable and keep running on a database host, in start order."""
 
     @abstractmethod
+    def listeners(self, inv: Inventory) -> dict[int, frozenset[str]]:
+        """Ports this HA manager listens on beside PostgreSQL's, with the process names `ss`
+        shows for them: a host where someone else holds such a port is refused."""
+
+    @abstractmethod
+    def rw_port(self, inv: Inventory) -> int:
+        """The port on each database host that the routers' rw backend connects to (the primary
+        detector decides which host is up)."""
+
+    @abstractmethod
+    def config_paths(self, inv: Inventory) -> list[str]:
+        """Files whose presence on a host shows this HA manager was configured there (a host
+        that has them may hold the cluster's state, even before the cluster answers)."""
+
+    @abstractmethod
     def bootstrap_commands(self, inv: Inventory, secrets: DbSecrets, extra_parameters: dict[str, str]) -> list[Command]:
         """Run once on one database host to initialise the cluster (empty when the HA manager
         bootstraps itself). Only called when `parse_status` said the cluster is not initialised."""
@@ -128,6 +143,25 @@ class HaDriver(ABC):
     @abstractmethod
     def settings_commands(self, inv: Inventory, settings: HaSettings) -> list[Command]:
         """Apply cluster-wide settings through the HA manager (never by editing postgresql.conf)."""
+
+    @abstractmethod
+    def show_config_command(self, inv: Inventory) -> Command:
+        """Run on a member: prints the cluster-wide settings the HA manager holds."""
+
+    @abstractmethod
+    def parse_config(self, result: CommandResult) -> dict:
+        """The settings `show_config_command` printed; HaStatusError when it failed."""
+
+    @abstractmethod
+    def settings_drift(self, inv: Inventory, current: dict, extra_parameters: dict[str, str]) -> HaSettings:
+        """What `settings_commands` must change so the HA manager's settings match the inventory
+        (empty: nothing to do)."""
+
+    @abstractmethod
+    def membership_commands(self, inv: Inventory, extra_parameters: dict[str, str]) -> list[Command]:
+        """Run on a member after the inventory's database hosts changed (a standby added or
+        removed), so the HA manager admits exactly them. Empty where the per-host files already
+        say it all (they are rewritten by the same runbook)."""
 
     def rejoin_commands(self, inv: Inventory, view: ClusterView, host: str) -> list[Command]:
         """Bring a diverged former primary back as a replica (pg_rewind or re-clone)."""

@@ -252,6 +252,20 @@ class PatroniDriver(HaDriver):
     def show_config_command(self, inv: Inventory) -> Command:
         return patronictl("show-config", inv.cluster.name, timeout=20)
 
+    def listeners(self, inv: Inventory) -> dict[int, frozenset[str]]:
+        # Debian's Patroni runs as `patroni`; one from PyPI in a venv shows as python3.
+        return {inv.cluster.patroni.rest_port: frozenset({"patroni", "python3"})}
+
+    def config_paths(self, inv: Inventory) -> list[str]:
+        return [CONFIG_PATH]
+
+    def rw_port(self, inv: Inventory) -> int:
+        return inv.cluster.postgres.port
+
+    def membership_commands(self, inv: Inventory, extra_parameters: dict[str, str]) -> list[Command]:
+        # pg_hba lives in each member's patroni.yml, which the runbook rewrites and reloads.
+        return []
+
     def parse_config(self, result: CommandResult) -> dict:
         if result.exit_code != 0:
             raise HaStatusError(f"patronictl show-config failed: {result.stderr.strip()[-300:]}")

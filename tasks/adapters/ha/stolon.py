@@ -781,7 +781,21 @@ class StolonDriver(HaDriver):
         return cmd(*self.stolonctl_argv(inv, "update", "--patch", document), timeout=UPDATE_TIMEOUT,
                    description=f"stolonctl update --patch (cluster {inv.cluster.name}: {', '.join(sorted(patch))})")
 
-    # -------------------------------------------------------------- settings drift (as the patroni driver)
+    def listeners(self, inv: Inventory) -> dict[int, frozenset[str]]:
+        return {inv.cluster.stolon.proxy_port: frozenset({"stolon-keeper", "stolon-proxy", "postgres"})}
+
+    def config_paths(self, inv: Inventory) -> list[str]:
+        return [self.cluster_spec_path(inv), self.env_file_path(inv, "keeper")]
+
+    def rw_port(self, inv: Inventory) -> int:
+        # stolon-proxy forwards to the master wherever it is, and cuts clients off when it moves.
+        return inv.cluster.stolon.proxy_port
+
+    def membership_commands(self, inv: Inventory, extra_parameters: dict[str, str]) -> list[Command]:
+        # The keepers take pg_hba from the cluster spec's pgHBA, which names every database host.
+        return self.spec_update_commands(inv, extra_parameters)
+
+    # -------------------------------------------------------------- settings drift
 
     def show_config_command(self, inv: Inventory) -> Command:
         """The running cluster spec (unset fields omitted: stolon then uses its defaults)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from blocks.inventory import HaManager, HostSpec, Inventory, Role
+from blocks.inventory import HostSpec, Inventory, Role
 from tasks.adapters.commands import ManagedFile, Unit
 from tasks.errors import BouwsteenError
 
@@ -48,7 +48,8 @@ class RoutingSecrets:
             raise RoutingSpecError("database credentials: monitor_password is needed by the primary detector")
 
 
-def render_haproxy(inv: Inventory, router: HostSpec) -> str:
+def render_haproxy(inv: Inventory, router: HostSpec, rw_port: int) -> str:
+    """`rw_port`: the port on each database host that leads to the primary (the HA driver's)."""
     routing = inv.cluster.routing
     assert routing is not None
     db = inv.db_hosts
@@ -86,26 +87,19 @@ def render_haproxy(inv: Inventory, router: HostSpec) -> str:
         "",
         "backend postgres_rw",
     ]
-    if inv.cluster.ha_manager == HaManager.stolon:
-        # stolon-proxy on every database host forwards to the master; it refuses when there is none.
-        port = inv.cluster.stolon.proxy_port
-        lines += [
-            "    balance first",
-            "    default-server inter 1s fall 2 rise 2 on-marked-down shutdown-sessions check",
-        ]
-        lines += [f"    server {h.name} {h.address}:{port}" for h in db]
-    else:
-        lines += [
-            "    option httpchk",
-            f"    http-check send meth GET uri-lf /v1/primary/%[srv_name]?group={group}",
-            "    http-check expect status 200",
-            # Split brain: the detector answers 503 for every server, so rw goes nowhere. One 200 is
-            # enough to route (rise 1): the detector only says it when its scan saw exactly one primary,
-            # and a second check would add half a second to every failover's write gap.
-            f"    default-server inter 1s fastinter 500ms downinter 500ms fall 2 rise 1 on-marked-down shutdown-sessions "
-            f"check port {detector} addr 127.0.0.1 maxconn 1000",
-        ]
-        lines += [f"    server {h.name} {h.address}:{inv.cluster.postgres.port}" for h in db]
+    # The detector decides for every HA manager: stolon-proxy keeps its port open with no master
+    # (it closes each connection), so a TCP check there would stay UP while nothing can write.
+    lines += [
+        "    option httpchk",
+        f"    http-check send meth GET uri-lf /v1/primary/%[srv_name]?group={group}",
+        "    http-check expect status 200",
+        # Split brain: the detector answers 503 for every server, so rw goes nowhere. One 200 is
+        # enough to route (rise 1): the detector only says it when its scan saw exactly one primary,
+        # and a second check would add half a second to every failover's write gap.
+        f"    default-server inter 1s fastinter 500ms downinter 500ms fall 2 rise 1 on-marked-down shutdown-sessions "
+        f"check port {detector} addr 127.0.0.1 maxconn 1000",
+    ]
+    lines += [f"    server {h.name} {h.address}:{rw_port}" for h in db]
     lines += [
         "",
         "backend postgres_ro",
@@ -233,13 +227,13 @@ WantedBy=multi-user.target
 """
 
 
-def router_files(inv: Inventory, router: HostSpec, secrets: RoutingSecrets) -> list[ManagedFile]:
+def router_files(inv: Inventory, router: HostSpec, secrets: RoutingSecrets, rw_port: int) -> list[ManagedFile]:
     secrets.check()
     return [
         ManagedFile(DETECTOR_BIN, DETECTOR_SOURCE.read_text(), owner="root", mode=0o755),
         ManagedFile(DETECTOR_CFG, render_detector_config(inv, secrets), owner=DETECTOR_USER, mode=0o600, secret=True),
         ManagedFile(f"/etc/systemd/system/{DETECTOR_UNIT}", DETECTOR_UNIT_TEXT, owner="root", mode=0o644),
-        ManagedFile(HAPROXY_CFG, render_haproxy(inv, router), owner="root", mode=0o644),
+        ManagedFile(HAPROXY_CFG, render_haproxy(inv, router, rw_port), owner="root", mode=0o644),
         ManagedFile(ROUTER_CHECK, render_router_check(inv), owner="root", mode=0o755),
         ManagedFile(KEEPALIVED_CFG, render_keepalived(inv, router, secrets), owner="root", mode=0o600, secret=True),
     ]
