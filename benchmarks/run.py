@@ -154,14 +154,14 @@ def probe():
 
 
 def primary() -> str:
-    from tasks.cluster import read_view
     from tasks.context import context_for
+    from tasks.ha import read_view
 
     return read_view(context_for("lab")).leader
 
 
 def wait_streaming(timeout: float = 300) -> None:
-    from tasks.cluster import wait_until_replicas_streaming
+    from tasks.ha import wait_until_replicas_streaming
 
     wait_until_replicas_streaming.fn("lab", timeout=timeout)
 

@@ -9,18 +9,15 @@ from blocks.inventory import Role, UnknownHostError
 from blocks.register import save_inventory
 from flows.runbook import holding, publish_plan, snapshot_hosts
 from tasks.backup import ensure_backup_hook
-from tasks.cluster import (
-    desired_layers,
-    ensure_files,
-    ensure_membership,
-    ensure_packages,
-    ensure_units,
-    is_cluster_initialized,
-    wait_until_replicas_streaming,
-)
 from tasks.context import context_for
 from tasks.desired import ha_driver
 from tasks.errors import PreflightRefused, VerifyFailed
+from tasks.ha import (
+    ensure_membership,
+    is_cluster_initialized,
+    wait_until_replicas_streaming,
+)
+from tasks.hosts import desired_layers, ensure_files, ensure_packages, ensure_units
 from tasks.planning.build import plan_build
 
 

@@ -11,9 +11,9 @@ from tasks.backup import (
     is_object_store_working,
     wait_until_object_store_answers,
 )
-from tasks.cluster import desired_layers, ensure_files, ensure_units
 from tasks.context import context_for
 from tasks.errors import PreflightRefused
+from tasks.hosts import desired_layers, ensure_files, ensure_units
 from tasks.planning.build import plan_build
 
 

@@ -8,26 +8,24 @@ from prefect.artifacts import create_table_artifact
 from flows.runbook import holding, publish_plan, snapshot_hosts
 from tasks.adapters.ha.base import HaSpecError
 from tasks.backup import ensure_backup_hook
-from tasks.cluster import (
-    desired_layers,
-    ensure_cluster_initialized,
+from tasks.context import context_for
+from tasks.db_roles import ensure_roles, is_superuser_login_ok
+from tasks.desired import ha_driver
+from tasks.errors import PreflightRefused
+from tasks.etcd import (
     ensure_etcd_leader_off_primary,
-    ensure_files,
-    ensure_ha_settings,
-    ensure_packages,
-    ensure_roles,
-    ensure_units,
-    is_cluster_initialized,
     is_etcd_ours,
-    is_replication_working,
-    is_superuser_login_ok,
     wait_until_etcd_healthy,
+)
+from tasks.ha import (
+    ensure_cluster_initialized,
+    ensure_ha_settings,
+    is_cluster_initialized,
+    is_replication_working,
     wait_until_primary_accepts_writes,
     wait_until_replicas_streaming,
 )
-from tasks.context import context_for
-from tasks.desired import ha_driver
-from tasks.errors import PreflightRefused
+from tasks.hosts import desired_layers, ensure_files, ensure_packages, ensure_units
 from tasks.planning.build import plan_build
 
 

@@ -6,9 +6,9 @@ from prefect import flow, get_run_logger
 
 from blocks.inventory import Role
 from flows.runbook import holding, publish_plan, snapshot_hosts
-from tasks.cluster import desired_layers, ensure_files, ensure_packages, ensure_units
 from tasks.context import context_for
 from tasks.errors import PreflightRefused
+from tasks.hosts import desired_layers, ensure_files, ensure_packages, ensure_units
 from tasks.planning.build import plan_build
 from tasks.routing import (
     ensure_router_prepared,

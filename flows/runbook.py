@@ -11,9 +11,9 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.adapters.probe import HostSnapshot
-from tasks.cluster import is_host_ready
 from tasks.context import ClusterContext
 from tasks.errors import BouwsteenError, PreflightRefused
+from tasks.hosts import is_host_ready
 from tasks.locks import cluster_lock
 from tasks.planning.plan import Plan
 from tasks.reporting import plan_markdown

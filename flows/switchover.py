@@ -10,13 +10,10 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
 from flows.runbook import holding, publish_plan
-from tasks.cluster import (
-    DeadlineExceeded,
-    ensure_etcd_leader_off_primary,
-    wait_until_replicas_streaming,
-)
 from tasks.context import context_for
-from tasks.errors import PreflightRefused, VerifyFailed
+from tasks.errors import DeadlineExceeded, PreflightRefused, VerifyFailed
+from tasks.etcd import ensure_etcd_leader_off_primary
+from tasks.ha import wait_until_replicas_streaming
 from tasks.planning.roles import failover_action_plan, switchover_action_plan
 from tasks.roles import (
     ensure_failover,

@@ -11,10 +11,9 @@ from tasks.adapters.s3 import (
     ObjectStoreUnavailable,
     S3Endpoint,
 )
-from tasks.cluster import wait_for
 from tasks.context import ClusterContext, context_for
 from tasks.errors import NotYet
-from tasks.runtime import once, say, step
+from tasks.runtime import once, say, step, wait_for
 
 
 def store_endpoint(ctx: ClusterContext, *, admin: bool = False) -> S3Endpoint:
@@ -176,7 +175,7 @@ def ensure_backup_peer_trust(cluster: str) -> str:
 
 
 def _run_on_primary(ctx: ClusterContext, commands, *, check: bool = True):
-    from tasks.cluster import require_primary
+    from tasks.ha import require_primary
 
     primary = require_primary(ctx, "to run the backup tool on")
     with ctx.remote(primary) as remote:
@@ -223,7 +222,7 @@ def is_backup_list(cluster: str) -> list:
 @step
 def is_backup_source(cluster: str, max_lag_bytes: int = 16 * 1024 * 1024) -> dict:
     """Pick where the backup runs: the least-lagging streaming standby, else the primary."""
-    from tasks.cluster import replication_rows
+    from tasks.ha import replication_rows
     from tasks.planning.backup import SourceCandidate, choose_source
 
     ctx = context_for(cluster)

@@ -7,11 +7,11 @@ from datetime import datetime
 
 from tasks.adapters.commands import chain, cmd, script
 from tasks.adapters.postgres import Postgres
-from tasks.cluster import require_primary, wait_for
 from tasks.context import ClusterContext, context_for
 from tasks.desired import backup_driver
 from tasks.errors import NotYet
-from tasks.runtime import once, say, step
+from tasks.ha import require_primary
+from tasks.runtime import once, say, step, wait_for
 
 DRILL_PORT = 5432
 SOCKET_DIR = "/var/run/postgresql"

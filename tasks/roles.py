@@ -6,11 +6,12 @@ import time
 
 from tasks.adapters.ha.base import ClusterView, HaStatusError
 from tasks.adapters.postgres import DatabaseUnavailable, Postgres, lsn_to_int
-from tasks.cluster import NotYet, read_view, replication_rows, wait_for
 from tasks.context import context_for
 from tasks.desired import ha_driver
+from tasks.errors import NotYet
+from tasks.ha import read_view, replication_rows
 from tasks.planning.roles import CandidateState, plan_failover, plan_switchover
-from tasks.runtime import once, say, step
+from tasks.runtime import once, say, step, wait_for
 
 
 def _candidate_states(cluster: str, view: ClusterView) -> tuple[str | None, list[CandidateState], dict]:

@@ -7,9 +7,10 @@ from tasks.adapters.commands import ManagedFile, cmd, script
 from tasks.adapters.postgres import Postgres
 from tasks.adapters.remote import RemoteError
 from tasks.adapters.routing.config import DETECTOR_USER, HAPROXY_CFG
-from tasks.cluster import NotYet, desired_layers, wait_for
 from tasks.context import ClusterContext, context_for
-from tasks.runtime import say, step
+from tasks.errors import NotYet
+from tasks.hosts import desired_layers
+from tasks.runtime import say, step, wait_for
 
 
 def routers(ctx: ClusterContext):

@@ -9,6 +9,7 @@ tasks never cache.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable
 
 from prefect import get_run_logger, task
@@ -17,8 +18,10 @@ from prefect.exceptions import MissingContextError
 from prefect.tasks import exponential_backoff
 
 from tasks.adapters.etcd import EtcdUnavailable
+from tasks.adapters.ha.base import HaStatusError
 from tasks.adapters.postgres import DatabaseUnavailable
-from tasks.adapters.remote import RemoteUnreachable
+from tasks.adapters.remote import RemoteError, RemoteUnreachable
+from tasks.errors import DeadlineExceeded, NoPrimary, NotYet
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RemoteUnreachable, DatabaseUnavailable, EtcdUnavailable)
 
@@ -76,3 +79,18 @@ def say(sentence: str, *, warning: bool = False) -> str:
     return sentence
 
 
+def wait_for(what: str, probe, *, timeout: float, interval: float = 1.0):
+    """Poll `probe` until it returns something truthy; raise with the last observation at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            value = probe()
+            if value:
+                return value
+            last = value
+        except (NotYet, NoPrimary, RemoteError, DatabaseUnavailable, EtcdUnavailable, HaStatusError) as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded(f"{what}: not reached within {timeout:.0f}s (last seen: {last})")
+        time.sleep(interval)

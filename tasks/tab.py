@@ -12,9 +12,9 @@ from prefect import get_run_logger
 
 from tasks.adapters.commands import cmd
 from tasks.adapters.postgres import DatabaseError, Postgres, pgsql
-from tasks.cluster import read_view
 from tasks.context import context_for
 from tasks.errors import BouwsteenError
+from tasks.ha import read_view
 from tasks.pgquartz import (
     Check,
     Command,

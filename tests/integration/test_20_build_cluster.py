@@ -84,8 +84,8 @@ def test_build_cluster_killed_mid_run_then_rerun_converges(lab, registered):
 
 
 def test_cluster_has_one_leader_two_streaming_replicas_and_replicates(lab, cluster):
-    from tasks.cluster import replication_rows
     from tasks.context import context_for
+    from tasks.ha import replication_rows
 
     members = patroni_members(lab)
     leaders = [m["Member"] for m in members if m["Role"] == "Leader"]
@@ -181,7 +181,11 @@ def test_wrong_superuser_password_is_refused(lab, cluster):
 
 def test_invalid_stolon_spec_field_is_refused(lab, registered):
     from blocks.inventory import load_inventory
-    from blocks.prefect_blocks import ClusterInventory, DatabaseCredentials, SshCredentials
+    from blocks.prefect_blocks import (
+        ClusterInventory,
+        DatabaseCredentials,
+        SshCredentials,
+    )
     from flows.build_cluster import build_cluster
 
     document = load_inventory(lab.paths.inventory).model_dump(mode="json")

@@ -12,7 +12,7 @@ from labtools import cluster_state_digest, lab_ssh
 
 def primary_pg(ctx):
     from tasks.adapters.postgres import Postgres
-    from tasks.cluster import primary_of
+    from tasks.ha import primary_of
 
     return Postgres(ctx.superuser_endpoint(primary_of(ctx)))
 
@@ -170,8 +170,8 @@ def test_object_store_down_during_backup_fails_then_rerun_succeeds(lab, backed_u
 
     from flows.basebackup import scheduled_basebackup
     from tasks.backup import is_backup_list
-    from tasks.cluster import primary_of
     from tasks.context import context_for
+    from tasks.ha import primary_of
 
     ctx = context_for("lab", fresh=True)
     standbys = [h.name for h in ctx.inventory.db_hosts if h.name != primary_of(ctx).name]

@@ -14,7 +14,7 @@ VIP = "172.29.66.100"
 
 
 def primary_name(ctx) -> str:
-    from tasks.cluster import read_view
+    from tasks.ha import read_view
 
     return read_view(ctx).leader
 
@@ -209,7 +209,7 @@ def test_split_brain_routes_rw_nowhere(lab, routed):
         patronictl(lab, "resume", "--wait", "lab")
     # The rogue diverged onto its own timeline: Patroni may rewind it; if it does not stream
     # within a minute, re-clone it as the runbook would.
-    from tasks.cluster import replication_rows, wait_until_replicas_streaming
+    from tasks.ha import replication_rows, wait_until_replicas_streaming
 
     deadline = time.monotonic() + 60
     while True:

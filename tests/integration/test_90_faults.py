@@ -26,7 +26,7 @@ def ctx():
 
 
 def primary() -> str:
-    from tasks.cluster import read_view
+    from tasks.ha import read_view
 
     return read_view(ctx()).leader
 
@@ -38,7 +38,7 @@ def new_probe(max_seconds: float = 900):
 
 
 def wait_healthy(timeout: float = 300) -> None:
-    from tasks.cluster import wait_until_replicas_streaming
+    from tasks.ha import wait_until_replicas_streaming
 
     wait_until_replicas_streaming.fn("lab", timeout=timeout)
 
@@ -150,7 +150,7 @@ def test_partitioned_primary_is_replaced_and_never_two_primaries_reach_haproxy(l
     assert seen and max(seen) <= 1, f"the detector reported {max(seen)} primaries"
     # Back on the network the old primary rewinds and streams; a member that cannot (diverged
     # too far, WAL gone) gets the runbook's answer: re-clone it.
-    from tasks.cluster import replication_rows
+    from tasks.ha import replication_rows
     from tasks.roles import ensure_rejoined
 
     deadline = time.monotonic() + 120

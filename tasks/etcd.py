@@ -1,0 +1,73 @@
+"""Runbook steps on etcd, the consensus store: is it ours, is it healthy, where its leader is."""
+
+from __future__ import annotations
+
+from tasks.adapters import etcd_config
+from tasks.adapters.etcd import Etcd, EtcdUnavailable
+from tasks.context import ClusterContext, context_for
+from tasks.desired import ha_driver
+from tasks.ha import primary_of
+from tasks.runtime import say, step, wait_for
+
+
+def etcd_client(ctx: ClusterContext) -> Etcd:
+    return Etcd(etcd_config.client_endpoints(ctx.inventory), timeout=3)
+
+
+@step(retries=1)
+def is_etcd_ours(cluster: str) -> list[str]:
+    """Refusal reasons if etcd answers but holds another cluster's data or other members."""
+    ctx = context_for(cluster)
+    inv = ctx.inventory
+    etcd = etcd_client(ctx)
+    try:
+        members = etcd.members()
+    except EtcdUnavailable:
+        say("etcd does not answer yet: nothing in it to conflict with.")
+        return []
+    refusals = []
+    expected = {h.name for h in inv.etcd_members}
+    found = {m.name for m in members if m.name}
+    if found and not found <= expected:
+        refusals.append(f"etcd: members {sorted(found)} are not this cluster's etcd hosts {sorted(expected)}")
+    own = ha_driver(inv).etcd_prefix(inv)
+    parent = own.rstrip("/").rsplit("/", 1)[0] + "/"
+    foreign = sorted({k[len(parent):].split("/", 1)[0] for k in etcd.get_prefix(parent) if not k.startswith(own.rstrip("/"))})
+    if foreign:
+        refusals.append(f"etcd: prefix {parent} already holds other cluster(s): {', '.join(foreign)}")
+    say("etcd belongs to this cluster." if not refusals else "etcd holds someone else's data: " + "; ".join(refusals))
+    return refusals
+
+
+@step(retries=0)
+def wait_until_etcd_healthy(cluster: str, timeout: float = 90) -> str:
+    ctx = context_for(cluster)
+    expected = {h.name for h in ctx.inventory.etcd_members}
+    etcd = etcd_client(ctx)
+
+    def healthy() -> bool:
+        members = {m.name for m in etcd.members() if m.name and m.client_urls}
+        return members == expected and all(etcd.endpoint_health().values())
+
+    wait_for("etcd: every member up with a leader", healthy, timeout=timeout)
+    return say(f"etcd is healthy: {len(expected)} members with a leader.")
+
+
+@step
+def ensure_etcd_leader_off_primary(cluster: str) -> str:
+    """Where etcd runs on the database hosts, losing the primary's host must not also cost etcd its
+    leader: the new etcd leader would renew every lease, and the HA manager's leader key would outlive
+    the dead primary by an election on top of its TTL. Patroni's callback does this after every
+    promotion; this step covers the bootstrap (no callback) and HA managers without callbacks."""
+    ctx = context_for(cluster)
+    inv = ctx.inventory
+    primary = primary_of(ctx)
+    if primary is None:
+        return say("No primary right now; the etcd leader is left where it is.")
+    if primary.name not in {m.name for m in inv.etcd_members}:
+        return say(f"etcd does not run on the primary's host {primary.name}; nothing to place.")
+    with ctx.remote(primary) as remote:
+        result = remote.run(etcd_config.leader_away_command(inv, primary))
+    outcome = (result.stdout.strip() or result.stderr.strip()).splitlines()[-1:] or ["no answer"]
+    # Placement shortens a failover; it is not worth failing a runbook that otherwise succeeded.
+    return say(outcome[0], warning=result.exit_code != 0)

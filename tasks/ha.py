@@ -1,0 +1,235 @@
+"""Runbook steps through the HA manager: its view of the cluster, the primary, initialisation,
+membership, cluster-wide settings, and the waits that prove replication works."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from blocks.inventory import HostSpec
+from tasks.adapters.commands import cmd
+from tasks.adapters.ha.base import ClusterView, HaStatusError
+from tasks.adapters.postgres import (
+    DatabaseUnavailable,
+    Postgres,
+    UndefinedObject,
+)
+from tasks.adapters.remote import RemoteError
+from tasks.context import ClusterContext, context_for
+from tasks.desired import archive_parameters, ha_driver
+from tasks.errors import NoPrimary, NotYet
+from tasks.hosts import cluster_secrets
+from tasks.runtime import say, step, wait_for
+
+
+def read_view(ctx: ClusterContext, hosts: list[HostSpec] | None = None) -> ClusterView:
+    """The HA manager's view, asked on the first database host that can answer."""
+    inv = ctx.inventory
+    driver = ha_driver(inv)
+    errors = []
+    for host in hosts or inv.db_hosts:
+        try:
+            with ctx.remote(host) as remote:
+                results = [remote.run(c, check=False) for c in driver.status_commands(inv)]
+            return driver.parse_status(inv, results)
+        except (RemoteError, HaStatusError) as exc:
+            errors.append(f"{host.name}: {str(exc).splitlines()[0]}")
+    raise HaStatusError("no database host could report the HA status: " + "; ".join(errors))
+
+
+@step(retries=2)
+def is_cluster_initialized(cluster: str, configured_hosts: list[str]) -> ClusterView:
+    """Ask the HA manager (only on hosts that already carry its configuration)."""
+    ctx = context_for(cluster)
+    if not configured_hosts:
+        say("No host carries the HA configuration yet: the cluster is not initialised.")
+        return ClusterView(initialized=False)
+    try:
+        view = read_view(ctx, [ctx.inventory.host(h) for h in configured_hosts])
+    except HaStatusError as exc:
+        say(f"The HA manager does not answer yet ({str(exc)[:200]}); treating the cluster as not initialised.")
+        return ClusterView(initialized=False)
+    say(f"Cluster initialised: {view.initialized}; leader: {view.leader or 'none'}; "
+        f"members: {', '.join(m.name + '=' + m.role for m in view.members) or 'none'}.")
+    return view
+
+
+@step(retries=0)
+def ensure_cluster_initialized(cluster: str, host: str) -> list[str]:
+    """Start the HA manager on the first host and let it initialise the cluster (never retried).
+
+    Returns the units it started."""
+    ctx = context_for(cluster)
+    inv = ctx.inventory
+    driver = ha_driver(inv)
+    secrets = cluster_secrets(ctx)
+    units = [u.name for u in driver.host_units(inv, inv.host(host))]
+    with ctx.remote(host) as remote:
+        remote.run(cmd("systemctl", "daemon-reload", timeout=60))
+        for unit in units:
+            remote.run(cmd("systemctl", "enable", "--now", unit, timeout=120))
+        for command in driver.bootstrap_commands(inv, secrets.db, archive_parameters(inv, secrets)):
+            remote.run(command)
+    say(f"{host}: HA manager started to initialise cluster {cluster}.")
+    return units
+
+
+def primary_of(ctx: ClusterContext) -> HostSpec | None:
+    view = read_view(ctx)
+    return ctx.inventory.host(view.leader) if view.leader else None
+
+
+def require_primary(ctx: ClusterContext, purpose: str) -> HostSpec:
+    """The primary, for a step that cannot do without one (`purpose` completes the error)."""
+    primary = primary_of(ctx)
+    if primary is None:
+        raise NoPrimary(f"cluster {ctx.name} has no primary {purpose}")
+    return primary
+
+
+@step(retries=0)
+def wait_until_primary_accepts_writes(cluster: str, timeout: float = 180) -> str:
+    ctx = context_for(cluster)
+
+    def writable() -> str | None:
+        view = read_view(ctx)
+        if view.leader is None:
+            raise NotYet("no leader; members: " + (", ".join(f"{m.name} {m.state}" for m in view.members) or "none"))
+        leader = ctx.inventory.host(view.leader)
+        with Postgres(ctx.superuser_endpoint(leader)) as pg:
+            return leader.name if pg.scalar("select not pg_is_in_recovery()") else None
+
+    name = wait_for("a primary that accepts writes", writable, timeout=timeout, interval=2)
+    return say(f"{name} is the primary and accepts writes.")
+
+
+@step
+def ensure_membership(cluster: str) -> str:
+    """Tell the HA manager the inventory's database hosts, after one was added or removed."""
+    ctx = context_for(cluster)
+    inv = ctx.inventory
+    driver = ha_driver(inv)
+    commands = driver.membership_commands(inv, archive_parameters(inv, cluster_secrets(ctx)))
+    if not commands:
+        return say(f"{driver.name} takes its members from the files just written; nothing else to tell it.")
+    primary = require_primary(ctx, "to tell the HA manager its members on")
+    with ctx.remote(primary) as remote:
+        for command in commands:
+            remote.run(command)
+    return say(f"{driver.name} now admits exactly {', '.join(h.name for h in inv.db_hosts)}.")
+
+
+@step
+def ensure_ha_settings(cluster: str) -> str:
+    """Cluster-wide settings (DCS) equal to the inventory; only differences are applied."""
+    ctx = context_for(cluster)
+    inv = ctx.inventory
+    driver = ha_driver(inv)
+    primary = require_primary(ctx, "to read the cluster configuration from")
+    with ctx.remote(primary) as remote:
+        current = driver.parse_config(remote.run(driver.show_config_command(inv), check=False))
+        drift = driver.settings_drift(inv, current, archive_parameters(inv, cluster_secrets(ctx)))
+        commands = driver.settings_commands(inv, drift)
+        for command in commands:
+            remote.run(command)
+    if not commands:
+        return say("Cluster-wide settings already match the inventory; nothing changed.")
+    changed = list(drift.postgres_parameters)
+    if drift.synchronous_replication is not None:
+        changed.append(f"synchronous_mode={drift.synchronous_replication}")
+    return say(f"Applied cluster-wide settings: {', '.join(changed)}.")
+
+
+def replication_rows(ctx: ClusterContext) -> tuple[str, list[dict]]:
+    """Topology as PostgreSQL itself reports it (not the HA manager's idea of it)."""
+    primary = require_primary(ctx, "to read the replication topology from")
+    rows = []
+    with Postgres(ctx.superuser_endpoint(primary)) as pg:
+        status = pg.status()
+        links = {r.application_name: r for r in pg.replicas()}
+    rows.append({"host": primary.name, "role": "primary", "timeline": status.timeline, "lsn": status.lsn,
+                 "state": "accepting writes", "lag_bytes": 0})
+    for host in ctx.inventory.db_hosts:
+        if host.name == primary.name:
+            continue
+        link = links.get(host.name)
+        try:
+            with Postgres(ctx.superuser_endpoint(host)) as pg:
+                st = pg.status()
+            role = "standby" if st.in_recovery else "primary (!)"
+            timeline, lsn = st.timeline, st.lsn
+        except DatabaseUnavailable:
+            role, timeline, lsn = "down", None, None
+        rows.append({
+            "host": host.name, "role": role, "timeline": timeline, "lsn": lsn,
+            "state": f"{link.state} ({link.sync_state})" if link else "not streaming",
+            "lag_bytes": link.lag_bytes if link else None,
+        })
+    return primary.name, rows
+
+
+@step(retries=0)
+def wait_until_replicas_streaming(cluster: str, max_lag_bytes: int = 16 * 1024 * 1024, timeout: float = 180,
+                                  hosts: list[str] | None = None) -> list[dict]:
+    ctx = context_for(cluster)
+    expected = set(hosts or [h.name for h in ctx.inventory.db_hosts])
+    # In synchronous mode the HA manager only promotes a standby it has recorded as synchronous;
+    # until it has, losing the primary means no failover at all, so the cluster is not healthy yet.
+    needs_sync = bool(ctx.inventory.cluster.postgres.synchronous_replication) and not hosts and len(expected) > 1
+
+    def streaming() -> list[dict] | None:
+        primary, rows = replication_rows(ctx)
+        standbys = [r for r in rows if r["host"] != primary and r["host"] in expected]
+        ok = all(r["state"].startswith("streaming") and (r["lag_bytes"] or 0) <= max_lag_bytes for r in standbys)
+        if not ok or len(standbys) != len(expected - {primary}):
+            return None
+        unreadable = [r["host"] for r in standbys if r["role"] != "standby"]
+        if unreadable:
+            # After pg_rewind a standby must replay up to the source's insert position as it was
+            # then; on an idle primary no record exists there yet, so the standby streams but never
+            # becomes consistent. One committed transaction id (no table touched) writes it.
+            with Postgres(ctx.superuser_endpoint(ctx.inventory.host(primary))) as pg:
+                pg.scalar("select pg_current_xact_id()")
+            raise NotYet(f"{', '.join(unreadable)} streaming but not yet accepting read-only connections")
+        if needs_sync:
+            promotable = {m.name for m in read_view(ctx).replicas if m.synchronous}
+            if not any(r["host"] in promotable for r in standbys):
+                raise NotYet("no standby recorded as synchronous by the HA manager yet")
+        return rows
+
+    rows = wait_for("every standby streaming" + (", one of them synchronous" if needs_sync else ""), streaming,
+                    timeout=timeout, interval=2)
+    standbys = [r["host"] for r in rows if r["role"] == "standby"]
+    say(f"Exactly one primary ({rows[0]['host']}); streaming: {', '.join(standbys) or 'none'}.")
+    return rows
+
+
+@step(retries=0)
+def is_replication_working(cluster: str, timeout: float = 30) -> str:
+    """A row written on the primary must be readable on every standby within the deadline."""
+    ctx = context_for(cluster)
+    primary = require_primary(ctx, "to write the canary row on")
+    token = uuid.uuid4().hex
+    with Postgres(ctx.superuser_endpoint(primary)) as pg:
+        pg.query("create schema if not exists bouwsteen")
+        pg.query("create table if not exists bouwsteen.canary (id int primary key, token text not null, "
+                 "written_at timestamptz not null default now())")
+        pg.query("insert into bouwsteen.canary (id, token) values (1, %s) "
+                 "on conflict (id) do update set token = excluded.token, written_at = now()", [token])
+    started = time.monotonic()
+    for host in ctx.inventory.db_hosts:
+        if host.name == primary.name:
+            continue
+
+        def seen(host=host) -> bool:
+            with Postgres(ctx.superuser_endpoint(host)) as pg:
+                try:
+                    return pg.scalar("select token from bouwsteen.canary where id = 1") == token
+                except UndefinedObject as exc:
+                    # The table's DDL is committed on the primary; a standby still replaying up
+                    # to it has no such table yet.
+                    raise NotYet(f"{host.name} has not replayed the canary table yet ({exc})") from None
+
+        wait_for(f"canary row on {host.name}", seen, timeout=timeout, interval=0.2)
+    return say(f"A row written on {primary.name} was read back on every standby within "
+               f"{time.monotonic() - started:.1f}s.")

@@ -1,0 +1,140 @@
+"""Runbook steps on one host: probe it, install its packages, write its files, run its units.
+
+Each step opens its own connections (tasks get plain values), checks before it acts, and ends
+with one sentence of outcome. Decisions come from the pure planners in `tasks.planning`.
+"""
+
+from __future__ import annotations
+
+from blocks.inventory import HostSpec
+from tasks.adapters.commands import cmd
+from tasks.adapters.probe import HostSnapshot, parse_probe, probe_command
+from tasks.context import ClusterContext, context_for
+from tasks.desired import ClusterSecrets, all_desired
+from tasks.errors import PreflightRefused
+from tasks.planning.build import DesiredHost, plan_host, release_problem
+from tasks.runtime import say, step
+
+
+def cluster_secrets(ctx: ClusterContext) -> ClusterSecrets:
+    store = ctx.store_secrets if ctx.store_block is not None else None
+    return ClusterSecrets(db=ctx.db_secrets, store=store, server=ctx.server_secrets, routing=ctx.routing_secrets)
+
+
+def desired_layers(ctx: ClusterContext) -> dict[str, dict[str, DesiredHost]]:
+    return all_desired(ctx.inventory, cluster_secrets(ctx))
+
+
+def _probe_args(ctx: ClusterContext, layers) -> dict:
+    inv = ctx.inventory
+    return {
+        "files": [f.path for layer in layers for f in layer.files],
+        "units": [u.name for layer in layers for u in layer.units],
+        "packages": [p for layer in layers for p in layer.packages],
+        "data_dir": inv.cluster.postgres.data_dir,
+        "ports": sorted({p for layer in layers for p in layer.ports}),
+        "tools": sorted({f.tool for layer in layers for f in layer.release_floors}),
+    }
+
+
+def snapshot(ctx: ClusterContext, host: HostSpec, layers) -> HostSnapshot:
+    with ctx.remote(host) as remote:
+        return parse_probe(host.name, remote.run(probe_command(**_probe_args(ctx, layers))))
+
+
+@step(retries=2)
+def is_host_ready(cluster: str, host: str, inventory: dict | None = None) -> HostSnapshot:
+    """Read-only: probe the host for everything the plan compares against."""
+    ctx = context_for(cluster, inventory=inventory)
+    spec = ctx.inventory.host(host)
+    wanted = list(desired_layers(ctx).get(host, {}).values())
+    snap = snapshot(ctx, spec, wanted)
+    say(f"{host}: {snap.os_pretty}, data directory {'empty' if snap.data_dir.is_empty else 'in use'}, "
+        f"member of {snap.marker_cluster or 'no cluster'}.")
+    return snap
+
+
+@step
+def ensure_packages(cluster: str, host: str, packages: list[str]) -> str:
+    """Install missing OS packages with apt (on lab hosts they are already there)."""
+    ctx = context_for(cluster)
+    with ctx.remote(host) as remote:
+        result = remote.run(cmd("dpkg-query", "-W", "-f=${Package} ${db:Status-Abbrev}\n", *packages,
+                                timeout=30, ok_codes=(0, 1)))
+        installed = {line.split()[0] for line in result.stdout.splitlines() if line.split()[1:2] == ["ii"]}
+        missing = [p for p in packages if p not in installed]
+        if not missing:
+            return say(f"{host}: all {len(packages)} packages present; nothing installed.")
+        remote.run(cmd("apt-get", "update", "-qq", timeout=600))
+        remote.run(cmd("apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing,
+                       timeout=1800, env={"DEBIAN_FRONTEND": "noninteractive"}))
+    # Pre-flight could only check releases already installed; what apt just chose is checked here
+    # with the same host probe, before any configuration is written or a service started.
+    layers = list(desired_layers(ctx).get(host, {}).values())
+    floors = [floor for layer in layers for floor in layer.release_floors]
+    tools = snapshot(ctx, ctx.inventory.host(host), layers).tools if floors else {}
+    problems = [problem for floor in floors if (problem := release_problem(host, floor, tools.get(floor.tool)))]
+    if problems:
+        raise PreflightRefused(*problems, nothing="configured")
+    return say(f"{host}: installed {', '.join(missing)}.")
+
+
+def _layer(ctx: ClusterContext, host: str, kind: str) -> DesiredHost:
+    layers = desired_layers(ctx).get(host, {})
+    if kind not in layers:
+        raise ValueError(f"{host} has no {kind} layer in cluster {ctx.name} (roles: "
+                         f"{', '.join(r.value for r in ctx.inventory.host(host).roles) or 'none'})")
+    return layers[kind]
+
+
+@step
+def ensure_files(cluster: str, host: str, kind: str) -> list[str]:
+    """Write the layer's files that differ (content, owner or mode); returns the changed paths."""
+    ctx = context_for(cluster)
+    layer = _layer(ctx, host, kind)
+    changed = []
+    with ctx.remote(host) as remote:
+        for spec in layer.files:
+            if remote.ensure_file(spec):
+                changed.append(spec.path)
+    if changed:
+        say(f"{host}: wrote {', '.join(changed)}.")
+    else:
+        say(f"{host}: all {len(layer.files)} {kind} files already as wanted; none rewritten.")
+    return changed
+
+
+@step
+def ensure_units(cluster: str, host: str, kind: str, changed: list[str], *, restart_changed: bool = True,
+                 no_block: bool = False, already_started: list[str] | None = None) -> list[str]:
+    """Start what is not running; restart or reload what reads a changed file. Nothing else.
+
+    Returns the units it started, so a caller that restarts one host at a time can skip them.
+    `no_block` lets members of a new etcd cluster start together (each waits for the others).
+    """
+    ctx = context_for(cluster)
+    layer = _layer(ctx, host, kind)
+    actions, started = [], []
+    skip = set(already_started or [])
+    with ctx.remote(host) as remote:
+        if any(path.startswith("/etc/systemd/") for path in changed):
+            remote.run(cmd("systemctl", "daemon-reload", timeout=60))
+            actions.append("reloaded systemd")
+        snap = parse_probe(host, remote.run(probe_command(**_probe_args(ctx, [layer]))))
+        plan = plan_host(layer, snap)
+        for unit in layer.units:
+            if unit.name in skip:
+                continue
+            if unit.name in plan.start:
+                extra = ["--no-block"] if no_block else []
+                remote.run(cmd("systemctl", "enable", "--now", *extra, unit.name, timeout=120))
+                actions.append(f"started {unit.name}")
+                started.append(unit.name)
+            elif restart_changed and set(changed) & set(unit.restart_on):
+                remote.run(cmd("systemctl", "restart", unit.name, timeout=120))
+                actions.append(f"restarted {unit.name}")
+            elif restart_changed and set(changed) & set(unit.reload_on):
+                remote.run(cmd("systemctl", "reload", unit.name, timeout=60))
+                actions.append(f"reloaded {unit.name}")
+    say(f"{host}: {', '.join(actions)}." if actions else f"{host}: {kind} services already running; none touched.")
+    return started
