@@ -74,12 +74,12 @@ def switchover(cluster: str = "lab", candidate: str | None = None, max_lag_bytes
     # Pre-flight runs under the lock: nothing may change the roles between the check and the act.
     with holding(cluster, "switchover", dry_run=dry_run):
         check = is_switchover_safe(cluster, candidate, max_lag_bytes, max_transaction_age_seconds)
-        old, new = check["primary"], check["candidate"]
-        publish_plan("switchover", cluster, switchover_action_plan(old, new, check["refusals"], check["already_done"]),
+        old, new = check.primary, check.candidate
+        publish_plan("switchover", cluster, switchover_action_plan(old, new, check.refusals, check.already_done),
                      dry_run=dry_run)
         if dry_run:
             return {"old_primary": old, "new_primary": new, "dry_run": True}
-        if check["already_done"]:
+        if check.already_done:
             timeline(f"{new} already primary")
             old = None
             logger.info("3. Act: only keep etcd's leader off the primary's host.")
@@ -112,14 +112,14 @@ def failover(cluster: str = "lab", force: bool = False, max_data_loss_bytes: int
     logger.info("1. Pre-flight (read-only): is the primary really gone; which standby is most advanced.")
     with holding(cluster, "failover", dry_run=dry_run):
         check = is_failover_needed(cluster, force, max_data_loss_bytes)
-        candidate = check["candidate"]
-        publish_plan("failover", cluster, failover_action_plan(check["primary"], candidate, check["refusals"],
-                                                               check["reason"], check["needs_human"]), dry_run=dry_run)
+        candidate = check.candidate
+        publish_plan("failover", cluster, failover_action_plan(check.primary, candidate, check.refusals,
+                                                               check.reason, check.needs_human), dry_run=dry_run)
         if dry_run:
-            return {"old_primary": check["primary"], "new_primary": candidate, "dry_run": True}
-        timeline(f"pre-flight: {check['reason']}")
-        if check["needs_human"]:
-            logger.warning("2. Plan: %s. Pausing for a decision in the Prefect UI.", check["reason"])
+            return {"old_primary": check.primary, "new_primary": candidate, "dry_run": True}
+        timeline(f"pre-flight: {check.reason}")
+        if check.needs_human:
+            logger.warning("2. Plan: %s. Pausing for a decision in the Prefect UI.", check.reason)
             timeline("paused for a human decision")
             decision = pause_flow_run(wait_for_input=FailoverDecision.with_initial_data(
                 candidate=candidate, reason=""), timeout=decision_timeout_seconds)
@@ -135,7 +135,7 @@ def failover(cluster: str = "lab", force: bool = False, max_data_loss_bytes: int
         timeline(f"{new} accepts writes")
         timeline(ensure_etcd_leader_off_primary(cluster))
         logger.info("4. Verify: standbys streaming, rw through the VIP.")
-        rows = _verify(cluster, new, check["primary"], timeline, logger)
+        rows = _verify(cluster, new, check.primary, timeline, logger)
     create_table_artifact(key=f"failover-{cluster}", table=timeline.rows, description=f"Failover to {new} on {cluster}")
     logger.info("Done: %s is the primary.", new)
-    return {"old_primary": check["primary"], "new_primary": new, "timeline": timeline.rows, "topology": rows}
+    return {"old_primary": check.primary, "new_primary": new, "timeline": timeline.rows, "topology": rows}

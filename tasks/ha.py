@@ -140,15 +140,19 @@ def ensure_ha_settings(cluster: str) -> str:
     return say(f"Applied cluster-wide settings: {', '.join(changed)}.")
 
 
-def replication_rows(ctx: ClusterContext) -> tuple[str, list[dict]]:
-    """Topology as PostgreSQL itself reports it (not the HA manager's idea of it)."""
-    primary = require_primary(ctx, "to read the replication topology from")
+def replication_rows(ctx: ClusterContext, view: ClusterView | None = None) -> tuple[str, list[dict]]:
+    """Topology as PostgreSQL itself reports it (not the HA manager's idea of it). `view`: the
+    HA manager's view the caller already read, so its primary is not asked for twice."""
+    if view is not None and view.leader:
+        primary = ctx.inventory.host(view.leader)
+    else:
+        primary = require_primary(ctx, "to read the replication topology from")
     rows = []
     with Postgres(ctx.superuser_endpoint(primary)) as pg:
         status = pg.status()
         links = {r.application_name: r for r in pg.replicas()}
     rows.append({"host": primary.name, "role": "primary", "timeline": status.timeline, "lsn": status.lsn,
-                 "state": "accepting writes", "lag_bytes": 0})
+                 "receive_lsn": None, "state": "accepting writes", "lag_bytes": 0})
     for host in ctx.inventory.db_hosts:
         if host.name == primary.name:
             continue
@@ -157,11 +161,11 @@ def replication_rows(ctx: ClusterContext) -> tuple[str, list[dict]]:
             with Postgres(ctx.superuser_endpoint(host)) as pg:
                 st = pg.status()
             role = "standby" if st.in_recovery else "primary (!)"
-            timeline, lsn = st.timeline, st.lsn
+            timeline, lsn, received = st.timeline, st.lsn, st.receive_lsn
         except DatabaseUnavailable:
-            role, timeline, lsn = "down", None, None
+            role, timeline, lsn, received = "down", None, None, None
         rows.append({
-            "host": host.name, "role": role, "timeline": timeline, "lsn": lsn,
+            "host": host.name, "role": role, "timeline": timeline, "lsn": lsn, "receive_lsn": received,
             "state": f"{link.state} ({link.sync_state})" if link else "not streaming",
             "lag_bytes": link.lag_bytes if link else None,
         })

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from tasks.adapters.ha.base import ClusterView, HaStatusError
 from tasks.adapters.postgres import DatabaseUnavailable, Postgres, lsn_to_int
@@ -14,15 +15,35 @@ from tasks.planning.roles import CandidateState, plan_failover, plan_switchover
 from tasks.runtime import once, say, step, wait_for
 
 
+@dataclass(frozen=True)
+class SwitchoverCheck:
+    primary: str | None
+    candidate: str | None
+    refusals: tuple[str, ...]
+    oldest_transaction_s: float
+    already_done: bool  # the candidate already is the primary (a rerun after a killed run)
+
+
+@dataclass(frozen=True)
+class FailoverCheck:
+    primary: str | None  # None: no live primary, a failover is what is needed
+    candidate: str | None
+    refusals: tuple[str, ...]
+    needs_human: bool  # promoting may lose data: a DBA decides
+    reason: str
+    lag_bytes: int | None
+
+
 def _candidate_states(cluster: str, view: ClusterView) -> tuple[str | None, list[CandidateState], dict]:
-    """Per replica: reachable, streaming, lag, receive LSN — from PostgreSQL itself."""
+    """Per replica: reachable, streaming, lag, receive LSN — from PostgreSQL itself, one connection
+    per member: the topology read from a live primary already carries each standby's status."""
     ctx = context_for(cluster)
     primary_alive = False
     links: dict = {}
     primary = view.leader
     if primary:
         try:
-            primary_name, rows = replication_rows(ctx)
+            primary_name, rows = replication_rows(ctx, view)
             primary_alive = primary_name == primary
             links = {r["host"]: r for r in rows}
         except (DatabaseUnavailable, HaStatusError):
@@ -31,14 +52,18 @@ def _candidate_states(cluster: str, view: ClusterView) -> tuple[str | None, list
     for member in view.members:
         if member.name == primary and primary_alive:
             continue
-        host = ctx.inventory.host(member.name)
-        try:
-            with Postgres(ctx.superuser_endpoint(host), statement_timeout_ms=3000) as pg:
-                in_recovery, receive = pg.query_one("select pg_is_in_recovery(), pg_last_wal_receive_lsn()::text")
-            reachable = True
-        except DatabaseUnavailable:
-            in_recovery, receive, reachable = None, None, False
         link = links.get(member.name, {})
+        if link:
+            reachable = link["role"] != "down"
+            in_recovery, receive = link["role"] == "standby", link["receive_lsn"]
+        else:
+            # No live primary to read the topology from (a failover): ask each member itself.
+            try:
+                with Postgres(ctx.superuser_endpoint(ctx.inventory.host(member.name)), statement_timeout_ms=3000) as pg:
+                    in_recovery, receive = pg.query_one("select pg_is_in_recovery(), pg_last_wal_receive_lsn()::text")
+                reachable = True
+            except DatabaseUnavailable:
+                in_recovery, receive, reachable = None, None, False
         states.append(CandidateState(
             name=member.name, reachable=reachable, in_recovery=bool(in_recovery),
             streaming=str(link.get("state", "")).startswith("streaming"),
@@ -50,7 +75,8 @@ def _candidate_states(cluster: str, view: ClusterView) -> tuple[str | None, list
 
 
 @step(retries=1)
-def is_switchover_safe(cluster: str, candidate: str | None, max_lag_bytes: int, max_transaction_age_s: float) -> dict:
+def is_switchover_safe(cluster: str, candidate: str | None, max_lag_bytes: int,
+                       max_transaction_age_s: float) -> SwitchoverCheck:
     """Read-only: who is primary, which standby takes over, and reasons to refuse."""
     ctx = context_for(cluster)
     view = read_view(ctx)
@@ -68,19 +94,17 @@ def is_switchover_safe(cluster: str, candidate: str | None, max_lag_bytes: int, 
         say(f"{primary} already is the primary: nothing to switch.")
     else:
         say(f"Switchover {primary} → {plan.candidate}: safe." if not plan.refusals else "Not safe: " + "; ".join(plan.refusals))
-    return {"primary": primary, "candidate": plan.candidate, "refusals": list(plan.refusals),
-            "oldest_transaction_s": round(oldest, 1), "already_done": plan.already_done}
+    return SwitchoverCheck(primary, plan.candidate, plan.refusals, round(oldest, 1), plan.already_done)
 
 
 @step(retries=1)
-def is_failover_needed(cluster: str, force: bool, max_lag_bytes: int) -> dict:
+def is_failover_needed(cluster: str, force: bool, max_lag_bytes: int) -> FailoverCheck:
     ctx = context_for(cluster)
     view = read_view(ctx)
     primary, states, _ = _candidate_states(cluster, view)
     plan = plan_failover(primary_alive=primary is not None, candidates=states, force=force, max_lag_bytes=max_lag_bytes)
     say(f"Failover to {plan.candidate} ({plan.reason})." if plan.candidate else "No failover: " + plan.reason)
-    return {"primary": primary, "candidate": plan.candidate, "refusals": list(plan.refusals),
-            "needs_human": plan.needs_human, "reason": plan.reason, "lag_bytes": plan.candidate_lag}
+    return FailoverCheck(primary, plan.candidate, plan.refusals, plan.needs_human, plan.reason, plan.candidate_lag)
 
 
 @once
