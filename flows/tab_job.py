@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 
 from prefect import flow, get_run_logger
@@ -11,33 +9,26 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
 from flows.runbook import publish_plan
-from tasks.adapters import etcd_config
-from tasks.adapters.etcd import Etcd, LockTimeout
 from tasks.context import context_for
 from tasks.errors import JobFailed, PreflightRefused
+from tasks.locks import pgquartz_lock
 from tasks.pgquartz import (
     JobFileError,
-    StepResult,
-    WhenExpressionError,
     expand_matrix,
     job_action_plan,
     load_job,
-    step_should_run,
+    run_waves,
     step_waves,
 )
 from tasks.tab import (
     DEFAULT_JOBS,
     JobSourceError,
-    as_instance_result,
     fetch_job_source,
     is_check_passing,
     job_file,
     run_step_instance,
     target_nodes,
 )
-
-# pgquartz's etcd session uses the client's default TTL: a crashed holder frees the lock after it.
-PGQUARTZ_LEASE_TTL = 60
 
 
 @flow(name="tab_job", persist_result=True)
@@ -46,7 +37,7 @@ def tab_job(cluster: str = "lab", job: str = "purge_audit_log", source: str = st
     """1. Pre-flight (job file valid, target nodes from the live cluster)  2. Plan (waves; dry_run
     stops here)  3. Act under pgquartz's own etcd lock  4. Verify: the job's checks."""
     logger = get_run_logger()
-    ctx = context_for(cluster, fresh=True)
+    context_for(cluster, fresh=True)
 
     # ------------------------------------------------------------------ 1. pre-flight
     try:
@@ -64,46 +55,17 @@ def tab_job(cluster: str = "lab", job: str = "purge_audit_log", source: str = st
         return {"job": definition.name, "nodes": nodes, "waves": waves, "dry_run": True}
 
     # ------------------------------------------------------------------ 3. act under the lock
-    etcd = Etcd(etcd_config.client_endpoints(ctx.inventory), timeout=3)
-    holder = f"bouwsteen tab_job {flow_run.get_id()} on {socket.gethostname()} pid {os.getpid()}"
-    mutex = etcd.mutex(definition.lock_prefix, ttl=PGQUARTZ_LEASE_TTL, holder=holder)
-    try:
-        mutex.acquire(timeout=definition.etcd_config.lock_timeout)
-    except LockTimeout as exc:
-        raise JobFailed(f"job {definition.name}: {exc}") from None
-    logger.info("3. Act: holding pgquartz lock %s.", definition.lock_prefix)
     deadline = time.monotonic() + (definition.timeout or 24 * 3600)
-    rows: list[dict] = []
-    results: dict[str, StepResult] = {}
-    try:
-        for node in nodes:
-            for wave in waves:
-                for step_name in wave:
-                    spec = definition.steps[step_name]
-                    try:
-                        run_it = step_should_run(spec, results)
-                    except WhenExpressionError as exc:
-                        logger.warning("%s: when rule error (%s); skipped as pgquartz would.", step_name, exc)
-                        run_it = False
-                    if not run_it:
-                        results[step_name] = StepResult()
-                        rows.append({"node": node, "step": step_name, "instance": "", "rc": "skipped (when)"})
-                        continue
-                    instances = expand_matrix(spec.matrix)
-                    futures = []
-                    for i in range(0, len(instances), definition.parallel):
-                        batch = [
-                            run_step_instance.with_options(name=f"{step_name}{inst or ''}@{node}").submit(
-                                cluster, str(path), step_name, inst, node, deadline)
-                            for inst in instances[i:i + definition.parallel]
-                        ]
-                        futures += [f.result() for f in batch]
-                    results[step_name] = StepResult([as_instance_result(r) for r in futures])
-                    rows += [{"node": node, "step": step_name, "instance": str(r["instance"] or ""), "rc": r["rc"]}
-                             for r in futures]
-    finally:
-        # Like pgquartz: the lock covers the steps; checks run after it is released.
-        mutex.release()
+
+    def run_batch(node: str, step_name: str, instances: list) -> list[dict]:
+        futures = [run_step_instance.with_options(name=f"{step_name}{inst or ''}@{node}").submit(
+            cluster, str(path), step_name, inst, node, deadline) for inst in instances]
+        return [f.result() for f in futures]
+
+    # Like pgquartz: the lock covers the steps; checks run after it is released.
+    with pgquartz_lock(cluster, definition, f"bouwsteen tab_job {flow_run.get_id()}"):
+        logger.info("3. Act: holding pgquartz lock %s.", definition.lock_prefix)
+        rows, results = run_waves(definition, nodes, run_batch, warn=logger.warning)
 
     # ------------------------------------------------------------------ 4. verify
     logger.info("4. Verify: %d check(s).", len(definition.checks))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from blocks.inventory import HostSpec
 from tasks.adapters.commands import cmd
 from tasks.adapters.probe import HostSnapshot, parse_probe, probe_command
+from tasks.adapters.remote import RemoteHost
 from tasks.context import ClusterContext, context_for
 from tasks.desired import ClusterSecrets, all_desired
 from tasks.errors import PreflightRefused
@@ -54,20 +55,28 @@ def is_host_ready(cluster: str, host: str, inventory: dict | None = None) -> Hos
     return snap
 
 
+def install_missing(remote: RemoteHost, packages: list[str]) -> list[str]:
+    """apt-installs what of `packages` is not installed yet; returns what it installed. Every host
+    role's packages go through here (the package lists fresh, then no recommends)."""
+    result = remote.run(cmd("dpkg-query", "-W", "-f=${Package} ${db:Status-Abbrev}\n", *packages,
+                            timeout=30, ok_codes=(0, 1)))
+    installed = {line.split()[0] for line in result.stdout.splitlines() if line.split()[1:2] == ["ii"]}
+    missing = [p for p in packages if p not in installed]
+    if missing:
+        remote.run(cmd("apt-get", "update", "-qq", timeout=600))
+        remote.run(cmd("apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing,
+                       timeout=1800, env={"DEBIAN_FRONTEND": "noninteractive"}))
+    return missing
+
+
 @step
 def ensure_packages(cluster: str, host: str, packages: list[str]) -> str:
     """Install missing OS packages with apt (on lab hosts they are already there)."""
     ctx = context_for(cluster)
     with ctx.remote(host) as remote:
-        result = remote.run(cmd("dpkg-query", "-W", "-f=${Package} ${db:Status-Abbrev}\n", *packages,
-                                timeout=30, ok_codes=(0, 1)))
-        installed = {line.split()[0] for line in result.stdout.splitlines() if line.split()[1:2] == ["ii"]}
-        missing = [p for p in packages if p not in installed]
-        if not missing:
-            return say(f"{host}: all {len(packages)} packages present; nothing installed.")
-        remote.run(cmd("apt-get", "update", "-qq", timeout=600))
-        remote.run(cmd("apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing,
-                       timeout=1800, env={"DEBIAN_FRONTEND": "noninteractive"}))
+        missing = install_missing(remote, packages)
+    if not missing:
+        return say(f"{host}: all {len(packages)} packages present; nothing installed.")
     # Pre-flight could only check releases already installed; what apt just chose is checked here
     # with the same host probe, before any configuration is written or a service started.
     layers = list(desired_layers(ctx).get(host, {}).values())

@@ -21,9 +21,12 @@ from prefect.exceptions import ObjectNotFound
 from tasks.adapters import etcd_config
 from tasks.adapters.etcd import Etcd, EtcdUnavailable, LockTimeout
 from tasks.context import context_for
-from tasks.errors import ClusterBusy
+from tasks.errors import ClusterBusy, JobFailed
+from tasks.pgquartz import Job
 
 LEASE_TTL = 30
+# pgquartz's etcd session uses the client's default TTL: a crashed holder frees the lock after it.
+PGQUARTZ_LEASE_TTL = 60
 
 
 def limit_name(cluster: str) -> str:
@@ -84,3 +87,21 @@ def cluster_lock(cluster: str, runbook: str, *, wait_seconds: float = 0, require
         raise ClusterBusy(
             f"cluster {cluster} is busy: another runbook holds Prefect limit {limit_name(cluster)}"
         ) from None
+
+
+@contextlib.contextmanager
+def pgquartz_lock(cluster: str, job: Job, holder: str) -> Iterator[None]:
+    """A TAB job's own lock: pgquartz's etcd mutex under the job's lock prefix, the one a cron-run
+    pgquartz takes, so the two never run the same job at once. Waits the job's lockTimeout."""
+    ctx = context_for(cluster)
+    etcd = Etcd(etcd_config.client_endpoints(ctx.inventory), timeout=3)
+    mutex = etcd.mutex(job.lock_prefix, ttl=PGQUARTZ_LEASE_TTL,
+                       holder=f"{holder} on {socket.gethostname()} pid {os.getpid()}")
+    try:
+        mutex.acquire(timeout=job.etcd_config.lock_timeout)
+    except LockTimeout as exc:
+        raise JobFailed(f"job {job.name}: {exc}") from None
+    try:
+        yield
+    finally:
+        mutex.release()

@@ -11,6 +11,7 @@ from tasks.context import ClusterContext, context_for
 from tasks.desired import backup_driver
 from tasks.errors import NotYet
 from tasks.ha import require_primary
+from tasks.hosts import install_missing
 from tasks.runtime import once, say, step, wait_for
 
 DRILL_PORT = 5432
@@ -82,15 +83,7 @@ def ensure_restore_host_configured(cluster: str) -> str:
     driver = backup_driver(inv)
     changed = []
     with ctx.remote(host) as remote:
-        wanted = [inv.cluster.postgres.package, *driver.packages(inv)]
-        missing = remote.run(cmd("dpkg-query", "-W", "-f=${Package} ${db:Status-Abbrev}\n", *wanted, timeout=30,
-                                 ok_codes=(0, 1))).stdout
-        installed = {line.split()[0] for line in missing.splitlines() if line.split()[1:2] == ["ii"]}
-        to_install = [p for p in wanted if p not in installed]
-        if to_install:
-            remote.run(cmd("apt-get", "install", "-y", "-qq", *to_install, timeout=1800,
-                           env={"DEBIAN_FRONTEND": "noninteractive"}))
-            changed += to_install
+        changed += install_missing(remote, [inv.cluster.postgres.package, *driver.packages(inv)])
         for spec in driver.host_files(inv, host, ctx.store_secrets):
             if remote.ensure_file(spec):
                 changed.append(spec.path)

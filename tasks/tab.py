@@ -18,7 +18,6 @@ from tasks.ha import read_view
 from tasks.pgquartz import (
     Check,
     Command,
-    InstanceResult,
     Job,
     check_passed,
     effective_role,
@@ -157,5 +156,3 @@ def is_check_passing(cluster: str, job_path: str, index: int, instance: dict, no
     return {"check": check.label, "instance": instance, "node": node, "passed": passed, "reason": reason}
 
 
-def as_instance_result(row: dict) -> InstanceResult:
-    return InstanceResult(instance=row["instance"], rc=row["rc"], stdout=row["stdout"], stderr=row["stderr"])

@@ -38,6 +38,7 @@ from .plan import (
     instance_env,
     job_action_plan,
     render_sql,
+    run_waves,
     split_batch,
     sql_text_args,
     step_should_run,
@@ -61,7 +62,7 @@ __all__ = [
     # plan
     "step_waves", "find_cycle", "expand_matrix", "instance_env", "render_sql", "split_batch", "sql_text_args",
     "format_sql_rows", "effective_role", "check_passed", "step_should_run", "PlanError", "MATRIX_ENV_PREFIX",
-    "job_action_plan",
+    "job_action_plan", "run_waves",
     # when
     "evaluate_when", "when_step_refs", "StepResult", "InstanceResult", "output_lines", "WhenExpressionError",
 ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from tasks.errors import BouwsteenError
 from tasks.planning.plan import Action, ActionPlan
@@ -38,7 +38,7 @@ __all__ = [
     "PlanError", "step_waves", "find_cycle", "expand_matrix", "instance_env", "render_sql", "split_batch",
     "sql_text_args", "format_sql_rows", "effective_role", "check_passed", "step_should_run",
     "evaluate_when", "when_step_refs", "WhenExpressionError", "StepResult", "InstanceResult", "output_lines",
-    "MATRIX_ENV_PREFIX", "job_action_plan",
+    "MATRIX_ENV_PREFIX", "job_action_plan", "run_waves",
 ]
 
 MATRIX_ENV_PREFIX = "PGQ_INSTANCE_"
@@ -120,6 +120,44 @@ def job_action_plan(job: Job, nodes: Sequence[str], lock_prefix: str) -> ActionP
         for name in wave)) for i, wave in enumerate(waves, 1))
     checks = (Action(where, f"then {len(job.checks)} check(s), after the lock is released"),) if job.checks else ()
     return ActionPlan(actions + checks, notes=(f"Steps run under pgquartz's etcd lock `{lock_prefix}`.",))
+
+
+# One batch of a step's instances on one node -> one result row per instance, each with
+# "instance", "rc", "stdout" and "stderr" (what the runner's step task returns).
+RunBatch = Callable[[str, str, list], list[dict]]
+
+
+def run_waves(job: Job, nodes: Sequence[str], run_batch: RunBatch,
+              warn: Callable[[str], None] = lambda _: None) -> tuple[list[dict], dict[str, StepResult]]:
+    """Run the job's steps as pgquartz does: per node, wave by wave; a step whose `when` rules are
+    false (or error, which pgquartz also treats as false) is skipped; its matrix instances run in
+    batches of `parallel`. Returns the report rows and each step's result for the `when` rules
+    of later steps (a later node's results replace an earlier node's, as in pgquartz)."""
+    rows: list[dict] = []
+    results: dict[str, StepResult] = {}
+    for node in nodes:
+        for wave in step_waves(job):
+            for step_name in wave:
+                spec = job.steps[step_name]
+                try:
+                    run_it = step_should_run(spec, results)
+                except WhenExpressionError as exc:
+                    warn(f"{step_name}: when rule error ({exc}); skipped as pgquartz would.")
+                    run_it = False
+                if not run_it:
+                    results[step_name] = StepResult()
+                    rows.append({"node": node, "step": step_name, "instance": "", "rc": "skipped (when)"})
+                    continue
+                instances = expand_matrix(spec.matrix)
+                done: list[dict] = []
+                for i in range(0, len(instances), job.parallel):
+                    done += run_batch(node, step_name, instances[i:i + job.parallel])
+                results[step_name] = StepResult([
+                    InstanceResult(instance=r["instance"], rc=r["rc"], stdout=r["stdout"], stderr=r["stderr"])
+                    for r in done])
+                rows += [{"node": node, "step": step_name, "instance": str(r["instance"] or ""), "rc": r["rc"]}
+                         for r in done]
+    return rows, results
 
 
 def step_should_run(step: Step, step_results: Mapping[str, StepResult]) -> bool:

@@ -29,8 +29,10 @@ from tasks.pgquartz import (
     load_jobs,
     output_lines,
     parse_go_duration,
+    parse_job,
     read_script,
     render_sql,
+    run_waves,
     split_batch,
     step_should_run,
     step_waves,
@@ -653,3 +655,56 @@ def test_effective_role_prefers_the_command(tmp_path: Path) -> None:
     cmd = job.steps["analyze"].commands[0]
     assert effective_role(job, cmd) == "primary"
     assert effective_role(job, cmd.model_copy(update={"role": "standby"})) == "standby"
+
+
+# --------------------------------------------------------------------------- the wave loop
+
+
+def wave_job(parallel: int = 1, when: str = "eq .Steps.analyze.Rc 0") -> Job:
+    data = copy.deepcopy(BASE)
+    data["parallel"] = parallel
+    data["steps"]["report"]["when"] = [when]
+    data["steps"]["report"]["matrix"] = {"tbl": ["t1", "t2", "t3"]}
+    return parse_job(data, source=Path("/jobs/waves.yml"))
+
+
+def recording_runner(rc_of: dict[str, int]):
+    """A step runner that records its batches and answers with the given return code per step."""
+    batches: list[tuple[str, str, list]] = []
+
+    def run_batch(node: str, step: str, instances: list) -> list[dict]:
+        batches.append((node, step, [dict(i) for i in instances]))
+        return [{"instance": i, "rc": rc_of.get(step, 0), "stdout": "", "stderr": ""} for i in instances]
+
+    return run_batch, batches
+
+
+@pytest.mark.parametrize("analyze_rc, parallel, report_batches, report_rc", [
+    (0, 1, [["t1"], ["t2"], ["t3"]], 0),   # one instance at a time
+    (0, 2, [["t1", "t2"], ["t3"]], 0),     # batches of `parallel`
+    (1, 2, [], "skipped (when)"),          # `when` false: the step is done without running
+])
+def test_waves_run_in_order_with_when_and_batches(analyze_rc, parallel, report_batches, report_rc):
+    run_batch, batches = recording_runner({"analyze": analyze_rc})
+    rows, results = run_waves(wave_job(parallel), ["pg1"], run_batch)
+    assert batches[0] == ("pg1", "analyze", [{}])
+    assert [[i["tbl"] for i in b[2]] for b in batches[1:]] == report_batches
+    assert results["analyze"].rc == analyze_rc
+    assert {r["rc"] for r in rows if r["step"] == "report"} == {report_rc}
+
+
+def test_a_when_rule_that_errors_skips_the_step_and_warns():
+    # The loader refuses such a rule; the runner still treats one as pgquartz does (false).
+    job = wave_job()
+    job.steps["report"] = job.steps["report"].model_copy(update={"when": ['lt .Steps.analyze.Rc "a"']})
+    run_batch, batches = recording_runner({})
+    warnings: list[str] = []
+    rows, results = run_waves(job, ["pg1"], run_batch, warn=warnings.append)
+    assert [b[1] for b in batches] == ["analyze"]
+    assert results["report"] == StepResult() and len(warnings) == 1 and warnings[0].startswith("report: when rule error")
+
+
+def test_every_node_runs_every_wave_in_turn():
+    run_batch, batches = recording_runner({})
+    run_waves(wave_job(parallel=3), ["pg1", "pg2"], run_batch)
+    assert [(b[0], b[1]) for b in batches] == [("pg1", "analyze"), ("pg1", "report"), ("pg2", "analyze"), ("pg2", "report")]

@@ -40,7 +40,7 @@ def test_the_declared_lock_is_the_one_taken(name):
     assert ("cluster_lock(" in source) is False, "flows take the cluster lock through holding()"
     assert (f'holding(cluster, "{name}"' in source) is (lock == "cluster")
     if lock == "pgquartz":
-        assert ".mutex(definition.lock_prefix" in source
+        assert "pgquartz_lock(" in source
 
 
 def backup(name: str, finished: str) -> BackupInfo:
