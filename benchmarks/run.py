@@ -146,7 +146,7 @@ def enable_sync(on: bool) -> None:
 
 
 def probe():
-    from tasks.adapters.avprobe import AvailabilityProbe
+    from lab.avprobe import AvailabilityProbe
     from tasks.context import context_for
 
     ctx = context_for("lab", fresh=True)

@@ -134,7 +134,7 @@ def run_demo(skip: set[str] | None = None) -> int:
 
 
 def _start_probe():
-    from tasks.adapters.avprobe import AvailabilityProbe
+    from lab.avprobe import AvailabilityProbe
     from tasks.context import context_for
 
     ctx = context_for(CLUSTER, fresh=True)

@@ -65,7 +65,7 @@ class DeployResult:
 
 def entrypoint(flow_name: str) -> str:
     """flows.check_hosts:check_hosts -> flows/check_hosts.py:check_hosts (relative to the repo)."""
-    from flows.cli import FLOWS
+    from flows.registry import FLOWS
 
     module, attr = FLOWS[flow_name].split(":")
     return f"{module.replace('.', '/')}.py:{attr}"
@@ -180,7 +180,7 @@ def deploy_flow(flow_name: str, cluster: str, *, schedules_active: bool = True) 
 def deploy_all(cluster: str = "lab", *, notify_url: str | None = None, schedules_active: bool = True,
                flows: list[str] | None = None) -> DeployResult:
     """Work pool, one deployment per flow for `cluster`, notification block, automation."""
-    from flows.cli import FLOWS
+    from flows.registry import FLOWS
 
     url = notify_url or os.environ.get("BOUWSTEEN_NOTIFY_URL") or DEFAULT_NOTIFY_URL
     ensure_work_pool()

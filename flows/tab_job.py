@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
@@ -21,7 +22,6 @@ from tasks.pgquartz import (
     step_waves,
 )
 from tasks.tab import (
-    DEFAULT_JOBS,
     JobSourceError,
     fetch_job_source,
     is_check_passing,
@@ -29,6 +29,9 @@ from tasks.tab import (
     run_step_instance,
     target_nodes,
 )
+
+# The jobs this repository ships; a site names its own sources.
+DEFAULT_JOBS = Path(__file__).resolve().parents[1] / "deployments" / "jobs"
 
 
 @flow(name="tab_job", persist_result=True)

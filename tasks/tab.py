@@ -30,8 +30,6 @@ from tasks.pgquartz import (
 )
 from tasks.runtime import say, step
 
-DEFAULT_JOBS = Path(__file__).resolve().parents[1] / "deployments" / "jobs"
-
 
 class JobSourceError(BouwsteenError, ValueError):
     pass

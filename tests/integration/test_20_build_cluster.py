@@ -227,7 +227,7 @@ def test_add_standby_streams_and_second_run_is_noop(lab, cluster):
 
 
 def test_check_hosts_cli_exit_code(lab, registered):
-    result = subprocess.run([sys.executable, "-m", "flows.cli", "run", "check_hosts", "--cluster", "lab"],
+    result = subprocess.run([sys.executable, "-m", "bouwsteen.cli", "run", "check_hosts", "--cluster", "lab"],
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "check_hosts: Completed" in result.stdout

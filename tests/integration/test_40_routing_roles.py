@@ -159,7 +159,7 @@ def test_second_runbook_on_the_cluster_is_refused(lab, routed):
 
 def test_switchover_keeps_every_acknowledged_write(lab, routed):
     from flows.switchover import switchover
-    from tasks.adapters.avprobe import AvailabilityProbe
+    from lab.avprobe import AvailabilityProbe
     from tasks.context import context_for
 
     ctx = context_for("lab", fresh=True)

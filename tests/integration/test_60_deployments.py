@@ -117,7 +117,7 @@ def _get(url: str, path: str) -> httpx.Response:
 
 
 def test_deploy_registers_one_deployment_per_flow_with_amsterdam_schedules(deployed):
-    from flows.cli import FLOWS
+    from flows.registry import FLOWS
 
     url = deployed
     for flow_name in FLOWS:
@@ -145,7 +145,7 @@ def test_deploy_registers_one_deployment_per_flow_with_amsterdam_schedules(deplo
 
 
 def test_deploy_is_idempotent(deployed, receiver):
-    from flows.cli import FLOWS
+    from flows.registry import FLOWS
 
     url = deployed
     before = {f: _get(url, f"/deployments/name/{f}/lab").json()["id"] for f in FLOWS}

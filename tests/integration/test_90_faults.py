@@ -32,7 +32,7 @@ def primary() -> str:
 
 
 def new_probe(max_seconds: float = 900):
-    from tasks.adapters.avprobe import AvailabilityProbe
+    from lab.avprobe import AvailabilityProbe
 
     return AvailabilityProbe(ctx().application_endpoint(VIP, 5432), max_seconds=max_seconds)
 
@@ -239,7 +239,7 @@ KILL_AT = {
 
 @pytest.mark.parametrize("flow_name", sorted(KILL_AT))
 def test_killed_mid_run_then_rerun_converges(lab, registered, flow_name):
-    from flows.cli import load_flow
+    from flows.registry import load_flow
 
     params = ["--param", "force=true"] if flow_name == "scheduled_basebackup" else []
     if flow_name == "restore_drill":

@@ -1,10 +1,10 @@
-"""tasks/adapters/avprobe.py: the pure ProbeReport/Attempt arithmetic (no database)."""
+"""lab/avprobe.py: the pure ProbeReport/Attempt arithmetic (no database)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tasks.adapters.avprobe import Attempt, ProbeReport
+from lab.avprobe import Attempt, ProbeReport
 
 # Binary-exact numbers (1/8 s, 1/64 s), so equal gaps are exactly equal at epoch magnitudes.
 T0 = 1_700_000_000.0

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_every_flow_has_a_repo_relative_entrypoint_that_names_the_flow():
     from deployments.deploy import entrypoint
-    from flows.cli import FLOWS
+    from flows.registry import FLOWS
 
     for name in FLOWS:
         path, _, attr = entrypoint(name).partition(":")
@@ -21,7 +21,7 @@ def test_every_flow_has_a_repo_relative_entrypoint_that_names_the_flow():
 
 def test_schedules_are_amsterdam_wall_clock_and_tab_jobs_carry_their_job():
     from deployments.deploy import SCHEDULES, schedules_for
-    from flows.cli import FLOWS
+    from flows.registry import FLOWS
 
     assert set(SCHEDULES) <= set(FLOWS)
     basebackup, = schedules_for("scheduled_basebackup")
@@ -45,14 +45,14 @@ def test_schedules_are_amsterdam_wall_clock_and_tab_jobs_carry_their_job():
     ["ticket", "status", "6f1c0000-0000-0000-0000-000000000000"],
 ])
 def test_cli_parses_the_deployment_subcommands(argv):
-    from flows.cli import build_parser
+    from bouwsteen.cli import build_parser
 
     args = build_parser().parse_args(argv)
     assert callable(args.handler)
 
 
 def test_ticket_run_requires_deployment_and_ticket():
-    from flows.cli import build_parser
+    from bouwsteen.cli import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["ticket", "run", "check_hosts", "--ticket", "CHG-1"])

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from flows.cli import FLOWS, load_flow
+from flows.registry import FLOWS, load_flow
 from flows.runbook import POLICIES
 from tasks.adapters.backup.base import BackupInfo
 from tasks.planning.backup import BackupDecision, drill_plan

@@ -1,0 +1,1 @@
+"""The `bouwsteen` command line (bouwsteen/cli.py)."""
