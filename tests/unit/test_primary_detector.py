@@ -1,25 +1,32 @@
 """tasks/adapters/routing/primary_detector.py: config, routes, parallel scan, cache, HTTP server.
 
 No PostgreSQL: the Detector gets a fake probe; the psycopg prober is only pointed at a closed port.
+Deadlines and cache windows run on a FakeClock that only the test moves (with a FakeExecutor that
+runs probes in the test's own thread, so nothing answers behind its back); the tests that need real
+threads wait for events, each with a generous deadline, and never measure the wall clock.
 """
 
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import http.client
 import json
 import logging
+import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +46,9 @@ from tasks.adapters.routing.primary_detector import (
 MODULE_PATH = Path(pd.__file__)
 P = HostState("primary")
 S = HostState("standby", 0)
+DOWN_STATE = HostState(None)
+# How long a test waits for another thread at most: only a broken test ever gets near it.
+PATIENCE = 30.0
 
 
 def S_lag(lag: int | None) -> HostState:
@@ -50,29 +60,116 @@ class Boom(Exception):
 
 
 class FakeProbe:
-    """states: name -> HostState, or an Exception to raise; delays: name -> seconds to sleep."""
+    """states: name -> HostState, or an Exception to raise; before(name) runs first (to block)."""
 
-    def __init__(self, states: Mapping[str, Any], delays: Mapping[str, float] | None = None,
-                 release: threading.Event | None = None) -> None:
+    def __init__(self, states: Mapping[str, Any], before: Callable[[str], None] | None = None) -> None:
         self.states = dict(states)
-        self.delays = dict(delays or {})
-        self.release = release
+        self.before = before
         self.calls: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def __call__(self, name: str) -> HostState:
         with self._lock:
             self.calls[name] += 1
-        delay = self.delays.get(name, 0.0)
-        if delay:
-            if self.release is not None:
-                self.release.wait(delay)
-            else:
-                time.sleep(delay)
+        if self.before is not None:
+            self.before(name)
         result = self.states[name]
         if isinstance(result, Exception):
             raise result
         return result
+
+
+class FakeClock(pd.Clock):
+    """Time that moves only when the test moves it, or when the Detector waits for a probe.
+
+    Paired with a FakeExecutor, which holds every probe that has not answered yet: a wait then
+    moves the time on to that probe's answer, or to the end of the timeout if it answers later.
+    """
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.waits: list[float] = []  # the timeout of every wait the Detector began
+        self.executor = FakeExecutor(self)
+        # Called once, at the start of the next wait: what happens while the Detector waits.
+        self.during_next_wait: Callable[[], None] | None = None
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self._run_until(self.now + seconds)
+
+    def wait(self, future: concurrent.futures.Future[Any], timeout: float) -> None:
+        self.waits.append(timeout)
+        end = self.now + timeout
+        meanwhile, self.during_next_wait = self.during_next_wait, None
+        if meanwhile is not None:
+            meanwhile()
+        self._run_until(end, until_done=future)
+
+    def _run_until(self, end: float, until_done: concurrent.futures.Future[Any] | None = None) -> None:
+        while until_done is None or not until_done.done():
+            due = self.executor.next_due()
+            if due is None or due > end:
+                break
+            self.now = max(self.now, due)
+            self.executor.run_due(self.now)
+        if until_done is None or not until_done.done():
+            self.now = max(self.now, end)
+
+
+class FakeExecutor(concurrent.futures.Executor):
+    """The Detector's probe pool, in the test's thread and on the FakeClock's time.
+
+    A host's probe answers `durations[host]` seconds after it was started (0, the default: at
+    once; math.inf: it hangs until finish(host)). `started` counts the probes the Detector began.
+    """
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.durations: dict[str, float] = {}
+        self.started: Counter[str] = Counter()
+        self._pending: dict[str, tuple[float, Callable[[str], Any], concurrent.futures.Future[Any]]] = {}
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        (name,) = args
+        assert name not in self._pending, f"a second probe of {name} while one runs"  # single flight
+        self.started[name] += 1
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        duration = self.durations.get(name, 0.0)
+        if duration <= 0:
+            future.set_result(fn(name))
+        else:
+            self._pending[name] = (self.clock.now + duration, fn, future)
+        return future
+
+    def next_due(self) -> float | None:
+        finite = [due for due, _, _ in self._pending.values() if due != math.inf]
+        return min(finite, default=None)
+
+    def run_due(self, now: float) -> None:
+        for name in sorted(n for n, (due, _, _) in self._pending.items() if due <= now):
+            self.finish(name)
+
+    def finish(self, name: str) -> None:
+        """The probe of `name` answers now (with whatever probe.states says by then)."""
+        _, fn, future = self._pending.pop(name)
+        future.set_result(fn(name))
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._pending.clear()
+
+
+def timed(states: Mapping[str, Any], groups: Mapping[str, list[str]] | None = None,
+          durations: Mapping[str, float] | None = None,
+          **kwargs: Any) -> tuple[Detector, FakeProbe, FakeClock]:
+    """A Detector on fake time; the clock's executor is its probe pool."""
+    kwargs.setdefault("cache_ms", 0)
+    clock = FakeClock()
+    clock.executor.durations.update(durations or {})
+    probe = FakeProbe(states)
+    det = Detector(list(states), groups or {}, probe, clock=clock, executor=clock.executor, **kwargs)
+    return det, probe, clock
 
 
 def detector(states: Mapping[str, Any], groups: Mapping[str, list[str]] | None = None,
@@ -374,86 +471,179 @@ def test_probe_errors_warn_with_host_name_once(caplog: pytest.LogCaptureFixture)
 
 
 def test_scan_runs_hosts_in_parallel() -> None:
+    # Real threads: every probe waits until all four are running at once. Run one after another,
+    # the first would give up at the barrier (broken after PATIENCE) and the scan would fail.
     names = ["db1", "db2", "db3", "db4"]
-    probe = FakeProbe({n: S for n in names}, delays={n: 0.2 for n in names})
-    det = Detector(names, {}, probe, query_timeout=1.0, cache_ms=0)
+    barrier = threading.Barrier(len(names), timeout=PATIENCE)
+    probe = FakeProbe({n: S for n in names}, before=lambda name: barrier.wait())
+    det = Detector(names, {}, probe, query_timeout=PATIENCE * 2, cache_ms=0)
     try:
-        started = time.monotonic()
-        states = det.scan()
-        elapsed = time.monotonic() - started
-        assert states == {n: S for n in names}
-        assert elapsed < 0.6  # in sequence it would take 0.8 s
+        assert det.scan() == {n: S for n in names}
+        assert probe.calls == {n: 1 for n in names}
+    finally:
+        barrier.abort()
+        det.close()
+
+
+def test_a_scan_lasts_as_long_as_its_slowest_host() -> None:
+    # Every probe is started before the scan waits for any: 0.2 s in all, not the 0.7 s of their sum.
+    durations = {"db1": 0.2, "db2": 0.2, "db3": 0.2, "db4": 0.1}
+    det, _, clock = timed({n: S for n in durations}, durations=durations, query_timeout=1.0)
+    try:
+        assert det.scan() == {n: S for n in durations}
+        assert clock.now == 0.2
+        assert clock.waits == [1.0]  # one wait, for the first host; the others were in by then
     finally:
         det.close()
 
 
 def test_slow_host_is_unavailable_and_deadline_holds() -> None:
-    release = threading.Event()
-    probe = FakeProbe({"db1": P, "db2": S, "db3": P}, delays={"db3": 10.0}, release=release)
-    det = Detector(["db1", "db2", "db3"], {}, probe, query_timeout=0.3, cache_ms=0)
+    det, _, clock = timed({"db1": P, "db2": S, "db3": P}, durations={"db3": math.inf},
+                              query_timeout=0.3)
+    ex = clock.executor
     try:
-        started = time.monotonic()
-        states = det.scan()
-        elapsed = time.monotonic() - started
-        assert elapsed < 2 * 0.3
-        assert states == {"db1": P, "db2": S, "db3": HostState(None)}
+        assert det.scan() == {"db1": P, "db2": S, "db3": DOWN_STATE}
+        # Waited for the hung host until the deadline and not a moment longer.
+        assert (clock.waits, clock.now) == ([0.3], 0.3)
         # The hung host cannot cause split brain: db3 counts as neither.
         assert det.route("/v1/primary") == (200, "db1")
         assert det.route("/v1/db3/status") == (422, "unavailable")
 
         # While it still hangs it is not probed again (no thread pile-up) and costs no wait.
-        started = time.monotonic()
-        assert det.scan()["db3"] == HostState(None)
-        assert time.monotonic() - started < 0.3
-        assert probe.calls["db3"] == 1
-        assert probe.calls["db1"] >= 3
+        assert det.scan()["db3"] == DOWN_STATE
+        assert (clock.waits, clock.now) == ([0.3], 0.3)
+        assert ex.started["db3"] == 1
+        assert ex.started["db1"] == 3  # two scans and /v1/primary; /v1/db3/status asks db3 only
 
-        release.set()  # the hung probe finishes, far too late to count
-        deadline = time.monotonic() + 2
-        while probe.calls["db3"] == 1 and time.monotonic() < deadline:
-            det.scan()
-            time.sleep(0.01)
-        assert probe.calls["db3"] == 2  # a fresh probe once the hung one returned
+        clock.advance(10)
+        ex.durations["db3"] = 0  # from now on it answers at once
+        ex.finish("db3")  # the hung probe finishes, far too late to count
+        assert det.scan()["db3"] == P  # a fresh probe once the hung one returned; it answers
+        assert ex.started["db3"] == 2
     finally:
-        release.set()
+        det.close()
+
+
+def test_a_probe_shared_with_an_earlier_scan_is_waited_for_until_its_own_deadline() -> None:
+    # Two checks overlap: the second starts 0.75 s into the first and shares its hung probe. It must
+    # give up at that probe's deadline (1.0), not a whole query_timeout later (1.75).
+    det, _, clock = timed({"db1": P}, durations={"db1": math.inf}, query_timeout=1.0)
+    second: list[tuple[int, Any]] = []
+
+    def second_check() -> None:
+        clock.advance(0.75)
+        second.append(det.route("/v1/db1/status"))
+        assert clock.now == 1.0
+
+    clock.during_next_wait = second_check
+    try:
+        assert det.route("/v1/db1/status") == (422, "unavailable")
+        assert second == [(422, "unavailable")]
+        assert clock.waits == [1.0, 0.25]
+        assert clock.now == 1.0
+        assert clock.executor.started["db1"] == 1
+    finally:
         det.close()
 
 
 def test_a_host_unavailable_at_its_last_probe_is_not_waited_for() -> None:
     # After a failover the old primary's host is dead: each new connect attempt hangs. Checks for
     # the new primary must not wait for it every time, and the host counts again once it answers.
-    # The deadline is 30 s, so a scan that waited could not come back within a few seconds.
-    release = threading.Event()
-    probe = FakeProbe({"db1": ConnectionError("no route to host"), "db2": P}, release=release)
-    det = Detector(["db1", "db2"], {}, probe, query_timeout=30, cache_ms=0)
+    det, probe, clock = timed({"db1": ConnectionError("no route to host"), "db2": P},
+                              query_timeout=30)
+    ex = clock.executor
     try:
-        assert det.scan()["db1"] == HostState(None)  # refused at once: now known unavailable
-        probe.delays["db1"] = 60  # its next connect attempt hangs until released
-        started = time.monotonic()
+        assert det.scan()["db1"] == DOWN_STATE  # refused at once: now known unavailable
+        ex.durations["db1"] = math.inf  # its next connect attempt hangs until finished
         assert det.route("/v1/primary/db2") == (200, "db2")
-        assert time.monotonic() - started < 10
-        assert probe.calls["db1"] == 2  # the hanging probe was started, just not waited for
+        assert det.route("/v1/primary/db2") == (200, "db2")
+        assert (clock.waits, clock.now) == ([], 0.0)  # no check waited for it at all
+        assert ex.started["db1"] == 2  # the hanging probe was started, just not waited for
 
         probe.states["db1"] = P  # it comes back, still claiming primary
-        release.set()
-        deadline = time.monotonic() + 5
-        while det.route("/v1/primary")[0] != 409 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        ex.durations["db1"] = 0
+        clock.advance(1)
+        ex.finish("db1")
         assert det.route("/v1/primary") == (409, "")  # split brain is seen again
         assert det.route("/v1/primary/db2") == (503, "")
     finally:
-        release.set()
         det.close()
 
 
-def test_late_answer_is_not_used() -> None:
-    probe = FakeProbe({"db1": P}, delays={"db1": 0.3})
-    det = Detector(["db1"], {}, probe, query_timeout=0.1, cache_ms=60_000)
+def test_the_answer_of_a_host_not_waited_for_counts_from_the_next_scan() -> None:
+    # Within the cache window the returning host's own answer is used: no second probe needed.
+    det, probe, clock = timed({"db1": ConnectionError("no route to host"), "db2": P},
+                              query_timeout=30, cache_ms=1000)
+    ex = clock.executor
     try:
-        assert det.scan() == {"db1": HostState(None)}
-        time.sleep(0.4)  # the probe has now returned "primary", but after its deadline
-        assert det.scan() == {"db1": HostState(None)}
-        assert probe.calls["db1"] == 1
+        assert det.scan()["db1"] == DOWN_STATE
+        clock.advance(2)  # the cached answer expires; the next probe hangs
+        ex.durations["db1"] = math.inf
+        assert det.route("/v1/primary") == (200, "db2")
+        assert det.route("/v1/primary") == (200, "db2")  # still under way: not waited for
+        probe.states["db1"] = P
+        clock.advance(0.5)
+        ex.finish("db1")  # answers well within its deadline
+        assert det.route("/v1/primary") == (409, "")
+        assert ex.started["db1"] == 2
+        assert clock.waits == []
+    finally:
+        det.close()
+
+
+def test_late_answer_is_not_used(caplog: pytest.LogCaptureFixture) -> None:
+    det, probe, clock = timed({"db1": P}, durations={"db1": 0.3}, query_timeout=0.1,
+                              cache_ms=60_000)
+    try:
+        with caplog.at_level(logging.WARNING, logger="primary_detector"):
+            assert det.scan() == {"db1": DOWN_STATE}
+            assert clock.now == 0.1
+            clock.advance(0.4)  # the probe has now returned "primary", but after its deadline
+            assert clock.executor.started["db1"] == 1 and probe.calls["db1"] == 1
+            assert det.scan() == {"db1": DOWN_STATE}
+        assert clock.executor.started["db1"] == 1  # the cached (late) answer, not a new probe
+        assert [r.getMessage() for r in caplog.records] == [
+            "host db1: unavailable: no answer within 0.1s",
+            "host db1: unavailable: answered after the 0.1s deadline",
+        ]
+    finally:
+        det.close()
+
+
+def test_an_answer_in_time_counts_and_ends_the_wait() -> None:
+    det, _, clock = timed({"db1": P, "db2": S}, durations={"db1": 0.25, "db2": 0.05},
+                          query_timeout=0.3)
+    try:
+        assert det.route("/v1/primary") == (200, "db1")
+        assert clock.now == 0.25  # the scan ended with the last answer, before the deadline
+    finally:
+        det.close()
+
+
+def test_an_unchanged_warning_is_repeated_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
+    det, probe, clock = timed({"db1": Boom("connection refused")})
+    refused, other = "host db1: unavailable: Boom: connection refused", "host db1: unavailable: Boom: other"
+    steps: list[tuple[float, Any, int]] = [
+        # (seconds later, what db1 answers, level of the log line that scan writes)
+        (0, Boom("connection refused"), logging.WARNING),
+        (30, Boom("connection refused"), logging.DEBUG),  # unchanged: not repeated yet
+        (29, Boom("connection refused"), logging.DEBUG),
+        (1, Boom("connection refused"), logging.WARNING),  # 60 s since it was last loud
+        (0, Boom("other"), logging.WARNING),  # a changed message is always loud
+        (1, P, None),  # it answers: the throttle forgets it
+        (1, Boom("other"), logging.WARNING),
+    ]
+    try:
+        for seconds, answer, level in steps:
+            clock.advance(seconds)
+            probe.states["db1"] = answer
+            caplog.clear()
+            with caplog.at_level(logging.DEBUG, logger="primary_detector"):
+                det.scan()
+            lines = [(r.levelno, r.getMessage()) for r in caplog.records
+                     if r.getMessage() in (refused, other)]
+            want = [] if level is None else [(level, refused if "refused" in str(answer) else other)]
+            assert lines == want, (clock.now, answer)
     finally:
         det.close()
 
@@ -465,41 +655,63 @@ def test_late_answer_is_not_used() -> None:
     ("cache_ms", "pause", "calls"),
     [
         (10_000, 0.0, 1),  # within the window: one probe per host
+        (10_000, 9.5, 1),
         (0, 0.0, 2),  # caching off
         (50, 0.15, 2),  # window expired
+        (500, 0.5, 2),  # the window ends after exactly cache_ms
     ],
 )
 def test_cache_window(cache_ms: int, pause: float, calls: int) -> None:
-    probe = FakeProbe({"db1": P, "db2": S})
-    det = Detector(["db1", "db2"], {"g": ["db1", "db2"]}, probe, cache_ms=cache_ms)
+    det, probe, clock = timed({"db1": P, "db2": S}, {"g": ["db1", "db2"]}, cache_ms=cache_ms)
     try:
         det.route("/v1/primary")
-        time.sleep(pause)
+        clock.advance(pause)
         det.route("/v1/standbys", {"group": "g"})  # another route and group share the cache
         assert probe.calls == {"db1": calls, "db2": calls}
     finally:
         det.close()
 
 
+class CountingClock(pd.Clock):
+    """The real clock; counts the waits for a probe that have begun."""
+
+    def __init__(self) -> None:
+        self.waits_begun = threading.Semaphore(0)
+
+    def wait(self, future: concurrent.futures.Future[Any], timeout: float) -> None:
+        self.waits_begun.release()
+        super().wait(future, timeout)
+
+
 def test_concurrent_requests_share_one_scan() -> None:
-    probe = FakeProbe({"db1": P, "db2": S}, delays={"db1": 0.2, "db2": 0.2})
-    det = Detector(["db1", "db2"], {}, probe, cache_ms=0)
-    barrier = threading.Barrier(10)
+    # Real threads: the probes answer only once all ten requests are waiting for them.
+    release = threading.Event()
+
+    def hold(name: str) -> None:
+        if not release.wait(PATIENCE):
+            raise AssertionError("never released")
+
+    clock = CountingClock()
+    probe = FakeProbe({"db1": P, "db2": S}, before=hold)
+    det = Detector(["db1", "db2"], {}, probe, query_timeout=PATIENCE * 2, cache_ms=0, clock=clock)
     results: list[tuple[int, Any]] = []
 
     def check() -> None:
-        barrier.wait()
         results.append(det.route("/v1/primary/db1"))
 
     threads = [threading.Thread(target=check) for _ in range(10)]
     try:
         for t in threads:
             t.start()
+        for _ in threads:  # each request waits for the same, still unanswered probes
+            assert clock.waits_begun.acquire(timeout=PATIENCE)
+        release.set()
         for t in threads:
-            t.join(5)
+            t.join(PATIENCE)
         assert results == [(200, "db1")] * 10
         assert probe.calls == {"db1": 1, "db2": 1}  # even with caching off: single flight
     finally:
+        release.set()
         det.close()
 
 
@@ -608,6 +820,35 @@ def test_http_keepalive_head_and_indent(http_server: str) -> None:
         conn.close()
 
 
+STDLIB_ONLY = textwrap.dedent("""
+    import importlib.util, sys
+    spec = importlib.util.spec_from_file_location("primary_detector", sys.argv[1])
+    pd = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = pd
+    spec.loader.exec_module(pd)
+    states = {"db1": pd.HostState("primary"), "db2": pd.HostState("standby", 0)}
+    det = pd.Detector(states, {}, states.__getitem__, cache_ms=0)
+    print(det.route("/v1/primary"), det.route("/v1/standbys"), det.route("/v1/db2/status"))
+    det.close()
+    print(sorted({"yaml", "psycopg"} & set(sys.modules)))
+""")
+
+
+def test_module_runs_on_the_standard_library_alone(tmp_path: Path) -> None:
+    """As uploaded to a router host: a copy outside the project, no site-packages (-I -S)."""
+    copy = tmp_path / "primary_detector.py"
+    shutil.copyfile(MODULE_PATH, copy)
+    isolated = [sys.executable, "-I", "-S"]
+    done = subprocess.run([*isolated, str(copy), "-v"], capture_output=True, text=True, timeout=PATIENCE,
+                          check=False)
+    assert (done.returncode, done.stdout.strip()) == (0, f"primary_detector {pd.VERSION}"), done.stderr
+    # The Detector with its default clock and thread pool, without yaml or psycopg importable.
+    done = subprocess.run([*isolated, "-c", STDLIB_ONLY, str(copy)], capture_output=True, text=True,
+                          timeout=PATIENCE, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["(200, 'db1') (200, ['db2']) (200, 'standby')", "[]"]
+
+
 def test_program_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     """The real entry point, as systemd runs it: config -> psycopg prober -> HTTP, then SIGTERM."""
     port, pg_port = free_port(), free_port()
@@ -621,7 +862,7 @@ def test_program_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
                             env={**os.environ, "PYTHONPATH": ""})
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + PATIENCE
         while True:
             try:
                 assert _get(base + "/healthz")[:2] == (200, "ok")
@@ -633,7 +874,7 @@ def test_program_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
         assert _get(base + "/v1/db1/status")[:2] == (422, "unavailable")
         assert _get(base + "/v1/primary?group=pg")[:2] == (404, "")
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=10)
+        _, err = proc.communicate(timeout=PATIENCE)
         assert proc.returncode == 0, err
         assert "unknown config key 'fancy' ignored" in err
         assert "host db1: unavailable" in err

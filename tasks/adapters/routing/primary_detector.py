@@ -293,15 +293,31 @@ class _Probe:
     awaited: bool = True
 
 
+class Clock:
+    """The Detector's time: a monotonic reading and a bounded wait for a probe's answer.
+
+    The one seam through which tests drive the Detector's time (a fake whose wait moves its own
+    reading on); the Detector reads time through nothing else. This default is the real clock.
+    """
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def wait(self, future: concurrent.futures.Future[Any], timeout: float) -> None:
+        """Return when future is done or timeout seconds have passed, whichever is first."""
+        concurrent.futures.wait([future], timeout=timeout)
+
+
 class _Throttle:
     """Warn when a host's message changes, repeat an unchanged one only every _WARN_REPEAT_S."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
         self._last: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
 
     def warn(self, key: str, message: str) -> None:
-        now = time.monotonic()
+        now = self._clock.monotonic()
         with self._lock:
             prev = self._last.get(key)
             loud = prev is None or prev[0] != message or now - prev[1] >= _WARN_REPEAT_S
@@ -319,6 +335,9 @@ class Detector:
 
     Single flight per host: a host has at most one probe running. That bounds the thread pool
     (a hung host holds one worker, never more) and keeps a psycopg connection single-threaded.
+
+    ``clock`` and ``executor`` exist for tests (time they move by hand, probes they finish by
+    hand); left out, they are the real clock and a thread pool of one worker per host.
     """
 
     def __init__(
@@ -330,6 +349,8 @@ class Detector:
         query_timeout: float = 1.0,
         cache_ms: int = 200,
         max_standby_lag_bytes: int | None = None,
+        clock: Clock | None = None,
+        executor: concurrent.futures.Executor | None = None,
     ) -> None:
         self.hosts: list[str] = sorted(hosts)
         self.groups: dict[str, list[str]] = {g: sorted(m) for g, m in groups.items()}
@@ -340,8 +361,9 @@ class Detector:
         self._lock = threading.Lock()
         self._probes: dict[str, _Probe] = {}
         self._roles: dict[str, Role | None] = {}
-        self._throttle = _Throttle()
-        self._pool = concurrent.futures.ThreadPoolExecutor(
+        self._clock = clock if clock is not None else Clock()
+        self._throttle = _Throttle(self._clock)
+        self._pool = executor if executor is not None else concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, len(self.hosts)), thread_name_prefix="probe"
         )
 
@@ -365,15 +387,15 @@ class Detector:
 
     def scan_hosts(self, names: Iterable[str]) -> dict[str, HostState]:
         names = sorted(set(names))
-        now = time.monotonic()
+        now = self._clock.monotonic()
         with self._lock:
             probes = {name: self._current_probe(name, now) for name in names}
         # Each probe is waited for only until its own deadline: a hung probe reused from an
         # earlier scan must not stretch this scan to the deadline of the fresh ones.
         for probe in sorted((p for p in probes.values() if p.awaited), key=lambda p: p.deadline):
-            remaining = probe.deadline - time.monotonic()
+            remaining = probe.deadline - self._clock.monotonic()
             if remaining > 0 and not probe.future.done():
-                concurrent.futures.wait([probe.future], timeout=remaining)
+                self._clock.wait(probe.future, remaining)
         return {name: self._state(name, probe) for name, probe in probes.items()}
 
     def _current_probe(self, name: str, now: float) -> _Probe:
@@ -394,11 +416,11 @@ class Detector:
             state = self._probe(name)
             if not isinstance(state, HostState):
                 raise TypeError(f"probe returned {type(state).__name__}, not HostState")
-            return _Outcome(state, None, time.monotonic())
+            return _Outcome(state, None, self._clock.monotonic())
         except Exception as exc:  # noqa: BLE001 - every failure only means "unavailable"
             # libpq messages span lines ("\n\tIs the server running..."); keep one log line.
             text = " ".join(f"{type(exc).__name__}: {exc}".split())
-            return _Outcome(UNAVAILABLE, text, time.monotonic())
+            return _Outcome(UNAVAILABLE, text, self._clock.monotonic())
 
     def _state(self, name: str, probe: _Probe) -> HostState:
         if not probe.future.done() and not probe.awaited:
