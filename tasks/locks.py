@@ -60,10 +60,12 @@ def cluster_lock(cluster: str, runbook: str, *, wait_seconds: float = 0, require
     ensure_cluster_limit(cluster)
     if wait_seconds <= 0 and limit_in_use(cluster):
         raise ClusterBusy(f"cluster {cluster} is busy: another runbook holds Prefect limit {limit_name(cluster)}")
+    holding_slot = False
     try:
         # The timeout also covers the HTTP round trips of acquiring, so it is never tiny.
         with concurrency(limit_name(cluster), occupy=1, strict=True, timeout_seconds=max(wait_seconds, 30),
                          lease_duration=60):
+            holding_slot = True
             ctx = context_for(cluster)
             etcd = Etcd(etcd_config.client_endpoints(ctx.inventory), timeout=3)
             holder = f"{runbook} on {socket.gethostname()} pid {os.getpid()}"
@@ -84,6 +86,8 @@ def cluster_lock(cluster: str, runbook: str, *, wait_seconds: float = 0, require
                 if mutex is not None:
                     mutex.release()
     except TimeoutError:
+        if holding_slot:
+            raise  # the runbook's own timeout (a step's), not a busy cluster
         raise ClusterBusy(
             f"cluster {cluster} is busy: another runbook holds Prefect limit {limit_name(cluster)}"
         ) from None

@@ -140,20 +140,25 @@ class EtcdMutex:
         lease = self.etcd._call("lease grant", lambda c: c.lease(self.ttl))
         self._lease = lease
         self._key = f"{self.prefix}{lease.id:x}"
-        created = self.etcd._call("lock create", lambda c: c.create(self._key, self.holder, lease=lease))
-        if not created:
-            raise LockKeyTaken(f"lock key {self._key} already exists")
-        self._start_keepalive()
-        deadline = time.monotonic() + timeout
-        while True:
-            current = self.holders()
-            if current and current[0][0] == self._key:
-                return
-            if time.monotonic() > deadline:
-                owner = current[0][1].decode(errors="replace") if current else "?"
-                self.release()
-                raise LockTimeout(f"lock {self.prefix} still held by {owner or current[0][0]} after {timeout:.0f}s")
-            time.sleep(0.5)
+        try:
+            created = self.etcd._call("lock create", lambda c: c.create(self._key, self.holder, lease=lease))
+            if not created:
+                raise LockKeyTaken(f"lock key {self._key} already exists")
+            self._start_keepalive()
+            deadline = time.monotonic() + timeout
+            while True:
+                current = self.holders()
+                if current and current[0][0] == self._key:
+                    return
+                if time.monotonic() > deadline:
+                    owner = current[0][1].decode(errors="replace") if current else "?"
+                    raise LockTimeout(f"lock {self.prefix} still held by {owner or current[0][0]} after {timeout:.0f}s")
+                time.sleep(0.5)
+        except BaseException:
+            # Not ours after all (taken, timed out, etcd gone mid-wait): a key left behind with a
+            # live lease would own the lock for a holder that went on without it.
+            self.release()
+            raise
 
     def _start_keepalive(self) -> None:
         self._stop.clear()

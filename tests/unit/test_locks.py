@@ -306,9 +306,6 @@ def test_etcd_not_answering_before_the_key_exists_is_unavailable(server: FakeSer
     assert server.keys == {}
 
 
-@pytest.mark.xfail(strict=True, reason="EtcdMutex.acquire does not clean up when a lock read fails after "
-                                       "the key was created: the lease stays granted and kept alive, so the "
-                                       "key can own the lock for a holder that went on without it")
 def test_etcd_failing_while_waiting_leaves_no_key_behind(server: FakeServer, fake_time: FakeTime) -> None:
     etcd = FakeEtcd(server, down={"lock read"})
     mutex = etcd.mutex(PREFIX, ttl=1)
@@ -505,10 +502,6 @@ def test_cluster_lock_releases_etcd_when_the_runbook_fails(harness: Harness) -> 
     assert harness.server.keys == {} and harness.in_limit is False
 
 
-@pytest.mark.xfail(strict=True, raises=locks.ClusterBusy,
-                   reason="cluster_lock's `except TimeoutError` also wraps the runbook's body: a TimeoutError "
-                          "raised inside it (a step's TaskRunTimeoutError is one) is reported as "
-                          "'another runbook holds Prefect limit', with its cause dropped")
 def test_a_timeout_inside_the_runbook_is_not_reported_as_a_busy_cluster(harness: Harness) -> None:
     with pytest.raises(TimeoutError), locks.cluster_lock("lab", "restore_drill"):
         raise TimeoutError("Task run exceeded timeout of 60 second(s)")
