@@ -30,8 +30,8 @@ from tasks.restore import (
 )
 
 
-def _compare_markers(source: list[list[str]], restored: list[list[str]], last_commit: str | None,
-                     target: datetime | None, marker: dict | None) -> str:
+def _compare_markers(source: list[list[str]], restored: list[list[str]], target: datetime | None,
+                     marker: dict | None) -> str:
     """The restored copy must hold exactly the source's markers up to what it replayed."""
     restored_ids = {r[0] for r in restored}
     if target is None:
@@ -98,7 +98,7 @@ def restore_drill(cluster: str = "lab", target: str = "latest", backup: str | No
             logger.info("4. Verify: full read-through, amcheck, marker rows against the source.")
             sound = is_restored_copy_sound(cluster, source_markers)
             last = recovered["last_replayed_commit"]
-            markers = _compare_markers(source_markers, sound["restored_markers"], last, target_time, marker)
+            markers = _compare_markers(source_markers, sound["restored_markers"], target_time, marker)
             logger.info("%s.", markers)
         finally:
             if not keep:

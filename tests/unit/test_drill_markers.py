@@ -108,11 +108,10 @@ def test_point_in_time(restored: list[list[str]], target: datetime, outcome: str
 
 def check(source: list[list[str]], restored: list[list[str]], target: datetime | None, marker: dict | None,
           outcome: str | DrillFailed) -> None:
-    last_commit = "2026-11-27 10:24:59.9+00"
     if isinstance(outcome, DrillFailed):
         with pytest.raises(DrillFailed) as raised:
-            _compare_markers(source, restored, last_commit, target, marker)
+            _compare_markers(source, restored, target, marker)
         assert str(outcome) in str(raised.value)
     else:
-        assert _compare_markers(source, restored, last_commit, target, marker) == (
+        assert _compare_markers(source, restored, target, marker) == (
             f"{outcome} match the source up to the target")
