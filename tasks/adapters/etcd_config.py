@@ -9,7 +9,7 @@ from tasks.adapters.commands import Command, ManagedFile, Unit, cmd
 
 ENV_PATH = "/etc/default/etcd"
 LEADER_AWAY_BIN = "/usr/local/lib/bouwsteen/etcd_leader_away.py"
-LEADER_AWAY_SOURCE = Path(__file__).with_name("etcd_leader_away.py")
+LEADER_AWAY_SOURCE = Path(__file__).parents[1] / "programs" / "etcd_leader_away.py"
 
 
 def data_dir(inv: Inventory) -> str:

@@ -14,7 +14,7 @@ from tasks.errors import BouwsteenError, PreflightRefused
 PACKAGES = ["tasks", "flows", "blocks", "deployments", "lab"]
 # Programs uploaded to hosts as they are run with the standard library alone: they cannot import
 # the project, so their few errors stay their own.
-STANDALONE = {"tasks.adapters.routing.primary_detector", "tasks.adapters.etcd_leader_away"}
+STANDALONE = {"tasks.programs.primary_detector", "tasks.programs.etcd_leader_away"}
 # Private control flow inside one parser, never raised past it.
 PRIVATE = {"tasks.pgquartz.loader._DuplicateKey"}
 

@@ -1,4 +1,4 @@
-"""tasks/adapters/etcd_leader_away.py: the placement decision as a table, the gateway's shapes,
+"""tasks/programs/etcd_leader_away.py: the placement decision as a table, the gateway's shapes,
 the callback's role filter, and the command/callback rendering. No etcd: the real thing runs in
 the lab (build_cluster and the role-change flows call it on the primary)."""
 
@@ -14,8 +14,8 @@ import yaml
 
 from blocks.inventory import parse_inventory
 from tasks.adapters import etcd_config
-from tasks.adapters import etcd_leader_away as away
-from tasks.adapters.etcd_leader_away import (
+from tasks.programs import etcd_leader_away as away
+from tasks.programs.etcd_leader_away import (
     EtcdMemberState,
     main,
     parse_member_list,

@@ -1,4 +1,4 @@
-"""tasks/adapters/routing/primary_detector.py: config, routes, parallel scan, cache, HTTP server.
+"""tasks/programs/primary_detector.py: config, routes, parallel scan, cache, HTTP server.
 
 No PostgreSQL: the Detector gets a fake probe; the psycopg prober is only pointed at a closed port.
 Deadlines and cache windows run on a FakeClock that only the test moves (with a FakeExecutor that
@@ -32,8 +32,8 @@ from typing import Any
 
 import pytest
 
-from tasks.adapters.routing import primary_detector as pd
-from tasks.adapters.routing.primary_detector import (
+from tasks.programs import primary_detector as pd
+from tasks.programs.primary_detector import (
     ConfigError,
     Detector,
     HostState,

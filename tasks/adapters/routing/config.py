@@ -26,7 +26,7 @@ DETECTOR_CFG = "/etc/bouwsteen/primary-detector.yaml"
 DETECTOR_UNIT = "bouwsteen-primary-detector.service"
 DETECTOR_USER = "bouwsteen-detector"
 ROUTER_CHECK = "/usr/local/lib/bouwsteen/check-router"
-DETECTOR_SOURCE = Path(__file__).with_name("primary_detector.py")
+DETECTOR_SOURCE = Path(__file__).parents[2] / "programs" / "primary_detector.py"
 
 
 class RoutingSpecError(BouwsteenError, ValueError):
