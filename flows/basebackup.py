@@ -46,12 +46,12 @@ def scheduled_basebackup(cluster: str = "lab", force: bool = False, skip_window_
             before = is_backup_list(cluster)
             source = is_backup_source(cluster)
             decision = decide_backup(before, datetime.now(timezone.utc), skip_window=timedelta(hours=skip_window_hours),
-                                     force=force, source=source["source"])
+                                     force=force, source=source.source)
             publish_plan("scheduled_basebackup", cluster, decision.plan(keep), dry_run=dry_run)
             report["decision"] = decision.reason
             if decision.run and not dry_run:
                 logger.info("3. Act: full base backup on %s, then retention (keep %d full).", decision.source, keep)
-                taken = ensure_base_backup(cluster, source["source"], source["primary"])
+                seconds = ensure_base_backup(cluster, source.source, source.primary)
                 after = is_backup_list(cluster)
                 new = [b for b in after if b.name not in {x.name for x in before}]
                 if len(new) != 1 or new[0].error:
@@ -59,10 +59,9 @@ def scheduled_basebackup(cluster: str = "lab", force: bool = False, skip_window_
                 backup = new[0]
                 logger.info("4. Verify: %s is listed; WAL from %s on is archived.", backup.name, backup.start_wal)
                 archive = is_archive_intact(cluster)
-                if archive["status"] != "OK":
-                    raise BackupFailed(f"backup {backup.name} was taken but the WAL archive is not intact: {archive['detail']}")
+                if not archive.ok:
+                    raise BackupFailed(f"backup {backup.name} was taken but the WAL archive is not intact: {archive.detail}")
                 ensure_retention(cluster, keep)
-                seconds = taken["seconds"]
                 row = {
                     "name": backup.name, "host": backup.source_host or decision.source,
                     "size_mib": round((backup.database_bytes or 0) / 2**20, 1),

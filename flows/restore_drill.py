@@ -19,6 +19,7 @@ from tasks.planning.backup import (
     pick_restore_backup,
 )
 from tasks.restore import (
+    Marker,
     ensure_backup_restored,
     ensure_drill_torn_down,
     ensure_marker_row,
@@ -31,13 +32,13 @@ from tasks.restore import (
 
 
 def _compare_markers(source: list[list[str]], restored: list[list[str]], target: datetime | None,
-                     marker: dict | None) -> str:
+                     marker: Marker | None) -> str:
     """The restored copy must hold exactly the source's markers up to what it replayed."""
     restored_ids = {r[0] for r in restored}
     if target is None:
-        if marker and str(marker["id"]) not in restored_ids:
-            raise DrillFailed(f"marker {marker['id']} written before the drill is missing: recovery stopped early")
-        missing = [r[0] for r in source if r[0] not in restored_ids and (not marker or int(r[0]) <= int(marker["id"]))]
+        if marker and str(marker.id) not in restored_ids:
+            raise DrillFailed(f"marker {marker.id} written before the drill is missing: recovery stopped early")
+        missing = [r[0] for r in source if r[0] not in restored_ids and (not marker or int(r[0]) <= int(marker.id))]
     else:
         cutoff = target.isoformat()
         after = [r for r in restored if datetime.fromisoformat(r[1]) > target]
@@ -70,8 +71,8 @@ def restore_drill(cluster: str = "lab", target: str = "latest", backup: str | No
     if inv.cluster.object_store is None or ctx.store_block is None:
         raise PreflightRefused(f"cluster {cluster} has no object store configured")
     host_state = is_restore_host_free(cluster, replace_kept)
-    if host_state["refusals"]:
-        raise PreflightRefused(*host_state["refusals"])
+    if host_state.refusals:
+        raise PreflightRefused(*host_state.refusals)
     backups = is_backup_list(cluster)
     try:
         chosen = pick_restore_backup(backups, target_time, backup)
@@ -79,7 +80,7 @@ def restore_drill(cluster: str = "lab", target: str = "latest", backup: str | No
         raise PreflightRefused(f"{exc}") from None
 
     # ------------------------------------------------------------------ 2. plan
-    plan = drill_plan(chosen, host_state["host"], target_time, keep)
+    plan = drill_plan(chosen, host_state.host, target_time, keep)
     publish_plan("restore_drill", cluster, plan, dry_run=dry_run)
     if dry_run:
         return {"backup": chosen.name, "target": target, "plan": plan.rows()}
@@ -96,26 +97,26 @@ def restore_drill(cluster: str = "lab", target: str = "latest", backup: str | No
 
             # ---------------------------------------------------------- 4. verify
             logger.info("4. Verify: full read-through, amcheck, marker rows against the source.")
-            sound = is_restored_copy_sound(cluster, source_markers)
-            last = recovered["last_replayed_commit"]
-            markers = _compare_markers(source_markers, sound["restored_markers"], target_time, marker)
+            sound = is_restored_copy_sound(cluster)
+            last = recovered.last_replayed_commit
+            markers = _compare_markers(source_markers, sound.restored_markers, target_time, marker)
             logger.info("%s.", markers)
         finally:
             if not keep:
                 ensure_drill_torn_down(cluster)
-    rto = fetched["fetch_seconds"] + recovered["recover_seconds"] + sound["verify_seconds"]
+    rto = fetched.seconds + recovered.seconds + sound.seconds
     behind = None
     if target_time is not None and last:
         behind = round((target_time - datetime.fromisoformat(last)).total_seconds(), 3)
     row = {
         "backup": chosen.name, "backup_host": chosen.source_host, "target": target,
         "last_replayed_commit": last, "seconds_before_target": behind,
-        "fetch_s": round(fetched["fetch_seconds"], 1), "recover_s": round(recovered["recover_seconds"], 1),
+        "fetch_s": round(fetched.seconds, 1), "recover_s": round(recovered.seconds, 1),
         # Until the copy answers queries as a primary: the RTO before verification.
-        "ready_s": round(fetched["fetch_seconds"] + recovered["recover_seconds"], 2),
-        "verify_s": round(sound["verify_seconds"], 1), "rto_s": round(rto, 1),
-        "restored_mib": round(fetched["bytes"] / 2**20, 1), "databases": len(sound["databases"]),
-        "btree_indexes_checked": sound["indexes_checked"], "kept": keep,
+        "ready_s": round(fetched.seconds + recovered.seconds, 2),
+        "verify_s": round(sound.seconds, 1), "rto_s": round(rto, 1),
+        "restored_mib": round(fetched.bytes / 2**20, 1), "databases": len(sound.databases),
+        "btree_indexes_checked": sound.indexes_checked, "kept": keep,
     }
     create_table_artifact(key=f"restore-drill-{cluster}", table=[row], description=f"Restore drill of {cluster}")
     logger.info("Done: backup %s restores; RTO %.1fs (fetch %.1f, recover %.1f, verify %.1f).", chosen.name, rto,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from botocore.exceptions import BotoCoreError, ClientError
 
+from tasks.adapters.backup.base import ArchiveCheck
 from tasks.adapters.objectstore_server import server_for
 from tasks.adapters.s3 import (
     ObjectStore,
@@ -34,6 +37,13 @@ def store_endpoint(ctx: ClusterContext, *, admin: bool = False) -> S3Endpoint:
 
 def cluster_prefix(ctx: ClusterContext) -> str:
     return f"{ctx.name}/"
+
+
+
+@dataclass(frozen=True)
+class BackupSource:
+    source: str  # where the backup runs: a streaming standby, else the primary
+    primary: str
 
 
 @step
@@ -220,7 +230,7 @@ def is_backup_list(cluster: str) -> list:
 
 
 @step
-def is_backup_source(cluster: str, max_lag_bytes: int = 16 * 1024 * 1024) -> dict:
+def is_backup_source(cluster: str, max_lag_bytes: int = 16 * 1024 * 1024) -> BackupSource:
     """Pick where the backup runs: the least-lagging streaming standby, else the primary."""
     from tasks.ha import replication_rows
     from tasks.planning.backup import SourceCandidate, choose_source
@@ -236,11 +246,11 @@ def is_backup_source(cluster: str, max_lag_bytes: int = 16 * 1024 * 1024) -> dic
     ]
     chosen = choose_source(candidates, max_lag_bytes)
     say(f"Backup source: {chosen.host} ({'streaming standby' if chosen.role == 'replica' else 'the primary: no healthy standby'}).")
-    return {"source": chosen.host, "primary": primary}
+    return BackupSource(chosen.host, primary)
 
 
 @once
-def ensure_base_backup(cluster: str, source: str, primary: str) -> dict:
+def ensure_base_backup(cluster: str, source: str, primary: str) -> float:
     """Run one full base backup on `source` (never retried: the next schedule is the retry)."""
     from tasks.desired import backup_driver
 
@@ -253,7 +263,7 @@ def ensure_base_backup(cluster: str, source: str, primary: str) -> dict:
     # The backup's own time: the controller's SSH connection set-up is not part of it.
     seconds = result.seconds
     say(f"Full base backup taken on {source} in {seconds:.1f}s.")
-    return {"seconds": seconds, "stderr_tail": ctx.masker(result.stderr[-500:])}
+    return seconds
 
 
 @step
@@ -267,7 +277,7 @@ def ensure_retention(cluster: str, keep_full: int) -> str:
 
 
 @step(retries=1)
-def is_archive_intact(cluster: str) -> dict:
+def is_archive_intact(cluster: str) -> ArchiveCheck:
     """WAL archiving works now and the archive is continuous (never trusts an exit code alone)."""
     from tasks.desired import backup_driver
 
@@ -276,7 +286,7 @@ def is_archive_intact(cluster: str) -> dict:
     _, results = _run_on_primary(ctx, [driver.verify_archive_command(ctx.inventory)], check=False)
     check = driver.parse_verify(results[0])
     say(f"WAL archive check: {check.status}: {check.detail[:200]}")
-    return {"status": check.status, "detail": check.detail, "missing": list(check.missing_segments)}
+    return check
 
 
 def ensure_backup_hook(cluster: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from datetime import datetime
 
 from tasks.adapters.commands import chain, cmd, script
@@ -50,8 +51,43 @@ def rows(result) -> list[list[str]]:
     return [line.split("\t") for line in result.stdout.splitlines() if line]
 
 
+
+@dataclass(frozen=True)
+class RestoreHost:
+    host: str
+    refusals: tuple[str, ...]
+    previous: bool  # an earlier drill's copy is there (running or its data left)
+
+
+@dataclass(frozen=True)
+class Marker:
+    id: int
+    written_at: str
+
+
+@dataclass(frozen=True)
+class Fetched:
+    seconds: float  # the fetch command's own time on the restore host
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Recovered:
+    seconds: float
+    last_replayed_commit: str | None
+    size: str
+
+
+@dataclass(frozen=True)
+class CopyCheck:
+    seconds: float
+    databases: tuple[str, ...]
+    indexes_checked: int
+    restored_markers: list[list[str]]
+
+
 @step
-def is_restore_host_free(cluster: str, replace_kept: bool = False) -> dict:
+def is_restore_host_free(cluster: str, replace_kept: bool = False) -> RestoreHost:
     """The restore host must be no cluster member, and no earlier drill may still be running there."""
     ctx = context_for(cluster)
     host = restore_host(ctx)
@@ -71,7 +107,7 @@ def is_restore_host_free(cluster: str, replace_kept: bool = False) -> dict:
         refusals.append(f"{host.name}: an earlier drill is still there ({'running' if running else 'data left'} in "
                         f"{data_dir}); inspect it, then pass replace_kept=True")
     say(f"{host.name} is free for a restore drill." if not refusals else "; ".join(refusals))
-    return {"host": host.name, "refusals": refusals, "previous": running or leftover}
+    return RestoreHost(host.name, tuple(refusals), running or leftover)
 
 
 @step
@@ -91,7 +127,7 @@ def ensure_restore_host_configured(cluster: str) -> str:
 
 
 @step
-def ensure_marker_row(cluster: str) -> dict:
+def ensure_marker_row(cluster: str) -> Marker:
     """A marker row on the primary, archived, so the drill can prove it reached the end of the WAL."""
     ctx = context_for(cluster)
     primary = require_primary(ctx, "to write the drill's marker row on")
@@ -109,11 +145,11 @@ def ensure_marker_row(cluster: str) -> dict:
 
         wait_for(f"WAL segment {segment} archived", archived, timeout=120, interval=0.5)
     say(f"Marker {marker_id} written on {primary.name} at {written_at}; its WAL segment is archived.")
-    return {"id": marker_id, "written_at": written_at}
+    return Marker(marker_id, written_at)
 
 
 @once
-def ensure_backup_restored(cluster: str, backup: str, target: str | None) -> dict:
+def ensure_backup_restored(cluster: str, backup: str, target: str | None) -> Fetched:
     """Fetch the backup into an empty data directory and configure recovery (never retried)."""
     ctx = context_for(cluster)
     inv = ctx.inventory
@@ -140,11 +176,11 @@ def ensure_backup_restored(cluster: str, backup: str, target: str | None) -> dic
     # The command's own time: the SSH connection set-up is not part of fetching a backup.
     seconds = result.seconds
     say(f"Backup {backup} fetched onto {host.name} in {seconds:.1f}s ({size / 2**20:.0f} MiB).")
-    return {"fetch_seconds": seconds, "bytes": size}
+    return Fetched(seconds, size)
 
 
 @once
-def wait_until_recovered(cluster: str, timeout: float = 1800) -> dict:
+def wait_until_recovered(cluster: str, timeout: float = 1800) -> Recovered:
     """Start PostgreSQL on the copy and wait until recovery reached its target and promoted."""
     ctx = context_for(cluster)
     inv = ctx.inventory
@@ -169,11 +205,11 @@ def wait_until_recovered(cluster: str, timeout: float = 1800) -> dict:
             "(select timeline_id from pg_control_checkpoint()), pg_size_pretty(sum(pg_database_size(oid))) "
             "from pg_database")))[0]
     say(f"{host.name}: recovery finished in {seconds:.1f}s; last replayed commit {info[0] or 'none'}.")
-    return {"recover_seconds": seconds, "last_replayed_commit": info[0] or None, "size": info[2]}
+    return Recovered(seconds, info[0] or None, info[2])
 
 
 @step(retries=0)
-def is_restored_copy_sound(cluster: str, source_markers: list[list[str]]) -> dict:
+def is_restored_copy_sound(cluster: str) -> CopyCheck:
     """Every table readable (pg_dump), B-tree indexes intact (amcheck), marker rows as the source had them."""
     ctx = context_for(cluster)
     inv = ctx.inventory
@@ -197,8 +233,7 @@ def is_restored_copy_sound(cluster: str, source_markers: list[list[str]]) -> dic
             "select id::text, written_at::text from bouwsteen.restore_marker order by id"))) if exists else []
     seconds = time.monotonic() - started
     say(f"Read every table of {len(databases)} database(s) and checked {indexes} B-tree indexes in {seconds:.1f}s.")
-    return {"verify_seconds": seconds, "databases": databases, "indexes_checked": indexes, "restored_markers": restored,
-            "source_markers": source_markers}
+    return CopyCheck(seconds, tuple(databases), indexes, restored)
 
 
 @step

@@ -12,6 +12,7 @@ from datetime import datetime
 import pytest
 
 from flows.restore_drill import _compare_markers
+from tasks.restore import Marker
 from tasks.errors import DrillFailed
 
 
@@ -26,7 +27,7 @@ SOURCE = [
     row(4, "2026-11-27 10:30:00.25+00"),  # the drill's own marker in the "latest" cases
     row(5, "2026-11-27 10:40:00+00"),  # written after the marker, before the source was read
 ]
-MARKER = {"id": 4, "written_at": "2026-11-27 10:30:00.25+00"}
+MARKER = Marker(4, "2026-11-27 10:30:00.25+00")
 
 
 def up_to(n: int) -> list[list[str]]:
@@ -53,7 +54,7 @@ LATEST = {
     "several older rows are missing": (SOURCE, [SOURCE[3]], MARKER, DrillFailed("markers ['1', '2', '3'] exist")),
     # Ids compare as numbers: as text, "9" would sort after the marker "10" and not be required.
     "ids compare as numbers": ([row(9, "2026-11-27 09:00:00+00"), row(10, "2026-11-27 10:00:00+00")],
-                               [row(10, "2026-11-27 10:00:00+00")], {"id": 10}, DrillFailed("markers ['9'] exist")),
+                               [row(10, "2026-11-27 10:00:00+00")], Marker(10, "2026-11-27 10:00:00+00"), DrillFailed("markers ['9'] exist")),
     "no marker: every source row": (up_to(3), without(2, 4, 5), None, DrillFailed("markers ['2'] exist")),
     "no marker, all there": (up_to(3), up_to(3), None, "3 marker row(s)"),
     "nothing on either side": ([], [], None, "0 marker row(s)"),
@@ -64,7 +65,7 @@ LATEST = {
 
 
 @pytest.mark.parametrize(("source", "restored", "marker", "outcome"), LATEST.values(), ids=LATEST.keys())
-def test_latest(source: list[list[str]], restored: list[list[str]], marker: dict | None,
+def test_latest(source: list[list[str]], restored: list[list[str]], marker: Marker | None,
                 outcome: str | DrillFailed) -> None:
     check(source, restored, None, marker, outcome)
 
@@ -106,7 +107,7 @@ def test_point_in_time(restored: list[list[str]], target: datetime, outcome: str
     check(SOURCE, restored, target, None, outcome)
 
 
-def check(source: list[list[str]], restored: list[list[str]], target: datetime | None, marker: dict | None,
+def check(source: list[list[str]], restored: list[list[str]], target: datetime | None, marker: Marker | None,
           outcome: str | DrillFailed) -> None:
     if isinstance(outcome, DrillFailed):
         with pytest.raises(DrillFailed) as raised:
