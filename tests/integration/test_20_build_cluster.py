@@ -35,7 +35,7 @@ def row_visible_everywhere(ctx, hosts: list[str]) -> None:
         pg.query("insert into public.build_check values (%s)", [token])
     for name in hosts[1:]:
         host = ctx.inventory.host(name)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60
         while True:
             with Postgres(ctx.superuser_endpoint(host)) as pg:
                 try:
