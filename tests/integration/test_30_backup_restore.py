@@ -152,17 +152,21 @@ def test_restore_drill_bad_targets_are_refused(lab, backed_up, target, needle):
     assert cluster_state_digest(lab, ("restore1",)) == before
 
 
-# pgBackRest's own backup process (not its local workers, not this hunt's shell: "[p]" keeps the
-# pattern from matching the command line that carries it).
-BACKUP_PROCESS = "[p]gbackrest .*backup$"
+# pgBackRest's own backup process: its command line starts with the program (wrappers such as
+# timeout and runuser start with theirs), and it is the oldest of its name (its local workers and
+# the ssh it forks come later, and a child caught between fork and exec would carry its line).
+BACKUP_PROCESS = "^pgbackrest .*backup$"
 
 
-def freeze_backup_when_it_starts(lab, host: str, seconds: int = 110) -> bool:
+def freeze_backup_when_it_starts(lab, host: str, seconds: int = 110) -> str | None:
     """SIGSTOP pgBackRest's backup on `host` the moment it exists: the backup is then certainly
     still running when the object store goes away, however fast this machine copies (within
-    lab_ssh's own 120 s limit)."""
-    hunt = f"timeout {seconds} bash --norc -c 'until pkill -STOP -f \"{BACKUP_PROCESS}\"; do sleep 0.05; done'"
-    return lab_ssh(lab, host, hunt, check=False).returncode == 0
+    lab_ssh's own 120 s limit). Returns the pids to continue: the backup and its parent, runuser,
+    which stops itself when its child stops (util-linux su) and resumes only on its own SIGCONT."""
+    hunt = (f"timeout {seconds} bash --norc -c 'until pid=$(pgrep -o -f \"{BACKUP_PROCESS}\"); do sleep 0.05; done; "
+            "kill -STOP $pid && echo $pid $(ps -o ppid= -p $pid)'")
+    found = lab_ssh(lab, host, hunt, check=False)
+    return found.stdout.strip() if found.returncode == 0 and found.stdout.strip() else None
 
 
 def test_object_store_down_during_backup_fails_then_rerun_succeeds(lab, backed_up):
@@ -177,7 +181,7 @@ def test_object_store_down_during_backup_fails_then_rerun_succeeds(lab, backed_u
     standbys = [h.name for h in ctx.inventory.db_hosts if h.name != primary_of(ctx).name]
     before = {b.name for b in is_backup_list("lab")}
     outcome: dict = {}
-    frozen: list[str] = []
+    frozen: dict[str, str] = {}
     with ThreadPoolExecutor(len(standbys)) as hunters:
         hunts = {hunters.submit(freeze_backup_when_it_starts, lab, host): host for host in standbys}
         runner = threading.Thread(target=lambda: outcome.setdefault(
@@ -187,21 +191,22 @@ def test_object_store_down_during_backup_fails_then_rerun_succeeds(lab, backed_u
             pending = set(hunts)
             while pending and not frozen:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                frozen += [hunts[f] for f in done if f.result()]
+                frozen.update({hunts[f]: f.result() for f in done if f.result()})
         finally:
             # No hunt may outlive this test: it would freeze the rerun's backup.
             for host in standbys:
-                lab_ssh(lab, host, "pkill -f '[u]ntil pkill -STOP' || true", check=False)
+                lab_ssh(lab, host, "pkill -f '[u]ntil pid=' || true", check=False)
     try:
         assert frozen, f"no backup process appeared on {standbys}"
         lab_ssh(lab, "backup1", "systemctl stop bouwsteen-s3")
-        lab_ssh(lab, frozen[0], f"pkill -CONT -f '{BACKUP_PROCESS}'")
+        for host, pids in frozen.items():
+            lab_ssh(lab, host, f"kill -CONT {pids}")
         runner.join(timeout=600)
         state = outcome["state"]
         assert state.is_failed(), "a backup whose object store vanished must not succeed"
     finally:
-        for host in frozen:
-            lab_ssh(lab, host, f"pkill -CONT -f '{BACKUP_PROCESS}' || true", check=False)
+        for host, pids in frozen.items():
+            lab_ssh(lab, host, f"kill -CONT {pids} 2>/dev/null || true", check=False)
         lab_ssh(lab, "backup1", "systemctl start bouwsteen-s3")
         runner.join(timeout=600)
     after = is_backup_list("lab")
