@@ -16,6 +16,7 @@ from blocks.inventory import Inventory, parse_inventory
 from tasks.adapters.commands import Command, CommandResult, ManagedFile
 from tasks.adapters.ha.base import ClusterView, DbSecrets, HaSettings, HaSpecError, HaStatusError, Member
 from tasks.adapters.ha.stolon import (
+    STOLON_MANAGED_PG_PARAMETERS,
     STOLONCTL,
     StolonDriver,
     merge_patch,
@@ -290,6 +291,14 @@ def test_password_files_are_secret() -> None:
         assert secret.content.strip() == password
 
 
+def test_password_files_hold_the_bare_password_without_a_newline() -> None:
+    # The keeper reads the file as is and strips a trailing CR/LF with a warning on every start
+    # (cmd/keeper/cmd/keeper.go: readPasswordFromFile, then strings.TrimRight(pw, "\r\n")).
+    files = files_by_path()
+    assert files["/etc/stolon/pg-prod/pg-su-password"].content == SU_PASSWORD
+    assert files["/etc/stolon/pg-prod/pg-repl-password"].content == REPL_PASSWORD
+
+
 def test_no_password_outside_secret_files_or_in_commands() -> None:
     files = driver.host_files(INV, INV.host("db-1"), SECRETS, ARCHIVE_PARAMETERS)
     view = view_of("status_healthy.json", "clusterdata_healthy.json")
@@ -371,6 +380,7 @@ def test_null_override_drops_a_default() -> None:
     [
         (DbSecrets("postgres", "", "replicator", "x"), "secrets.superuser_password: empty"),
         (DbSecrets("postgres", " padded", "replicator", "x"), "secrets.superuser_password: starts or ends with whitespace"),
+        (DbSecrets("postgres", "a", "replicator", "x\ny"), "secrets.replication_password: contains a line break"),
         (DbSecrets("postgres", "a", "postgres", "b"), "secrets.replication_user"),
     ],
 )
@@ -639,6 +649,118 @@ def test_settings_refuse_stolon_managed_parameters() -> None:
         driver.settings_commands(INV, HaSettings(postgres_parameters={"max_wal_senders": "20"}))
 
 
+# ---------------------------------------------------------------- keeper-managed parameters
+
+# stolon's managedPGParameters, cmd/keeper/cmd/keeper.go (v0.17.0 and master; the pgvillage fork
+# has the same list). recovery_target_timeline is listed twice upstream.
+UPSTREAM_MANAGED_PG_PARAMETERS = {
+    "unix_socket_directories", "wal_keep_segments", "wal_keep_size", "hot_standby", "listen_addresses", "port",
+    "max_replication_slots", "max_wal_senders", "wal_log_hints", "synchronous_standby_names",
+    "primary_conninfo", "primary_slot_name", "recovery_min_apply_delay", "restore_command",
+    "recovery_target_timeline", "recovery_target", "recovery_target_lsn", "recovery_target_name",
+    "recovery_target_time", "recovery_target_xid", "recovery_target_action",
+}
+MANAGED_EXAMPLES = [
+    "wal_keep_size", "wal_keep_segments", "primary_conninfo", "primary_slot_name", "recovery_min_apply_delay",
+    "restore_command", "recovery_target", "recovery_target_time", "recovery_target_lsn", "recovery_target_name",
+    "recovery_target_xid", "recovery_target_timeline", "recovery_target_action",
+    "listen_addresses", "port", "unix_socket_directories", "hot_standby", "max_replication_slots",
+    "synchronous_standby_names", "wal_log_hints",
+]
+
+
+def test_managed_parameters_are_exactly_the_keepers_list() -> None:
+    assert STOLON_MANAGED_PG_PARAMETERS == UPSTREAM_MANAGED_PG_PARAMETERS
+
+
+@pytest.mark.parametrize("name", MANAGED_EXAMPLES)
+def test_inventory_postgres_parameters_refuse_keeper_managed(name: str) -> None:
+    inv = make_inventory(postgres={"version": 15, "parameters": {"max_connections": "200", name: "x"}})
+    with pytest.raises(HaSpecError) as raised:
+        driver.validate(inv)
+    assert f"cluster.postgres.parameters.{name}: managed by the stolon keeper" in str(raised.value)
+    # Every way into the spec refuses it: the spec file, init and the running-spec patch.
+    for render in (
+        lambda: driver.cluster_spec(inv, {}),
+        lambda: driver.host_files(inv, inv.host("db-1"), SECRETS, {}),
+        lambda: driver.bootstrap_commands(inv, SECRETS, {}),
+        lambda: driver.spec_update_commands(inv, {}),
+    ):
+        with pytest.raises(HaSpecError, match=rf"cluster\.postgres\.parameters\.{name}: managed"):
+            render()
+
+
+@pytest.mark.parametrize("name", MANAGED_EXAMPLES)
+def test_cluster_spec_pg_parameters_refuse_keeper_managed(name: str) -> None:
+    with pytest.raises(HaSpecError) as raised:
+        driver.validate(make_inventory({"pgParameters": {name: "x"}}))
+    assert f"{P}.pgParameters.{name}: managed by the stolon keeper" in str(raised.value)
+
+
+@pytest.mark.parametrize("name", MANAGED_EXAMPLES)
+def test_settings_refuse_every_keeper_managed_parameter(name: str) -> None:
+    with pytest.raises(HaSpecError) as raised:
+        driver.settings_commands(INV, HaSettings(postgres_parameters={name: "x"}))
+    assert f"settings.postgres_parameters.{name}: managed by the stolon keeper" in str(raised.value)
+
+
+def test_backup_driver_parameters_refuse_keeper_managed() -> None:
+    extra = {**ARCHIVE_PARAMETERS, "restore_command": "/opt/wal-g/scripts/archive_restore.sh %f %p"}
+    with pytest.raises(HaSpecError, match=r"archive_parameters\.restore_command: managed by the stolon keeper"):
+        driver.cluster_spec(INV, extra)
+    with pytest.raises(HaSpecError, match=r"archive_parameters\.restore_command"):
+        driver.host_files(INV, INV.host("db-1"), SECRETS, extra)
+
+
+def test_managed_refusal_says_where_the_value_comes_from() -> None:
+    with pytest.raises(HaSpecError) as raised:
+        driver.validate(make_inventory(postgres={"version": 15, "parameters": {"restore_command": "x", "port": "6543"}}))
+    message = str(raised.value)
+    assert "archiveRecoverySettings.restoreCommand" in message
+    assert "cluster.postgres.port" in message
+    assert len(message.splitlines()) == 2
+
+
+def test_managed_names_compare_case_insensitively() -> None:
+    # PostgreSQL reads `Port` as `port`; the keeper would write both, in random map order.
+    with pytest.raises(HaSpecError, match=r"cluster\.postgres\.parameters\.Port: managed"):
+        driver.validate(make_inventory(postgres={"version": 15, "parameters": {"Port": "6543"}}))
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"wal_level": "LOGICAL"}, "cluster.postgres.parameters.wal_level: the stolon keeper writes wal_level = replica"),
+        ({"wal_level": "minimal"}, "cluster.postgres.parameters.wal_level: the stolon keeper writes wal_level = replica"),
+        ({"WAL_LEVEL": "logical"}, "cluster.postgres.parameters.WAL_LEVEL: the stolon keeper writes wal_level = replica"),
+    ],
+)
+def test_wal_level_the_keeper_would_replace(parameters: dict[str, str], message: str) -> None:
+    with pytest.raises(HaSpecError) as raised:
+        driver.validate(make_inventory(postgres={"version": 15, "parameters": parameters}))
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("postgres_parameters", "cluster_spec"),
+    [
+        # The keeper keeps exactly "logical"; "replica" is what it writes anyway.
+        ({"wal_level": "logical"}, {}),
+        ({"wal_level": "replica", "archive_mode": "on", "max_connections": "300"}, {}),
+        # A null removes an inherited parameter; it sets nothing.
+        ({}, {"pgParameters": {"port": None, "work_mem": "8MB"}}),
+        # What the driver sets itself goes through other spec fields, not pgParameters.
+        ({}, {"usePgrewind": True, "synchronousReplication": False, "maxStandbys": 5, "additionalWalSenders": 2}),
+    ],
+)
+def test_parameters_the_keeper_does_not_manage_pass(postgres_parameters: dict[str, str], cluster_spec: dict[str, Any]) -> None:
+    inv = make_inventory(cluster_spec, postgres={"version": 15, "parameters": postgres_parameters})
+    spec = driver.cluster_spec(inv, ARCHIVE_PARAMETERS)
+    assert not set(map(str.lower, spec["pgParameters"])) & STOLON_MANAGED_PG_PARAMETERS
+    (update,) = driver.spec_update_commands(inv, ARCHIVE_PARAMETERS)
+    assert update.argv[-3:-1] == ("update", "--patch")
+
+
 def test_spec_update_leaves_init_only_fields_out() -> None:
     (update,) = driver.spec_update_commands(INV, ARCHIVE_PARAMETERS)
     patch = json.loads(update.argv[-1])
@@ -664,6 +786,59 @@ def test_show_config_and_drift() -> None:
     assert driver.settings_drift(inv, {**running, "synchronousReplication": True,
                                        "pgParameters": {"max_connections": "200", **ARCHIVE_PARAMETERS}},
                                  ARCHIVE_PARAMETERS) == HaSettings()
+
+
+def running_spec() -> dict[str, Any]:
+    return driver.parse_config(ok("spec_running.json"))
+
+
+def test_spec_update_replaces_pgHBA_whole_and_merges_pgParameters() -> None:
+    # `stolonctl update --patch` is strategicpatch.StrategicMergePatch against ClusterSpec, whose
+    # fields carry no patchStrategy tags: lists are replaced, maps merged, null deletes a key;
+    # for this struct that is what merge_patch (RFC 7386) does.
+    (update,) = driver.spec_update_commands(INV, ARCHIVE_PARAMETERS)
+    patched = merge_patch(running_spec(), json.loads(update.argv[-1]))
+
+    wanted = driver.cluster_spec(INV, ARCHIVE_PARAMETERS)
+    # db-4 (10.0.0.14) left the inventory: its lines go, because the patch holds the whole list.
+    assert patched["pgHBA"] == wanted["pgHBA"]
+    assert not any("10.0.0.14" in line for line in patched["pgHBA"])
+    # Maps merge: parameters stolon merged back at init, and later patches, stay.
+    assert patched["pgParameters"]["shared_buffers"] == "128MB"
+    assert patched["pgParameters"]["log_min_duration_statement"] == "1s"
+    assert {k: patched["pgParameters"][k] for k in wanted["pgParameters"]} == wanted["pgParameters"]
+    assert patched["initMode"] == "new"
+
+
+def test_spec_update_passes_explicit_nulls_on() -> None:
+    # A null in cluster.stolon.cluster_spec leaves the field out of the rendered spec; only a
+    # null in the patch removes it from a running cluster (a map entry or a whole field).
+    inv = make_inventory({"pgParameters": {"log_min_duration_statement": None}, "pgHBA": None})
+    (update,) = driver.spec_update_commands(inv, ARCHIVE_PARAMETERS)
+    patch = json.loads(update.argv[-1])
+    assert patch["pgHBA"] is None
+    assert patch["pgParameters"]["log_min_duration_statement"] is None
+    patched = merge_patch(running_spec(), patch)
+    assert "pgHBA" not in patched
+    assert "log_min_duration_statement" not in patched["pgParameters"]
+    assert patched["pgParameters"]["max_connections"] == "200"
+
+
+def test_drift_against_the_printed_running_spec() -> None:
+    running = running_spec()
+    # In line: the printed spec omits unset fields (synchronousReplication false is printed).
+    assert driver.settings_drift(INV, running, ARCHIVE_PARAMETERS) == HaSettings()
+    # stolon stores and prints values verbatim: a change of case in a command is a change.
+    upper = {**ARCHIVE_PARAMETERS, "archive_command": "/opt/WAL-G/scripts/archive.sh %p"}
+    assert driver.settings_drift(INV, running, upper) == HaSettings(
+        postgres_parameters={"archive_command": "/opt/WAL-G/scripts/archive.sh %p"}
+    )
+    # Boolean spellings PostgreSQL reads alike are no change, in any case.
+    assert driver.settings_drift(INV, running, {**ARCHIVE_PARAMETERS, "archive_mode": "ON"}) == HaSettings()
+    # A spec printed without synchronousReplication means stolon's default, false.
+    del running["synchronousReplication"]
+    inv = make_inventory(postgres={"version": 15, "synchronous_replication": True, "parameters": {"max_connections": "200"}})
+    assert driver.settings_drift(inv, running, ARCHIVE_PARAMETERS) == HaSettings(synchronous_replication=True)
 
 
 @pytest.mark.parametrize(

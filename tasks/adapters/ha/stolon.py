@@ -9,8 +9,16 @@ Contract: /work/shared/reference/stolon.md. Things this driver relies on that ar
 - The master is a DB uid (`.cluster.status.master`), not a keeper uid; the keeper is
   `.dbs[master].spec.keeperUID`. Status and clusterdata are two reads, so they are cross-checked.
 - stolonctl reads only root flags from the environment, so every command passes all flags.
-- Passwords reach the keeper through `--pg-{su,repl}-passwordfile` files (0600, owner postgres);
-  stolon strips surrounding whitespace from them.
+- Passwords reach the keeper through `--pg-{su,repl}-passwordfile` files (0600, owner postgres)
+  holding the bare password: the keeper reads the file as is, then strips trailing CR/LF with a
+  warning on every start, so the files carry no trailing newline.
+- The keeper owns some PostgreSQL parameters (stolon's `managedPGParameters`): it writes its own
+  value, takes it from another spec field, or the sentinel drops it from `pgParameters` at init.
+  They are refused wherever a user's parameters enter the spec, never passed on to be ignored.
+- `stolonctl update --patch` is a Kubernetes strategic merge patch on the ClusterSpec struct, which
+  has no patch-strategy tags: maps (`pgParameters`) merge and `null` removes a key, lists
+  (`pgHBA`, `additionalMasterReplicationSlots`) are replaced whole. So a patch always carries
+  the complete pgHBA list.
 - The cluster spec file is read once, by `stolonctl init`. Later changes go through
   `stolonctl update --patch` (`settings_commands`, `spec_update_commands`), never by re-init:
   `init -y` creates a new cluster uid and keepers then discard their data.
@@ -151,11 +159,38 @@ STOLON_SPEC_DEFAULTS: dict[str, Any] = {
     "defaultSUReplAccessMode": "all",
 }
 
-# The keeper overwrites these in postgresql.conf whatever pgParameters says.
-STOLON_MANAGED_PG_PARAMETERS = frozenset({
-    "unix_socket_directories", "wal_keep_segments", "hot_standby", "listen_addresses", "port",
-    "max_replication_slots", "max_wal_senders", "wal_log_hints", "synchronous_standby_names",
-})
+# stolon's `managedPGParameters` (cmd/keeper/cmd/keeper.go, v0.17.0, master and the pgvillage
+# fork alike), each with where its value really comes from. The keeper overwrites most of them
+# when it writes postgresql.conf, builds the recovery ones from standbyConfig / pitrConfig, and
+# leaves all of them out of the parameters it reports, so with mergePgParameters (on by default)
+# the sentinel drops them from pgParameters when the cluster is initialised.
+_MANAGED_PG_PARAMETER_SOURCES: dict[str, str] = {
+    "unix_socket_directories": "the keeper always sets it to /tmp",
+    "wal_keep_segments": "the keeper writes it (at least 8) and stolon drops it from pgParameters at init",
+    "wal_keep_size": "the keeper writes it (default 128MB) and stolon drops it from pgParameters at init",
+    "hot_standby": "the keeper always sets it to on",
+    "listen_addresses": "the keeper sets it from --pg-listen-address (the host's inventory address)",
+    "port": "the keeper sets it from --pg-port; set cluster.postgres.port",
+    "max_replication_slots": "the keeper sets it to maxStandbys",
+    "max_wal_senders": "the keeper sets it from maxStandbys and additionalWalSenders",
+    "wal_log_hints": "the keeper sets it on with usePgrewind and stolon drops it from pgParameters at init",
+    "synchronous_standby_names": "the keeper sets it from synchronousReplication; set cluster.postgres.synchronous_replication",
+    "primary_conninfo": "the keeper builds it for its standbys; a standby cluster takes standbyConfig.standbySettings.primaryConninfo",
+    "primary_slot_name": "the keeper uses slot stolon_<db uid>; a standby cluster takes standbyConfig.standbySettings.primarySlotName",
+    "recovery_min_apply_delay": "set standbyConfig.standbySettings.recoveryMinApplyDelay",
+    "restore_command": "set standbyConfig.archiveRecoverySettings.restoreCommand or pitrConfig.archiveRecoverySettings.restoreCommand",
+    "recovery_target": "set pitrConfig.recoveryTargetSettings.recoveryTarget",
+    "recovery_target_lsn": "set pitrConfig.recoveryTargetSettings.recoveryTargetLsn",
+    "recovery_target_name": "set pitrConfig.recoveryTargetSettings.recoveryTargetName",
+    "recovery_target_time": "set pitrConfig.recoveryTargetSettings.recoveryTargetTime",
+    "recovery_target_xid": "set pitrConfig.recoveryTargetSettings.recoveryTargetXid",
+    "recovery_target_timeline": "the keeper sets latest; set pitrConfig.recoveryTargetSettings.recoveryTargetTimeline",
+    "recovery_target_action": "the keeper sets promote whenever pitrConfig.recoveryTargetSettings is set",
+}
+STOLON_MANAGED_PG_PARAMETERS = frozenset(_MANAGED_PG_PARAMETER_SOURCES)
+# Not in that list, but the keeper writes wal_level = replica unless pgParameters["wal_level"]
+# is exactly "logical" (case-sensitive; PostgreSQL itself would accept "LOGICAL").
+_KEEPER_KEPT_WAL_LEVELS = frozenset({"logical"})
 
 _GO_DURATION = re.compile(r"^[-+]?(?:0|(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+)$")
 _GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
@@ -263,6 +298,31 @@ def _duration_seconds(spec: Mapping[str, Any], field: str) -> float | None:
 def _uint(spec: Mapping[str, Any], field: str) -> int | None:
     value = spec.get(field, STOLON_SPEC_DEFAULTS.get(field))
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _managed_parameter_problems(parameters: Mapping[str, Any], where: str) -> list[str]:
+    """Parameters a user may not put in pgParameters, one message per parameter naming
+    `<where>.<name>`. Names compare case-insensitively: PostgreSQL does, and the keeper would
+    write its own `port` next to a user's `Port` in random order."""
+    problems: list[str] = []
+    for name, value in parameters.items():
+        if value is None:  # a merge-patch removal, not a setting
+            continue
+        lowered = str(name).lower()
+        if lowered in STOLON_MANAGED_PG_PARAMETERS:
+            problems.append(
+                f"{where}.{name}: managed by the stolon keeper, not settable through pgParameters "
+                f"({_MANAGED_PG_PARAMETER_SOURCES[lowered]})"
+            )
+        elif lowered == "wal_level" and (
+            name != "wal_level"
+            or (isinstance(value, str) and value not in _KEEPER_KEPT_WAL_LEVELS and value.strip().lower() in ("logical", "minimal"))
+        ):
+            problems.append(
+                f"{where}.{name}: the stolon keeper writes wal_level = replica unless the parameter is "
+                f"named wal_level with the value exactly 'logical', got {value!r}"
+            )
+    return problems
 
 
 # ------------------------------------------------------------------ status text (fallback)
@@ -423,11 +483,9 @@ class StolonDriver(HaDriver):
                 f"{SPEC_FIELD_PREFIX}.synchronousReplication: {overrides['synchronousReplication']} contradicts "
                 f"cluster.postgres.synchronous_replication ({wanted_sync}); set it only there"
             )
-        for parameter in (overrides.get("pgParameters") or {}):
-            if parameter in STOLON_MANAGED_PG_PARAMETERS:
-                problems.append(
-                    f"{SPEC_FIELD_PREFIX}.pgParameters.{parameter}: managed by the stolon keeper, the value would be ignored"
-                )
+        # Both end up in the spec's pgParameters (_render_spec), so both are checked.
+        problems += _managed_parameter_problems(inv.cluster.postgres.parameters, "cluster.postgres.parameters")
+        problems += _managed_parameter_problems(overrides.get("pgParameters") or {}, f"{SPEC_FIELD_PREFIX}.pgParameters")
         for index, slot in enumerate(overrides.get("additionalMasterReplicationSlots") or []):
             if not _REPLICATION_SLOT.match(slot):
                 problems.append(
@@ -513,6 +571,10 @@ class StolonDriver(HaDriver):
 
     def _render_spec(self, inv: Inventory, extra_parameters: Mapping[str, str]) -> dict[str, Any]:
         postgres = inv.cluster.postgres
+        # validate() checked the inventory's parameters; these come from the backup driver.
+        problems = _managed_parameter_problems(extra_parameters, "archive_parameters")
+        if problems:
+            raise HaSpecError("\n".join(problems))
         # The backup driver's archive settings win over the inventory's generic parameters:
         # without them WAL archiving, and so every backup, silently breaks.
         parameters = {**postgres.parameters, **extra_parameters}
@@ -585,8 +647,16 @@ class StolonDriver(HaDriver):
             password = getattr(secrets, field)
             if not password:
                 raise HaSpecError(f"secrets.{field}: empty; the keeper needs a password for md5 authentication")
+            if "\n" in password or "\r" in password:
+                raise HaSpecError(
+                    f"secrets.{field}: contains a line break; the keeper strips trailing ones and one inside "
+                    "would break primary_conninfo in postgresql.conf"
+                )
             if password != password.strip():
-                raise HaSpecError(f"secrets.{field}: starts or ends with whitespace, which stolon strips from password files")
+                raise HaSpecError(
+                    f"secrets.{field}: starts or ends with whitespace, almost always a copy mistake; refused so "
+                    "that the password file, the keeper and the database role cannot disagree"
+                )
         if secrets.superuser == secrets.replication_user and secrets.superuser_password != secrets.replication_password:
             raise HaSpecError(
                 "secrets.replication_user: same as the superuser but with another password; stolon refuses that"
@@ -594,7 +664,8 @@ class StolonDriver(HaDriver):
 
     @staticmethod
     def _secret_file(path: str, password: str) -> ManagedFile:
-        return ManagedFile(path, password + "\n", owner=OS_USER, group=OS_USER, mode=0o600, secret=True)
+        # The bare password, no trailing newline: the keeper would strip it and warn on every start.
+        return ManagedFile(path, password, owner=OS_USER, group=OS_USER, mode=0o600, secret=True)
 
     def _store_settings(self, inv: Inventory) -> dict[str, str]:
         return {
@@ -759,9 +830,7 @@ class StolonDriver(HaDriver):
             return []
         problems: list[str] = []
         _check_against_schema(patch, CLUSTER_SPEC_SCHEMA, "settings", problems)
-        for parameter in settings.postgres_parameters:
-            if parameter in STOLON_MANAGED_PG_PARAMETERS:
-                problems.append(f"settings.postgres_parameters.{parameter}: managed by the stolon keeper, the value would be ignored")
+        problems += _managed_parameter_problems(settings.postgres_parameters, "settings.postgres_parameters")
         if problems:
             raise HaSpecError("\n".join(problems))
         return [self._update_patch(inv, patch)]
@@ -769,11 +838,27 @@ class StolonDriver(HaDriver):
     def spec_update_commands(self, inv: Inventory, extra_parameters: Mapping[str, str]) -> list[Command]:
         """Bring a running cluster's spec in line with the rendered spec (pgHBA after adding a
         host, pgParameters, timings). Init-only fields are left out: stolon refuses to change
-        initMode or role, and the *Config blocks only matter at init. The patch merges maps, so
-        a parameter removed from the inventory stays set until patched to null."""
+        initMode or role, and the *Config blocks only matter at init.
+
+        `update --patch` replaces lists whole, so pgHBA goes in complete: the running spec then
+        holds exactly the rendered lines (a removed host's line goes too). Maps merge, so a
+        parameter merely dropped from the inventory stays set; an explicit `null` in
+        cluster.stolon.cluster_spec (a field, or a pgParameters entry) is passed on as `null`,
+        which removes it from the running spec as it was left out of the rendered one."""
         spec = self.cluster_spec(inv, extra_parameters)
         init_only = {"initMode", "role", "newConfig", "pitrConfig", "existingConfig"}
-        return [self._update_patch(inv, {k: v for k, v in spec.items() if k not in init_only})]
+        patch: dict[str, Any] = {k: v for k, v in spec.items() if k not in init_only}
+        overrides = inv.cluster.stolon.cluster_spec
+        for field, value in overrides.items():
+            if value is None and field not in init_only:
+                patch[field] = None
+        removed_parameters = [
+            name for name, value in (overrides.get("pgParameters") or {}).items()
+            if value is None and name not in (spec.get("pgParameters") or {})
+        ]
+        if removed_parameters and isinstance(patch.get("pgParameters"), Mapping):
+            patch["pgParameters"] = {**patch["pgParameters"], **dict.fromkeys(removed_parameters)}
+        return [self._update_patch(inv, patch)]
 
     def _update_patch(self, inv: Inventory, patch: Mapping[str, Any]) -> Command:
         # The patch holds no secrets, so it travels as an argument instead of a temporary file.
@@ -1036,12 +1121,20 @@ def _never_initialised(status_result: CommandResult, clusterdata_result: Command
     return clusterdata_says_nil and status_agrees
 
 
+_BOOLEAN_SPELLINGS = {
+    "on": "on", "true": "on", "yes": "on", "1": "on",
+    "off": "off", "false": "off", "no": "off", "0": "off",
+}
+
+
 def _normalised_setting(value: Any) -> str | None:
-    # PostgreSQL reads on/true/yes/1 alike; only a real difference should trigger a patch.
+    # `stolonctl spec` prints pgParameters exactly as stored (after init: as pg_file_settings
+    # read them back), so values compare verbatim. Only boolean spellings, which PostgreSQL reads
+    # alike in any case, are folded; other values keep their case (commands, paths, prefixes).
     if value is None:
         return None
-    text = str(value).strip().lower()
-    return {"true": "on", "yes": "on", "1": "on", "false": "off", "no": "off", "0": "off"}.get(text, text)
+    text = str(value).strip()
+    return _BOOLEAN_SPELLINGS.get(text.lower(), text)
 
 
 def _xlog_pos(db: Any) -> int | None:
