@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from blocks.inventory import BackupTool, HaManager, HostSpec, Inventory, Role
+from blocks.inventory import BackupTool, HostSpec, Inventory, Role
 from tasks.adapters import etcd_config
 from tasks.adapters.backup.base import BackupDriver, StoreSecrets
 from tasks.adapters.backup.pgbackrest import PgBackRestDriver
 from tasks.adapters.backup.walg import WalgDriver
 from tasks.adapters.commands import ManagedFile
-from tasks.adapters.ha.base import DbSecrets, HaDriver
-from tasks.adapters.ha.patroni import PatroniDriver
-from tasks.adapters.ha.stolon import StolonDriver
+from tasks.adapters.ha.base import DbSecrets
+from tasks.adapters.ha.registry import ha_driver
 from tasks.adapters.objectstore_server import ServerSecrets, server_for
 from tasks.adapters.routing.config import RoutingSecrets, router_files, router_units
 from tasks.planning.build import DesiredHost, ReleaseFloor, marker_file
@@ -22,10 +21,6 @@ POSTGRES = frozenset({"postgres", "postmaster"})
 ETCD = frozenset({"etcd"})
 HAPROXY = frozenset({"haproxy"})
 DETECTOR = frozenset({"python3", "bouwsteen-prim"})
-
-
-def ha_driver(inv: Inventory) -> HaDriver:
-    return {HaManager.patroni: PatroniDriver, HaManager.stolon: StolonDriver}[inv.cluster.ha_manager]()
 
 
 def backup_driver(inv: Inventory) -> BackupDriver:
@@ -61,7 +56,7 @@ def etcd_member(inv: Inventory, host: HostSpec) -> DesiredHost:
 def db_files(inv: Inventory, host: HostSpec, secrets: ClusterSecrets) -> tuple[ManagedFile, ...]:
     files: list[ManagedFile] = [marker_file(inv.cluster.name), etcd_config.leader_away_file()]
     if inv.cluster.object_store is not None and secrets.store is not None:
-        files += backup_driver(inv).host_files(inv, host, secrets.store)
+        files += backup_driver(inv).host_files(inv, host, secrets.store, db_secrets=secrets.db)
     files += ha_driver(inv).host_files(inv, host, secrets.db, archive_parameters(inv, secrets))
     return tuple(files)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from blocks.inventory import HostSpec
 from tasks.adapters.commands import cmd
+from tasks.adapters.ha.pgdata import pgdata
 from tasks.adapters.probe import HostSnapshot, parse_probe, probe_command
 from tasks.adapters.remote import RemoteHost
 from tasks.context import ClusterContext, context_for
@@ -32,7 +33,7 @@ def _probe_args(ctx: ClusterContext, layers) -> dict:
         "files": [f.path for layer in layers for f in layer.files],
         "units": [u.name for layer in layers for u in layer.units],
         "packages": [p for layer in layers for p in layer.packages],
-        "data_dir": inv.cluster.postgres.data_dir,
+        "data_dir": pgdata(inv),
         "ports": sorted({p for layer in layers for p in layer.ports}),
         "tools": sorted({f.tool for layer in layers for f in layer.release_floors}),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 from datetime import datetime, timedelta, timezone
@@ -13,8 +14,11 @@ import pytest
 
 from blocks.inventory import Inventory, parse_inventory
 from tasks.adapters.backup.base import BackupInputError, BackupOutputError, StoreSecrets
-from tasks.adapters.backup.walg import WalgDriver
+from tasks.adapters.backup.walg import WalgDriver, WalgLoginWarning
 from tasks.adapters.commands import Command, CommandResult
+from tasks.adapters.ha.base import DbSecrets
+from tasks.adapters.ha.pgdata import pgdata
+from tasks.adapters.ha.stolon import StolonDriver
 
 FIXTURES = Path(__file__).parent / "fixtures" / "walg"
 SECRET_KEY = "s3cr3t-Key/with+chars=="
@@ -22,6 +26,10 @@ ACCESS_KEY = "AKIAWALGTEST0001"
 CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIBfakeCA\n-----END CERTIFICATE-----"
 SECRETS = StoreSecrets(access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY, ca_certificate=CA_PEM)
 CONFIG = "/etc/wal-g/bouw.json"
+PGPASS = "/etc/wal-g/bouw.pgpass"
+SU_PASSWORD = "Su:pw\\with-escapes"
+DB_SECRETS = DbSecrets(superuser="stolon_su", superuser_password=SU_PASSWORD, replication_user="repluser",
+                       replication_password="Repl-pw")
 WALG = ["/usr/local/bin/wal-g-pg", "--config", CONFIG]
 
 driver = WalgDriver()
@@ -43,6 +51,7 @@ def make_inventory(**cluster: Any) -> Inventory:
             {"name": "db2", "address": "10.0.0.12", "roles": ["db"]},
             {"name": "db3", "address": "10.0.0.13", "roles": ["db"]},
             {"name": "backup1", "address": "10.0.0.20", "roles": ["backup"]},
+            {"name": "drill1", "address": "10.0.0.30", "roles": ["restore"]},
         ],
     })
 
@@ -83,19 +92,52 @@ def test_parse_list_v3_detail() -> None:
     first, delta, last = backups
     assert first.kind == "full" and delta.kind == "delta" and last.kind == "full"
     assert first.start_time == datetime(2026, 5, 1, 20, 0, 5, 654321, tzinfo=timezone.utc)
-    # Go prints nanoseconds; Python keeps microseconds.
-    assert first.finish_time == datetime(2026, 5, 1, 20, 0, 40, 987654, tzinfo=timezone.utc)
+    assert first.finish_time == datetime(2026, 5, 1, 20, 0, 40, 987655, tzinfo=timezone.utc)
     assert first.start_lsn == "0/4000028" and first.finish_lsn == "0/4000158"
     assert delta.start_lsn == "1/60000028" and delta.finish_lsn == "1/60000160"
     assert first.start_wal == "000000010000000000000004" and first.stop_wal is None
     assert first.database_bytes == 23456789 and first.stored_bytes == 4567890
     assert first.source_host == "db2"  # user_data wins over the OS host name
     assert delta.source_host == "db3.example"  # no user_data: metadata hostname
-    # A +02:00 offset stays an aware datetime for the same instant.
     assert last.start_time == datetime(2026, 5, 3, 20, 0, 3, tzinfo=timezone.utc)
     assert last.duration_seconds == 116
     assert all(b.start_time.tzinfo is not None and b.finish_time.tzinfo is not None for b in backups)
     assert not any(b.error for b in backups)
+
+
+# Upstream's JSON fields: internal.BackupTime (storage_name since v3) + postgres.ExtendedMetadataDto
+# (wal-g/wal-g internal/backup_time.go, internal/databases/postgres/backup_sentinel_dto.go).
+BACKUP_TIME_FIELDS_V2 = {"backup_name", "time", "wal_file_name"}
+BACKUP_TIME_FIELDS_V3 = BACKUP_TIME_FIELDS_V2 | {"storage_name"}
+EXTENDED_METADATA_FIELDS = {"start_time", "finish_time", "date_fmt", "hostname", "data_dir", "pg_version", "start_lsn",
+                            "finish_lsn", "is_permanent", "system_identifier", "uncompressed_size", "compressed_size"}
+OPTIONAL_FIELDS = {"user_data"}  # omitempty
+
+
+@pytest.mark.parametrize(
+    ("name", "backup_time_fields"),
+    [("backup_list_detail_v3.json", BACKUP_TIME_FIELDS_V3), ("backup_list_detail_v2.json", BACKUP_TIME_FIELDS_V2)],
+)
+def test_backup_list_fixtures_have_upstream_fields(name: str, backup_time_fields: set[str]) -> None:
+    text = fixture(name)
+    required = backup_time_fields | EXTENDED_METADATA_FIELDS
+    for item in json.loads(text):
+        # No "timeline": neither struct has one.
+        assert required <= set(item) <= required | OPTIONAL_FIELDS, sorted(set(item) ^ required)
+        for key in ("start_time", "finish_time"):
+            # utility.TimeNowCrossPlatformUTC: UTC, ceiled to microseconds.
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z", item[key]), item[key]
+    # Without --pretty WAL-G prints the list as one compact line.
+    assert text.count("\n") == 1 and text.endswith("]\n")
+
+
+def test_parse_list_accepts_offsets_and_nanoseconds() -> None:
+    # Not what WAL-G writes for start/finish, but valid RFC 3339 from Go: read, not rejected.
+    item = json.loads(fixture("backup_list_detail_v3.json"))[2]
+    item.update(start_time="2026-05-03T22:00:03+02:00", finish_time="2026-05-03T20:01:59.123456789Z")
+    (info,) = driver.parse_list(CommandResult(stdout=json.dumps([item])))
+    assert info.start_time == datetime(2026, 5, 3, 20, 0, 3, tzinfo=timezone.utc)
+    assert info.finish_time == datetime(2026, 5, 3, 20, 1, 59, 123456, tzinfo=timezone.utc)
 
 
 def test_parse_list_v2_without_storage_name() -> None:
@@ -252,6 +294,30 @@ def test_parse_backup_push(stderr: str, name: str) -> None:
     assert driver.parse_backup_push(CommandResult(stdout="", stderr=stderr)) == name
 
 
+def test_backup_push_fixtures_use_v3_wording() -> None:
+    # v3 local push (backup_push_handler.go): "Started backup with name X at LSN …" first, and the
+    # closing line names the storage; v2's "Starting part N ..." lost to "Starting part N of backup X ...".
+    for name in ("backup_push.stderr", "backup_push_delta.stderr"):
+        lines = fixture(name).splitlines()
+        assert re.search(r"Wrote backup with name base_\S+ to storage default$", lines[-1]), name
+        assert any(" Started backup with name base_" in line for line in lines), name
+    assert "Starting part 1 of backup base_000000020000000100000072 ..." in fixture("backup_push.stderr")
+
+
+@pytest.mark.parametrize(
+    "last_line",
+    [
+        "INFO: 2026/05/03 20:01:59.8 Wrote backup with name base_000000020000000100000072 to storage default",
+        # A remote (BASE_BACKUP) push and v2 end without the storage.
+        "INFO: 2026/05/03 20:01:59.8 Wrote backup with name base_000000020000000100000072",
+    ],
+)
+def test_parse_backup_push_both_endings(last_line: str) -> None:
+    stderr = ("INFO: 2026/05/03 20:00:03.1 Started backup with name base_000000020000000100000070 at LSN 1/70000028\n"
+              + last_line + "\n")
+    assert driver.parse_backup_push(CommandResult(stdout="", stderr=stderr)) == "base_000000020000000100000072"
+
+
 @pytest.mark.parametrize(
     ("result", "message"),
     [
@@ -269,13 +335,52 @@ def test_parse_backup_push_errors(result: CommandResult, message: str) -> None:
 # ---------------------------------------------------------------------- delete dry run
 
 
-def test_parse_delete_dry_run() -> None:
-    plan = driver.parse_delete_dry_run(CommandResult(stdout="", stderr=fixture("delete_retain_dry_run.stderr")))
+@pytest.mark.parametrize("name", ["delete_retain_dry_run_v3.0.9.stderr", "delete_retain_dry_run_v3.0.8.stderr"])
+def test_parse_delete_dry_run(name: str) -> None:
+    # v3.0.9 reworded the per-object line ("Object marked for deletion: … storage=…"); before it
+    # read "\twill be deleted: …, from storage: …". Both must give the same plan.
+    plan = driver.parse_delete_dry_run(CommandResult(stdout="", stderr=fixture(name)))
     assert plan.backups == (
         "base_000000010000000000000004",
         "base_000000010000000100000060_D_000000010000000000000004",
     )
     assert plan.wal_objects == 3 and plan.objects == 8
+
+
+def test_parse_delete_dry_run_v3_0_9_nothing_to_delete() -> None:
+    stderr = ("INFO: 2026/09/04 21:00:01.9 Start delete\n"
+              "INFO: 2026/09/04 21:00:01.9 Evaluating objects for deletion...\n"
+              "INFO: 2026/09/04 21:00:01.9 No objects matched the deletion criteria.\n")
+    plan = driver.parse_delete_dry_run(CommandResult(stdout="", stderr=stderr))
+    assert (plan.backups, plan.wal_objects, plan.objects) == ((), 0, 0)
+
+
+def test_parse_delete_dry_run_count_must_match_the_lines() -> None:
+    # v3.0.9's closing count catches object lines this parser did not recognise.
+    lines = fixture("delete_retain_dry_run_v3.0.9.stderr").splitlines()
+    del lines[6]
+    with pytest.raises(BackupOutputError, match="says 8 object.*listed 7"):
+        driver.parse_delete_dry_run(CommandResult(stdout="", stderr="\n".join(lines)))
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "INFO: 2026/09/04 21:00:01.9 Object marked for deletion: wal_005/000000010000000000000003.lz4",
+        "INFO: 2026/09/04 21:00:01.9 \twill be deleted: wal_005/0000000100000000000003 .lz4, from storage: default",
+    ],
+)
+def test_parse_delete_dry_run_refuses_unknown_object_lines(line: str) -> None:
+    with pytest.raises(BackupOutputError, match="unrecognised object line"):
+        driver.parse_delete_dry_run(CommandResult(stdout="", stderr=line + "\n"))
+
+
+def test_parse_delete_dry_run_ignores_debug_key_lists() -> None:
+    # WALG_LOG_LEVEL=DEVEL adds "… keys will be deleted: [...]" lines: not objects of the plan.
+    stderr = ("DEBUG: 2026/09/04 21:00:01.9 Backup keys will be deleted: "
+              "[basebackups_005/base_000000010000000000000002]\n"
+              "INFO: 2026/09/04 21:00:01.9 No objects matched the deletion criteria.\n")
+    assert driver.parse_delete_dry_run(CommandResult(stdout="", stderr=stderr)).objects == 0
 
 
 def test_parse_delete_dry_run_nothing_and_v2_lines() -> None:
@@ -361,7 +466,161 @@ def test_stolon_layout() -> None:
     inv = make_inventory(ha_manager="stolon", postgres={"version": 15, "data_directory": "/var/lib/pgsql/15/data"})
     command = driver.backup_command(inv, inv.host("db3"), inv.host("db1"))
     assert command.argv[-1] == "/var/lib/pgsql/15/data/postgres"
-    assert json.loads(driver.host_files(inv, inv.host("db1"), SECRETS)[0].content)["PGHOST"] == "/tmp"
+    config_file = driver.host_files(inv, inv.host("db1"), SECRETS, db_secrets=DB_SECRETS)[0]
+    assert json.loads(config_file.content)["PGHOST"] == "/tmp"
+
+
+# ---------------------------------------------------------------------- one data directory
+
+
+@pytest.mark.parametrize(
+    ("postgres", "expected"),
+    [
+        ({"version": 15}, "/var/lib/stolon/bouw/postgres"),
+        ({"version": 15, "data_directory": "/srv/stolon/bouw"}, "/srv/stolon/bouw/postgres"),
+    ],
+    ids=["data_directory-unset", "data_directory-set"],
+)
+def test_backup_push_dir_is_the_stolon_keepers_pgdata(postgres: dict[str, Any], expected: str) -> None:
+    # backup-push refuses a directory other than the server's data_directory, so WAL-G must back
+    # up exactly where the stolon keeper runs PostgreSQL.
+    inv = make_inventory(ha_manager="stolon", postgres=postgres)
+    command = driver.backup_command(inv, inv.host("db2"), inv.host("db1"))
+    assert command.argv[-1] == StolonDriver().pgdata(inv) == pgdata(inv) == expected
+
+
+@pytest.mark.parametrize(
+    ("postgres", "expected"),
+    [({"version": 16}, "/var/lib/postgresql/16/main"), ({"data_directory": "/srv/pg/data"}, "/srv/pg/data")],
+)
+def test_backup_push_dir_under_patroni(postgres: dict[str, Any], expected: str) -> None:
+    inv = make_inventory(ha_manager="patroni", postgres=postgres)
+    assert driver.backup_command(inv, inv.host("db2"), inv.host("db1")).argv[-1] == pgdata(inv) == expected
+
+
+# ---------------------------------------------------------------------- logging in to PostgreSQL
+
+
+def _pgpass_entries(text: str) -> list[list[str]]:
+    """A pgpass file as libpq documents it: host:port:database:user:password, `\\` escapes `:` and `\\`."""
+    entries = []
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        fields, current, escaped = [], "", False
+        for char in line:
+            if escaped:
+                current, escaped = current + char, False
+            elif char == "\\":
+                escaped = True
+            elif char == ":":
+                fields.append(current)
+                current = ""
+            else:
+                current += char
+        entries.append([*fields, current])
+    return entries
+
+
+STOLON = make_inventory(ha_manager="stolon")
+
+
+def test_stolon_login_is_the_superuser_with_a_0600_password_file() -> None:
+    # stolon's keeper pg_hba admits the socket only as `local postgres <superuser> md5`, and its
+    # initdb -U <superuser> means there may be no role postgres at all.
+    files = driver.host_files(STOLON, STOLON.host("db1"), SECRETS, db_secrets=DB_SECRETS)
+    by_path = {f.path: f for f in files}
+    assert set(by_path) == {CONFIG, "/etc/wal-g/bouw-ca.crt", PGPASS}
+    config = json.loads(by_path[CONFIG].content)
+    assert {k: config[k] for k in ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSFILE")} == {
+        "PGHOST": "/tmp", "PGPORT": "5432", "PGDATABASE": "postgres", "PGUSER": "stolon_su", "PGPASSFILE": PGPASS}
+    assert "PGPASSWORD" not in config  # WAL-G would export it into its environment
+    pgpass = by_path[PGPASS]
+    assert (pgpass.owner, pgpass.owner_group, pgpass.mode, pgpass.secret) == ("postgres", "postgres", 0o600, True)
+    # Any host (pgx matches a socket as "localhost", libpq as its directory), the cluster's port.
+    assert _pgpass_entries(pgpass.content) == [["*", "5432", "postgres", "stolon_su", SU_PASSWORD]]
+
+
+def test_stolon_login_password_only_in_the_password_file() -> None:
+    files = driver.host_files(STOLON, STOLON.host("db1"), SECRETS, db_secrets=DB_SECRETS)
+    # "with-escapes" is in the password whichever way it is escaped.
+    assert [f.path for f in files if "with-escapes" in f.content] == [PGPASS]
+    rendered = [c.render(sudo=True) for c in all_commands(STOLON)] + list(driver.archive_parameters(STOLON).values())
+    rendered += [json.dumps(c.env) for c in all_commands(STOLON)]
+    for text in rendered:
+        assert "with-escapes" not in text
+    assert "with-escapes" not in repr(driver.local_login(STOLON, DB_SECRETS))
+
+
+def _split_pgpass_line(line: str, unescape_first: tuple[str, str]) -> list[str]:
+    """Split one pgpass line the way WAL-G's pgx does: swap the two escapes for placeholders in the
+    given order (pgx v3.6.0 in WAL-G <= v3.0.5: `\\:` first; pgx v5 / pgpassfile: `\\\\` first),
+    split on ':', then put the characters back."""
+    placeholders = {"\\\\": "\r", "\\:": "\n"}
+    for escape in unescape_first:
+        line = line.replace(escape, placeholders[escape])
+    return [part.replace("\r", "\\").replace("\n", ":") for part in line.split(":")]
+
+
+@pytest.mark.parametrize("order", [("\\:", "\\\\"), ("\\\\", "\\:")], ids=["pgx-v3.6.0", "pgx-v5"])
+@pytest.mark.parametrize("password", ["a\\:b", "ends-with\\", "\\\\:", "p:q:r", "plain"])
+def test_pgpass_line_reads_back_in_both_pgx_versions(order: tuple[str, str], password: str) -> None:
+    secrets = DbSecrets(**{**DB_SECRETS.__dict__, "superuser_password": password})
+    pgpass = next(f for f in driver.host_files(STOLON, STOLON.host("db1"), SECRETS, db_secrets=secrets)
+                  if f.path == PGPASS)
+    (line,) = [raw.strip() for raw in pgpass.content.splitlines() if not raw.startswith("#")]
+    assert _split_pgpass_line(line, order) == ["*", "5432", "postgres", "stolon_su", password]
+
+
+def test_stolon_login_follows_the_configured_port() -> None:
+    inv = make_inventory(ha_manager="stolon", postgres={"version": 15, "port": 5433})
+    files = driver.host_files(inv, inv.host("db1"), SECRETS, db_secrets=DB_SECRETS)
+    pgpass = next(f for f in files if f.path == PGPASS)
+    assert _pgpass_entries(pgpass.content)[0][:4] == ["*", "5433", "postgres", "stolon_su"]
+
+
+def test_stolon_database_host_without_db_secrets_is_flagged() -> None:
+    # BackupDriver.host_files has no db_secrets yet (tasks/desired.py passes store secrets only).
+    with pytest.warns(WalgLoginWarning, match="db1: .*without db_secrets.*backup-push and wal-verify"):
+        files = driver.host_files(STOLON, STOLON.host("db1"), SECRETS)
+    assert PGPASS not in {f.path for f in files}
+    assert "PGPASSFILE" not in json.loads(files[0].content)
+
+
+def test_stolon_restore_host_needs_no_login(recwarn: pytest.WarningsRecorder) -> None:
+    # A restore host only fetches (backup-fetch, wal-fetch): no connection, no password there.
+    files = driver.host_files(STOLON, STOLON.host("drill1"), SECRETS)
+    assert [f.path for f in files] == [CONFIG, "/etc/wal-g/bouw-ca.crt"]
+    assert not [w for w in recwarn if issubclass(w.category, WalgLoginWarning)]
+
+
+def test_patroni_login_stays_peer_without_a_password() -> None:
+    # PatroniDriver.pg_hba: `local all postgres peer` is the only socket line.
+    files = driver.host_files(INV, INV.host("db1"), SECRETS, db_secrets=DB_SECRETS)
+    assert [f.path for f in files] == [CONFIG, "/etc/wal-g/bouw-ca.crt"]
+    config = json.loads(files[0].content)
+    assert config["PGUSER"] == "postgres" and "PGPASSFILE" not in config
+    assert not any("with-escapes" in f.content for f in files)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"superuser_password": ""}, "superuser_password: empty"),
+        ({"superuser_password": "two\nlines"}, "superuser_password: contains a line break"),
+        ({"superuser_password": " padded "}, "superuser_password: starts or ends with whitespace"),
+        ({"superuser": ""}, "db_secrets.superuser: "),
+        ({"superuser": "a:b"}, "db_secrets.superuser: "),
+        ({"superuser": "back\\slash"}, "db_secrets.superuser: "),
+    ],
+)
+def test_stolon_login_secrets_are_checked(changes: dict[str, str], field: str) -> None:
+    bad = DbSecrets(**{**DB_SECRETS.__dict__, **changes})
+    with pytest.raises(BackupInputError, match=re.escape(field)) as info:
+        driver.host_files(STOLON, STOLON.host("db1"), SECRETS, db_secrets=bad)
+    for value in changes.values():
+        if value.strip():
+            assert value not in str(info.value)
 
 
 def test_list_and_verify_commands() -> None:

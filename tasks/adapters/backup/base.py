@@ -12,6 +12,7 @@ from typing import Literal
 
 from blocks.inventory import HostSpec, Inventory
 from tasks.adapters.commands import Command, CommandResult, ManagedFile
+from tasks.adapters.ha.base import DbSecrets
 from tasks.errors import BouwsteenError
 
 
@@ -74,8 +75,11 @@ class BackupDriver(ABC):
         """OS packages a database or restore host needs for this backup tool."""
 
     @abstractmethod
-    def host_files(self, inv: Inventory, host: HostSpec, secrets: StoreSecrets) -> list[ManagedFile]:
-        """Config, env and wrapper files on a database or restore host (secrets in 0600/0640 files)."""
+    def host_files(self, inv: Inventory, host: HostSpec, secrets: StoreSecrets, *,
+                   db_secrets: DbSecrets | None = None) -> list[ManagedFile]:
+        """Config, env and wrapper files on a database or restore host (secrets in 0600/0640 files).
+        `db_secrets`: on a database host, the login the tool needs where the HA manager asks for a
+        password on the local socket (stolon); a restore host fetches only and gets none."""
 
     @abstractmethod
     def archive_parameters(self, inv: Inventory) -> dict[str, str]:

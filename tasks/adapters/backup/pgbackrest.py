@@ -16,6 +16,8 @@ from tasks.adapters.backup.base import (
     StoreSecrets,
 )
 from tasks.adapters.commands import Command, CommandResult, ManagedFile, cmd, script
+from tasks.adapters.ha.base import DbSecrets
+from tasks.adapters.ha.pgdata import pgdata
 
 CONFIG_PATH = "/etc/pgbackrest/pgbackrest.conf"
 CA_PATH = "/etc/pgbackrest/object-store-ca.crt"
@@ -81,14 +83,16 @@ class PgBackRestDriver(BackupDriver):
             f"spool-path={SPOOL}",
             "",
             f"[{inv.cluster.name}]",
-            f"pg1-path={pg.data_dir}",
+            f"pg1-path={pgdata(inv)}",
             f"pg1-port={pg.port}",
             "pg1-socket-path=/var/run/postgresql",
             "",
         ]
         return "\n".join(lines)
 
-    def host_files(self, inv: Inventory, host: HostSpec, secrets: StoreSecrets) -> list[ManagedFile]:
+    def host_files(self, inv: Inventory, host: HostSpec, secrets: StoreSecrets, *,
+                   db_secrets: DbSecrets | None = None) -> list[ManagedFile]:
+        # pgBackRest logs in over the socket as postgres (peer); it needs no database password.
         return [
             ManagedFile(CA_PATH, secrets.ca_certificate, owner="root", mode=0o644),
             ManagedFile(CONFIG_PATH, self.render_config(inv, secrets), owner="postgres", group="postgres",
@@ -123,9 +127,9 @@ class PgBackRestDriver(BackupDriver):
             "--backup-standby",
             f"--pg1-host={primary.address}",
             "--pg1-host-user=postgres",
-            f"--pg1-path={pg.data_dir}",
+            f"--pg1-path={pgdata(inv)}",
             f"--pg1-port={pg.port}",
-            f"--pg2-path={pg.data_dir}",
+            f"--pg2-path={pgdata(inv)}",
             f"--pg2-port={pg.port}",
             "--pg2-socket-path=/var/run/postgresql",
             annotation,

@@ -4,17 +4,30 @@ Contract: /work/shared/reference/walg.md. PgVillage installs WAL-G as `/usr/loca
 this driver keeps its settings in one JSON file per cluster, `/etc/wal-g/<cluster>.json`, passed
 with `--config` on every call, so secrets never appear in argv, the environment or `SHOW
 archive_command`. Nothing here does I/O.
+
+backup-push and wal-verify log in to the local PostgreSQL through its socket (wal-push and
+wal-fetch never do). How depends on the HA manager's pg_hba:
+
+- stolon: the keeper's generated pg_hba admits the socket only as `local postgres <superuser> md5`
+  (keeper generateHBA; `--pg-su-auth-method` defaults to md5) and runs initdb with `-U <superuser>`,
+  so there may be no `postgres` role at all. WAL-G logs in as the configured superuser with the
+  password from a 0600 pgpass file named by PGPASSFILE (WAL-G exports its config file's settings
+  to its own environment; pgx reads PGPASSFILE: v3.6.0 in WAL-G <= v3.0.5, v5 from v3.0.6). Only
+  the file's path is in the config and the environment, never the password.
+- Patroni: PatroniDriver.pg_hba admits the socket as `local all postgres peer`; WAL-G runs as the
+  OS user postgres and logs in as `postgres` without a password.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from blocks.inventory import HaManager, HostSpec, Inventory, ObjectStoreSpec
+from blocks.inventory import HaManager, HostSpec, Inventory, ObjectStoreSpec, Role
 from tasks.adapters.backup.base import (
     ArchiveCheck,
     BackupDriver,
@@ -24,11 +37,16 @@ from tasks.adapters.backup.base import (
     StoreSecrets,
 )
 from tasks.adapters.commands import Command, CommandResult, ManagedFile, cmd, script
+from tasks.adapters.ha.base import DbSecrets
+from tasks.adapters.ha.pgdata import pgdata
+from tasks.errors import BouwsteenError
 
 BINARY = "/usr/local/bin/wal-g-pg"
 CONFIG_DIR = "/etc/wal-g"
 PACKAGE = "wal-g-pg"
 OS_USER = "postgres"
+# The database WAL-G connects to (PGDATABASE); stolon's hba admits the superuser's socket login only there.
+LOGIN_DATABASE = "postgres"
 
 # A full base backup of a large database over a modest link; Command caps timeouts at 24 h.
 BACKUP_TIMEOUT = 6 * 3600.0
@@ -44,14 +62,42 @@ ARCHIVE_PUSH_TIMEOUT = 600
 # The names WAL-G gives backups: base_<start WAL>[_D_<WAL of the backup it is a delta of>].
 _BACKUP_NAME_IN_TEXT = r"base_[0-9A-F]{24}(?:_D_[0-9A-F]{24})?"
 _BACKUP_NAME = re.compile(_BACKUP_NAME_IN_TEXT)
+# v3: "Wrote backup with name base_… to storage default" (local push), without the suffix for a
+# remote (BASE_BACKUP) push and in v2.
 _WROTE_BACKUP = re.compile(rf"Wrote backup with name ({_BACKUP_NAME_IN_TEXT})")
-# Dry-run delete log line, e.g. "INFO: 2024/03/05 10:51:42.835751 \twill be deleted: wal_005/0000….lz4,
-# from storage: default" (the storage suffix is v3+).
-_WILL_BE_DELETED = re.compile(r"will be deleted: (\S+?)(?:,\s+from storage:.*)?$")
+# `delete` without --confirm logs one INFO line per object it would delete (WAL-G's
+# DeleteObjectsWhere), in one of three wordings:
+#   v3.0.9+        "INFO: <date> <time> Object marked for deletion: <object> storage=<storage>"
+#   v3.0.0-v3.0.8  "INFO: <date> <time> \twill be deleted: <object>, from storage: <storage>"
+#   v2             "INFO: <date> <time> \twill be deleted: <object>"
+# The message must follow the log prefix directly: DEVEL logging adds lines such as "DEBUG: …
+# Backup keys will be deleted: [...]" that are not objects.
+_LOG_PREFIX = r"^(?:INFO: \S+ \S+\s+)?"
+_MARKED_FOR_DELETION = re.compile(_LOG_PREFIX + r"Object marked for deletion: (\S+) storage=\S*$")
+_WILL_BE_DELETED = re.compile(_LOG_PREFIX + r"will be deleted: (\S+?)(?:, from storage: \S*)?$")
+# Any line that announces an object, recognised or not: one that does not parse is a new wording.
+_ANNOUNCES_DELETION = re.compile(_LOG_PREFIX + r"(?:Object marked for deletion:|will be deleted:)")
+# v3.0.9+ closes a dry run with the number of objects it listed.
+_DRY_RUN_COUNT = re.compile(r"Dry run: objects would be deleted count=(\d+)")
 _DELETED_BACKUP_OBJECT = re.compile(rf"^basebackups_005/({_BACKUP_NAME_IN_TEXT})(?:_backup_stop_sentinel\.json$|/)")
 
 _STATUS_RANK = {"OK": 0, "WARNING": 1, "FAILURE": 2}
 _SEGMENT_STATUSES = {"FOUND", "MISSING_DELAYED", "MISSING_UPLOADING", "MISSING_LOST"}
+
+
+class WalgLoginWarning(BouwsteenError, UserWarning):
+    """WAL-G was configured for a database host without the login its connections need."""
+
+
+@dataclass(frozen=True)
+class LocalLogin:
+    """How WAL-G logs in to the local PostgreSQL (PGUSER, and PGPASSFILE when a password is asked)."""
+
+    user: str
+    password: str | None = field(default=None, repr=False)
+    passfile: str | None = None
+    # stolon asks for a password but no db_secrets were given.
+    password_missing: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,12 +128,8 @@ class WalgDriver(BackupDriver):
         store = _store(inv)
         return f"s3://{store.bucket}/{inv.cluster.name}/pg{inv.cluster.postgres.version}"
 
-    def pgdata(self, inv: Inventory) -> str:
-        """The directory PostgreSQL runs on: stolon keeps it in `<keeper data dir>/postgres`."""
-        data_dir = inv.cluster.postgres.data_dir.rstrip("/")
-        if inv.cluster.ha_manager == HaManager.stolon:
-            return f"{data_dir}/postgres"
-        return data_dir
+    def pgpass_path(self, inv: Inventory) -> str:
+        return f"{CONFIG_DIR}/{inv.cluster.name}.pgpass"
 
     def socket_dir(self, inv: Inventory) -> str:
         # stolon starts PostgreSQL with unix_socket_directories=/tmp; Debian packages (Patroni) use /var/run/postgresql.
@@ -96,9 +138,22 @@ class WalgDriver(BackupDriver):
     def _walg(self, inv: Inventory, *args: str | int) -> tuple[str, ...]:
         return (self.binary, "--config", self.config_path(inv), *(str(a) for a in args))
 
-    def config(self, inv: Inventory, secrets: StoreSecrets) -> dict[str, str]:
+    def local_login(self, inv: Inventory, db_secrets: DbSecrets | None) -> LocalLogin:
+        """How backup-push and wal-verify log in through the socket (see the module docstring)."""
+        if inv.cluster.ha_manager != HaManager.stolon:
+            # Patroni: `local all postgres peer`; a password would not even be asked for.
+            return LocalLogin(user=OS_USER)
+        if db_secrets is None:
+            return LocalLogin(user=OS_USER, password_missing=True)
+        _check_login(db_secrets)
+        return LocalLogin(user=db_secrets.superuser, password=db_secrets.superuser_password,
+                          passfile=self.pgpass_path(inv))
+
+    def config(self, inv: Inventory, secrets: StoreSecrets, login: LocalLogin | None = None) -> dict[str, str]:
         """The settings WAL-G reads from the config file (all strings: viper's most portable form)."""
         store = _store(inv)
+        login = login or LocalLogin(user=OS_USER)
+        passfile = {"PGPASSFILE": login.passfile} if login.passfile else {}
         return {
             "WALG_S3_PREFIX": self.s3_prefix(inv),
             "AWS_ENDPOINT": store.endpoint.rstrip("/"),
@@ -114,11 +169,14 @@ class WalgDriver(BackupDriver):
             # A second writer with different WAL under the same name (split brain, a restored copy
             # archiving by mistake) fails loudly instead of replacing the cluster's history.
             "WALG_PREVENT_WAL_OVERWRITE": "true",
-            # File values are exported to the process, so libpq (backup-push, wal-verify) sees these.
+            # File values are exported to the process, so pgx, WAL-G's PostgreSQL client (backup-push,
+            # wal-verify), reads these as libpq would.
             "PGHOST": self.socket_dir(inv),
             "PGPORT": str(inv.cluster.postgres.port),
-            "PGDATABASE": "postgres",
-            "PGUSER": OS_USER,
+            "PGDATABASE": LOGIN_DATABASE,
+            "PGUSER": login.user,
+            # A path, not the password: WAL-G exports every setting into its environment.
+            **passfile,
         }
 
     # ------------------------------------------------------------------ BackupDriver
@@ -128,16 +186,40 @@ class WalgDriver(BackupDriver):
         # for restoring stolon delta backups), installed as /usr/local/bin/wal-g-pg.
         return [PACKAGE]
 
-    def host_files(self, inv: Inventory, host: HostSpec, secrets: StoreSecrets) -> list[ManagedFile]:
+    def host_files(
+        self, inv: Inventory, host: HostSpec, secrets: StoreSecrets, *, db_secrets: DbSecrets | None = None
+    ) -> list[ManagedFile]:
+        """`db_secrets` gives backup-push and wal-verify the superuser's login under stolon. A
+        database host of a stolon cluster needs it; a restore host (fetch only) does not.
+
+        BackupDriver.host_files does not pass it yet (tasks/desired.py calls this with the store
+        secrets only): until it does, a stolon database host gets the configuration without a
+        login, which archives WAL but cannot back up or verify, and WalgLoginWarning says so."""
         # StoreSecrets.cipher_pass is pgBackRest's repository encryption; WAL-G's equivalent
         # (libsodium/PGP keys) is not part of this building block.
-        config = json.dumps(self.config(inv, secrets), indent=2, sort_keys=True) + "\n"
+        login = self.local_login(inv, db_secrets)
+        if login.password_missing and host.has(Role.db):
+            warnings.warn(
+                f"{host.name}: WAL-G of stolon cluster {inv.cluster.name!r} is configured without db_secrets: "
+                "backup-push and wal-verify will fail to log in (stolon admits the socket only as the superuser "
+                "with a password); pass db_secrets to WalgDriver.host_files",
+                WalgLoginWarning,
+                stacklevel=2,
+            )
+        config = json.dumps(self.config(inv, secrets, login), indent=2, sort_keys=True) + "\n"
         ca = secrets.ca_certificate if secrets.ca_certificate.endswith("\n") else secrets.ca_certificate + "\n"
-        return [
+        files = [
             # Holds the S3 secret key; only postgres reads it (archive_command and every wal-g call run as postgres).
             ManagedFile(self.config_path(inv), config, owner=OS_USER, group=OS_USER, mode=0o600, secret=True),
             ManagedFile(self.ca_path(inv), ca, owner="root", group="root", mode=0o644),
         ]
+        if login.passfile is not None and login.password is not None:
+            # libpq ignores a group/world-readable pgpass file, pgx does not even check: the 0600 is ours to keep.
+            files.append(ManagedFile(
+                login.passfile, _pgpass(inv.cluster.postgres.port, login.user, login.password),
+                owner=OS_USER, group=OS_USER, mode=0o600, secret=True,
+            ))
+        return files
 
     def archive_parameters(self, inv: Inventory) -> dict[str, str]:
         _store(inv)
@@ -163,7 +245,8 @@ class WalgDriver(BackupDriver):
         # in the metadata is the OS name, which need not be the inventory name.
         user_data = json.dumps({"source_host": source.name}, sort_keys=True)
         return cmd(
-            *self._walg(inv, "backup-push", "--full", "--add-user-data", user_data, self.pgdata(inv)),
+            # The directory must be the server's data_directory: backup-push refuses any other.
+            *self._walg(inv, "backup-push", "--full", "--add-user-data", user_data, pgdata(inv)),
             user=OS_USER, timeout=BACKUP_TIMEOUT,
             description=f"wal-g: full backup of {source.name}",
         )
@@ -213,10 +296,21 @@ class WalgDriver(BackupDriver):
         if result.exit_code != 0:
             raise BackupOutputError(f"wal-g delete (dry run) failed (exit {result.exit_code}): {_tail(result)}")
         objects: list[str] = []
-        for line in (result.stderr + "\n" + result.stdout).splitlines():
-            match = _WILL_BE_DELETED.search(line.strip())
+        counts: list[int] = []
+        for raw_line in (result.stderr + "\n" + result.stdout).splitlines():
+            line = raw_line.strip()
+            match = _MARKED_FOR_DELETION.match(line) or _WILL_BE_DELETED.match(line)
             if match:
                 objects.append(match.group(1))
+            elif _ANNOUNCES_DELETION.match(line):
+                raise BackupOutputError(f"wal-g delete (dry run): unrecognised object line {line[:200]!r}")
+            count = _DRY_RUN_COUNT.search(line)
+            if count:
+                counts.append(int(count.group(1)))
+        if counts and counts[-1] != len(objects):
+            raise BackupOutputError(
+                f"wal-g delete (dry run) says {counts[-1]} object(s) would be deleted but listed {len(objects)}"
+            )
         backups: list[str] = []
         for path in objects:
             match = _DELETED_BACKUP_OBJECT.match(path)
@@ -344,6 +438,39 @@ def _store(inv: Inventory) -> ObjectStoreSpec:
     if inv.cluster.object_store is None:
         raise BackupInputError(f"cluster.object_store: cluster {inv.cluster.name!r} has none; WAL-G needs one")
     return inv.cluster.object_store
+
+
+# Characters a pgpass field cannot carry (the file is line based; pgx trims each line) and, for
+# the user name, the separator and escape characters that pgx v3.6.0 unescapes in the wrong order.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _check_login(db_secrets: DbSecrets) -> None:
+    # Messages name the field, never the value.
+    user, password = db_secrets.superuser, db_secrets.superuser_password
+    if not user or _CONTROL.search(user) or user != user.strip() or ":" in user or "\\" in user:
+        raise BackupInputError(
+            "db_secrets.superuser: must be a non-empty role name without whitespace at the ends, control "
+            "characters, ':' or '\\' (WAL-G reads it from a pgpass file)"
+        )
+    if not password:
+        raise BackupInputError("db_secrets.superuser_password: empty; stolon's socket login needs a password")
+    if _CONTROL.search(password):
+        raise BackupInputError("db_secrets.superuser_password: contains a line break or control character, "
+                               "which a pgpass file cannot hold")
+    if password != password.strip():
+        raise BackupInputError("db_secrets.superuser_password: starts or ends with whitespace, which WAL-G's "
+                               "pgpass reader strips")
+
+
+def _pgpass(port: int, user: str, password: str) -> str:
+    """One pgpass line for the local socket: pgx matches a socket as host `localhost`, libpq as the
+    socket directory; `*` covers both. `\\` and `:` in the password are escaped."""
+    escaped = password.replace("\\", "\\\\").replace(":", "\\:")
+    return (
+        "# Managed by bouwsteen: the superuser login of WAL-G's backup-push and wal-verify (PGPASSFILE).\n"
+        f"*:{port}:{LOGIN_DATABASE}:{user}:{escaped}\n"
+    )
 
 
 def _check_keep_full(keep_full: int) -> None:

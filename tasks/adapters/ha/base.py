@@ -110,6 +110,10 @@ class HaDriver(ABC):
         shows for them: a host where someone else holds such a port is refused."""
 
     @abstractmethod
+    def pgdata(self, inv: Inventory) -> str:
+        """The directory PostgreSQL runs on, on every database host (`pgdata.pgdata` asks this)."""
+
+    @abstractmethod
     def rw_port(self, inv: Inventory) -> int:
         """The port on each database host that the routers' rw backend connects to (the primary
         detector decides which host is up)."""

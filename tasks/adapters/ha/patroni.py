@@ -262,6 +262,9 @@ class PatroniDriver(HaDriver):
     def rw_port(self, inv: Inventory) -> int:
         return inv.cluster.postgres.port
 
+    def pgdata(self, inv: Inventory) -> str:
+        return inv.cluster.postgres.data_dir
+
     def membership_commands(self, inv: Inventory, extra_parameters: dict[str, str]) -> list[Command]:
         # pg_hba lives in each member's patroni.yml, which the runbook rewrites and reloads.
         return []
