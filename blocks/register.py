@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from blocks.inventory import Inventory, load_inventory
+from blocks.inventory import Inventory, InventoryError, load_inventory
 from blocks.prefect_blocks import (
     ALL_BLOCKS,
     ClusterInventory,
@@ -53,6 +53,29 @@ def save_inventory(inventory: Inventory) -> None:
     ClusterInventory(inventory=inventory).save(inventory.cluster.name, overwrite=True)
 
 
+def _check_store_credentials(files: ClusterFiles, inventory: Inventory, secrets: dict) -> None:
+    """The object-store server's own credential rules (MinIO: key lengths, no `=`/`,` in a
+    user's key), checked before anything is saved rather than discovered on the server."""
+    from tasks.adapters.objectstore_server import (
+        ObjectStoreSpecError,
+        ServerSecrets,
+        server_for,
+    )
+
+    store = inventory.cluster.object_store
+    assert store is not None
+    try:
+        server_for(store.server).validate_credentials(ServerSecrets(
+            admin_access_key_id=secrets["s3_admin_access_key_id"],
+            admin_secret_access_key=secrets["s3_admin_secret_access_key"],
+            cluster_access_key_id=secrets["s3_access_key_id"],
+            cluster_secret_access_key=secrets["s3_secret_access_key"],
+            certificate_pem="", private_key_pem="",
+        ))
+    except ObjectStoreSpecError as exc:
+        raise InventoryError(f"{files.secrets}: {exc}") from None
+
+
 def register_cluster(files: ClusterFiles) -> Inventory:
     """Validate everything first (nothing is saved if any file is bad), then save every block."""
     inventory = load_inventory(files.inventory)
@@ -74,6 +97,7 @@ def register_cluster(files: ClusterFiles) -> Inventory:
         ),
     ]
     if inventory.cluster.object_store is not None and files.ca_certificate and files.store_certificate:
+        _check_store_credentials(files, inventory, secrets)
         blocks.append(
             ObjectStoreCredentials(
                 access_key_id=secrets["s3_access_key_id"],

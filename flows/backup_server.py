@@ -7,6 +7,7 @@ from prefect import flow, get_run_logger
 from flows.runbook import holding, publish_plan, snapshot_hosts
 from tasks.backup import (
     ensure_bucket_and_prefix,
+    ensure_object_store_access,
     ensure_object_store_prepared,
     is_object_store_working,
     wait_until_object_store_answers,
@@ -45,16 +46,18 @@ def backup_server_rollout(cluster: str = "lab", dry_run: bool = False) -> dict:
 
     with holding(cluster, "backup_server_rollout"):
         # -------------------------------------------------------------- 3. act
-        logger.info("3. Act: service account, data path, TLS, service, bucket and prefix.")
+        logger.info("3. Act: service account, data path, TLS, service, the cluster's user and policy, bucket and prefix.")
         ensure_object_store_prepared(cluster)
         changed = ensure_files(cluster, store.host, "objectstore")
         ensure_units(cluster, store.host, "objectstore", changed)
         wait_until_object_store_answers(cluster)
+        # Before the prefix: its marker is written with the cluster's own key.
+        access_changed = ensure_object_store_access(cluster)
         created = ensure_bucket_and_prefix(cluster)
 
         # -------------------------------------------------------------- 4. verify
         seconds = is_object_store_working(cluster)
-    changed_anything = not plan.is_noop or bool(created)
+    changed_anything = not plan.is_noop or bool(created) or access_changed
     logger.info("Done: %s serves bucket %s over TLS; round trip %.2fs; %s.", store.host, store.bucket, seconds,
                 "changes were applied" if changed_anything else "nothing was changed")
     return {"plan": plan.rows(), "changed": changed_anything, "round_trip_seconds": seconds}

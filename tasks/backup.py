@@ -7,6 +7,12 @@ from dataclasses import dataclass
 from botocore.exceptions import BotoCoreError, ClientError
 
 from tasks.adapters.backup.base import ArchiveCheck
+from tasks.adapters.minio_admin import (
+    AdminEndpoint,
+    ClusterGrant,
+    MinioCredentials,
+    ensure_cluster_access,
+)
 from tasks.adapters.objectstore_server import server_for
 from tasks.adapters.s3 import (
     ObjectStore,
@@ -37,7 +43,6 @@ def store_endpoint(ctx: ClusterContext, *, admin: bool = False) -> S3Endpoint:
 
 def cluster_prefix(ctx: ClusterContext) -> str:
     return f"{ctx.name}/"
-
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,28 @@ def _swallow(fn):
         return fn()
     except (ObjectStoreUnavailable, ObjectStoreError, BotoCoreError, ClientError) as exc:
         raise NotYet(str(exc)[:200]) from None
+
+
+@step
+def ensure_object_store_access(cluster: str) -> bool:
+    """The cluster's own object-store user, limited to its bucket prefix, where the server has
+    per-cluster users (MinIO, through its admin API over verified TLS); True when it changed."""
+    ctx = context_for(cluster)
+    store, block = ctx.inventory.cluster.object_store, ctx.store_block
+    if store is None or block is None:
+        raise LookupError(f"cluster {ctx.name} has no object store configured")
+    if not server_for(store.server).per_cluster_users:
+        say(f"{store.server}: every registered key may use every bucket; no per-cluster user to manage.")
+        return False
+    host = ctx.inventory.host(store.host)
+    outcome = ensure_cluster_access(
+        AdminEndpoint(address=f"{host.address}:{store.endpoint_port}", ca_pem=block.ca_certificate, region=store.region),
+        admin=MinioCredentials(block.admin_access_key_id, block.admin_secret_access_key.get_secret_value()),
+        cluster=MinioCredentials(block.access_key_id, block.secret_access_key.get_secret_value()),
+        grant=ClusterGrant(cluster=ctx.name, bucket=store.bucket, prefix=cluster_prefix(ctx)),
+    )
+    say(outcome.sentence)
+    return outcome.changed
 
 
 @step
@@ -196,8 +223,9 @@ def _run_on_primary(ctx: ClusterContext, commands, *, check: bool = True):
 def is_object_store_reachable(cluster: str) -> bool:
     ctx = context_for(cluster)
     try:
+        # An object under the cluster's own prefix: a per-cluster policy may refuse a bucket HEAD.
         with ObjectStore(store_endpoint(ctx), timeout=3) as s3:
-            s3.bucket_exists(ctx.inventory.cluster.object_store.bucket)
+            s3.exists(ctx.inventory.cluster.object_store.bucket, f"{cluster_prefix(ctx)}.bouwsteen-prefix")
     except (ObjectStoreUnavailable, ObjectStoreError, LookupError) as exc:
         say(f"The object store does not answer ({str(exc)[:160]}); WAL stays on the primary until it does.")
         return False

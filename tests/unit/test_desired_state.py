@@ -185,7 +185,7 @@ def test_minio_objectstore_layer() -> None:
     inv = make_inventory(server="minio")
     layers = all_desired(inv, ClusterSecrets(db=DB, store=STORE, server=SERVER))
     store = layers["backup1"]["objectstore"]
-    assert store.packages == ("minio", "mcli")
+    assert store.packages == ("minio",)
     assert "/etc/default/minio" in {f.path for f in store.files}
 
 

@@ -171,39 +171,152 @@ def test_server_secrets_trailing_newline_refused(field: str) -> None:
 
 # ----------------------------------------------------------------------------- MinIO
 
+MINIO_INV = make_inventory(server="minio")
+
+
+def test_minio_file_set() -> None:
+    files = by_path(MINIO.host_files(MINIO_INV, SECRETS))
+    # No mc alias file (root credentials in a URL) and no copy of the cluster's secret on the host:
+    # the cluster's user is created from the controller through the admin API.
+    assert list(files) == ["/etc/default/minio", "/etc/minio/certs/public.crt", "/etc/minio/certs/private.key"]
+    assert {p for p, f in files.items() if f.secret} == {"/etc/default/minio", "/etc/minio/certs/private.key"}
+
 
 def test_minio_default_file() -> None:
-    inv = make_inventory(server="minio")
-    files = by_path(MINIO.host_files(inv, SECRETS))
+    files = by_path(MINIO.host_files(MINIO_INV, SECRETS))
     env = files["/etc/default/minio"]
     assert env.content == (
         "MINIO_VOLUMES=/srv/s3\n"
-        'MINIO_OPTS="--address :9000 --certs-dir /home/minio-user/.minio/certs"\n'
+        'MINIO_OPTS="--address 10.0.0.21:9000 --certs-dir /etc/minio/certs"\n'
         "MINIO_ROOT_USER=ADMINKEY01\n"
         "MINIO_ROOT_PASSWORD=adm1n/Secret+key=\n"
+        "MINIO_BROWSER=off\n"
     )
     assert (env.owner, env.owner_group, env.mode, env.secret) == ("root", "root", 0o600, True)
-    key = files["/home/minio-user/.minio/certs/private.key"]
-    assert (key.owner, key.mode, key.secret) == ("minio-user", 0o600, True)
-    assert files["/home/minio-user/.minio/certs/public.crt"].secret is False
-    for f in files.values():
+    # systemd's EnvironmentFile and a shell read it alike here.
+    assert dict(line.split("=", 1) for line in shlex.split(env.content)) == {
+        "MINIO_VOLUMES": "/srv/s3",
+        "MINIO_OPTS": "--address 10.0.0.21:9000 --certs-dir /etc/minio/certs",
+        "MINIO_ROOT_USER": "ADMINKEY01",
+        "MINIO_ROOT_PASSWORD": "adm1n/Secret+key=",
+        "MINIO_BROWSER": "off",
+    }
+
+
+@pytest.mark.parametrize(("store", "address"), [
+    ({}, "10.0.0.21:9000"),
+    ({"endpoint": "https://s3.bouwsteen.lab:9443"}, "10.0.0.21:9443"),
+    ({"endpoint": "https://s3.bouwsteen.lab"}, "10.0.0.21:443"),
+])
+def test_minio_listens_on_backup_host_address(store: dict, address: str) -> None:
+    env = by_path(MINIO.host_files(make_inventory(server="minio", **store), SECRETS))["/etc/default/minio"]
+    assert f'MINIO_OPTS="--address {address} --certs-dir /etc/minio/certs"' in env.content.splitlines()
+
+
+def test_minio_certificate_files() -> None:
+    files = by_path(MINIO.host_files(MINIO_INV, SECRETS))
+    key = files["/etc/minio/certs/private.key"]
+    assert (key.content, key.owner, key.mode, key.secret) == (SECRETS.private_key_pem, "minio-user", 0o600, True)
+    crt = files["/etc/minio/certs/public.crt"]
+    assert (crt.content, crt.owner, crt.mode, crt.secret) == (SECRETS.certificate_pem, "minio-user", 0o644, False)
+    # Not under the service user's home: that is the data path, which the site's file backup copies.
+    assert not any(p.startswith(("/srv/s3", "/home/")) for p in files)
+
+
+def test_minio_needs_no_localhost_certificate() -> None:
+    """mcli on the host needed `localhost` in the certificate and the CA in its own folder; gone."""
+    for f in MINIO.host_files(MINIO_INV, SECRETS):
+        assert "localhost" not in f.content and "127.0.0.1" not in f.content
+        assert not f.path.endswith("/mc.env") and "/CAs/" not in f.path and ".mcli" not in f.path
+
+
+def test_minio_no_secret_in_public_files_and_no_cluster_secret_on_host() -> None:
+    files = MINIO.host_files(MINIO_INV, SECRETS)
+    for f in files:
         if not f.secret:
             for value in SECRET_VALUES:
-                assert value not in f.content
+                assert value not in f.content, f"{f.path} holds a secret"
+    # The cluster's secret has no business on the backup host at all.
+    assert not any(SECRETS.cluster_secret_access_key in f.content for f in files)
+
+
+def test_minio_no_shell_user_management() -> None:
+    """The old `mcli admin user add … || true` line is gone; nothing on the host handles secrets."""
+    assert not hasattr(MINIO, "cluster_user_commands")
+    for command in MINIO.prepare_commands(MINIO_INV):
+        text = " ".join(command.argv)
+        assert "|| true" not in text and "mcli" not in text
+        for value in (*SECRET_VALUES, SECRETS.cluster_access_key_id, SECRETS.admin_access_key_id):
+            assert value not in text
 
 
 def test_minio_units_packages() -> None:
-    inv = make_inventory(server="minio")
-    units = MINIO.units(inv)
+    units = MINIO.units(MINIO_INV)
     assert [(u.name, u.restart_on) for u in units] == [("minio.service", ("/etc/default/minio",))]
-    assert MINIO.packages() == ["minio", "mcli"]
+    assert MINIO.packages() == ["minio"]  # users and policies go through the admin API, no mcli
 
 
-def test_minio_cluster_user_command_reads_secret_from_file() -> None:
-    inv = make_inventory(server="minio")
-    (command,) = MINIO.cluster_user_commands(inv, "LABCLUSTER")
-    assert command.argv[-2:] == ("LABCLUSTER", "/etc/bouwsteen-s3/cluster-lab.secret")
-    assert SECRETS.cluster_secret_access_key not in " ".join(command.argv)
+def test_per_cluster_users() -> None:
+    assert MINIO.per_cluster_users is True
+    assert RCLONE.per_cluster_users is False
+
+
+# ----------------------------------------------------------------------------- validate_credentials
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("admin_access_key_id", "ab", "admin_access_key_id must be at least 3 characters for MinIO"),
+    ("cluster_access_key_id", "cd", "cluster_access_key_id must be at least 3 characters for MinIO"),
+    ("admin_secret_access_key", "Sec-r3t", "admin_secret_access_key must be at least 8 characters for MinIO"),
+    ("cluster_secret_access_key", "Sh0rt+/", "cluster_secret_access_key must be at least 8 characters for MinIO"),
+    ("cluster_access_key_id", "LAB=CLUSTER", "cluster_access_key_id must not contain '=' or ','"),
+])
+def test_minio_credential_rules(field: str, value: str, message: str) -> None:
+    secrets = replace(SECRETS, **{field: value})
+    with pytest.raises(ObjectStoreSpecError) as info:
+        MINIO.validate_credentials(secrets)
+    assert str(info.value).startswith(f"object store credentials: {message}")
+    assert value not in str(info.value)
+    with pytest.raises(ObjectStoreSpecError):
+        MINIO.host_files(MINIO_INV, secrets)  # rendering refuses too (pre-flight goes through it)
+    RCLONE.validate_credentials(secrets)  # rclone has no such rules
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("admin_access_key_id", "abc"),
+    ("cluster_access_key_id", "xyz"),
+    ("admin_secret_access_key", "12345678"),
+    ("cluster_secret_access_key", "abcdefgh"),
+    ("admin_access_key_id", "ADMIN=KEY"),  # MinIO's reserved characters concern users, not the root user
+    ("cluster_access_key_id", "a" * 64),  # no maximum is enforced
+])
+def test_minio_credential_rules_accept_boundaries(field: str, value: str) -> None:
+    MINIO.validate_credentials(replace(SECRETS, **{field: value}))
+
+
+@pytest.mark.parametrize("server", [RCLONE, MINIO], ids=["rclone", "minio"])
+def test_same_access_key_twice_refused(server) -> None:
+    secrets = replace(SECRETS, cluster_access_key_id=SECRETS.admin_access_key_id)
+    with pytest.raises(ObjectStoreSpecError) as info:
+        server.validate_credentials(secrets)
+    assert str(info.value) == ("object store credentials: cluster_access_key_id must differ from "
+                               "admin_access_key_id")
+    assert SECRETS.admin_access_key_id not in str(info.value)
+
+
+@pytest.mark.parametrize("server", [RCLONE, MINIO], ids=["rclone", "minio"])
+@pytest.mark.parametrize("field", FIELDS)
+def test_validate_credentials_includes_character_check(server, field: str) -> None:
+    with pytest.raises(ObjectStoreSpecError) as info:
+        server.validate_credentials(replace(SECRETS, **{field: "bad value,"}))
+    assert field in str(info.value) and "bad value" not in str(info.value)
+
+
+@pytest.mark.parametrize("server", [RCLONE, MINIO], ids=["rclone", "minio"])
+def test_validate_credentials_accepts_the_lab_shape(server) -> None:
+    # lab/manager.py: "lab"/"admin" + 12 hex digits, token_urlsafe(24) secrets.
+    server.validate_credentials(ServerSecrets("admin0123456789ab", "Zq3-_x" * 5 + "ab", "lab0123456789ab",
+                                              "Yp4_-w" * 5 + "cd", "", ""))
 
 
 @pytest.mark.parametrize(("kind", "cls"), [("rclone", RcloneS3Server), ("minio", MinioServer)])
