@@ -38,7 +38,7 @@ def scheduled_basebackup(cluster: str = "lab", force: bool = False, skip_window_
     keep = keep_full if keep_full is not None else inv.cluster.backup_retention_full
     report: dict = {"cluster": cluster, "ran": False}
     error: BaseException | None = None
-    with holding(cluster, "scheduled_basebackup"):
+    with holding(cluster, "scheduled_basebackup", dry_run=dry_run):
         try:
             logger.info("1. Pre-flight (read-only): backups in the repository and a source host.")
             if not dry_run:
