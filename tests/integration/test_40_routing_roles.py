@@ -118,6 +118,38 @@ def _refused(state, needle: str) -> None:
         state.result()
 
 
+def plan_artifacts(state) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    return [a for a in artifacts if a.type == "markdown" and "-plan-" in (a.key or "")]
+
+
+def test_role_change_and_backup_dry_runs_publish_a_plan_and_change_nothing(lab, routed, backed_up):
+    """Every changing runbook takes dry_run; these act on roles and data, so it is proven on the lab."""
+    from flows.basebackup import scheduled_basebackup
+    from flows.restore_drill import restore_drill
+    from flows.switchover import switchover
+    from tasks.backup import is_backup_list
+    from tasks.context import context_for
+
+    ctx = context_for("lab", fresh=True)
+    primary = primary_name(ctx)
+    backups = [b.name for b in is_backup_list("lab")]
+    before = cluster_state_digest(lab, ("pg1", "pg2", "pg3", "restore1"))
+    for flow_fn, params in ((switchover, {}), (scheduled_basebackup, {"force": True}), (restore_drill, {})):
+        state = flow_fn(cluster="lab", dry_run=True, return_state=True, **params)
+        assert state.is_completed(), state.message
+        [plan] = plan_artifacts(state)
+        assert "_dry_run: nothing was changed._" in plan.data
+    assert primary_name(context_for("lab", fresh=True)) == primary
+    assert [b.name for b in is_backup_list("lab")] == backups
+    assert cluster_state_digest(lab, ("pg1", "pg2", "pg3", "restore1")) == before
+
+
 def test_switchover_bad_candidates_are_refused(lab, routed):
     from flows.switchover import switchover
 
