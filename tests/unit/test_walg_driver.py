@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shlex
@@ -14,7 +15,7 @@ import pytest
 
 from blocks.inventory import Inventory, parse_inventory
 from tasks.adapters.backup.base import BackupInputError, BackupOutputError, StoreSecrets
-from tasks.adapters.backup.walg import WalgDriver, WalgLoginWarning
+from tasks.adapters.backup.walg import WalgDriver
 from tasks.adapters.commands import Command, CommandResult
 from tasks.adapters.ha.base import DbSecrets
 from tasks.adapters.ha.pgdata import pgdata
@@ -579,19 +580,20 @@ def test_stolon_login_follows_the_configured_port() -> None:
     assert _pgpass_entries(pgpass.content)[0][:4] == ["*", "5433", "postgres", "stolon_su"]
 
 
-def test_stolon_database_host_without_db_secrets_is_flagged() -> None:
-    # BackupDriver.host_files has no db_secrets yet (tasks/desired.py passes store secrets only).
-    with pytest.warns(WalgLoginWarning, match="db1: .*without db_secrets.*backup-push and wal-verify"):
-        files = driver.host_files(STOLON, STOLON.host("db1"), SECRETS)
-    assert PGPASS not in {f.path for f in files}
-    assert "PGPASSFILE" not in json.loads(files[0].content)
+def test_stolon_database_host_without_db_secrets_is_refused() -> None:
+    with pytest.raises(BackupInputError, match="db1: .*needs the database credentials.*backup-push and wal-verify"):
+        driver.host_files(STOLON, STOLON.host("db1"), SECRETS)
 
 
-def test_stolon_restore_host_needs_no_login(recwarn: pytest.WarningsRecorder) -> None:
+def test_a_cipher_pass_is_refused_rather_than_ignored() -> None:
+    with pytest.raises(BackupInputError, match="pgbackrest_cipher_pass is set"):
+        driver.host_files(STOLON, STOLON.host("db1"), dataclasses.replace(SECRETS, cipher_pass="x" * 20), db_secrets=DB_SECRETS)
+
+
+def test_stolon_restore_host_needs_no_login() -> None:
     # A restore host only fetches (backup-fetch, wal-fetch): no connection, no password there.
     files = driver.host_files(STOLON, STOLON.host("drill1"), SECRETS)
     assert [f.path for f in files] == [CONFIG, "/etc/wal-g/bouw-ca.crt"]
-    assert not [w for w in recwarn if issubclass(w.category, WalgLoginWarning)]
 
 
 def test_patroni_login_stays_peer_without_a_password() -> None:

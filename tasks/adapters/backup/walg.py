@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -39,7 +38,6 @@ from tasks.adapters.backup.base import (
 from tasks.adapters.commands import Command, CommandResult, ManagedFile, cmd, script
 from tasks.adapters.ha.base import DbSecrets
 from tasks.adapters.ha.pgdata import pgdata
-from tasks.errors import BouwsteenError
 
 BINARY = "/usr/local/bin/wal-g-pg"
 CONFIG_DIR = "/etc/wal-g"
@@ -83,10 +81,6 @@ _DELETED_BACKUP_OBJECT = re.compile(rf"^basebackups_005/({_BACKUP_NAME_IN_TEXT})
 
 _STATUS_RANK = {"OK": 0, "WARNING": 1, "FAILURE": 2}
 _SEGMENT_STATUSES = {"FOUND", "MISSING_DELAYED", "MISSING_UPLOADING", "MISSING_LOST"}
-
-
-class WalgLoginWarning(BouwsteenError, UserWarning):
-    """WAL-G was configured for a database host without the login its connections need."""
 
 
 @dataclass(frozen=True)
@@ -190,22 +184,17 @@ class WalgDriver(BackupDriver):
         self, inv: Inventory, host: HostSpec, secrets: StoreSecrets, *, db_secrets: DbSecrets | None = None
     ) -> list[ManagedFile]:
         """`db_secrets` gives backup-push and wal-verify the superuser's login under stolon. A
-        database host of a stolon cluster needs it; a restore host (fetch only) does not.
-
-        BackupDriver.host_files does not pass it yet (tasks/desired.py calls this with the store
-        secrets only): until it does, a stolon database host gets the configuration without a
-        login, which archives WAL but cannot back up or verify, and WalgLoginWarning says so."""
-        # StoreSecrets.cipher_pass is pgBackRest's repository encryption; WAL-G's equivalent
-        # (libsodium/PGP keys) is not part of this building block.
+        database host of a stolon cluster needs it; a restore host (fetch only) does not."""
+        if secrets.cipher_pass:
+            # pgBackRest's repository encryption; WAL-G's (libsodium/PGP keys) is not part of this
+            # building block, and a cipher pass that changes nothing would be a silent lie.
+            raise BackupInputError("object store credentials: pgbackrest_cipher_pass is set, but WAL-G's repository "
+                                   "encryption is not configured by this building block; remove it for a WAL-G cluster")
         login = self.local_login(inv, db_secrets)
         if login.password_missing and host.has(Role.db):
-            warnings.warn(
-                f"{host.name}: WAL-G of stolon cluster {inv.cluster.name!r} is configured without db_secrets: "
-                "backup-push and wal-verify will fail to log in (stolon admits the socket only as the superuser "
-                "with a password); pass db_secrets to WalgDriver.host_files",
-                WalgLoginWarning,
-                stacklevel=2,
-            )
+            raise BackupInputError(
+                f"{host.name}: WAL-G of stolon cluster {inv.cluster.name!r} needs the database credentials: stolon "
+                "admits the socket only as the superuser with a password (backup-push and wal-verify log in)")
         config = json.dumps(self.config(inv, secrets, login), indent=2, sort_keys=True) + "\n"
         ca = secrets.ca_certificate if secrets.ca_certificate.endswith("\n") else secrets.ca_certificate + "\n"
         files = [
