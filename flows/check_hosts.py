@@ -9,12 +9,9 @@ from prefect.artifacts import create_table_artifact
 
 from tasks.adapters.commands import cmd, script
 from tasks.context import context_for
+from tasks.desired import stack_packages
 from tasks.errors import BouwsteenError, VerifyFailed
 from tasks.runtime import say, step
-
-STACK_PACKAGES = (
-    "postgresql-15", "etcd-server", "etcd-client", "patroni", "pgbackrest", "haproxy", "keepalived", "openssh-server",
-)
 
 
 @dataclass
@@ -49,7 +46,8 @@ def is_host_reachable(cluster: str, host: str) -> dict:
             script("awk '/MemAvailable/ {print int($2/1024)}' /proc/meminfo", timeout=10, description="read meminfo")
         ).stdout.strip()
         packages = remote.run(
-            cmd("dpkg-query", "-W", "-f=${Package}=${Version};", *STACK_PACKAGES, timeout=20, ok_codes=(0, 1))
+            cmd("dpkg-query", "-W", "-f=${Package}=${Version};", *stack_packages(ctx.inventory), timeout=20,
+                ok_codes=(0, 1))
         ).stdout.strip()
     facts = HostFacts(
         host=host, address=str(spec.address), reachable=True, hostname=hostname, os=os_name, systemd=systemd,

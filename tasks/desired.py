@@ -22,6 +22,19 @@ ETCD = frozenset({"etcd"})
 HAPROXY = frozenset({"haproxy"})
 DETECTOR = frozenset({"python3", "bouwsteen-prim"})
 
+ETCD_PACKAGES = ("etcd-server", "etcd-client")
+ROUTER_PACKAGES = ("haproxy", "keepalived", "python3-psycopg", "python3-yaml", "curl", "psmisc")
+
+
+def stack_packages(inv: Inventory) -> list[str]:
+    """Every OS package this cluster's building block installs somewhere (the host report's list)."""
+    packages = [*ETCD_PACKAGES, *ha_driver(inv).packages(inv)]
+    if inv.cluster.object_store is not None:
+        packages += [*backup_driver(inv).packages(inv), *server_for(inv.cluster.object_store.server).packages()]
+    if inv.cluster.routing is not None:
+        packages += ROUTER_PACKAGES
+    return list(dict.fromkeys([*packages, "openssh-server"]))
+
 
 def backup_driver(inv: Inventory) -> BackupDriver:
     return {BackupTool.pgbackrest: PgBackRestDriver, BackupTool.walg: WalgDriver}[inv.cluster.backup_tool]()
@@ -45,7 +58,7 @@ def archive_parameters(inv: Inventory, secrets: ClusterSecrets) -> dict[str, str
 def etcd_member(inv: Inventory, host: HostSpec) -> DesiredHost:
     return DesiredHost(
         host=host.name,
-        packages=("etcd-server", "etcd-client"),
+        packages=ETCD_PACKAGES,
         files=(marker_file(inv.cluster.name), *etcd_config.member_files(inv, host)),
         units=tuple(etcd_config.member_units()),
         ports={inv.cluster.etcd.client_port: ETCD, inv.cluster.etcd.peer_port: ETCD},
@@ -112,7 +125,7 @@ def router_host(inv: Inventory, host: HostSpec, secrets: RoutingSecrets) -> Desi
     assert routing is not None
     return DesiredHost(
         host=host.name,
-        packages=("haproxy", "keepalived", "python3-psycopg", "python3-yaml", "curl", "psmisc"),
+        packages=ROUTER_PACKAGES,
         files=tuple(router_files(inv, host, secrets, ha_driver(inv).rw_port(inv))),
         units=tuple(router_units()),
         ports={routing.rw_port: HAPROXY, routing.ro_port: HAPROXY, routing.detector_port: DETECTOR},

@@ -790,17 +790,9 @@ def test_cluster_key_is_either_in_the_files_or_managed_per_cluster(stack: Stack)
 
 # ----------------------------------------------------------------------------- the host report
 
-@pytest.mark.parametrize("stack", [
-    pytest.param(PATRONI, id=PATRONI.name),
-    pytest.param(STOLON, id=STOLON.name, marks=pytest.mark.xfail(strict=True, reason=(
-        "GAP: flows/check_hosts.py reports the versions of a fixed STACK_PACKAGES list (postgresql-15, patroni, "
-        "pgbackrest, ...): for a stolon + WAL-G + MinIO cluster it never shows stolon, wal-g-pg or minio (nor "
-        "the PostgreSQL of another major version). The list should come from ha_driver(inv).packages, "
-        "backup_driver(inv).packages and server_for(...).packages"))),
-])
+@pytest.mark.parametrize("stack", STACKS)
 def test_check_hosts_reports_the_stacks_own_packages(stack: Stack) -> None:
-    from flows.check_hosts import STACK_PACKAGES
+    from tasks.desired import stack_packages
 
     tools = {*stack.ha.packages(stack.inv), *stack.backup.packages(stack.inv), *stack.server.packages()}
-    tools = {p for p in tools if not p.startswith("postgresql")}  # the server packages are a separate matter
-    assert tools <= set(STACK_PACKAGES), f"not reported: {sorted(tools - set(STACK_PACKAGES))}"
+    assert tools <= set(stack_packages(stack.inv)), f"not reported: {sorted(tools - set(stack_packages(stack.inv)))}"
