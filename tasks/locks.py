@@ -96,9 +96,13 @@ def cluster_lock(cluster: str, runbook: str, *, wait_seconds: float = 0, require
 @contextlib.contextmanager
 def pgquartz_lock(cluster: str, job: Job, holder: str) -> Iterator[None]:
     """A TAB job's own lock: pgquartz's etcd mutex under the job's lock prefix, the one a cron-run
-    pgquartz takes, so the two never run the same job at once. Waits the job's lockTimeout."""
+    pgquartz takes, so the two never run the same job at once. Waits the job's lockTimeout.
+
+    The etcd is the job's own `etcdConfig.endpoints` when the job file sets them (a loopback one,
+    pgquartz's `localhost:2379`, is the node's own member: the cluster's members at that port),
+    else the cluster's etcd."""
     ctx = context_for(cluster)
-    etcd = Etcd(etcd_config.client_endpoints(ctx.inventory), timeout=3)
+    etcd = Etcd(job.etcd_config.lock_endpoints(etcd_config.client_endpoints(ctx.inventory)), timeout=3)
     mutex = etcd.mutex(job.lock_prefix, ttl=PGQUARTZ_LEASE_TTL,
                        holder=f"{holder} on {socket.gethostname()} pid {os.getpid()}")
     try:

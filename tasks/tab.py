@@ -16,9 +16,11 @@ from tasks.context import context_for
 from tasks.errors import BouwsteenError
 from tasks.ha import read_view
 from tasks.pgquartz import (
+    ROLE_QUERY,
     Check,
     Command,
     Job,
+    Output,
     check_passed,
     effective_role,
     format_sql_rows,
@@ -26,6 +28,8 @@ from tasks.pgquartz import (
     load_job,
     read_script,
     render_sql,
+    role_problem,
+    run_commands,
     split_batch,
 )
 from tasks.runtime import say, step
@@ -79,7 +83,9 @@ def target_nodes(cluster: str, job: Job) -> list[str]:
     return nodes
 
 
-def _sql(ctx, node: str, job: Job, command: Command, instance: dict, timeout_ms: int) -> tuple[int, str, str]:
+def _sql(ctx, node: str, job: Job, command: Command, instance: dict, timeout_ms: int) -> tuple[int, list[str], str]:
+    """One SQL command on a fresh connection, as pgquartz runs it: first the role check (on that
+    connection, before every command), then its statement(s). Returns (rc, rows, error)."""
     conn = job.connections[command.type]
     host = ctx.inventory.host(node)
     params = conn.conn_params
@@ -89,6 +95,11 @@ def _sql(ctx, node: str, job: Job, command: Command, instance: dict, timeout_ms:
     lines: list[str] = []
     try:
         with Postgres(endpoint, statement_timeout_ms=timeout_ms) as pg:
+            wanted_role = effective_role(job, command)
+            if wanted_role not in (None, "all"):
+                refused = role_problem(wanted_role, pg.scalar(ROLE_QUERY))
+                if refused:
+                    return 1, [], f"{node}: {refused}"
             wanted_user = params.get("user")
             if wanted_user and wanted_user != endpoint.user:
                 pg.query(pgsql.SQL("set role {}").format(pgsql.Identifier(wanted_user)))
@@ -100,10 +111,10 @@ def _sql(ctx, node: str, job: Job, command: Command, instance: dict, timeout_ms:
                     if cur.description:
                         lines += format_sql_rows([d.name for d in cur.description], cur.fetchall())
     except DatabaseError as exc:
-        return 1, "\n".join(lines), str(exc)
+        return 1, lines, str(exc)
     except psycopg.Error as exc:  # raised by the cursor itself, not through the adapter
-        return 1, "\n".join(lines), str(exc).strip()
-    return 0, "\n".join(lines), ""
+        return 1, lines, str(exc).strip()
+    return 0, lines, ""
 
 
 def _shell(ctx, node: str, job: Job, command: Command, instance: dict, timeout_s: float) -> tuple[int, str, str]:
@@ -118,7 +129,9 @@ def _shell(ctx, node: str, job: Job, command: Command, instance: dict, timeout_s
     return result.exit_code, result.stdout, result.stderr
 
 
-def run_command(cluster: str, node: str, job: Job, command: Command, instance: dict, deadline: float) -> tuple[int, str, str]:
+def run_command(cluster: str, node: str, job: Job, command: Command, instance: dict,
+                deadline: float) -> tuple[int, Output, str]:
+    """(rc, stdout, stderr): shell stdout as text, SQL stdout as its rows (`format_sql_rows`)."""
     ctx = context_for(cluster)
     remaining = max(deadline - time.monotonic(), 1.0)
     if command.is_shell:
@@ -128,20 +141,19 @@ def run_command(cluster: str, node: str, job: Job, command: Command, instance: d
 
 @step(retries=0)
 def run_step_instance(cluster: str, job_path: str, step_name: str, instance: dict, node: str, deadline: float) -> dict:
-    """One matrix instance of a step on one node: its commands in order, stopping at the first failure."""
+    """One matrix instance of a step on one node: its commands in order, stopping at the first
+    failure; the output of a failed command is dropped, as pgquartz does (`run_commands`)."""
     job = load_job(job_path)
     logger = get_run_logger()
-    rc, out, err = 0, [], []
-    for command in job.steps[step_name].commands:
+
+    def run(command: Command) -> tuple[int, Output, str]:
         code, stdout, stderr = run_command(cluster, node, job, command, instance, deadline)
         logger.info("%s: %s → rc %d%s", node, command.label, code, f" ({stderr.strip()[:200]})" if code else "")
-        out.append(stdout)
-        err.append(stderr)
-        if code != 0:
-            rc = code
-            break
-    say(f"{step_name}{instance or ''} on {node}: rc {rc}.")
-    return {"instance": instance, "rc": rc, "stdout": "\n".join(o for o in out if o), "stderr": "\n".join(e for e in err if e)}
+        return code, stdout, stderr
+
+    outcome = run_commands(job.steps[step_name].commands, run)
+    say(f"{step_name}{instance or ''} on {node}: rc {outcome['rc']}.")
+    return {"instance": instance, **outcome}
 
 
 @step(retries=0)
@@ -149,7 +161,8 @@ def is_check_passing(cluster: str, job_path: str, index: int, instance: dict, no
     job = load_job(job_path)
     check: Check = job.checks[index]
     rc, stdout, stderr = run_command(cluster, node, job, check, instance, deadline)
-    passed, reason = check_passed(check, rc, stdout + ("\n" + stderr if check.is_shell and stderr else ""))
+    # pgquartz matches a shell check's stdout and stderr separately, a SQL check's rows only.
+    passed, reason = check_passed(check, rc, stdout, stderr)
     say(f"check {check.label}{instance or ''} on {node}: {'passed' if passed else 'FAILED'} ({reason}).")
     return {"check": check.label, "instance": instance, "node": node, "passed": passed, "reason": reason}
 

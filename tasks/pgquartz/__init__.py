@@ -8,6 +8,7 @@ See /work/shared/reference/pgquartz.md for the format and PgQuartz's run-time se
 from .loader import (
     JobFileError,
     Problem,
+    executable_by_me,
     load_job,
     load_jobs,
     parse_job,
@@ -25,12 +26,17 @@ from .model import (
     GitConfig,
     Job,
     Step,
+    etcd_endpoint_address,
+    is_loopback_endpoint,
     parse_go_duration,
 )
 from .plan import (
     MATRIX_ENV_PREFIX,
+    ROLE_QUERY,
+    Output,
     PlanError,
     check_passed,
+    command_output,
     effective_role,
     expand_matrix,
     find_cycle,
@@ -38,6 +44,8 @@ from .plan import (
     instance_env,
     job_action_plan,
     render_sql,
+    role_problem,
+    run_commands,
     run_waves,
     split_batch,
     sql_text_args,
@@ -50,19 +58,23 @@ from .when import (
     WhenExpressionError,
     evaluate_when,
     output_lines,
+    render_result,
+    result_lines,
     when_step_refs,
 )
 
 __all__ = [
     # model
     "Job", "Step", "Command", "Check", "Connection", "EtcdConfig", "GitConfig", "parse_go_duration",
-    "SHELL", "DEFAULT_LOCK_TIMEOUT", "DEFAULT_ETCD_ENDPOINTS",
+    "SHELL", "DEFAULT_LOCK_TIMEOUT", "DEFAULT_ETCD_ENDPOINTS", "etcd_endpoint_address", "is_loopback_endpoint",
     # loader
     "load_job", "load_jobs", "parse_job", "script_path", "read_script", "JobFileError", "Problem",
+    "executable_by_me",
     # plan
     "step_waves", "find_cycle", "expand_matrix", "instance_env", "render_sql", "split_batch", "sql_text_args",
     "format_sql_rows", "effective_role", "check_passed", "step_should_run", "PlanError", "MATRIX_ENV_PREFIX",
-    "job_action_plan", "run_waves",
+    "job_action_plan", "run_waves", "ROLE_QUERY", "role_problem", "command_output", "run_commands", "Output",
     # when
-    "evaluate_when", "when_step_refs", "StepResult", "InstanceResult", "output_lines", "WhenExpressionError",
+    "evaluate_when", "when_step_refs", "StepResult", "InstanceResult", "output_lines", "result_lines",
+    "render_result", "WhenExpressionError",
 ]

@@ -9,6 +9,7 @@ path (`steps.report.depends[0]`) and the reason.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,8 @@ from .model import ALL_KEYS, SHELL, Check, Command, Job
 from .plan import find_cycle, split_batch, sql_text_args
 from .when import WhenExpressionError, when_step_refs
 
-__all__ = ["JobFileError", "Problem", "load_job", "load_jobs", "parse_job", "script_path", "read_script"]
+__all__ = ["JobFileError", "Problem", "load_job", "load_jobs", "parse_job", "script_path", "read_script",
+           "executable_by_me"]
 
 JOB_SUFFIXES = (".yml", ".yaml")
 ROOT_KEY = "<root>"
@@ -282,9 +284,17 @@ def _check_command(job: Job, cmd: Command, key: str, matrix: dict[str, list[str]
             return problems
         try:
             body = path.read_text(encoding="utf-8")
+            status = path.stat()
         except (OSError, UnicodeDecodeError) as exc:
             problems.append(Problem(file, f"{key}.file", f"cannot read script {cmd.file!r}: {exc}"))
             return problems
+        if cmd.type == SHELL and not executable_by_me(status):
+            # pgquartz's verifier refuses it (panic, exit 2) although it would run it as `/bin/bash <file>`.
+            problems.append(Problem(file, f"{key}.file",
+                                    f"script {cmd.file!r} is not executable (mode {status.st_mode & 0o7777:04o}, "
+                                    f"owner uid {status.st_uid}, gid {status.st_gid}; we are uid {os.getuid()}, "
+                                    f"gid {os.getgid()}): pgquartz refuses a type: {SHELL} script it may not "
+                                    f"execute; chmod +x {path}"))
     body_key = f"{key}.{'file' if path is not None else 'inline'}"
     if cmd.is_shell:
         if cmd.role:
@@ -302,8 +312,23 @@ def _check_command(job: Job, cmd: Command, key: str, matrix: dict[str, list[str]
     return problems
 
 
+def executable_by_me(status: os.stat_result) -> bool:
+    """pgquartz's test for a `type: shell` script: executable by others, by its owner when that is
+    us, or by its group when that is our (primary) group. Like pgquartz, root gets no exception."""
+    mode = status.st_mode
+    return bool(mode & 0o001
+                or (mode & 0o100 and status.st_uid == os.getuid())
+                or (mode & 0o010 and status.st_gid == os.getgid()))
+
+
 def _check_job(job: Job, file: str) -> list[Problem]:
     problems: list[Problem] = []
+    log_file = job.log_file_path
+    if log_file is not None and not log_file.exists():
+        # pgquartz stats logFile while reading its config and stops there (exit 1), before the lock.
+        problems.append(Problem(file, "logFile", f"{job.log_file!r} does not exist (looked for {log_file}): "
+                                                 "pgquartz refuses to start; create the file or directory "
+                                                 "(a directory gets <dir>/<YYYY-MM-DD>_<job>.log) or drop logFile"))
     if SHELL in job.connections:
         problems.append(Problem(file, f"connections.{SHELL}", f"a connection may not be named {SHELL!r}: "
                                                               f"type: {SHELL} always means a shell command"))

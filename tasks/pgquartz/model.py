@@ -8,15 +8,19 @@ yaml.v2's conversions: a matrix value `010` stays the string "010" as in Go, not
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
 
 __all__ = [
     "parse_go_duration", "Command", "Check", "Step", "Connection", "EtcdConfig", "GitConfig", "Job",
     "ALL_KEYS", "SHELL", "Role", "DEFAULT_LOCK_TIMEOUT", "DEFAULT_ETCD_ENDPOINTS",
+    "etcd_endpoint_address", "is_loopback_endpoint",
 ]
 
 SHELL = "shell"
@@ -233,17 +237,107 @@ def _lock_key(value: str | None) -> str | None:
     return value or None  # "" means "default" in pgquartz
 
 
+# --------------------------------------------------------------------------- etcd endpoints
+
+
+def etcd_endpoint_address(endpoint: str) -> str:
+    """`host:port` of a pgquartz etcd endpoint, read the way etcd's Go client (v3.5) reads it.
+
+    The client takes a plain `host:port` as is and, for `http://host:port[/path]`, only the
+    URL's host part; both mean plain HTTP/gRPC because pgquartz configures no TLS. Refused here,
+    since the runner's etcd client speaks plain HTTP to a host and port only: `https://` (the Go
+    client would use TLS), `unix:`/`unixs:` sockets and other schemes, and a missing port.
+    """
+    if not isinstance(endpoint, str) or not endpoint:
+        raise ValueError(f"an etcd endpoint is host:port or http://host:port, got {endpoint!r}")
+    if endpoint.startswith(("unix:", "unixs:")):
+        raise ValueError(f"etcd endpoint {endpoint!r} is a unix socket; the runner reaches etcd over "
+                         "the network only: use host:port")
+    hostport = endpoint
+    if "://" in endpoint:
+        scheme = endpoint.partition("://")[0].lower()  # Go's url.Parse lower-cases it too
+        if scheme == "https":
+            raise ValueError(f"etcd endpoint {endpoint!r} asks for TLS, which the runner's etcd client "
+                             "does not speak; use host:port or http://host:port")
+        if scheme != "http":
+            raise ValueError(f"etcd endpoint {endpoint!r}: unsupported scheme {scheme!r} "
+                             "(use host:port or http://host:port)")
+        hostport = urlsplit(endpoint).netloc
+        if "@" in hostport:
+            raise ValueError(f"etcd endpoint {endpoint!r}: credentials in the URL are not supported")
+    try:
+        parts = urlsplit(f"//{hostport}")
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        raise ValueError(f"etcd endpoint {endpoint!r} is not host:port ({exc})") from None
+    if not host or port is None or parts.path or parts.query or parts.fragment:
+        raise ValueError(f"etcd endpoint {endpoint!r} needs a host and a port, like etcd1:2379")
+    if port == 0:
+        raise ValueError(f"etcd endpoint {endpoint!r}: port 0 is not a port")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback_endpoint(address: str) -> bool:
+    """Whether a `host:port` (from etcd_endpoint_address) is on the loopback interface."""
+    host = address.rpartition(":")[0].strip("[]").lower()
+    if host in ("localhost", "localhost.") or host.endswith((".localhost", ".localhost.")):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _etcd_endpoint(value: str) -> str:
+    etcd_endpoint_address(value)  # refuse what the runner cannot reach; keep the text as written
+    return value
+
+
+EtcdEndpoint = Annotated[str, AfterValidator(_etcd_endpoint)]
+
+
 class EtcdConfig(_Model):
-    endpoints: list[str] = Field(default_factory=lambda: list(DEFAULT_ETCD_ENDPOINTS))
+    # None = not given (pgquartz then uses DEFAULT_ETCD_ENDPOINTS); kept apart from an explicit
+    # `[localhost:2379]` so the runner can tell "use the cluster's etcd" from "use this one".
+    endpoints: list[EtcdEndpoint] | None = None
     # None until the loader fills in the job name (pgquartz's default).
     lock_key: Annotated[str | None, AfterValidator(_lock_key)] = Field(None, alias="lockKey")
     lock_timeout: GoDuration = Field(DEFAULT_LOCK_TIMEOUT, alias="lockTimeout")
 
     @model_validator(mode="after")
-    def _default_endpoints(self) -> "EtcdConfig":
+    def _empty_endpoints_are_not_given(self) -> "EtcdConfig":
         if not self.endpoints:
-            self.endpoints = list(DEFAULT_ETCD_ENDPOINTS)  # pgquartz: empty list -> default
+            self.endpoints = None  # pgquartz: an empty list means the default, as an absent one does
         return self
+
+    @property
+    def endpoints_given(self) -> bool:
+        return self.endpoints is not None
+
+    @property
+    def effective_endpoints(self) -> list[str]:
+        """The endpoints pgquartz itself would use (its default when the job sets none)."""
+        return list(self.endpoints if self.endpoints is not None else DEFAULT_ETCD_ENDPOINTS)
+
+    def lock_endpoints(self, cluster_endpoints: Sequence[str]) -> list[str]:
+        """The `host:port` list a runner that is not on the node takes the lock through.
+
+        Not given: the cluster's etcd (`cluster_endpoints`, "host:port"). Given: each endpoint,
+        normalised like etcd's client does; a loopback one (localhost, 127.0.0.0/8, ::1) names
+        the etcd member on the node pgquartz runs on, which the runner reaches as each of the
+        cluster's members at that endpoint's port.
+        """
+        if self.endpoints is None:
+            return list(cluster_endpoints)
+        out: list[str] = []
+        for endpoint in self.endpoints:
+            address = etcd_endpoint_address(endpoint)
+            if is_loopback_endpoint(address):
+                port = address.rpartition(":")[2]
+                out += [f"{member.rpartition(':')[0]}:{port}" for member in cluster_endpoints]
+            else:
+                out.append(address)
+        return list(dict.fromkeys(out))
 
 
 class GitConfig(_Model):
@@ -315,6 +409,15 @@ class Job(_Model):
         """
         base = self._source.parent if self._source is not None else Path.cwd()
         return base / self.workdir if self.workdir else base
+
+    @property
+    def log_file_path(self) -> Path | None:
+        """`logFile` as a path, None when unset; a relative one is taken relative to the job file,
+        as `workdir` is (pgquartz would use its own cwd)."""
+        if not self.log_file:
+            return None
+        base = self._source.parent if self._source is not None else Path.cwd()
+        return base / self.log_file
 
     @property
     def lock_key(self) -> str:

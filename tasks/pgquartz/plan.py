@@ -12,7 +12,12 @@ decide *what* runs and reproduce PgQuartz's semantics where a job file depends o
   statement per execute, as pgx's extended protocol does;
 * SQL output is rendered `{col}={value}` per row (`format_sql_rows`) because `when` rules and
   `expected`/`unexpected` strings are written against that exact text;
-* `when` rules (`evaluate_when`, `step_should_run`) and check verdicts (`check_passed`).
+* every SQL command first checks its server's role (`ROLE_QUERY`, `role_problem`), on the
+  connection it then runs on, as pgquartz's Connections.Execute does;
+* an instance runs its commands in order until one fails; a failed command's output is dropped
+  (`command_output`, `run_commands`), so `when` rules never see it;
+* `when` rules (`evaluate_when`, `step_should_run`) and check verdicts (`check_passed`), the
+  latter on pgquartz's quoted rendering of the output, stdout and stderr separately.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from .when import (
     WhenExpressionError,
     evaluate_when,
     output_lines,
+    render_result,
+    result_lines,
     when_step_refs,
 )
 
@@ -38,7 +45,8 @@ __all__ = [
     "PlanError", "step_waves", "find_cycle", "expand_matrix", "instance_env", "render_sql", "split_batch",
     "sql_text_args", "format_sql_rows", "effective_role", "check_passed", "step_should_run",
     "evaluate_when", "when_step_refs", "WhenExpressionError", "StepResult", "InstanceResult", "output_lines",
-    "MATRIX_ENV_PREFIX", "job_action_plan", "run_waves",
+    "MATRIX_ENV_PREFIX", "job_action_plan", "run_waves", "ROLE_QUERY", "role_problem", "command_output",
+    "run_commands", "Output",
 ]
 
 MATRIX_ENV_PREFIX = "PGQ_INSTANCE_"
@@ -123,7 +131,8 @@ def job_action_plan(job: Job, nodes: Sequence[str], lock_prefix: str) -> ActionP
 
 
 # One batch of a step's instances on one node -> one result row per instance, each with
-# "instance", "rc", "stdout" and "stderr" (what the runner's step task returns).
+# "instance", "rc", "stdout" and "stderr" (what the runner's step task returns; the outputs as
+# lines, see `run_commands`).
 RunBatch = Callable[[str, str, list], list[dict]]
 
 
@@ -380,30 +389,99 @@ def effective_role(job: Job, command: Command) -> str | None:
     return command.role or conn.role
 
 
+# pgquartz's role query (pkg/pg/conn.go VerifyRole), run before every SQL command on the
+# connection the command then uses; role `all` skips it.
+ROLE_QUERY = "select case pg_is_in_recovery() when true then 'standby' else 'primary' end"
+
+
+def role_problem(wanted: str | None, actual: Any) -> str | None:
+    """Why a SQL command must not run on a server whose ROLE_QUERY answered `actual`, or None.
+
+    `wanted` is `effective_role`; None (shell) and `all` never refuse. A refused command counts
+    as failed (rc 1, no output), as in pgquartz, which logs "skipping command" and moves on.
+    """
+    if wanted in (None, "all") or actual == wanted:
+        return None
+    return f"the server is {actual}, this command needs the {wanted} (role check before every SQL command)"
+
+
+# --------------------------------------------------------------------------- command output
+
+# What one command printed: raw text (shell) or lines (SQL rows from `format_sql_rows`).
+Output = str | Sequence[str]
+
+
+def command_output(command: Command, rc: int, stdout: Output, stderr: Output = "") -> tuple[list[str], list[str]]:
+    """The stdout and stderr lines pgquartz keeps of one step command: none at all when it failed
+    (rc ≠ 0; pgquartz never stores a failed command's output, shell or SQL); else shell output
+    split like `output_lines` (empty output is one empty line) and SQL rows as they are, with no
+    stderr (pgquartz records none for SQL)."""
+    if rc != 0:
+        return [], []
+    if command.is_shell:
+        return list(result_lines(stdout)), list(result_lines(stderr))
+    return list(result_lines(stdout)), []
+
+
+def run_commands(commands: Sequence[Command], run: Callable[[Command], tuple[int, Output, Output]]) -> dict:
+    """One step instance, as pgquartz runs it: `run` each command in order until one fails.
+
+    Returns `{"rc", "stdout", "stderr"}`: rc is that of the failed command (0 if none failed; the
+    others are 0), the outputs are the lines `command_output` keeps, in command order.
+    """
+    rc, out, err = 0, [], []
+    for command in commands:
+        code, stdout, stderr = run(command)
+        kept_out, kept_err = command_output(command, code, stdout, stderr)
+        out += kept_out
+        err += kept_err
+        if code != 0:
+            rc = code
+            break
+    return {"rc": rc, "stdout": out, "stderr": err}
+
+
 # --------------------------------------------------------------------------- checks
 
 
-def check_passed(check: Check, rc: int, output: str | Sequence[str]) -> tuple[bool, str]:
+def _match(check: Check, stream: str, lines: Sequence[str]) -> str | None:
+    rendered = render_result(lines)
+    shown = rendered if len(rendered) <= 200 else rendered[:197] + "..."
+    if check.expected and check.expected not in rendered:
+        return f"expected text {check.expected!r} not found in {stream} {shown}"
+    if check.unexpected and check.unexpected in rendered:
+        return f"unexpected text {check.unexpected!r} found in {stream} {shown}"
+    return None
+
+
+def check_passed(check: Check, rc: int, stdout: Output, stderr: Output = "") -> tuple[bool, str]:
     """Verdict for one check instance: `(passed, reason)`.
 
     `rc`: the shell exit code; for SQL 0 = the query succeeded, anything else = it failed.
-    `output`: what `expected` / `unexpected` are searched in (stdout, or rows from
-    `format_sql_rows`; a shell runner may add stderr, which pgquartz also searches).
+    `stdout` / `stderr`: raw text or lines (SQL: the rows from `format_sql_rows`).
 
     Shell: the exit code must equal `check.rc`. (pgquartz does not notice a check expecting
     `rc: N≠0` that exits 0; we do, since checks are the only proof that a job did its work.)
     SQL: `check.rc` 0 means the query must succeed, anything else means it must fail.
+
+    Then, as pgquartz's CheckOutput: `expected` must be and `unexpected` must not be a substring
+    of the output's quoted rendering (`render_result`: `[ 'line', 'it''s' ]`, so it may span lines
+    and a `'` in the output is `''`). A shell check tests stdout and then stderr separately, so
+    `expected` has to appear in both; a SQL check tests its rows only, and a failed query has
+    none (its rendering is `[  ]`).
     """
-    text = output if isinstance(output, str) else "\n".join(output)
     if check.is_shell:
         if rc != check.rc:
             return False, f"exit code {rc}, expected {check.rc}"
-    elif check.rc == 0 and rc != 0:
-        return False, "query failed but was expected to succeed"
-    elif check.rc != 0 and rc == 0:
-        return False, f"query succeeded but was expected to fail (rc: {check.rc})"
-    if check.expected and check.expected not in text:
-        return False, f"expected text {check.expected!r} not found in output"
-    if check.unexpected and check.unexpected in text:
-        return False, f"unexpected text {check.unexpected!r} found in output"
+        streams = (("stdout", result_lines(stdout)), ("stderr", result_lines(stderr)))
+    else:
+        if check.rc == 0 and rc != 0:
+            return False, "query failed but was expected to succeed"
+        if check.rc != 0 and rc == 0:
+            return False, f"query succeeded but was expected to fail (rc: {check.rc})"
+        streams = (("stdout", result_lines(stdout) if rc == 0 else ()),)
+    for stream, lines in streams:
+        problem = _match(check, stream, lines)
+        if problem:
+            return False, problem
     return True, "ok"

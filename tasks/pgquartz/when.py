@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from tasks.errors import BouwsteenError
 
 __all__ = [
-    "WhenExpressionError", "InstanceResult", "StepResult", "output_lines", "evaluate_when", "when_step_refs",
+    "WhenExpressionError", "InstanceResult", "StepResult", "output_lines", "result_lines", "render_result",
+    "evaluate_when", "when_step_refs",
 ]
 
 
@@ -32,24 +33,60 @@ class WhenExpressionError(BouwsteenError, ValueError):
 def output_lines(text: str) -> tuple[str, ...]:
     """Split command output into lines exactly like PgQuartz's NewResultFromString.
 
-    One trailing newline is dropped, so `ContainsLine` matches the last line of `echo ok`.
+    One trailing newline is dropped, so `ContainsLine` matches the last line of `echo ok`; empty
+    output is one empty line.
     """
     if text.endswith("\n"):
         text = text[:-1]
     return tuple(text.split("\n"))
 
 
+def result_lines(output: str | Sequence[str]) -> tuple[str, ...]:
+    """Lines of an output: raw text is split like `output_lines`, a sequence already is the lines.
+
+    Zero lines (a failed command, a query without rows) can only be given as a sequence.
+    """
+    if isinstance(output, str):
+        return output_lines(output)
+    return tuple(str(line) for line in output)
+
+
+def render_result(lines: Sequence[str]) -> str:
+    """PgQuartz's `Result.String()`: `[ 'line 1', 'it''s' ]`, each `'` doubled; no lines: `[  ]`.
+
+    Checks match `expected` / `unexpected` as substrings of this one rendered line, not of the
+    raw output (pkg/jobs/check.go CheckOutput).
+    """
+    return "[ " + ", ".join("'" + line.replace("'", "''") + "'" for line in lines) + " ]"
+
+
 @dataclass(frozen=True)
 class InstanceResult:
     """The outcome of one matrix instance of a step: its commands' summed rc and their output.
 
-    For SQL commands `stdout` holds the rendered rows (see `format_sql_rows`), one per line.
+    `stdout` / `stderr`: raw text (split like `output_lines`) or the lines themselves. The runner
+    gives lines, as pgquartz keeps them: per command that succeeded, its stdout and stderr lines
+    (SQL: the rows from `format_sql_rows`, no stderr); nothing of a command that failed.
     """
 
     instance: Mapping[str, str] = field(default_factory=dict)
     rc: int = 0
-    stdout: str = ""
-    stderr: str = ""
+    stdout: str | Sequence[str] = ""
+    stderr: str | Sequence[str] = ""
+
+    def __post_init__(self) -> None:
+        for name in ("stdout", "stderr"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                object.__setattr__(self, name, tuple(value))
+
+    @property
+    def stdout_lines(self) -> tuple[str, ...]:
+        return result_lines(self.stdout)
+
+    @property
+    def stderr_lines(self) -> tuple[str, ...]:
+        return result_lines(self.stderr)
 
 
 @dataclass(frozen=True)
@@ -72,11 +109,11 @@ class StepResult:
 
     @property
     def stdout_lines(self) -> tuple[str, ...]:
-        return tuple(line for i in self.instances for line in output_lines(i.stdout))
+        return tuple(line for i in self.instances for line in i.stdout_lines)
 
     @property
     def stderr_lines(self) -> tuple[str, ...]:
-        return tuple(line for i in self.instances for line in output_lines(i.stderr))
+        return tuple(line for i in self.instances for line in i.stderr_lines)
 
 
 # --------------------------------------------------------------------------- values seen by rules
@@ -89,8 +126,7 @@ class _Lines:
     lines: tuple[str, ...]
 
     def go_string(self) -> str:
-        quoted = ", ".join("'" + line.replace("'", "''") + "'" for line in self.lines)
-        return f"[ {quoted} ]"
+        return render_result(self.lines)
 
 
 @dataclass(frozen=True)

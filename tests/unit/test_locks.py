@@ -16,6 +16,7 @@ import socket
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -27,6 +28,7 @@ import tasks.adapters.etcd as etcd_adapter
 from blocks.inventory import parse_inventory
 from tasks import locks
 from tasks.adapters.etcd import EtcdMutex, EtcdUnavailable, LockKeyTaken, LockTimeout
+from tasks.pgquartz import Job, parse_job
 
 PATIENCE = 30.0  # the longest a test waits for the keepalive thread; only a broken test gets near it
 PREFIX = "/bouwsteen/locks/lab/"
@@ -510,9 +512,12 @@ def test_a_timeout_inside_the_runbook_is_not_reported_as_a_busy_cluster(harness:
 # --------------------------------------------------------------------------- pgquartz_lock
 
 
-def job(name: str = "purge_audit_log", lock_timeout: float = 5) -> Any:
-    return SimpleNamespace(name=name, lock_prefix=f"/pgquartz/{name}/",
-                           etcd_config=SimpleNamespace(lock_timeout=lock_timeout))
+def job(name: str = "purge_audit_log", lock_timeout: float = 5, endpoints: list[str] | None = None) -> Job:
+    etcd: dict[str, Any] = {"lockTimeout": f"{lock_timeout}s"}
+    if endpoints is not None:
+        etcd["endpoints"] = endpoints
+    return parse_job({"parallel": 1, "etcdConfig": etcd, "steps": {"s": {"commands": [{"type": "shell", "inline": "true"}]}}},
+                     source=Path(f"/jobs/{name}.yml"))
 
 
 def test_pgquartz_lock_holds_the_jobs_own_prefix(harness: Harness, fake_time: FakeTime) -> None:
@@ -548,3 +553,20 @@ def test_pgquartz_lock_releases_when_the_job_fails(harness: Harness) -> None:
     with pytest.raises(RuntimeError, match="step failed"), locks.pgquartz_lock("lab", job(), "tab_job"):
         raise RuntimeError("step failed")
     assert harness.server.keys == {}
+
+
+CLUSTER_ETCD = ["10.0.0.11:2379", "10.0.0.12:2379", "10.0.0.13:2379"]
+
+
+@pytest.mark.parametrize(("endpoints", "used"), [
+    (None, CLUSTER_ETCD),  # not in the job file: the cluster's etcd
+    ([], CLUSTER_ETCD),  # pgquartz reads an empty list as "not given" too
+    (["etcd-a:2379", "http://etcd-b:2379"], ["etcd-a:2379", "etcd-b:2379"]),  # the job's own etcd, scheme dropped
+    # pgquartz's default, written out (the lab job does): the node's own member = the cluster's members
+    (["localhost:2379"], CLUSTER_ETCD),
+], ids=["not given", "empty", "own etcd", "localhost"])
+def test_pgquartz_lock_uses_the_jobs_etcd_when_it_names_one(harness: Harness, endpoints: list[str] | None,
+                                                            used: list[str]) -> None:
+    with locks.pgquartz_lock("lab", job(endpoints=endpoints), "tab_job"):
+        pass
+    assert harness.etcds == [(used, 3)]

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import copy
+import logging
+import os
 import re
+import stat
+import time
 from pathlib import Path
-from typing import Any, Callable
+from types import SimpleNamespace
+from typing import Any, Callable, Self
 
 import pytest
 import yaml
 
+from tasks import tab
 from tasks.pgquartz import (
+    ROLE_QUERY,
     Check,
     InstanceResult,
     Job,
@@ -19,19 +26,26 @@ from tasks.pgquartz import (
     StepResult,
     WhenExpressionError,
     check_passed,
+    command_output,
     effective_role,
+    etcd_endpoint_address,
     evaluate_when,
+    executable_by_me,
     expand_matrix,
     find_cycle,
     format_sql_rows,
     instance_env,
+    is_loopback_endpoint,
     load_job,
     load_jobs,
     output_lines,
     parse_go_duration,
     parse_job,
     read_script,
+    render_result,
     render_sql,
+    role_problem,
+    run_commands,
     run_waves,
     split_batch,
     step_should_run,
@@ -120,7 +134,8 @@ def test_defaults_follow_pgquartz(tmp_path: Path) -> None:
     assert job.name == "nightly.vacuum"  # basename minus the last extension
     assert job.etcd_config.lock_key == "nightly.vacuum"
     assert job.lock_prefix == "/pgquartz/nightly.vacuum/"
-    assert job.etcd_config.endpoints == ["localhost:2379"]
+    assert job.etcd_config.endpoints is None and job.etcd_config.endpoints_given is False
+    assert job.etcd_config.effective_endpoints == ["localhost:2379"]  # pgquartz's default
     assert job.etcd_config.lock_timeout == 100 * 3600
     assert job.timeout is None and job.debug is False and job.run_on_role_error is False
     assert job.git.remote == "origin" and job.git.revision == "main"
@@ -642,7 +657,9 @@ def _check(**fields: Any) -> Check:
     ({"type": "pg", "unexpected": "MISSING"}, 0, "{idx}={audit_idx}", True, "ok"),
     ({"type": "pg", "expected": "ok", "unexpected": "bad"}, 0, ["ok", "bad"], False, "unexpected text"),
     ({"type": "pg", "expected": "b"}, 0, ["a", "b"], True, "ok"),
-    ({"type": "shell", "rc": 1, "expected": "denied"}, 1, "permission denied", True, "ok"),
+    # Only stdout given: stderr is empty, and pgquartz wants `expected` in both (see below).
+    ({"type": "shell", "rc": 1, "expected": "denied"}, 1, "permission denied", False,
+     "expected text 'denied' not found in stderr [ '' ]"),
     ({"type": "pg", "rc": 1, "expected": "x"}, 0, "x", False, "expected to fail"),  # rc is judged first
 ])
 def test_check_passed(fields: dict[str, Any], rc: int, output: Any, passed: bool, reason: str) -> None:
@@ -708,3 +725,366 @@ def test_every_node_runs_every_wave_in_turn():
     run_batch, batches = recording_runner({})
     run_waves(wave_job(parallel=3), ["pg1", "pg2"], run_batch)
     assert [(b[0], b[1]) for b in batches] == [("pg1", "analyze"), ("pg1", "report"), ("pg2", "analyze"), ("pg2", "report")]
+
+
+# --------------------------------------------------------------------------- issue 13 item 7: pgquartz semantics
+#
+# Each test below names the pgquartz source it follows (pgvillage-tools/pgquartz).
+
+
+# 1. Shell checks: `expected` / `unexpected` against stdout and stderr separately, on the quoted
+#    rendering (pkg/jobs/check.go RunOsCheck + CheckOutput, pkg/jobs/result.go Result.String).
+
+@pytest.mark.parametrize("fields, stdout, stderr, passed, reason", [
+    # `expected` must be in stdout *and* in stderr: an empty stderr renders as [ '' ].
+    ({"expected": "ok"}, "ok\n", "", False, "expected text 'ok' not found in stderr [ '' ]"),
+    ({"expected": "ok"}, "", "ok\n", False, "expected text 'ok' not found in stdout [ '' ]"),
+    ({"expected": "ok"}, "ok\n", "ok\n", True, "ok"),
+    # `unexpected` fails the check when it is in either.
+    ({"unexpected": "ERROR"}, "fine\n", "ERROR: disk full\n", False, "unexpected text 'ERROR' found in stderr"),
+    ({"unexpected": "ERROR"}, "ERROR\n", "", False, "unexpected text 'ERROR' found in stdout"),
+    ({"unexpected": "ERROR"}, "fine\n", "", True, "ok"),
+    # The rendering, not the raw text: `'` is doubled, lines are `'...'` joined by ", ".
+    ({"expected": "it's"}, "it's\n", "it's\n", False, "not found in stdout [ 'it''s' ]"),
+    ({"expected": "it''s"}, "it's\n", "it's\n", True, "ok"),
+    ({"expected": "a', 'b"}, "a\nb\n", "a\nb\n", True, "ok"),  # spans two lines
+    ({"expected": "'ok'"}, "ok\n", "not ok\n", False, "not found in stderr [ 'not ok' ]"),  # whole line
+    ({"unexpected": "''"}, "x\n", "", False, "found in stderr [ '' ]"),  # empty output is one empty line
+])
+def test_shell_check_matches_stdout_and_stderr_separately_on_the_rendering(
+        fields: dict[str, Any], stdout: str, stderr: str, passed: bool, reason: str) -> None:
+    ok, why = check_passed(_check(type="shell", **fields), 0, stdout, stderr)
+    assert (ok, reason in why) == (passed, True), why
+
+
+@pytest.mark.parametrize("fields, rc, rows, passed, reason", [
+    # A value it's is it''s in the row (pkg/pg/row.go) and it''''s in the rendering.
+    ({"expected": "it''''s"}, 0, ["{s}={it''s}"], True, "ok"),
+    ({"expected": "it''s"}, 0, ["{s}={it''s}"], False, "not found in stdout [ '{s}={it''''s}' ]"),
+    ({"expected": "{s}={it''s}"}, 0, ["{s}={it''s}"], False, "not found in stdout"),
+    ({"unexpected": "''"}, 0, [], True, "ok"),  # no rows renders as [  ], not as one empty line
+    # A failed query has no output in pgquartz (Connections.Execute returns nil on error), so
+    # nothing the runner still holds of it can satisfy `expected`.
+    ({"rc": 1, "expected": "partial"}, 1, ["partial"], False, "expected text 'partial' not found in stdout [  ]"),
+    ({"rc": 1, "unexpected": "partial"}, 1, ["partial"], True, "ok"),
+    # stderr is never searched for SQL.
+    ({"unexpected": "boom"}, 0, ["{x}={1}"], True, "ok"),
+])
+def test_sql_check_matches_its_rows_only(fields: dict[str, Any], rc: int, rows: list[str], passed: bool,
+                                         reason: str) -> None:
+    ok, why = check_passed(_check(type="pg", **fields), rc, rows, "boom")
+    assert (ok, reason in why) == (passed, True), why
+
+
+def test_render_result_is_pgquartz_result_string() -> None:
+    assert render_result(["a", "it's"]) == "[ 'a', 'it''s' ]"
+    assert render_result([]) == "[  ]" and render_result(output_lines("")) == "[ '' ]"
+    # the `.String` a when rule sees is the same text
+    assert evaluate_when('eq .Steps.a.StdOut.String "[ \'x\', \'y\' ]"', results(a=(0, "x\ny\n")))
+
+
+# 2. A failed command's output is dropped (pkg/jobs/command.go: RunOsCommand returns before it
+#    stores stdout/stderr; Run assigns Execute's nil result for SQL).
+
+def _cmd(**fields: Any) -> Any:
+    from tasks.pgquartz import Command
+    return Command.model_validate({"inline": "x", **fields})
+
+
+@pytest.mark.parametrize("fields, rc, stdout, stderr, kept", [
+    ({"type": "shell"}, 0, "a\nb\n", "", (["a", "b"], [""])),
+    ({"type": "shell"}, 0, "", "", ([""], [""])),  # NewResultFromString("") is one empty line
+    ({"type": "shell"}, 3, "partial\n", "boom\n", ([], [])),
+    ({"type": "pg"}, 0, ["{n}={1}"], "", (["{n}={1}"], [])),
+    ({"type": "pg"}, 0, [], "", ([], [])),
+    ({"type": "pg"}, 1, ["{n}={1}"], "ERROR: boom", ([], [])),
+])
+def test_command_output_drops_a_failed_commands_output(fields: dict[str, Any], rc: int, stdout: Any, stderr: str,
+                                                       kept: tuple[list[str], list[str]]) -> None:
+    assert command_output(_cmd(**fields), rc, stdout, stderr) == kept
+
+
+def test_run_commands_stops_at_the_first_failure_and_keeps_only_what_succeeded() -> None:
+    commands = [_cmd(type="shell", name="one"), _cmd(type="pg", name="two"), _cmd(type="shell", name="three")]
+    answers = {"one": (0, "first\n", "note\n"), "two": (1, ["{n}={1}"], "ERROR"), "three": (0, "never", "")}
+    ran: list[str] = []
+
+    def run(command: Any) -> tuple[int, Any, str]:
+        ran.append(command.name)
+        return answers[command.name]
+
+    assert run_commands(commands, run) == {"rc": 1, "stdout": ["first"], "stderr": ["note"]}
+    assert ran == ["one", "two"]
+
+
+def when_job(tmp_path: Path) -> Path:
+    data = {"parallel": 1, "steps": {
+        "probe": {"commands": [{"name": "probe", "type": "shell", "inline": "echo partial; exit 3"}]},
+        "after": {"depends": ["probe"], "when": ['.Steps.probe.Instances.StdOut.Contains "partial"'],
+                  "commands": [{"type": "shell", "inline": "true"}]}}}
+    return write_job(tmp_path, data, "probe.yml")
+
+
+def test_a_when_rule_cannot_see_a_failed_commands_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = when_job(tmp_path)
+    monkeypatch.setattr(tab, "get_run_logger", lambda: logging.getLogger("tests.tab"))
+    monkeypatch.setattr(tab, "run_command", lambda *a: (3, "partial\n", "failed\n"))
+    row = tab.run_step_instance.fn("lab", str(path), "probe", {}, "pg1", 0.0)
+    assert row == {"instance": {}, "rc": 3, "stdout": [], "stderr": []}
+    job = load_job(path)
+    _, step_results = run_waves(job, ["pg1"], lambda node, step, insts: [row])
+    assert step_results["probe"].rc == 3
+    assert not step_should_run(job.steps["after"], step_results)
+
+
+def test_the_lines_of_successful_commands_reach_when_rules_unchanged() -> None:
+    r = StepResult([InstanceResult({}, 0, ["a", ""], []), InstanceResult({}, 1, [], [])])
+    assert r.stdout_lines == ("a", "") and r.stderr_lines == ()
+    assert evaluate_when('.Steps.s.StdOut.ContainsLine ""', {"s": r})
+    assert evaluate_when('eq (len .Steps.s.StdErr) 0', {"s": r})
+
+
+# 3. `type: shell` file scripts must be executable (pkg/jobs/command.go and check.go
+#    VerifyScriptFile; Config.Verify panics before any step runs).
+
+def shell_file_job(tmp_path: Path, mode: int, *, type_: str = "shell", where: str = "step") -> Path:
+    script = tmp_path / "run.sh"
+    script.write_text("echo hi\n")
+    script.chmod(mode)
+    cmd = {"name": "run", "file": "run.sh", **({"type": type_} if type_ else {})}
+    data: dict[str, Any] = {"parallel": 1, "steps": {"s": {"commands": [
+        cmd if where == "step" else {"type": "shell", "inline": "true"}]}}}
+    if where == "check":
+        data["checks"] = [cmd]
+    return write_job(tmp_path, data)
+
+
+@pytest.mark.parametrize("where, key", [("step", "steps.s.commands[0].file"), ("check", "checks[0].file")])
+def test_a_non_executable_shell_script_is_refused_at_load(tmp_path: Path, where: str, key: str) -> None:
+    path = shell_file_job(tmp_path, 0o644, where=where)
+    with pytest.raises(JobFileError) as err:
+        load_job(path)
+    (problem,) = err.value.problems
+    assert (problem.file, problem.key) == (str(path), key)
+    assert problem.reason.startswith("script 'run.sh' is not executable (mode 0644")
+    assert f"chmod +x {tmp_path.resolve() / 'run.sh'}" in problem.reason
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o744, 0o701, 0o711])
+def test_an_executable_shell_script_loads(tmp_path: Path, mode: int) -> None:
+    load_job(shell_file_job(tmp_path, mode))
+
+
+def test_only_type_shell_scripts_need_the_execute_bit(tmp_path: Path) -> None:
+    # pgquartz checks `type: shell` only; an untyped shell file (no connections) is not verified.
+    load_job(shell_file_job(tmp_path, 0o644, type_=""))
+
+
+@pytest.mark.parametrize("mode, uid_is_mine, gid_is_mine, ok", [
+    (0o001, False, False, True),
+    (0o100, True, False, True), (0o100, False, True, False),
+    (0o010, False, True, True), (0o010, True, False, False),
+    (0o644, True, True, False),
+])
+def test_executable_by_me_is_pgquartz_rule(mode: int, uid_is_mine: bool, gid_is_mine: bool, ok: bool) -> None:
+    status = os.stat_result((stat.S_IFREG | mode, 0, 0, 1, os.getuid() if uid_is_mine else os.getuid() + 1,
+                             os.getgid() if gid_is_mine else os.getgid() + 1, 0, 0, 0, 0))
+    assert executable_by_me(status) is ok
+
+
+# 4. A logFile that does not exist is refused (internal/config.go NewConfig: os.Stat(LogFile)
+#    fails -> main's log.Fatal, exit 1, before the lock).
+
+def test_a_missing_log_file_is_refused_at_load(tmp_path: Path) -> None:
+    path = write_job(tmp_path, mutate(lambda d: d.update(logFile="logs/vacuum.log")))
+    with pytest.raises(JobFileError) as err:
+        load_job(path)
+    (problem,) = err.value.problems
+    assert (problem.key, problem.reason.split(" (")[0]) == ("logFile", "'logs/vacuum.log' does not exist")
+    assert str(tmp_path.resolve() / "logs" / "vacuum.log") in problem.reason
+
+
+@pytest.mark.parametrize("log_file", ["logs", "logs/vacuum.log", "ABSOLUTE"])
+def test_an_existing_log_file_or_directory_loads(tmp_path: Path, log_file: str) -> None:
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "vacuum.log").write_text("")
+    value = str(tmp_path / "logs") if log_file == "ABSOLUTE" else log_file
+    job = load_job(write_job(tmp_path, mutate(lambda d: d.update(logFile=value))))
+    assert job.log_file_path is not None and job.log_file_path.exists()
+
+
+# 5. The role is checked before every SQL command, on the connection the command then uses
+#    (pkg/jobs/connection.go Execute -> pkg/pg/conn.go VerifyRole; Connections hold pg.Conn by
+#    value, so each command dials afresh and asks again).
+
+class FakeDatabase:
+    """What tasks.tab._sql talks to: answers the role query, records every other statement."""
+
+    def __init__(self, roles: list[str]) -> None:
+        self.roles = roles  # the answer to each successive role query
+        self.connections = 0
+        self.role_queries = 0
+        self.statements: list[str] = []
+
+    def postgres(self, endpoint: Any, *, statement_timeout_ms: int) -> Any:
+        db = self
+
+        class Cursor:
+            description = (SimpleNamespace(name="n"),)
+
+            def __enter__(self) -> Self:
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                pass
+
+            def execute(self, query: str, args: Any) -> None:
+                db.statements.append(query)
+
+            def fetchall(self) -> list[tuple]:
+                return [(len(db.statements),)]
+
+        class Pg:
+            def __enter__(self) -> Self:
+                db.connections += 1
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                pass
+
+            def scalar(self, query: str) -> str:
+                assert query == ROLE_QUERY
+                db.role_queries += 1
+                return db.roles.pop(0)
+
+            def query(self, query: Any) -> list:
+                db.statements.append(str(query))
+                return []
+
+            def connect(self) -> Any:
+                return SimpleNamespace(cursor=Cursor)
+
+        return Pg()
+
+
+def sql_job(tmp_path: Path, role: str = "primary", check_role: str = "") -> Path:
+    data = {"parallel": 1,
+            "connections": {"pg": {"role": role, "conn_params": {"dbname": "postgres"}}},
+            "steps": {"s": {"commands": [{"name": "one", "type": "pg", "inline": "select 1"},
+                                         {"name": "two", "type": "pg", "inline": "select 2"}]}},
+            "checks": [{"name": "c", "type": "pg", "inline": "select 3", "role": check_role or role}]}
+    return write_job(tmp_path, data, "sqljob.yml")
+
+
+@pytest.fixture
+def database(monkeypatch: pytest.MonkeyPatch) -> Callable[[list[str]], FakeDatabase]:
+    def make(roles: list[str]) -> FakeDatabase:
+        db = FakeDatabase(roles)
+        ctx = SimpleNamespace(inventory=SimpleNamespace(host=lambda name: name),
+                              superuser_endpoint=lambda host, dbname: SimpleNamespace(user="postgres"))
+        monkeypatch.setattr(tab, "context_for", lambda cluster: ctx)
+        monkeypatch.setattr(tab, "Postgres", db.postgres)
+        monkeypatch.setattr(tab, "get_run_logger", lambda: logging.getLogger("tests.tab"))
+        return db
+    return make
+
+
+def test_the_role_is_checked_before_every_sql_command(tmp_path: Path, database: Any) -> None:
+    db = database(["primary", "standby"])  # a switchover between the two commands
+    row = tab.run_step_instance.fn("lab", str(sql_job(tmp_path)), "s", {}, "pg1", time.monotonic() + 60)
+    assert db.role_queries == 2 and db.connections == 2
+    assert db.statements == ["select 1"]  # the second command never ran on the standby
+    assert row == {"instance": {}, "rc": 1, "stdout": ["{n}={1}"], "stderr": []}
+
+
+def test_a_role_mismatch_is_a_failed_command_with_no_output(tmp_path: Path, database: Any) -> None:
+    database(["standby"])
+    job = load_job(sql_job(tmp_path))
+    rc, rows, error = tab.run_command("lab", "pg2", job, job.steps["s"].commands[0], {}, time.monotonic() + 60)
+    assert (rc, rows) == (1, [])
+    assert error == "pg2: the server is standby, this command needs the primary (role check before every SQL command)"
+
+
+def test_role_all_asks_nothing(tmp_path: Path, database: Any) -> None:
+    db = database([])
+    row = tab.run_step_instance.fn("lab", str(sql_job(tmp_path, role="all")), "s", {}, "pg1", time.monotonic() + 60)
+    assert db.role_queries == 0 and row["rc"] == 0 and db.statements == ["select 1", "select 2"]
+
+
+def test_checks_check_the_role_too(tmp_path: Path, database: Any) -> None:
+    db = database(["primary"])
+    verdict = tab.is_check_passing.fn("lab", str(sql_job(tmp_path, check_role="standby")), 0, {}, "pg1",
+                                      time.monotonic() + 60)
+    assert db.statements == [] and verdict["passed"] is False
+    assert verdict["reason"] == "query failed but was expected to succeed"
+
+
+@pytest.mark.parametrize("wanted, actual, refused", [
+    (None, "standby", False), ("all", "standby", False), ("primary", "primary", False),
+    ("primary", "standby", True), ("standby", "primary", True),
+])
+def test_role_problem(wanted: str | None, actual: str, refused: bool) -> None:
+    assert (role_problem(wanted, actual) is not None) is refused
+
+
+# 6. The job's own etcdConfig.endpoints (pkg/etcd/config.go SetDefaults: none or [] ->
+#    [localhost:2379]; pkg/etcd/locker.go hands them to clientv3 unchanged).
+
+CLUSTER_ETCD = ["10.0.0.11:2379", "10.0.0.12:2379", "10.0.0.13:2379"]
+
+
+@pytest.mark.parametrize("etcd, given, lock_endpoints", [
+    ({}, False, CLUSTER_ETCD),
+    ({"endpoints": []}, False, CLUSTER_ETCD),  # pgquartz: an empty list is the default too
+    ({"endpoints": None}, False, CLUSTER_ETCD),
+    ({"endpoints": ["etcd-a:2379", "http://10.9.9.9:2379/"]}, True, ["etcd-a:2379", "10.9.9.9:2379"]),
+    ({"endpoints": ["HTTP://[fd00::1]:2379"]}, True, ["[fd00::1]:2379"]),
+    # loopback = the etcd member on the node pgquartz runs on: the cluster's members, at that port
+    ({"endpoints": ["localhost:2379"]}, True, CLUSTER_ETCD),
+    ({"endpoints": ["127.0.0.1:12379", "[::1]:12379"]}, True,
+     ["10.0.0.11:12379", "10.0.0.12:12379", "10.0.0.13:12379"]),
+])
+def test_lock_endpoints(tmp_path: Path, etcd: dict[str, Any], given: bool, lock_endpoints: list[str]) -> None:
+    job = load_job(write_job(tmp_path, mutate(lambda d: d.update(etcdConfig=etcd))))
+    assert job.etcd_config.endpoints_given is given
+    assert job.etcd_config.lock_endpoints(CLUSTER_ETCD) == lock_endpoints
+
+
+def test_the_sample_job_keeps_locking_through_the_clusters_etcd() -> None:
+    job = load_job(SAMPLE_JOB)
+    assert job.etcd_config.endpoints == ["localhost:2379"] and job.etcd_config.endpoints_given
+    assert job.etcd_config.lock_endpoints(CLUSTER_ETCD) == CLUSTER_ETCD
+
+
+@pytest.mark.parametrize("endpoint, reason", [
+    ("https://etcd-a:2379", "asks for TLS"),
+    ("unix:///run/etcd.sock", "unix socket"),
+    ("etcd-a", "needs a host and a port"),
+    ("http://etcd-a", "needs a host and a port"),
+    ("etcd-a:70000", "is not host:port"),
+    ("dns:///etcd-a:2379", "unsupported scheme 'dns'"),
+])
+def test_unreachable_etcd_endpoints_are_refused_at_load(tmp_path: Path, endpoint: str, reason: str) -> None:
+    with pytest.raises(JobFileError) as err:
+        load_job(write_job(tmp_path, mutate(lambda d: d["etcdConfig"].update(endpoints=["etcd-b:2379", endpoint]))))
+    (problem,) = err.value.problems
+    assert problem.key == "etcdConfig.endpoints[1]" and reason in problem.reason
+
+
+@pytest.mark.parametrize("endpoint, address, loopback", [
+    ("localhost:2379", "localhost:2379", True), ("http://127.0.0.2:2379", "127.0.0.2:2379", True),
+    ("[::1]:2379", "[::1]:2379", True), ("etcd1.localhost:2379", "etcd1.localhost:2379", True),
+    ("10.0.0.11:2379", "10.0.0.11:2379", False), ("http://etcd1:2379/v3", "etcd1:2379", False),
+])
+def test_etcd_endpoint_address(endpoint: str, address: str, loopback: bool) -> None:
+    assert etcd_endpoint_address(endpoint) == address
+    assert is_loopback_endpoint(address) is loopback
+
+
+def test_the_sample_jobs_checks_judge_the_labs_rows_as_before() -> None:
+    # The quoted rendering (item 1) must not change the verdicts of the lab's own job.
+    no_expired, index_there = load_job(SAMPLE_JOB).checks
+    assert check_passed(no_expired, 0, ["{verdict}={purge_complete}"], "") == (True, "ok")
+    assert check_passed(no_expired, 0, ["{verdict}={purge_incomplete}"], "")[0] is False
+    assert check_passed(index_there, 0, ["{logged_at_index}={audit_log_logged_at_idx}"], "") == (True, "ok")
+    assert check_passed(index_there, 0, ["{logged_at_index}={MISSING}"], "")[0] is False
