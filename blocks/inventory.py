@@ -141,6 +141,47 @@ class ObjectStoreSpec(Strict):
         return int(rest.split(":", 1)[1]) if ":" in rest else 443
 
 
+class Pgroute66Spec(Strict):
+    """An existing pgroute66 (PgVillage's package) on every router, asked the way its own HAProxy
+    check scripts ask it: an `external-check` per server that reads `/v1/primary` or `/v1/standbys`."""
+
+    url: str = Field(
+        default="http://127.0.0.1:8080",
+        pattern=r"^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?$",
+        description="where pgroute66 serves on each router: its `bind` and `port` (8080, or 8443 with its TLS)",
+    )
+    group: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_.-]{1,63}$",
+        description="the `groups:` entry of pgroute66's config to ask; unset: no ?group=, i.e. every host in its "
+                    "`hosts:` (pgroute66's 'all'). pgroute66 reads `groups:`; a `host_groups:` section is ignored",
+    )
+    server_key: Literal["name", "address"] = Field(
+        default="name",
+        description="what pgroute66's `hosts:` are keyed by: the inventory host name (= HAProxy server name) or "
+                    "the host's address (older PgVillage configs)",
+    )
+    ca_file: str | None = Field(
+        default=None, pattern=r"^/[A-Za-z0-9._/-]+$",
+        description="CA bundle on the routers to verify an https url (pgroute66's ssl.b64cert)",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Pgroute66Spec":
+        if self.port > 65535:
+            raise ValueError(f"url: port {self.port} is out of range")
+        if self.ca_file is not None and not self.url.startswith("https://"):
+            raise ValueError("ca_file: only with an https:// url")
+        return self
+
+    @property
+    def port(self) -> int:
+        rest = self.url.split("://", 1)[1]
+        tail = rest.rsplit("]", 1)[-1]
+        if ":" in tail:
+            return int(tail.rsplit(":", 1)[1])
+        return 443 if self.url.startswith("https://") else 80
+
+
 class RoutingSpec(Strict):
     vip: ipaddress.IPv4Address
     rw_port: int = Field(default=5432, ge=1, le=65535)
@@ -150,6 +191,33 @@ class RoutingSpec(Strict):
     virtual_router_id: int | None = Field(default=None, ge=1, le=255)
     preempt: bool = False
     interface: str = Field(default="eth0", pattern=r"^[a-zA-Z0-9_.:-]{1,15}$", description="routers' VIP interface")
+    detector: Literal["bouwsteen", "pgroute66"] = Field(
+        default="bouwsteen",
+        description="who tells HAProxy the primary: the project's detector (HTTP checks, detector_port) or an "
+                    "existing pgroute66 on the routers (external-check scripts, see pgroute66)",
+    )
+    pgroute66: Pgroute66Spec | None = Field(default=None, description="with detector: pgroute66; defaults apply if unset")
+
+    @model_validator(mode="after")
+    def _detector_settings(self) -> "RoutingSpec":
+        if self.detector == "pgroute66":
+            # Compared with the default, not model_fields_set: a dumped inventory (with_db_host)
+            # carries every field and must validate again.
+            if self.detector_port != RoutingSpec.model_fields["detector_port"].default:
+                raise ValueError("detector_port: the project's detector does not run with detector: pgroute66; "
+                                 "set pgroute66.url to where pgroute66 serves")
+        elif self.pgroute66 is not None:
+            raise ValueError("pgroute66: set, but detector is 'bouwsteen'; add detector: pgroute66 to use it")
+        return self
+
+    @property
+    def uses_pgroute66(self) -> bool:
+        return self.detector == "pgroute66"
+
+    @property
+    def pgroute66_settings(self) -> Pgroute66Spec:
+        """The pgroute66 settings in force (defaults when `pgroute66:` is left out)."""
+        return self.pgroute66 or Pgroute66Spec()
 
 
 class ClusterSpec(Strict):

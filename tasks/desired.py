@@ -127,6 +127,8 @@ def router_host(inv: Inventory, host: HostSpec, secrets: RoutingSecrets) -> Desi
         host=host.name,
         packages=ROUTER_PACKAGES,
         files=tuple(router_files(inv, host, secrets, ha_driver(inv).rw_port(inv))),
-        units=tuple(router_units()),
-        ports={routing.rw_port: HAPROXY, routing.ro_port: HAPROXY, routing.detector_port: DETECTOR},
+        units=tuple(router_units(inv)),
+        # An existing pgroute66 holds its own port; the project's detector only runs without it.
+        ports={routing.rw_port: HAPROXY, routing.ro_port: HAPROXY,
+               **({} if routing.uses_pgroute66 else {routing.detector_port: DETECTOR})},
     )

@@ -6,7 +6,7 @@ from blocks.inventory import Role
 from tasks.adapters.commands import ManagedFile, cmd, script
 from tasks.adapters.postgres import Postgres
 from tasks.adapters.remote import RemoteError
-from tasks.adapters.routing.config import DETECTOR_USER, HAPROXY_CFG
+from tasks.adapters.routing.config import DETECTOR_USER, HAPROXY_CFG, ROUTER_CHECK
 from tasks.context import ClusterContext, context_for
 from tasks.errors import NotYet
 from tasks.hosts import desired_layers
@@ -55,18 +55,17 @@ def _stats(remote, port: int) -> list[dict]:
 
 @step(retries=0)
 def wait_until_router_routes(cluster: str, host: str, timeout: float = 60) -> str:
-    """The detector answers and HAProxy on this router has exactly one rw server UP."""
+    """The router is fit to hold the VIP (its keepalived check: HAProxy runs and the detector, or
+    pgroute66, answers) and HAProxy on it has exactly one rw server UP."""
     ctx = context_for(cluster)
     routing = ctx.inventory.cluster.routing
     assert routing is not None
 
     with ctx.remote(host) as remote:
         def ready() -> str:
-            health = remote.run(cmd("curl", "-s", "-m", "2", "-o", "/dev/null", "-w", "%{http_code}",
-                                    f"http://127.0.0.1:{routing.detector_port}/healthz", timeout=10,
-                                    ok_codes=range(0, 256))).stdout
-            if health != "200":
-                raise NotYet(f"detector /healthz answers {health or 'nothing'}")
+            fit = remote.run(cmd(ROUTER_CHECK, timeout=10, ok_codes=range(0, 256)))
+            if fit.exit_code != 0:
+                raise NotYet(f"{ROUTER_CHECK} exits {fit.exit_code}: the primary detector does not answer yet")
             rows = _stats(remote, routing.stats_port)
             up = [r["svname"] for r in rows if r.get("pxname") == "postgres_rw" and r.get("status") == "UP"
                   and r.get("svname") not in ("FRONTEND", "BACKEND")]
@@ -75,7 +74,7 @@ def wait_until_router_routes(cluster: str, host: str, timeout: float = 60) -> st
             return up[0]
 
         primary = wait_for(f"{host} routing rw to exactly one server", ready, timeout=timeout, interval=0.5)
-    return say(f"{host}: detector healthy; HAProxy sends rw to {primary} only.")
+    return say(f"{host}: fit to hold the VIP; HAProxy sends rw to {primary} only.")
 
 
 def vip_holders(ctx: ClusterContext) -> list[str]:

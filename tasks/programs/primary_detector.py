@@ -30,7 +30,10 @@ Config (pgroute66's format; unknown keys are ignored with a warning)
     pgx-only pool keys (``pool_*``) are dropped; other host keys go to libpq and are validated
     at start-up.
 
-Routes (GET or HEAD, indented JSON bodies, sorted lists, ``?group=`` defaults to every host)
+Routes (GET or HEAD, indented JSON bodies, sorted lists). ``?group=`` as in pgroute66 (gin reads
+it through Go's url.ParseQuery): left out, or ``all``, means every host; an empty ``?group=`` is a
+group named "" like any other, so undefined (no hosts) unless groups: defines it; the first value
+of a repeated key counts; a pair holding ``;`` or a bad %-escape is dropped.
     /v1/primary              200 "name" | 404 "" none | 409 "" two or more (split brain)
     /v1/primaries            200 [...]   (``[]`` when empty; pgroute66 returns ``null``)
     /v1/standbys             200 [...]   (``[]`` when empty; lag limit NOT applied, as pgroute66)
@@ -59,6 +62,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -68,7 +72,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; psycopg is imported lazily at run time
     import psycopg
@@ -91,6 +95,8 @@ _TOP_LEVEL_KEYS = frozenset(
 )
 _LOGLEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
               "warn": logging.WARNING, "error": logging.ERROR}
+# Go's url.ParseQuery drops a pair with a malformed %-escape.
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # A host that keeps failing with the same error would otherwise log a warning on every scan
 # (HAProxy checks every 2 s per server); repeat an unchanged message at most this often.
 _WARN_REPEAT_S = 60.0
@@ -373,12 +379,17 @@ class Detector:
     # -- scanning
 
     def members(self, group: str | None) -> list[str] | None:
-        """Hosts of a group; None (after a warning) when the group is not defined."""
-        if not group or group == ALL_GROUP:
+        """Hosts of a group; None (after a warning) when the group is not defined.
+
+        None (no ``?group=``) and ``all`` mean every host. "" is not: pgroute66 defaults only a
+        missing ``group`` key to ``all`` (gin's DefaultQuery), so an empty one names no group.
+        """
+        if group is None or group == ALL_GROUP:
             return self.hosts
         if group in self.groups:
             return self.groups[group]
-        self._throttle.warn(f"group:{group}", f"hostgroup {group!r} is not defined; treated as empty")
+        hint = " (an empty ?group= is not 'all': leave it out)" if group == "" else ""
+        self._throttle.warn(f"group:{group}", f"hostgroup {group!r} is not defined; treated as empty{hint}")
         return None
 
     def scan(self, group: str | None = None) -> dict[str, HostState]:
@@ -470,10 +481,10 @@ class Detector:
     def route(self, path: str, query: Mapping[str, str] | str | None = None) -> tuple[int, Any]:
         """(HTTP status, JSON-serialisable body) for a GET of path?query."""
         if isinstance(query, str):
-            params = dict(parse_qsl(query, keep_blank_values=True))
+            params = query_params(query)
         else:
             params = dict(query or {})
-        group = params.get("group") or None
+        group = params.get("group")  # None: not given (every host); "" is a group name like any other
         parts = [unquote(p) for p in path.strip("/").split("/")]
 
         if parts == ["healthz"]:
@@ -517,6 +528,19 @@ class Detector:
             return (200, state.role) if state.role else (422, "unavailable")
 
         return 404, "not found"
+
+
+def query_params(query: str) -> dict[str, str]:
+    """A query string as pgroute66 sees it (Go's url.ParseQuery, then gin's first value per key)."""
+    params: dict[str, str] = {}
+    for pair in query.split("&"):
+        if not pair or ";" in pair:
+            continue  # Go refuses semicolons as separators since 1.17 and skips the pair
+        key, _, value = pair.partition("=")
+        if _BAD_ESCAPE.search(key) or _BAD_ESCAPE.search(value):
+            continue
+        params.setdefault(unquote_plus(key), unquote_plus(value))
+    return params
 
 
 # --------------------------------------------------------------------------- psycopg prober

@@ -184,6 +184,40 @@ BAD_INPUTS = [
     ("hosts-missing", lambda d: d.pop("hosts"), "hosts", "Field required"),
     ("bad-network", set_cluster("network", value="10.0.0.1/24"), "cluster.network",
      "Input is not a valid IPv4 network"),
+    ("unknown-detector", set_cluster("routing", "detector", value="patroni"), "cluster.routing.detector",
+     "Input should be 'bouwsteen' or 'pgroute66'"),
+    ("pgroute66-settings-without-detector", set_cluster("routing", "pgroute66", value={"group": "lab"}),
+     "cluster.routing", "pgroute66: set, but detector is 'bouwsteen'; add detector: pgroute66"),
+    ("pgroute66-with-detector-port", chain(set_cluster("routing", "detector", value="pgroute66"),
+                                           set_cluster("routing", "detector_port", value=9090)),
+     "cluster.routing", "detector_port: the project's detector does not run with detector: pgroute66"),
+    ("pgroute66-url-with-path", chain(set_cluster("routing", "detector", value="pgroute66"),
+                                      set_cluster("routing", "pgroute66", "url", value="http://127.0.0.1:8080/v1")),
+     "cluster.routing.pgroute66.url", "String should match pattern"),
+    ("pgroute66-url-not-http", chain(set_cluster("routing", "detector", value="pgroute66"),
+                                     set_cluster("routing", "pgroute66", "url", value="tcp://127.0.0.1:8080")),
+     "cluster.routing.pgroute66.url", "String should match pattern"),
+    ("pgroute66-url-quote", chain(set_cluster("routing", "detector", value="pgroute66"),
+                                  set_cluster("routing", "pgroute66", "url", value="http://x'$(id):80")),
+     "cluster.routing.pgroute66.url", "String should match pattern"),
+    ("pgroute66-port-range", chain(set_cluster("routing", "detector", value="pgroute66"),
+                                   set_cluster("routing", "pgroute66", "url", value="http://127.0.0.1:80800")),
+     "cluster.routing.pgroute66", "url: port 80800 is out of range"),
+    ("pgroute66-empty-group", chain(set_cluster("routing", "detector", value="pgroute66"),
+                                    set_cluster("routing", "pgroute66", "group", value="")),
+     "cluster.routing.pgroute66.group", "String should match pattern"),
+    ("pgroute66-group-with-ampersand", chain(set_cluster("routing", "detector", value="pgroute66"),
+                                             set_cluster("routing", "pgroute66", "group", value="a&group=b")),
+     "cluster.routing.pgroute66.group", "String should match pattern"),
+    ("pgroute66-ca-without-https", chain(set_cluster("routing", "detector", value="pgroute66"),
+                                         set_cluster("routing", "pgroute66", "ca_file", value="/etc/ca.crt")),
+     "cluster.routing.pgroute66", "ca_file: only with an https:// url"),
+    ("pgroute66-server-key", chain(set_cluster("routing", "detector", value="pgroute66"),
+                                   set_cluster("routing", "pgroute66", "server_key", value="fqdn")),
+     "cluster.routing.pgroute66.server_key", "Input should be 'name' or 'address'"),
+    ("pgroute66-unknown-key", chain(set_cluster("routing", "detector", value="pgroute66"),
+                                    set_cluster("routing", "pgroute66", "host_groups", value={})),
+     "cluster.routing.pgroute66.host_groups", "Extra inputs are not permitted"),
 ]
 
 
@@ -411,3 +445,48 @@ def test_with_db_host_does_not_change_implicit_etcd_membership() -> None:
     inv = inventory_with_spare()
     after = inv.with_db_host("pg4")
     assert [h.name for h in after.etcd_members] == [h.name for h in inv.etcd_members] == ["pg1", "pg2", "pg3"]
+
+
+# ------------------------------------------------------------------------------ routing.detector
+
+
+def test_detector_defaults_to_the_projects_own() -> None:
+    routing = parse_inventory(valid_inventory(), SOURCE).cluster.routing
+    assert routing is not None
+    assert (routing.detector, routing.pgroute66, routing.uses_pgroute66) == ("bouwsteen", None, False)
+    assert routing.detector_port == 8080
+
+
+@pytest.mark.parametrize(
+    ("settings", "url", "port", "group", "server_key"),
+    [
+        (None, "http://127.0.0.1:8080", 8080, None, "name"),
+        ({}, "http://127.0.0.1:8080", 8080, None, "name"),
+        ({"url": "http://localhost:8081", "group": "pgcluster"}, "http://localhost:8081", 8081, "pgcluster", "name"),
+        ({"url": "http://[::1]:9000", "server_key": "address"}, "http://[::1]:9000", 9000, None, "address"),
+        ({"url": "https://router1.example", "ca_file": "/etc/pgroute66/ca.crt"}, "https://router1.example", 443,
+         None, "name"),
+        ({"url": "http://10.0.0.31"}, "http://10.0.0.31", 80, None, "name"),
+    ],
+)
+def test_detector_pgroute66(settings: dict | None, url: str, port: int, group: str | None, server_key: str) -> None:
+    data = valid_inventory()
+    data["cluster"]["routing"]["detector"] = "pgroute66"
+    if settings is not None:
+        data["cluster"]["routing"]["pgroute66"] = settings
+    routing = parse_inventory(data, SOURCE).cluster.routing
+    assert routing is not None and routing.uses_pgroute66
+    spec = routing.pgroute66_settings
+    assert (spec.url, spec.port, spec.group, spec.server_key) == (url, port, group, server_key)
+
+
+def test_detector_pgroute66_survives_a_dump_and_reload() -> None:
+    """with_db_host dumps every field (detector_port too) and validates the result again."""
+    data = valid_inventory()
+    data["cluster"]["routing"].update(detector="pgroute66", pgroute66={"group": "lab"})
+    data["hosts"].append({"name": "pg4", "address": "10.0.0.14", "roles": []})
+    grown = parse_inventory(data, SOURCE).with_db_host("pg4")
+    routing = grown.cluster.routing
+    assert routing is not None and routing.detector == "pgroute66"
+    assert routing.pgroute66_settings.group == "lab"
+    assert [h.name for h in grown.db_hosts] == ["pg1", "pg2", "pg3", "pg4"]

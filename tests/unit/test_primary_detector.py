@@ -383,7 +383,25 @@ TWO_CLUSTERS = {"db1": P, "db2": S, "db3": P, "db4": S}
         (TWO_CLUSTERS, GROUPS, "/v1/primary", {"group": "a"}, 200, "db1"),
         (TWO_CLUSTERS, GROUPS, "/v1/primary", "group=b", 200, "db3"),
         (TWO_CLUSTERS, GROUPS, "/v1/primary", {"group": "all"}, 409, ""),
-        (TWO_CLUSTERS, GROUPS, "/v1/primary", {"group": ""}, 409, ""),
+        # an empty ?group= is an undefined group, as in pgroute66 (gin defaults only a missing key)
+        (TWO_CLUSTERS, GROUPS, "/v1/primary", {"group": ""}, 404, ""),
+        (TWO_CLUSTERS, GROUPS, "/v1/primaries", {"group": ""}, 200, []),
+        (TWO_CLUSTERS, GROUPS, "/v1/standbys", {"group": ""}, 200, []),
+        (TWO_CLUSTERS, GROUPS, "/v1/primary/db1", {"group": ""}, 503, ""),
+        (TWO_CLUSTERS, GROUPS, "/v1/standby/db2", {"group": ""}, 503, ""),
+        (TWO_CLUSTERS, GROUPS, "/v1/db1/status", {"group": ""}, 200, "primary"),  # group ignored
+        (ONE, None, "/v1/primary", "group=", 404, ""),
+        (ONE, None, "/v1/primary", "group", 404, ""),  # a key without '=' is present and empty
+        (ONE, None, "/v1/primary/db1", "group=", 503, ""),
+        (ONE, None, "/v1/primary", "", 200, "db1"),
+        (ONE, None, "/v1/primary", "other=x", 200, "db1"),
+        # the query string as Go's url.ParseQuery reads it, gin's first value per key
+        (TWO_CLUSTERS, GROUPS, "/v1/primary", "group=a&group=b", 200, "db1"),
+        (TWO_CLUSTERS, GROUPS, "/v1/primary", "group=&group=a", 404, ""),
+        (TWO_CLUSTERS, GROUPS, "/v1/primary", "group=%62", 200, "db3"),
+        (TWO_CLUSTERS, GROUPS, "/v1/primary", "group=a;x", 409, ""),  # pair dropped: every host
+        (TWO_CLUSTERS, GROUPS, "/v1/primary", "group=%zz&x=1", 409, ""),  # bad escape: dropped
+        (TWO_CLUSTERS, GROUPS, "/v1/primary", "x=%zz&group=b", 200, "db3"),
         (TWO_CLUSTERS, GROUPS, "/v1/primary", {"group": "zzz"}, 404, ""),
         (TWO_CLUSTERS, GROUPS, "/v1/primaries", {"group": "zzz"}, 200, []),
         (TWO_CLUSTERS, GROUPS, "/v1/standbys", {"group": "zzz"}, 200, []),
@@ -439,6 +457,50 @@ def test_probe_returning_garbage_counts_as_unavailable() -> None:
     det = Detector(["db1"], {}, lambda name: "primary", cache_ms=0)  # type: ignore[arg-type,return-value]
     try:
         assert det.route("/v1/db1/status") == (422, "unavailable")
+    finally:
+        det.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "params"),
+    [
+        ("", {}),
+        ("group=lab", {"group": "lab"}),
+        ("group=", {"group": ""}),
+        ("group", {"group": ""}),
+        ("group=a&group=b", {"group": "a"}),
+        ("group=a+b%2Fc", {"group": "a b/c"}),
+        ("group=a;b", {}),
+        ("group=a&x=1;y=2", {"group": "a"}),
+        ("group=%zz", {}),
+        ("group=%4", {}),
+        ("&&group=a&", {"group": "a"}),
+        ("=x", {"": "x"}),
+    ],
+)
+def test_query_params_as_go_parses_them(query: str, params: dict[str, str]) -> None:
+    assert pd.query_params(query) == params
+
+
+def test_group_named_empty_is_used_when_defined() -> None:
+    """pgroute66 looks "" up in groups: like any name; only a missing ?group= means all."""
+    cfg = parse_config('hosts: {db1: {host: h}, db2: {host: h}}\ngroups: {"": [db2]}\n')
+    assert cfg.groups == {"": ["db2"]}
+    det = detector({"db1": P, "db2": P}, cfg.groups)
+    try:
+        assert det.route("/v1/primary", "group=") == (200, "db2")
+        assert det.route("/v1/primary") == (409, "")
+    finally:
+        det.close()
+
+
+def test_empty_group_warns_with_a_hint(caplog: pytest.LogCaptureFixture) -> None:
+    det = detector(ONE)
+    try:
+        with caplog.at_level(logging.WARNING, logger="primary_detector"):
+            assert det.route("/v1/primary", "group=") == (404, "")
+        assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+            "hostgroup '' is not defined; treated as empty (an empty ?group= is not 'all': leave it out)"]
     finally:
         det.close()
 
@@ -786,6 +848,9 @@ def _get(url: str) -> tuple[int, Any, str]:
         ("/v1/primary", 200, "db1"),
         ("/v1/primary?group=pg", 200, "db1"),
         ("/v1/primary?group=nope", 404, ""),
+        ("/v1/primary?group=", 404, ""),
+        ("/v1/standbys?group=", 200, []),
+        ("/v1/primary/db1?group=", 503, ""),
         ("/v1/primaries", 200, ["db1"]),
         ("/v1/standbys?group=pg", 200, ["db2"]),
         ("/v1/db1/status", 200, "primary"),
