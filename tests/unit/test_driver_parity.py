@@ -126,30 +126,7 @@ PATRONI_RESULTS = {
 }
 
 # `patronictl show-config lab` after an earlier build (archive_command without its timeout wrapper).
-PATRONI_SHOW_CONFIG = """\
-loop_wait: 2
-maximum_lag_on_failover: 1048576
-postgresql:
-  parameters:
-    archive_command: pgbackrest --stanza=lab archive-push %p
-    archive_mode: 'on'
-    archive_timeout: 60
-    hot_standby: 'on'
-    log_line_prefix: '%m [%p] %q%u@%d '
-    max_replication_slots: 10
-    max_wal_senders: 10
-    password_encryption: scram-sha-256
-    shared_preload_libraries: pg_stat_statements
-    unix_socket_directories: /var/run/postgresql
-    wal_keep_size: 1GB
-    wal_level: replica
-    wal_log_hints: 'on'
-  use_pg_rewind: true
-  use_slots: true
-retry_timeout: 5
-synchronous_mode: false
-ttl: 20
-"""
+PATRONI_SHOW_CONFIG = (FIXTURES / "patroni" / "show_config.yml").read_text()
 
 
 def _stolon_fixture(name: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import shlex
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,14 @@ import yaml
 
 from blocks.inventory import Inventory, parse_inventory
 from tasks.adapters.commands import CommandResult
-from tasks.adapters.ha.base import ClusterView, DbSecrets, HaSettings, HaSpecError, HaStatusError, Member
+from tasks.adapters.ha.base import (
+    ClusterView,
+    DbSecrets,
+    HaSettings,
+    HaSpecError,
+    HaStatusError,
+    Member,
+)
 from tasks.adapters.ha.patroni import CONFIG_PATH, PatroniDriver
 
 SECRETS = DbSecrets(
@@ -377,30 +385,7 @@ def test_failover_and_rejoin_commands() -> None:
 # ------------------------------------------------------------------------------ settings
 
 # `patronictl show-config lab` on the lab after build_cluster (pgBackRest archiving on).
-SHOW_CONFIG = """\
-loop_wait: 2
-maximum_lag_on_failover: 1048576
-postgresql:
-  parameters:
-    archive_command: pgbackrest --stanza=lab archive-push %p
-    archive_mode: 'on'
-    archive_timeout: 60
-    hot_standby: 'on'
-    log_line_prefix: '%m [%p] %q%u@%d '
-    max_replication_slots: 10
-    max_wal_senders: 10
-    password_encryption: scram-sha-256
-    shared_preload_libraries: pg_stat_statements
-    unix_socket_directories: /var/run/postgresql
-    wal_keep_size: 1GB
-    wal_level: replica
-    wal_log_hints: 'on'
-  use_pg_rewind: true
-  use_slots: true
-retry_timeout: 5
-synchronous_mode: false
-ttl: 20
-"""
+SHOW_CONFIG = (Path(__file__).parent / "fixtures" / "patroni" / "show_config.yml").read_text()
 
 
 def current(**parameter_changes: Any) -> dict:
