@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from blocks.inventory import BackupTool, HostSpec, Inventory, Role
+from blocks.inventory import HostSpec, Inventory, Role
 from tasks.adapters import etcd_config
-from tasks.adapters.backup.base import BackupDriver, StoreSecrets
-from tasks.adapters.backup.pgbackrest import PgBackRestDriver
-from tasks.adapters.backup.walg import WalgDriver
+from tasks.adapters.backup.base import StoreSecrets
+from tasks.adapters.backup.registry import backup_driver
 from tasks.adapters.commands import ManagedFile
 from tasks.adapters.ha.base import DbSecrets
 from tasks.adapters.ha.registry import ha_driver
@@ -34,10 +33,6 @@ def stack_packages(inv: Inventory) -> list[str]:
     if inv.cluster.routing is not None:
         packages += ROUTER_PACKAGES
     return list(dict.fromkeys([*packages, "openssh-server"]))
-
-
-def backup_driver(inv: Inventory) -> BackupDriver:
-    return {BackupTool.pgbackrest: PgBackRestDriver, BackupTool.walg: WalgDriver}[inv.cluster.backup_tool]()
 
 
 @dataclass(frozen=True)

@@ -232,6 +232,7 @@ HA_STEPS = [
     Step("host_units", "host_units", lambda s: s.ha.host_units(s.inv, s.host(STANDBY))),
     Step("listeners", "listeners", lambda s: s.ha.listeners(s.inv)),
     Step("pgdata", "pgdata", lambda s: s.ha.pgdata(s.inv)),
+    Step("socket_dir", "socket_dir", lambda s: s.ha.socket_dir(s.inv)),
     Step("rw_port", "rw_port", lambda s: s.ha.rw_port(s.inv)),
     Step("config_paths", "config_paths", lambda s: s.ha.config_paths(s.inv)),
     Step("bootstrap_commands", "bootstrap_commands", lambda s: s.ha.bootstrap_commands(s.inv, DB, s.archive)),
@@ -306,6 +307,8 @@ NOT_STEPS = {
         "parse_status": "reads status_commands' results; test_status_commands_feed_parse_status",
         "parse_config": "reads show_config_command's result; test_settings_drift_round_trip",
         "settings_drift": "turns parse_config into HaSettings; test_settings_drift_round_trip",
+        "socket_needs_password": "a yes/no the backup driver asks (False is an answer, not a missing step); "
+                                 "test_walg_driver.py's login tests cover both",
     },
     BackupDriver: {
         "parse_list": "a parser of list_command's output, on recorded output in test_walg_driver.py and "

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from blocks.inventory import HaManager, HostSpec, Inventory, ObjectStoreSpec, Role
+from blocks.inventory import HostSpec, Inventory, ObjectStoreSpec, Role
 from tasks.adapters.backup.base import (
     ArchiveCheck,
     BackupDriver,
@@ -38,6 +38,7 @@ from tasks.adapters.backup.base import (
 from tasks.adapters.commands import Command, CommandResult, ManagedFile, cmd, script
 from tasks.adapters.ha.base import DbSecrets
 from tasks.adapters.ha.pgdata import pgdata
+from tasks.adapters.ha.registry import ha_driver
 
 BINARY = "/usr/local/bin/wal-g-pg"
 CONFIG_DIR = "/etc/wal-g"
@@ -126,16 +127,15 @@ class WalgDriver(BackupDriver):
         return f"{CONFIG_DIR}/{inv.cluster.name}.pgpass"
 
     def socket_dir(self, inv: Inventory) -> str:
-        # stolon starts PostgreSQL with unix_socket_directories=/tmp; Debian packages (Patroni) use /var/run/postgresql.
-        return "/tmp" if inv.cluster.ha_manager == HaManager.stolon else "/var/run/postgresql"
+        return ha_driver(inv).socket_dir(inv)
 
     def _walg(self, inv: Inventory, *args: str | int) -> tuple[str, ...]:
         return (self.binary, "--config", self.config_path(inv), *(str(a) for a in args))
 
     def local_login(self, inv: Inventory, db_secrets: DbSecrets | None) -> LocalLogin:
         """How backup-push and wal-verify log in through the socket (see the module docstring)."""
-        if inv.cluster.ha_manager != HaManager.stolon:
-            # Patroni: `local all postgres peer`; a password would not even be asked for.
+        if not ha_driver(inv).socket_needs_password(inv):
+            # Peer authentication as postgres (Patroni): a password would not even be asked for.
             return LocalLogin(user=OS_USER)
         if db_secrets is None:
             return LocalLogin(user=OS_USER, password_missing=True)

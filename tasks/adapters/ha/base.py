@@ -113,6 +113,15 @@ class HaDriver(ABC):
         shows for them: a host where someone else holds such a port is refused."""
 
     @abstractmethod
+    def socket_dir(self, inv: Inventory) -> str:
+        """Where PostgreSQL's Unix socket is on a database host under this HA manager."""
+
+    @abstractmethod
+    def socket_needs_password(self, inv: Inventory) -> bool:
+        """Whether a local tool (a backup tool) logging in over the socket as the superuser must
+        give a password: the HA manager writes pg_hba, so it decides."""
+
+    @abstractmethod
     def pgdata(self, inv: Inventory) -> str:
         """The directory PostgreSQL runs on, on every database host (`pgdata.pgdata` asks this)."""
 

@@ -10,7 +10,15 @@ import yaml
 from blocks.inventory import HostSpec, Inventory, Role
 from tasks.adapters import etcd_config
 from tasks.adapters.commands import Command, CommandResult, ManagedFile, Unit, cmd
-from tasks.adapters.ha.base import ClusterView, DbSecrets, HaDriver, HaSettings, HaSpecError, HaStatusError, Member
+from tasks.adapters.ha.base import (
+    ClusterView,
+    DbSecrets,
+    HaDriver,
+    HaSettings,
+    HaSpecError,
+    HaStatusError,
+    Member,
+)
 
 CONFIG_PATH = "/etc/patroni/config.yml"
 PGPASS_PATH = "/var/lib/postgresql/.pgpass_patroni"
@@ -264,6 +272,12 @@ class PatroniDriver(HaDriver):
 
     def pgdata(self, inv: Inventory) -> str:
         return inv.cluster.postgres.data_dir
+
+    def socket_dir(self, inv: Inventory) -> str:
+        return "/var/run/postgresql"  # Debian's packages
+
+    def socket_needs_password(self, inv: Inventory) -> bool:
+        return False  # pg_hba: `local all postgres peer` (see pg_hba())
 
     def membership_commands(self, inv: Inventory, extra_parameters: dict[str, str]) -> list[Command]:
         # pg_hba lives in each member's patroni.yml, which the runbook rewrites and reloads.

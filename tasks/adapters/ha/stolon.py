@@ -38,7 +38,14 @@ from dataclasses import replace
 from typing import Any, Literal
 
 from blocks.inventory import HostSpec, Inventory, Role
-from tasks.adapters.commands import Command, CommandResult, ManagedFile, Unit, cmd, script
+from tasks.adapters.commands import (
+    Command,
+    CommandResult,
+    ManagedFile,
+    Unit,
+    cmd,
+    script,
+)
 from tasks.adapters.ha.base import (
     ClusterView,
     DbSecrets,
@@ -873,6 +880,12 @@ class StolonDriver(HaDriver):
 
     def config_paths(self, inv: Inventory) -> list[str]:
         return [self.cluster_spec_path(inv), self.env_file_path(inv, "keeper")]
+
+    def socket_dir(self, inv: Inventory) -> str:
+        return "/tmp"  # the keeper always sets unix_socket_directories
+
+    def socket_needs_password(self, inv: Inventory) -> bool:
+        return True  # the keeper's generateHBA: `local postgres <superuser> md5`
 
     def rw_port(self, inv: Inventory) -> int:
         # stolon-proxy forwards to the master wherever it is, and cuts clients off when it moves.
