@@ -32,7 +32,7 @@ def is_etcd_ours(cluster: str) -> list[str]:
         refusals.append(f"etcd: members {sorted(found)} are not this cluster's etcd hosts {sorted(expected)}")
     own = ha_driver(inv).etcd_prefix(inv)
     parent = own.rstrip("/").rsplit("/", 1)[0] + "/"
-    foreign = sorted({k[len(parent):].split("/", 1)[0] for k in etcd.get_prefix(parent) if not k.startswith(own.rstrip("/"))})
+    foreign = etcd_config.foreign_clusters(etcd.get_prefix(parent), own)
     if foreign:
         refusals.append(f"etcd: prefix {parent} already holds other cluster(s): {', '.join(foreign)}")
     say("etcd belongs to this cluster." if not refusals else "etcd holds someone else's data: " + "; ".join(refusals))

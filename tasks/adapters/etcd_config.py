@@ -70,3 +70,12 @@ def member_files(inv: Inventory, host: HostSpec) -> list[ManagedFile]:
 
 def member_units() -> list[Unit]:
     return [Unit("etcd.service", restart_on=(ENV_PATH,))]
+
+
+def foreign_clusters(keys, own_prefix: str) -> list[str]:
+    """The other clusters whose keys sit beside this one's under the HA manager's parent prefix
+    (`/service/lab/…` is ours, `/service/lab2/…` is not: the prefix ends at a slash)."""
+    own = own_prefix.rstrip("/")
+    parent = own.rsplit("/", 1)[0] + "/"
+    return sorted({k[len(parent):].split("/", 1)[0] for k in keys
+                   if k.startswith(parent) and k != own and not k.startswith(own + "/")})

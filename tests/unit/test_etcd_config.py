@@ -7,7 +7,14 @@ from typing import Any
 import pytest
 
 from blocks.inventory import Inventory, parse_inventory
-from tasks.adapters.etcd_config import ENV_PATH, client_endpoints, data_dir, member_files, member_units, render_env
+from tasks.adapters.etcd_config import (
+    ENV_PATH,
+    client_endpoints,
+    data_dir,
+    member_files,
+    member_units,
+    render_env,
+)
 
 DB = [("pg1", "10.0.0.11"), ("pg2", "10.0.0.12"), ("pg3", "10.0.0.13")]
 
@@ -124,3 +131,16 @@ def test_member_files_and_units() -> None:
     assert f.content == render_env(INV, INV.host("pg1"))
     (unit,) = member_units()
     assert (unit.name, unit.restart_on) == ("etcd.service", (ENV_PATH,))
+
+
+@pytest.mark.parametrize("keys, foreign", [
+    (["/bouwsteen/patroni/lab/leader", "/bouwsteen/patroni/lab/members/pg1"], []),
+    (["/bouwsteen/patroni/lab2/leader"], ["lab2"]),  # a name that merely starts like ours
+    (["/bouwsteen/patroni/lab/leader", "/bouwsteen/patroni/prod/config", "/bouwsteen/patroni/prod/leader"], ["prod"]),
+    (["/bouwsteen/patroni/lab"], []),
+    ([], []),
+])
+def test_foreign_clusters(keys, foreign):
+    from tasks.adapters.etcd_config import foreign_clusters
+
+    assert foreign_clusters(keys, "/bouwsteen/patroni/lab/") == foreign
