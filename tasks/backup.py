@@ -311,7 +311,7 @@ def is_archive_intact(cluster: str) -> ArchiveCheck:
 
     ctx = context_for(cluster)
     driver = backup_driver(ctx.inventory)
-    _, results = _run_on_primary(ctx, [driver.verify_archive_command(ctx.inventory)], check=False)
+    _, results = _run_on_primary(ctx, [driver.verify_archive_command(ctx.inventory, db_secrets=ctx.db_secrets)], check=False)
     check = driver.parse_verify(results[0])
     say(f"WAL archive check: {check.status}: {check.detail[:200]}")
     return check

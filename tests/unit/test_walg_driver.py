@@ -76,7 +76,7 @@ def all_commands(inv: Inventory) -> list[Command]:
         *driver.restore_commands(
             inv, "/srv/restore/data", "base_000000010000000000000004", datetime(2026, 5, 1, 21, 0, tzinfo=timezone.utc)
         ),
-        driver.verify_archive_command(inv),
+        driver.verify_archive_command(inv, db_secrets=DB_SECRETS),
     ]
 
 
@@ -434,7 +434,9 @@ def test_no_secret_in_commands_or_parameters() -> None:
     for text in rendered:
         assert SECRET_KEY not in text and ACCESS_KEY not in text
     for command in all_commands(INV):
-        assert command.env == ()  # credentials only ever come from the config file
+        # Credentials only ever come from the config and password files; the archive check names
+        # its login (a user name and the passfile's path) in the environment.
+        assert {k for k, _ in command.env} <= {"PGUSER", "PGPASSFILE"}
         assert command.user == "postgres"
         assert command.argv[0] in ("/usr/local/bin/wal-g-pg", "bash")
 
@@ -628,8 +630,25 @@ def test_stolon_login_secrets_are_checked(changes: dict[str, str], field: str) -
 def test_list_and_verify_commands() -> None:
     assert list(driver.list_command(INV).argv) == [*WALG, "backup-list", "--detail", "--json"]
     verify = driver.verify_archive_command(INV)
-    assert list(verify.argv) == [*WALG, "wal-verify", "integrity", "timeline", "--json"]
-    assert verify.ok_codes == (0,)
+    # A WAL switch first, archived within the wait, then wal-verify with the driver's binary and config.
+    assert "pg_switch_wal()" in verify.argv[5] and "pg_stat_archiver" in verify.argv[5]
+    assert verify.argv[5].rstrip().endswith('wal-verify integrity timeline --json')
+    assert list(verify.argv[7:]) == ["/var/run/postgresql", "5432", "60", WALG[0], CONFIG]
+    assert dict(verify.env) == {"PGUSER": "postgres"} and verify.ok_codes == (0,)
+
+
+def test_the_archive_check_logs_in_as_stolons_superuser() -> None:
+    verify = driver.verify_archive_command(STOLON, db_secrets=DB_SECRETS)
+    assert dict(verify.env) == {"PGUSER": "stolon_su", "PGPASSFILE": PGPASS}
+    assert verify.argv[7] == "/tmp"
+    with pytest.raises(BackupInputError, match="needs the database credentials"):
+        driver.verify_archive_command(STOLON)
+
+
+def test_a_switched_segment_that_is_not_archived_is_a_failed_archive() -> None:
+    check = driver.parse_verify(CommandResult(stdout="", stderr="segment 000000010000000000000007 not archived within 60 s",
+                                               exit_code=4))
+    assert (check.status, check.ok) == ("FAILURE", False) and "not archived" in check.detail
 
 
 def test_retention_commands() -> None:

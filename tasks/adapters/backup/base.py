@@ -118,8 +118,10 @@ class BackupDriver(ABC):
         repository: a restored instance must not archive into the cluster's bucket."""
 
     @abstractmethod
-    def verify_archive_command(self, inv: Inventory) -> Command:
-        """Checks the WAL archive's continuity; run on the primary."""
+    def verify_archive_command(self, inv: Inventory, *, db_secrets: DbSecrets | None = None) -> Command:
+        """Proves archiving works now (a WAL switch whose segment reaches the repository) and checks
+        the archive's continuity; run on the primary. `db_secrets`: the login where the HA manager
+        asks the socket for a password."""
 
     @abstractmethod
     def parse_verify(self, result: CommandResult) -> ArchiveCheck:

@@ -208,7 +208,7 @@ class PgBackRestDriver(BackupDriver):
             args += ["--type=default"]
         return [pgbackrest(inv, *args, "restore", timeout=6 * 3600)]
 
-    def verify_archive_command(self, inv: Inventory) -> Command:
+    def verify_archive_command(self, inv: Inventory, *, db_secrets: DbSecrets | None = None) -> Command:
         # `check` forces a WAL switch and waits until that segment is in the repository (archiving
         # works now); `verify` walks the repository: every backup's files and the WAL ranges they need.
         return script(

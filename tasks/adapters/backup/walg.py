@@ -55,6 +55,9 @@ LIST_TIMEOUT = 300.0
 RETENTION_TIMEOUT = 3600.0
 # wal-verify lists the whole WAL folder back to the oldest backup.
 VERIFY_TIMEOUT = 900.0
+# How long the archive check waits for the segment its WAL switch closed, and its exit code then.
+ARCHIVE_WAIT_S = 60.0
+ARCHIVE_WAIT_EXIT = 4
 # Bounds one archive_command run: a hung upload must fail (PostgreSQL retries), not stall archiving.
 ARCHIVE_PUSH_TIMEOUT = 600
 
@@ -349,12 +352,35 @@ class WalgDriver(BackupDriver):
             configure,
         ]
 
-    def verify_archive_command(self, inv: Inventory) -> Command:
-        # Exits 0 whatever it finds: only parse_verify decides.
-        return cmd(*self._walg(inv, "wal-verify", "integrity", "timeline", "--json"), user=OS_USER,
-                   timeout=VERIFY_TIMEOUT, description="wal-g: verify WAL archive integrity and timeline")
+    def verify_archive_command(self, inv: Inventory, *, db_secrets: DbSecrets | None = None) -> Command:
+        """wal-verify only reads the repository: on an idle primary whose archive_command broke it
+        would still say OK. So first a WAL switch, and a wait until PostgreSQL reports that segment
+        archived (as pgBackRest's `check` does); then wal-verify, which exits 0 whatever it finds."""
+        login = self.local_login(inv, db_secrets)
+        if login.password_missing:
+            raise BackupInputError(f"cluster {inv.cluster.name}: the archive check logs in as the superuser under "
+                                   "stolon and needs the database credentials")
+        env = {"PGUSER": login.user, **({"PGPASSFILE": login.passfile} if login.passfile else {})}
+        return script(
+            'psql=(psql -XAtq -h "$1" -p "$2" -d postgres)\n'
+            'segment=$("${psql[@]}" -c "select pg_walfile_name(pg_switch_wal())") || exit 3\n'
+            'deadline=$((SECONDS + $3))\n'
+            'until [ "$("${psql[@]}" -c "select coalesce(substr(last_archived_wal, 9), \'\') >= substr(\'$segment\', 9) '
+            'from pg_stat_archiver")" = t ]; do\n'
+            '  [ "$SECONDS" -lt "$deadline" ] || { echo "segment $segment not archived within $3 s" >&2; exit %d; }\n'
+            '  sleep 0.5\n'
+            'done\n'
+            'exec "$4" --config "$5" wal-verify integrity timeline --json' % ARCHIVE_WAIT_EXIT,
+            args=[self.socket_dir(inv), str(inv.cluster.postgres.port), str(int(ARCHIVE_WAIT_S)), self.binary,
+                  self.config_path(inv)],
+            env=env, user=OS_USER, timeout=VERIFY_TIMEOUT + ARCHIVE_WAIT_S,
+            description="wal-g: a WAL switch archived, then verify WAL archive integrity and timeline",
+        )
 
     def parse_verify(self, result: CommandResult) -> ArchiveCheck:
+        if result.exit_code == ARCHIVE_WAIT_EXIT:
+            # archive_command does not get the segment out: an answer about the archive, not a failed check.
+            return ArchiveCheck(status="FAILURE", detail=_tail(result) or "the switched WAL segment was not archived")
         if result.exit_code != 0:
             raise BackupOutputError(f"wal-g wal-verify failed (exit {result.exit_code}): {_tail(result)}")
         data = _load_json(result.stdout, "wal-g wal-verify --json")
