@@ -67,6 +67,6 @@ def routing_rollout(cluster: str = "lab", dry_run: bool = False) -> dict:
         holder = wait_until_vip_held(cluster)
         routes = is_routing_correct(cluster)
     changed = not plan.is_noop
-    logger.info("Done: VIP %s on %s; rw → %s, ro → %s; %s.", routing.vip, holder, routes["rw"], routes["ro"],
+    logger.info("Done: VIP %s on %s; rw → %s, ro → %s; %s.", routing.vip, holder, routes.rw, routes.ro,
                 "changes were applied" if changed else "nothing was changed")
-    return {"plan": plan.rows(), "changed": changed, "vip_holder": holder, **routes}
+    return {"plan": plan.rows(), "changed": changed, "vip_holder": holder, "rw": routes.rw, "ro": routes.ro}

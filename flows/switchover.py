@@ -66,8 +66,8 @@ def _verify(cluster: str, new_primary: str, old_primary: str | None, timeline: T
     timeline("every standby streaming" + (f", {old_primary} included" if old_primary else ""))
     if ctx.inventory.cluster.routing is not None and vip_holders(ctx):
         routes = is_routing_correct(cluster)
-        if routes["rw"] != new_primary:
-            raise VerifyFailed(f"rw through the VIP reaches {routes['rw']}, not {new_primary}")
+        if routes.rw != new_primary:
+            raise VerifyFailed(f"rw through the VIP reaches {routes.rw}, not {new_primary}")
         timeline(f"rw through the VIP reaches {new_primary}")
     return rows
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from blocks.inventory import Role
 from tasks.adapters.commands import ManagedFile, cmd, script
 from tasks.adapters.postgres import Postgres
@@ -117,23 +119,29 @@ def through_vip(ctx: ClusterContext, port: int) -> tuple[bool, str]:
     return bool(row[0]), str(row[1]).split("/")[0]
 
 
+@dataclass(frozen=True)
+class Routes:
+    rw: str  # the database host the VIP's rw port reaches
+    ro: str
+
+
 @step(retries=0)
-def is_routing_correct(cluster: str, timeout: float = 30) -> dict:
+def is_routing_correct(cluster: str, timeout: float = 30) -> Routes:
     """Through the VIP: :rw reaches the primary, :ro reaches a standby."""
     ctx = context_for(cluster)
     routing = ctx.inventory.cluster.routing
     assert routing is not None
     names = {str(h.address): h.name for h in ctx.inventory.db_hosts}
 
-    def check() -> dict:
+    def check() -> Routes:
         rw_recovery, rw_addr = through_vip(ctx, routing.rw_port)
         ro_recovery, ro_addr = through_vip(ctx, routing.ro_port)
         if rw_recovery or not ro_recovery:
             raise NotYet(f"rw in recovery={rw_recovery} ({rw_addr}), ro in recovery={ro_recovery} ({ro_addr})")
-        return {"rw": names.get(rw_addr, rw_addr), "ro": names.get(ro_addr, ro_addr)}
+        return Routes(names.get(rw_addr, rw_addr), names.get(ro_addr, ro_addr))
 
     result = wait_for("rw to the primary and ro to a standby through the VIP", check, timeout=timeout, interval=0.5)
-    say(f"Through the VIP: :{routing.rw_port} reaches the primary {result['rw']}, "
-        f":{routing.ro_port} a standby ({result['ro']}).")
+    say(f"Through the VIP: :{routing.rw_port} reaches the primary {result.rw}, "
+        f":{routing.ro_port} a standby ({result.ro}).")
     return result
 
