@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -24,8 +25,58 @@ from pydantic import (
 
 from tasks.errors import BouwsteenError
 
+# Every pattern is a full match (pydantic's Rust regex: `$` is the end of the text, never before a
+# trailing newline). No pattern admits whitespace or control characters unless it says so.
 HOSTNAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 CLUSTER_NAME = r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$"
+# A login name on the hosts (useradd's NAME_REGEX, without the trailing '$').
+UNIX_USER = r"^[a-z_][a-z0-9_-]{0,31}$"
+# An absolute path of safe characters; `.`/`..` components are refused by _no_dot_components.
+SAFE_ABSOLUTE_PATH = r"^(/[A-Za-z0-9_.+@-]+)+$"
+# A GUC name: `name` or, for an extension's placeholder, `extension.name`.
+GUC_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$"
+# A value for postgresql.conf / Patroni / stolon: printable, no newline or other control character.
+GUC_VALUE = r"^[^\x00-\x1f\x7f]{0,1024}$"
+# A DNS name: labels of HOSTNAME, dot-separated.
+DNS_NAME = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
+S3_REGION = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+S3_BUCKET = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
+STORE_PREFIX = r"^/?[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*/?$"
+# A data directory: like SAFE_ABSOLUTE_PATH, plus single inner spaces (Patroni's YAML and
+# pgBackRest's pg1-path hold them; the stolon driver refuses them for its unit files).
+DATA_DIRECTORY = r"^(/[A-Za-z0-9_.+@-]+( [A-Za-z0-9_.+@-]+)*)+$"
+
+# Folders a data directory (or the object store's data_path) must never be: wiping or chowning
+# one breaks the host. Paths below the pseudo/system trees are refused as well.
+SYSTEM_FOLDERS = frozenset({
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/media", "/mnt", "/opt",
+    "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/usr/bin", "/usr/lib", "/usr/local",
+    "/usr/sbin", "/usr/share", "/var", "/var/lib", "/var/lib/postgresql", "/var/log", "/var/tmp",
+})
+SYSTEM_TREES = ("/bin/", "/boot/", "/dev/", "/etc/", "/lib/", "/lib32/", "/lib64/", "/proc/", "/run/", "/sbin/",
+                "/sys/", "/usr/bin/", "/usr/lib/", "/usr/sbin/")
+
+
+def _no_dot_components(path: str) -> str:
+    if any(part in (".", "..") for part in path.split("/")):
+        raise ValueError("a '.' or '..' component is not allowed; give the path itself")
+    return path
+
+
+def _not_a_system_folder(path: str) -> str:
+    if path in SYSTEM_FOLDERS or path.startswith(SYSTEM_TREES):
+        raise ValueError(f"{path} is a system folder (or inside one); give a folder of its own, e.g. /srv/<name>")
+    return path
+
+
+SafePath = Annotated[str, Field(pattern=SAFE_ABSOLUTE_PATH, max_length=4096), AfterValidator(_no_dot_components)]
+DataPath = Annotated[SafePath, AfterValidator(_not_a_system_folder)]
+DataDirectory = Annotated[
+    str, Field(pattern=DATA_DIRECTORY, max_length=4096),
+    AfterValidator(_no_dot_components), AfterValidator(_not_a_system_folder),
+]
+GucName = Annotated[str, Field(pattern=GUC_NAME)]
+GucValue = Annotated[str, Field(pattern=GUC_VALUE)]
 
 
 class Role(str, Enum):
@@ -54,7 +105,7 @@ class HostSpec(Strict):
     name: Annotated[str, Field(pattern=HOSTNAME, description="short host name, as HAProxy/pgroute66 know it")]
     address: ipaddress.IPv4Address
     roles: list[Role] = Field(default_factory=list)
-    ssh_user: str | None = None
+    ssh_user: str | None = Field(default=None, pattern=UNIX_USER)
     ssh_port: int | None = Field(default=None, ge=1, le=65535)
 
     @field_validator("roles")
@@ -71,8 +122,8 @@ class HostSpec(Strict):
 class PostgresSpec(Strict):
     version: int = Field(default=15, ge=12, le=18)
     port: int = Field(default=5432, ge=1, le=65535)
-    data_directory: str | None = Field(default=None, pattern=r"^/")
-    parameters: dict[str, str] = Field(default_factory=dict)
+    data_directory: DataDirectory | None = None
+    parameters: dict[GucName, GucValue] = Field(default_factory=dict)
     synchronous_replication: bool = False
     application_database: str = Field(default="app", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -93,13 +144,13 @@ class EtcdSpec(Strict):
     client_port: int = Field(default=2379, ge=1, le=65535)
     peer_port: int = Field(default=2380, ge=1, le=65535)
     # Everything this project and its HA manager keep in etcd lives under this prefix.
-    prefix: str = Field(default="/bouwsteen", pattern=r"^/[a-z0-9/_-]*[a-z0-9_-]$")
+    prefix: str = Field(default="/bouwsteen", pattern=r"^(/[a-z0-9_-]+)+$")
 
 
 class StolonSpec(Strict):
     """Production HA manager settings; `cluster_spec` is stolon's cluster spec (checked by the driver)."""
 
-    store_prefix: str = "stolon/cluster"
+    store_prefix: str = Field(default="stolon/cluster", pattern=STORE_PREFIX, max_length=255)
     proxy_port: int = Field(default=25432, ge=1, le=65535)
     cluster_spec: dict[str, Any] = Field(default_factory=dict)
 
@@ -123,13 +174,33 @@ class PatroniSpec(Strict):
 
 class ObjectStoreSpec(Strict):
     host: str = Field(pattern=HOSTNAME, description="the backup server (role backup)")
-    endpoint: str = Field(pattern=r"^https://[a-z0-9.-]+(:[0-9]+)?/?$", description="S3 endpoint, TLS only")
-    bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-    region: str = "us-east-1"
-    data_path: str = Field(default="/srv/s3", pattern=r"^/", description="the site's file-level backup picks this up")
+    endpoint: str = Field(pattern=rf"^https://{DNS_NAME}(:[0-9]{{1,5}})?/?$", max_length=253 + 16,
+                          description="S3 endpoint, TLS only")
+    bucket: str = Field(pattern=S3_BUCKET, description="S3 bucket naming rules")
+    region: str = Field(default="us-east-1", pattern=S3_REGION)
+    data_path: DataPath = Field(default="/srv/s3", description="the site's file-level backup picks this up")
     server: Literal["minio", "rclone"] = Field(
         default="minio", description="MinIO in production; rclone serve s3 where MinIO cannot be installed (the lab)"
     )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_port(cls, endpoint: str) -> str:
+        rest = endpoint.split("://", 1)[1].rstrip("/")
+        if ":" in rest and not 1 <= int(rest.split(":", 1)[1]) <= 65535:
+            raise ValueError(f"port {rest.split(':', 1)[1]} is out of range 1-65535")
+        return endpoint
+
+    @field_validator("bucket")
+    @classmethod
+    def _s3_bucket_rules(cls, bucket: str) -> str:
+        if ".." in bucket or ".-" in bucket or "-." in bucket:
+            raise ValueError("two periods, or a period next to a hyphen, are not allowed in an S3 bucket name")
+        if all(part.isdigit() for part in bucket.split(".")) and bucket.count(".") == 3:
+            raise ValueError("an S3 bucket name must not look like an IP address")
+        if bucket.startswith(("xn--", "sthree-")) or bucket.endswith(("-s3alias", "--ol-s3")):
+            raise ValueError("S3 reserves this prefix or suffix (xn--, sthree-, -s3alias, --ol-s3)")
+        return bucket
 
     @property
     def endpoint_host(self) -> str:
@@ -160,8 +231,8 @@ class Pgroute66Spec(Strict):
         description="what pgroute66's `hosts:` are keyed by: the inventory host name (= HAProxy server name) or "
                     "the host's address (older PgVillage configs)",
     )
-    ca_file: str | None = Field(
-        default=None, pattern=r"^/[A-Za-z0-9._/-]+$",
+    ca_file: SafePath | None = Field(
+        default=None,
         description="CA bundle on the routers to verify an https url (pgroute66's ssl.b64cert)",
     )
 
@@ -191,6 +262,13 @@ class RoutingSpec(Strict):
     virtual_router_id: int | None = Field(default=None, ge=1, le=255)
     preempt: bool = False
     interface: str = Field(default="eth0", pattern=r"^[a-zA-Z0-9_.:-]{1,15}$", description="routers' VIP interface")
+
+    @field_validator("interface")
+    @classmethod
+    def _interface_name(cls, interface: str) -> str:
+        if interface in (".", ".."):
+            raise ValueError("'.' and '..' are not interface names")
+        return interface
     detector: Literal["bouwsteen", "pgroute66"] = Field(
         default="bouwsteen",
         description="who tells HAProxy the primary: the project's detector (HTTP checks, detector_port) or an "
@@ -245,10 +323,10 @@ class ClusterSpec(Strict):
 
 
 class SshSpec(Strict):
-    user: str = "root"
+    user: str = Field(default="root", pattern=UNIX_USER)
     port: int = Field(default=22, ge=1, le=65535)
-    key_file: str | None = None
-    known_hosts_file: str | None = None
+    key_file: SafePath | None = Field(default=None, description="on the controller")
+    known_hosts_file: SafePath | None = Field(default=None, description="on the controller")
 
 
 class Inventory(Strict):
@@ -280,8 +358,20 @@ class Inventory(Strict):
                 f"hosts: {len(etcd)} etcd member(s) ({', '.join(h.name for h in etcd) or 'none'}); "
                 "at least 3 are needed for a quorum that survives one loss"
             )
+        explicit_etcd = self.with_role(Role.etcd)
+        if len(explicit_etcd) % 2 == 0 and explicit_etcd:
+            raise ValueError(
+                f"hosts: {len(etcd)} etcd member(s) ({', '.join(h.name for h in etcd)}); an even count survives "
+                f"no more losses than {len(etcd) - 1} members do: give the etcd role to an odd number (3, 5, 7)"
+            )
         if len(self.db_hosts) < 1:
             raise ValueError("hosts: no host has role 'db'")
+        for index, host in enumerate(self.hosts):
+            if host.has(Role.db) and host.has(Role.router):
+                raise ValueError(
+                    f"hosts[{index}].roles: {host.name!r} is both 'db' and 'router'; HAProxy and keepalived "
+                    "run on hosts of their own (the rw port would collide with PostgreSQL's)"
+                )
         routing = self.cluster.routing
         if routing is not None:
             if routing.vip not in self.cluster.network:
@@ -295,9 +385,34 @@ class Inventory(Strict):
             host = self.find(store.host)
             if host is None or not host.has(Role.backup):
                 raise ValueError(f"cluster.object_store.host: {store.host!r} is not a host with role 'backup'")
-        if self.cluster.postgres.port == self.cluster.etcd.client_port:
-            raise ValueError("cluster.etcd.client_port: clashes with cluster.postgres.port")
+        self._ports_distinct()
         return self
+
+    def _ports_distinct(self) -> None:
+        """Ports that listen on one host must differ (errors name the later field of a pair)."""
+        c = self.cluster
+        pairs: list[tuple[str, int, str, int]] = [
+            ("cluster.etcd.client_port", c.etcd.client_port, "cluster.postgres.port", c.postgres.port),
+            ("cluster.etcd.peer_port", c.etcd.peer_port, "cluster.postgres.port", c.postgres.port),
+            ("cluster.etcd.peer_port", c.etcd.peer_port, "cluster.etcd.client_port", c.etcd.client_port),
+        ]
+        if c.ha_manager is HaManager.patroni:
+            pairs += [
+                ("cluster.patroni.rest_port", c.patroni.rest_port, "cluster.postgres.port", c.postgres.port),
+                ("cluster.patroni.rest_port", c.patroni.rest_port, "cluster.etcd.client_port", c.etcd.client_port),
+                ("cluster.patroni.rest_port", c.patroni.rest_port, "cluster.etcd.peer_port", c.etcd.peer_port),
+            ]
+        # stolon's proxy_port vs postgres.port: the stolon driver's validate() refuses it (its own wording).
+        if c.routing is not None:
+            r = c.routing
+            pairs += [
+                ("cluster.routing.ro_port", r.ro_port, "cluster.routing.rw_port", r.rw_port),
+                ("cluster.routing.stats_port", r.stats_port, "cluster.routing.rw_port", r.rw_port),
+                ("cluster.routing.stats_port", r.stats_port, "cluster.routing.ro_port", r.ro_port),
+            ]
+        for field, port, other, other_port in pairs:
+            if port == other_port:
+                raise ValueError(f"{field}: {port} clashes with {other}")
 
     # -------------------------------------------------------------- lookups
 

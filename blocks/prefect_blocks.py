@@ -6,12 +6,60 @@ them encrypted and shows them masked in the UI and API.
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Annotated, Any
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import AfterValidator, Field, SecretStr, field_validator
 
-from blocks.inventory import Inventory
+from blocks.inventory import UNIX_USER, Inventory
+
+# A PostgreSQL role name written unquoted in pg_hba.conf, .pgpass, Patroni/stolon configs and SQL.
+ROLE_NAME = r"^[a-z_][a-z0-9_]{0,62}$"
+# Access keys as the object store servers accept them (tasks/adapters/objectstore_server._KEY_SAFE).
+ACCESS_KEY = r"^[A-Za-z0-9_.~+/=-]{3,128}$"
+_ONE_LINE = re.compile(r"[^\x00-\x1f\x7f]+")
+_TEXT = re.compile(r"[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*")  # lines: \n and \r allowed, no other control
+_VRRP = re.compile(r"[A-Za-z0-9]{1,8}")
+
+
+def _one_line_secret(value: SecretStr) -> SecretStr:
+    # Never echo the value.
+    if not _ONE_LINE.fullmatch(value.get_secret_value()):
+        raise ValueError("is empty or holds a newline or another control character")
+    return value
+
+
+def _text(value: str) -> str:
+    if not _TEXT.fullmatch(value):
+        raise ValueError("holds a control character other than a line break")
+    return value
+
+
+def _text_secret(value: SecretStr) -> SecretStr:
+    if not _TEXT.fullmatch(value.get_secret_value()):
+        raise ValueError("holds a control character other than a line break")
+    return value
+
+
+def _pem(value: str) -> str:
+    _text(value)
+    if "-----BEGIN " not in value:
+        raise ValueError("is not PEM (no '-----BEGIN ' line)")
+    return value
+
+
+def _vrrp(value: SecretStr) -> SecretStr:
+    if not _VRRP.fullmatch(value.get_secret_value()):
+        raise ValueError("must be 1-8 letters or digits (keepalived's PASS authentication)")
+    return value
+
+
+# Secret fields keep their plain `SecretStr` annotation (Prefect finds secret fields by it, an
+# Annotated wrapper inside `| None` hides them); their checks are field validators below.
+Text = Annotated[str, AfterValidator(_text)]
+Pem = Annotated[str, AfterValidator(_pem)]
+RoleName = Annotated[str, Field(pattern=ROLE_NAME)]
 
 
 class ClusterInventory(Block):
@@ -30,9 +78,11 @@ class SshCredentials(Block):
     _block_type_name = "Bouwsteen SSH Credentials"
     _block_type_slug = "bouwsteen-ssh-credentials"
 
-    user: str = "root"
+    user: str = Field(default="root", pattern=UNIX_USER)
     private_key: SecretStr = Field(description="OpenSSH private key (ed25519, ecdsa or rsa)")
-    known_hosts: str = Field(description="known_hosts lines for every host; unknown or changed keys are refused")
+    known_hosts: Text = Field(description="known_hosts lines for every host; unknown or changed keys are refused")
+
+    _private_key_text = field_validator("private_key")(_text_secret)
 
 
 class DatabaseCredentials(Block):
@@ -41,15 +91,21 @@ class DatabaseCredentials(Block):
     _block_type_name = "Bouwsteen Database Credentials"
     _block_type_slug = "bouwsteen-database-credentials"
 
-    superuser: str = "postgres"
+    superuser: RoleName = "postgres"
     superuser_password: SecretStr
-    replication_user: str = "replicator"
+    replication_user: RoleName = "replicator"
     replication_password: SecretStr
-    application_user: str = "app"
+    application_user: RoleName = "app"
     application_password: SecretStr
-    monitor_user: str = Field(default="pgroute66", description="read-only role the primary detector logs in with")
+    monitor_user: RoleName = Field(default="pgroute66", description="read-only role the primary detector logs in with")
     monitor_password: SecretStr | None = None
     rest_api_password: SecretStr | None = Field(default=None, description="Patroni REST API (user 'patroni')")
+
+    @field_validator("superuser_password", "replication_password", "application_password", "monitor_password",
+                     "rest_api_password")
+    @classmethod
+    def _one_line(cls, value: SecretStr | None) -> SecretStr | None:
+        return None if value is None else _one_line_secret(value)
 
 
 class ObjectStoreCredentials(Block):
@@ -58,16 +114,23 @@ class ObjectStoreCredentials(Block):
     _block_type_name = "Bouwsteen Object Store Credentials"
     _block_type_slug = "bouwsteen-object-store-credentials"
 
-    access_key_id: str
+    access_key_id: str = Field(pattern=ACCESS_KEY)
     secret_access_key: SecretStr
-    admin_access_key_id: str = Field(description="used only by the backup server rollout to create buckets")
+    admin_access_key_id: str = Field(pattern=ACCESS_KEY, description="used only by the backup server rollout to create buckets")
     admin_secret_access_key: SecretStr
-    ca_certificate: str = Field(description="PEM of the CA that signed the object store's certificate")
-    server_certificate: str = Field(description="PEM certificate chain the object store presents")
+    ca_certificate: Pem = Field(description="PEM of the CA that signed the object store's certificate")
+    server_certificate: Pem = Field(description="PEM certificate chain the object store presents")
     server_private_key: SecretStr
     repository_cipher_pass: SecretStr | None = Field(
         default=None, description="encrypts the backup repository (pgBackRest repo1-cipher-pass)"
     )
+
+    @field_validator("secret_access_key", "admin_secret_access_key", "repository_cipher_pass")
+    @classmethod
+    def _one_line(cls, value: SecretStr | None) -> SecretStr | None:
+        return None if value is None else _one_line_secret(value)
+
+    _private_key_text = field_validator("server_private_key")(_text_secret)
 
 
 class RoutingCredentials(Block):
@@ -77,6 +140,8 @@ class RoutingCredentials(Block):
     _block_type_slug = "bouwsteen-routing-credentials"
 
     vrrp_password: SecretStr = Field(description="VRRP PASS authentication, 1-8 letters or digits")
+
+    _vrrp_pass = field_validator("vrrp_password")(_vrrp)
 
 
 ALL_BLOCKS: tuple[type[Block], ...] = (

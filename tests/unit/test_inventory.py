@@ -490,3 +490,193 @@ def test_detector_pgroute66_survives_a_dump_and_reload() -> None:
     assert routing is not None and routing.detector == "pgroute66"
     assert routing.pgroute66_settings.group == "lab"
     assert [h.name for h in grown.db_hosts] == ["pg1", "pg2", "pg3", "pg4"]
+
+
+# ------------------------------------------------------------------------------ rendered strings (issue 14, item 4)
+
+# Strings that reach rendered files, units, pg_hba lines or commands: each injection is refused at
+# load time, naming the field. (id, mutation, field path, reason)
+ATTACKS = [
+    ("region-newline", set_cluster("object_store", "region", value="eu\nrepo1-storage-verify-tls=n"),
+     "cluster.object_store.region", "String should match pattern"),
+    ("region-space", set_cluster("object_store", "region", value="eu west"),
+     "cluster.object_store.region", "String should match pattern"),
+    ("data-directory-newline", set_cluster("postgres", "data_directory", value="/x\ncmd-ssh=/tmp/evil"),
+     "cluster.postgres.data_directory", "String should match pattern"),
+    ("data-directory-trailing-newline", set_cluster("postgres", "data_directory", value="/srv/pg\n"),
+     "cluster.postgres.data_directory", "String should match pattern"),
+    ("data-directory-tab", set_cluster("postgres", "data_directory", value="/srv/\tpg"),
+     "cluster.postgres.data_directory", "String should match pattern"),
+    ("data-directory-relative", set_cluster("postgres", "data_directory", value="srv/pg"),
+     "cluster.postgres.data_directory", "String should match pattern"),
+    ("data-directory-dotdot", set_cluster("postgres", "data_directory", value="/srv/../etc"),
+     "cluster.postgres.data_directory", "a '.' or '..' component is not allowed"),
+    ("data-directory-root", set_cluster("postgres", "data_directory", value="/"),
+     "cluster.postgres.data_directory", "String should match pattern"),
+    ("data-directory-etc", set_cluster("postgres", "data_directory", value="/etc"),
+     "cluster.postgres.data_directory", "/etc is a system folder"),
+    ("data-directory-var-lib", set_cluster("postgres", "data_directory", value="/var/lib"),
+     "cluster.postgres.data_directory", "/var/lib is a system folder"),
+    ("data-directory-under-proc", set_cluster("postgres", "data_directory", value="/proc/1"),
+     "cluster.postgres.data_directory", "/proc/1 is a system folder"),
+    ("data-directory-quote", set_cluster("postgres", "data_directory", value="/srv/pg'$(id)"),
+     "cluster.postgres.data_directory", "String should match pattern"),
+    ("data-path-unit-injection",
+     set_cluster("object_store", "data_path", value="/srv/s3\nExecStartPre=+/bin/sh -c 'id > /tmp/p'"),
+     "cluster.object_store.data_path", "String should match pattern"),
+    ("data-path-space", set_cluster("object_store", "data_path", value="/srv/s3 data"),
+     "cluster.object_store.data_path", "String should match pattern"),
+    ("data-path-srv", set_cluster("object_store", "data_path", value="/srv"),
+     "cluster.object_store.data_path", "/srv is a system folder"),
+    ("data-path-usr", set_cluster("object_store", "data_path", value="/usr"),
+     "cluster.object_store.data_path", "/usr is a system folder"),
+    ("host-ssh-user-newline", set_host("pg1", ssh_user="root\nProxyCommand sh"), "hosts[0].ssh_user",
+     "String should match pattern"),
+    ("host-ssh-user-option", set_host("pg1", ssh_user="-oProxyCommand=sh"), "hosts[0].ssh_user",
+     "String should match pattern"),
+    ("ssh-user-space", None, "ssh.user", "String should match pattern"),
+    ("ssh-key-file-newline", None, "ssh.key_file", "String should match pattern"),
+    ("ssh-known-hosts-dotdot", None, "ssh.known_hosts_file", "a '.' or '..' component is not allowed"),
+    ("store-prefix-newline", set_cluster("stolon", "store_prefix", value="stolon\n--store-backend=x"),
+     "cluster.stolon.store_prefix", "String should match pattern"),
+    ("store-prefix-dotdot", set_cluster("stolon", "store_prefix", value="stolon/../other"),
+     "cluster.stolon.store_prefix", "String should match pattern"),
+    ("store-prefix-space", set_cluster("stolon", "store_prefix", value="stolon cluster"),
+     "cluster.stolon.store_prefix", "String should match pattern"),
+    ("etcd-prefix-dotdot", set_cluster("etcd", "prefix", value="/bouwsteen/../x"),
+     "cluster.etcd.prefix", "String should match pattern"),
+    ("guc-name-newline", set_cluster("postgres", "parameters", value={"work_mem = 1\narchive_command": "x"}),
+     "cluster.postgres.parameters.work_mem = 1\narchive_command.[key]", "String should match pattern"),
+    ("guc-value-newline", set_cluster("postgres", "parameters", value={"work_mem": "4MB\narchive_command = 'sh'"}),
+     "cluster.postgres.parameters.work_mem", "String should match pattern"),
+    ("guc-value-control", set_cluster("postgres", "parameters", value={"work_mem": "4MB\x1b"}),
+     "cluster.postgres.parameters.work_mem", "String should match pattern"),
+    ("endpoint-newline", set_cluster("object_store", "endpoint", value="https://backup1.example:9000\nx"),
+     "cluster.object_store.endpoint", "String should match pattern"),
+    ("endpoint-empty-label", set_cluster("object_store", "endpoint", value="https://backup1..example:9000"),
+     "cluster.object_store.endpoint", "String should match pattern"),
+    ("endpoint-port-range", set_cluster("object_store", "endpoint", value="https://backup1.example:99999"),
+     "cluster.object_store.endpoint", "port 99999 is out of range 1-65535"),
+    ("bucket-double-dot", set_cluster("object_store", "bucket", value="a..b"),
+     "cluster.object_store.bucket", "two periods"),
+    ("bucket-ip", set_cluster("object_store", "bucket", value="192.168.5.4"),
+     "cluster.object_store.bucket", "must not look like an IP address"),
+    ("bucket-xn", set_cluster("object_store", "bucket", value="xn--bucket"),
+     "cluster.object_store.bucket", "S3 reserves this prefix or suffix"),
+    ("bucket-uppercase", set_cluster("object_store", "bucket", value="Bouwsteen"),
+     "cluster.object_store.bucket", "String should match pattern"),
+    ("interface-dotdot", set_cluster("routing", "interface", value=".."),
+     "cluster.routing.interface", "'.' and '..' are not interface names"),
+    ("interface-newline", set_cluster("routing", "interface", value="eth0\n"),
+     "cluster.routing.interface", "String should match pattern"),
+    ("pgroute66-ca-dotdot", chain(set_cluster("routing", "detector", value="pgroute66"),
+                                  set_cluster("routing", "pgroute66", "url", value="https://127.0.0.1:8443"),
+                                  set_cluster("routing", "pgroute66", "ca_file", value="/etc/../root/ca.crt")),
+     "cluster.routing.pgroute66.ca_file", "a '.' or '..' component is not allowed"),
+    # Collisions and counts.
+    ("db-host-is-router", set_host("pg1", roles=["db", "router"]), "hosts[0].roles", "is both 'db' and 'router'"),
+    ("postgres-port-is-patroni-rest", set_cluster("patroni", "rest_port", value=5432), "cluster.patroni.rest_port",
+     "5432 clashes with cluster.postgres.port"),
+    ("etcd-client-is-peer", set_cluster("etcd", value={"client_port": 2380, "peer_port": 2380}),
+     "cluster.etcd.peer_port", "2380 clashes with cluster.etcd.client_port"),
+    ("etcd-peer-is-postgres", set_cluster("etcd", value={"peer_port": 5432}),
+     "cluster.etcd.peer_port", "5432 clashes with cluster.postgres.port"),
+    ("rw-port-is-stats", set_cluster("routing", "stats_port", value=5432), "cluster.routing.stats_port",
+     "5432 clashes with cluster.routing.rw_port"),
+    ("rw-port-is-ro", set_cluster("routing", "ro_port", value=5432), "cluster.routing.ro_port",
+     "5432 clashes with cluster.routing.rw_port"),
+    ("four-etcd-members", chain(*(set_host(n, roles=["db", "etcd"]) for n in ("pg1", "pg2", "pg3")),
+                                set_host("backup1", roles=["backup", "etcd"])),
+     "hosts", "4 etcd member(s) (pg1, pg2, pg3, backup1); an even count"),
+]
+
+
+def _set_ssh(**fields: Any) -> Callable[[dict], None]:
+    def mutate(data: dict) -> None:
+        data.setdefault("ssh", {}).update(fields)
+    return mutate
+
+
+_SSH_ATTACKS = {
+    "ssh-user-space": _set_ssh(user="root -oProxyCommand=sh"),
+    "ssh-key-file-newline": _set_ssh(key_file="/root/.ssh/id\nProxyCommand=sh"),
+    "ssh-known-hosts-dotdot": _set_ssh(known_hosts_file="/var/lib/bouwsteen/../../etc/ssh/known"),
+}
+ATTACKS = [(i, _SSH_ATTACKS.get(i, m), p, r) for i, m, p, r in ATTACKS]
+
+
+@pytest.mark.parametrize(("mutate", "path", "reason"), [c[1:] for c in ATTACKS], ids=[c[0] for c in ATTACKS])
+def test_injection_and_collision_refused_naming_the_field(mutate, path: str, reason: str) -> None:
+    data = valid_inventory()
+    mutate(data)
+    with pytest.raises(InventoryError) as info:
+        parse_inventory(data, SOURCE)
+    message = str(info.value)
+    prefix = f"{SOURCE}: {path}: "
+    assert message.startswith(f"{SOURCE}: ")
+    assert prefix in message and reason in message.split(prefix, 1)[1], (
+        f"no {prefix!r} followed by {reason!r} in:\n{message}")
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(set_cluster("object_store", "region", value="eu-west-1"), id="region-aws"),
+        pytest.param(set_cluster("object_store", "region", value="garage_local"), id="region-underscore"),
+        pytest.param(set_cluster("postgres", "data_directory", value="/srv/postgresql/15/main"), id="data-dir"),
+        pytest.param(set_cluster("postgres", "data_directory", value="/usr/local/pgsql/data"), id="data-dir-usr-local"),
+        pytest.param(set_cluster("postgres", "data_directory", value="/var/lib/postgresql/16/main"), id="data-dir-deb"),
+        pytest.param(set_cluster("postgres", "data_directory", value="/data/pg.15@site+a"), id="data-dir-chars"),
+        pytest.param(set_cluster("object_store", "data_path", value="/data/s3"), id="data-path"),
+        pytest.param(set_host("pg1", ssh_user="deploy_user-1"), id="ssh-user"),
+        pytest.param(_set_ssh(user="_svc", key_file="/var/lib/bouwsteen/lab/id_ed25519",
+                              known_hosts_file="/var/lib/bouwsteen/lab/known_hosts"), id="ssh-files"),
+        pytest.param(set_cluster("stolon", "store_prefix", value="/stolon/"), id="store-prefix-slashes"),
+        pytest.param(set_cluster("stolon", "store_prefix", value="Site_A/stolon-1"), id="store-prefix"),
+        pytest.param(set_cluster("postgres", "parameters", value={
+            "work_mem": "64MB", "shared_preload_libraries": "pg_stat_statements,auto_explain",
+            "auto_explain.log_min_duration": "250ms", "log_line_prefix": "%m [%p] %q%u@%d ",
+            "search_path": '"$user", public', "empty": "",
+        }), id="guc-parameters"),
+        pytest.param(set_cluster("object_store", "bucket", value="bouwsteen.site-a"), id="bucket-dotted"),
+        pytest.param(set_cluster("object_store", "endpoint", value="https://s3.eu-west-1.example.org:443/"),
+                     id="endpoint-fqdn"),
+        pytest.param(set_cluster("routing", "interface", value="bond0.100"), id="interface-vlan"),
+        pytest.param(set_cluster("etcd", value={"client_port": 12379, "peer_port": 12380}), id="etcd-ports"),
+        pytest.param(chain(*(set_host(n, roles=["db", "etcd"]) for n in ("pg1", "pg2", "pg3")),
+                           lambda d: d["hosts"].extend([
+                               {"name": "etcd4", "address": "10.0.0.44", "roles": ["etcd"]},
+                               {"name": "etcd5", "address": "10.0.0.45", "roles": ["etcd"]}])), id="five-etcd"),
+        pytest.param(set_cluster("ha_manager", value="stolon"), id="stolon-defaults"),
+    ],
+)
+def test_valid_strings_are_accepted(mutate) -> None:
+    data = valid_inventory()
+    mutate(data)
+    assert isinstance(parse_inventory(data, SOURCE), Inventory)
+
+
+def test_error_lines_stay_one_line_per_error() -> None:
+    """A newline in a refused value never breaks the file/field/reason line format."""
+    data = valid_inventory()
+    set_cluster("object_store", "region", value="eu\nrepo1-storage-verify-tls=n")(data)
+    with pytest.raises(InventoryError) as info:
+        parse_inventory(data, SOURCE)
+    assert str(info.value).splitlines() == [
+        f"{SOURCE}: cluster.object_store.region: String should match pattern '^[a-z0-9][a-z0-9_-]{{0,62}}$'"]
+
+
+def test_lab_inventory_still_loads(tmp_path: Path) -> None:
+    """The inventory `bouwsteen lab up` writes (lab/manager.py) passes the stricter checks, default home too."""
+    from lab.manager import Lab
+    from lab.paths import LabPaths
+
+    for paths in (LabPaths.default(), LabPaths(Path("/var/lib/bouwsteen")), LabPaths(tmp_path)):
+        document = Lab(paths=paths).inventory_document()
+        inv = parse_inventory(document, str(paths.inventory))
+        assert [h.name for h in inv.etcd_members] == ["pg1", "pg2", "pg3"]
+        # As written to disk and read back.
+        text = yaml.safe_dump(document, sort_keys=False)
+        assert load_inventory(write(tmp_path, text, "lab.yaml")) == inv
+        # And after add_standby grows the cluster by pg4.
+        assert [h.name for h in inv.with_db_host("pg4").db_hosts] == ["pg1", "pg2", "pg3", "pg4"]
