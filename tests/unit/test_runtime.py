@@ -25,6 +25,7 @@ from tasks.adapters.remote import (
     RemoteTimeout,
     RemoteUnreachable,
 )
+from tasks.errors import NotYet
 from tasks.runtime import TRANSIENT_ERRORS, _retry_on_transient, once, step
 
 
@@ -158,3 +159,73 @@ def test_steps_retry_with_backoff_and_never_cache(make: Any, name: str, retries:
     assert task.cache_policy is NO_CACHE
     assert task.timeout_seconds == timeout
     assert task.fn is _plain
+
+
+# --------------------------------------------------------------------------- wait_for
+
+
+class FakeTime:
+    """The clock wait_for reads, moved only by its own sleeps: no test waits for real."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def fake_time(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
+    import tasks.runtime
+
+    clock = FakeTime()
+    monkeypatch.setattr(tasks.runtime, "time", clock)
+    return clock
+
+
+def answers(*results: Any):
+    """A probe that answers with each result in turn (an exception instance is raised)."""
+    queue = list(results)
+
+    def probe() -> Any:
+        result = queue.pop(0)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    return probe
+
+
+@pytest.mark.parametrize("results, value, sleeps", [
+    (["ready"], "ready", []),
+    ([None, NotYet("still recovering"), "ready"], "ready", [2, 2]),
+    ([DatabaseUnavailable("pg2: refused"), EtcdUnavailable("no endpoint"), 0, "ready"], "ready", [2, 2, 2]),
+])
+def test_wait_for_polls_until_truthy(fake_time: FakeTime, results: list, value: str, sleeps: list) -> None:
+    from tasks.runtime import wait_for
+
+    assert wait_for("the thing", answers(*results), timeout=60, interval=2) == value
+    assert fake_time.sleeps == sleeps
+
+
+def test_wait_for_names_the_last_observation_at_the_deadline(fake_time: FakeTime) -> None:
+    from tasks.errors import DeadlineExceeded
+    from tasks.runtime import wait_for
+
+    probe = answers(*[NotYet(f"look {i}") for i in range(20)])
+    with pytest.raises(DeadlineExceeded, match=r"the thing: not reached within 5s \(last seen: look 3\)"):
+        wait_for("the thing", probe, timeout=5, interval=2)
+
+
+def test_wait_for_does_not_swallow_what_is_no_waiting_matter(fake_time: FakeTime) -> None:
+    from tasks.adapters.postgres import AuthenticationFailed
+    from tasks.runtime import wait_for
+
+    with pytest.raises(AuthenticationFailed):
+        wait_for("the thing", answers(AuthenticationFailed("wrong password")), timeout=60)
+    assert fake_time.sleeps == []
