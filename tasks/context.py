@@ -63,6 +63,8 @@ class ClusterContext:
             replication_user=b.replication_user,
             replication_password=b.replication_password.get_secret_value(),
             rest_api_password=b.rest_api_password.get_secret_value() if b.rest_api_password else None,
+            application_user=b.application_user,
+            monitor_user=b.monitor_user,
         )
 
     def superuser_endpoint(self, host: HostSpec, *, port: int | None = None, dbname: str = "postgres") -> PgEndpoint:

@@ -83,13 +83,17 @@ def test_no_secret_in_a_file_readable_by_other_users_or_in_a_command_line(lab, r
 def test_postgres_auth_is_scram_and_hba_is_scoped(lab, registered):
     hba = lab_ssh(lab, "pg1", "runuser -u postgres -- psql -XAt -h /var/run/postgresql "
                               "-c \"select type, database, user_name, address, netmask, auth_method from pg_hba_file_rules\"").stdout
+    routers = {"172.29.66.31", "172.29.66.32"}
     for line in hba.splitlines():
-        kind, _db, _users, address, netmask, method = (line.split("|") + [""] * 6)[:6]
+        kind, _db, users, address, netmask, method = (line.split("|") + [""] * 6)[:6]
         if kind == "local":
             assert method == "peer", line
         else:
             assert method == "scram-sha-256", line
             assert netmask == "255.255.255.255", f"not scoped to a single address: {line}"
+            if address in routers:
+                # Through a router only the application's clients and the detector log in.
+                assert users in ("{app}", "{pgroute66}"), line
     passwords = lab_ssh(lab, "pg1", "runuser -u postgres -- psql -XAt -h /var/run/postgresql "
                                     "-c \"select rolname, left(rolpassword, 14) from pg_authid where rolpassword is not null\"").stdout
     for line in passwords.splitlines():

@@ -174,8 +174,10 @@ def test_pg_hba_only_cluster_hosts_and_admin_networks() -> None:
         ("host all postgres 172.29.66.12/32 scram-sha-256", True),
         ("host app all 172.29.66.13/32 scram-sha-256", True),
         ("host all postgres 172.29.66.41/32 scram-sha-256", True),  # restore host
-        ("host app all 172.29.66.31/32 scram-sha-256", True),  # router
-        ("host postgres all 172.29.66.32/32 scram-sha-256", True),  # router health checks
+        ("host app app 172.29.66.31/32 scram-sha-256", True),  # router: the application's clients
+        ("host postgres pgroute66 172.29.66.32/32 scram-sha-256", True),  # router: the detector's probes
+        ("host app all 172.29.66.31/32 scram-sha-256", False),  # no other role through a router
+        ("host postgres all 172.29.66.32/32 scram-sha-256", False),
         ("host all postgres 10.20.0.0/16 scram-sha-256", True),  # admin network
         ("host app all 172.29.66.0/28 scram-sha-256", True),
         ("host replication replicator 172.29.66.31/32 scram-sha-256", False),  # routers never replicate

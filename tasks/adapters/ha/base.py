@@ -30,6 +30,10 @@ class DbSecrets:
     replication_password: str
     # Patroni's REST API write endpoints (switchover, restart) need it; stolon has no REST API.
     rest_api_password: str | None = None
+    # The only roles a router may log in as (role names, not secrets): clients through HAProxy,
+    # and the primary detector's probes.
+    application_user: str = "app"
+    monitor_user: str = "pgroute66"
 
 
 @dataclass(frozen=True)

@@ -119,9 +119,11 @@ class PatroniDriver(HaDriver):
             lines.append(f"host all {secrets.superuser} {net} scram-sha-256")
             lines.append(f"host {app_db} all {net} scram-sha-256")
             lines.append(f"host postgres all {net} scram-sha-256")
+        # A router relays the application's clients and runs the primary detector: those two roles
+        # only, so the superuser is never reachable through the VIP.
         for host in routers:
-            lines.append(f"host {app_db} all {host.address}/32 scram-sha-256")
-            lines.append(f"host postgres all {host.address}/32 scram-sha-256")
+            lines.append(f"host {app_db} {secrets.application_user} {host.address}/32 scram-sha-256")
+            lines.append(f"host postgres {secrets.monitor_user} {host.address}/32 scram-sha-256")
         return lines
 
     def render_config(self, inv: Inventory, host: HostSpec, secrets: DbSecrets, extra_parameters: dict[str, str]) -> str:
