@@ -157,6 +157,8 @@ class StolonSpec(Strict):
 
 class PatroniSpec(Strict):
     rest_port: int = Field(default=8008, ge=1, le=65535)
+    # HAProxy on every database host leads this port to the primary (stolon-proxy's contract).
+    proxy_port: int = Field(default=25432, ge=1, le=65535)
     # Patroni refuses ttl < 20; loop_wait + 2 * retry_timeout must stay <= ttl.
     ttl: int = Field(default=20, ge=20, le=300)
     loop_wait: int = Field(default=2, ge=1, le=60)
@@ -401,6 +403,10 @@ class Inventory(Strict):
                 ("cluster.patroni.rest_port", c.patroni.rest_port, "cluster.postgres.port", c.postgres.port),
                 ("cluster.patroni.rest_port", c.patroni.rest_port, "cluster.etcd.client_port", c.etcd.client_port),
                 ("cluster.patroni.rest_port", c.patroni.rest_port, "cluster.etcd.peer_port", c.etcd.peer_port),
+                ("cluster.patroni.proxy_port", c.patroni.proxy_port, "cluster.postgres.port", c.postgres.port),
+                ("cluster.patroni.proxy_port", c.patroni.proxy_port, "cluster.patroni.rest_port", c.patroni.rest_port),
+                ("cluster.patroni.proxy_port", c.patroni.proxy_port, "cluster.etcd.client_port", c.etcd.client_port),
+                ("cluster.patroni.proxy_port", c.patroni.proxy_port, "cluster.etcd.peer_port", c.etcd.peer_port),
             ]
         # stolon's proxy_port vs postgres.port: the stolon driver's validate() refuses it (its own wording).
         if c.routing is not None:

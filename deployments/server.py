@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from bouwsteen.home import bouwsteen_home
 from tasks.errors import ServiceDidNotStart
 
 DEFAULT_PORT = 4200
@@ -22,7 +23,7 @@ DEFAULT_PORT = 4200
 
 def prefect_home() -> Path:
     explicit = os.environ.get("BOUWSTEEN_PREFECT_HOME")
-    return Path(explicit) if explicit else Path(os.environ.get("BOUWSTEEN_HOME", "/var/lib/bouwsteen")) / "prefect"
+    return Path(explicit) if explicit else bouwsteen_home() / "prefect"
 
 
 def api_url(port: int = DEFAULT_PORT) -> str:

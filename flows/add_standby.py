@@ -9,12 +9,14 @@ from blocks.inventory import Role, UnknownHostError
 from blocks.register import save_inventory
 from flows.runbook import holding, publish_plan, snapshot_hosts
 from tasks.backup import ensure_backup_hook
+from tasks.clients import ensure_client_connection_report
 from tasks.context import context_for
 from tasks.desired import ha_driver
 from tasks.errors import PreflightRefused, VerifyFailed
 from tasks.ha import (
     ensure_membership,
     is_cluster_initialized,
+    wait_until_primary_port_routes,
     wait_until_replicas_streaming,
 )
 from tasks.hosts import desired_layers, ensure_files, ensure_packages, ensure_units
@@ -83,12 +85,15 @@ def add_standby(cluster: str = "lab", host: str = "pg4", max_lag_bytes: int = 16
         ensure_backup_hook(cluster)
 
         # ------------------------------------------------------------------ 4. verify
-        logger.info("4. Verify: %s streams with lag under %d bytes.", host, max_lag_bytes)
+        logger.info("4. Verify: %s streams with lag under %d bytes; its port to the primary leads there.",
+                    host, max_lag_bytes)
         rows = wait_until_replicas_streaming(cluster, max_lag_bytes=max_lag_bytes, timeout=timeout_seconds)
+        wait_until_primary_port_routes(cluster)
     new_row = next((r for r in rows if r["host"] == host), None)
     if new_row is None or not str(new_row["state"]).startswith("streaming"):
         raise VerifyFailed(f"{host} is not streaming: {new_row}")
     create_table_artifact(key=f"topology-{cluster}", table=rows, description=f"Topology after add_standby {host}")
+    ensure_client_connection_report(cluster)
     changed = not plan.is_noop or not spec.has(Role.db)
     logger.info("Done: %s streams from %s (lag %s bytes); %s.", host, rows[0]["host"], new_row["lag_bytes"],
                 "changes were applied" if changed else "nothing was changed (second run is a no-op)")

@@ -8,6 +8,7 @@ from prefect.artifacts import create_table_artifact
 from flows.runbook import holding, publish_plan, snapshot_hosts
 from tasks.adapters.ha.base import HaSpecError
 from tasks.backup import ensure_backup_hook
+from tasks.clients import ensure_client_connection_report
 from tasks.context import context_for
 from tasks.db_roles import ensure_roles, is_superuser_login_ok
 from tasks.desired import ha_driver
@@ -23,6 +24,7 @@ from tasks.ha import (
     is_cluster_initialized,
     is_replication_working,
     wait_until_primary_accepts_writes,
+    wait_until_primary_port_routes,
     wait_until_replicas_streaming,
 )
 from tasks.hosts import desired_layers, ensure_files, ensure_packages, ensure_units
@@ -104,10 +106,13 @@ def build_cluster(cluster: str = "lab", dry_run: bool = False, adopt_existing: b
         ensure_etcd_leader_off_primary(cluster)
 
         # ------------------------------------------------------------------ 4. verify
-        logger.info("4. Verify: one primary, every standby streaming, a write visible everywhere.")
+        logger.info("4. Verify: one primary, every standby streaming, a write visible everywhere, "
+                    "every database host's port to the primary.")
         rows = wait_until_replicas_streaming(cluster)
         is_replication_working(cluster)
+        wait_until_primary_port_routes(cluster)
     create_table_artifact(key=f"topology-{cluster}", table=rows, description=f"Topology of {cluster} after build_cluster")
+    ensure_client_connection_report(cluster)
     changed = not plan.is_noop
     logger.info("Done: cluster %s is healthy; %s.", cluster,
                 "changes were applied" if changed else "nothing was changed (second run is a no-op)")

@@ -6,6 +6,7 @@ from prefect import flow, get_run_logger
 
 from blocks.inventory import Role
 from flows.runbook import holding, publish_plan, snapshot_hosts
+from tasks.clients import ensure_client_connection_report
 from tasks.context import context_for
 from tasks.errors import PreflightRefused
 from tasks.hosts import desired_layers, ensure_files, ensure_packages, ensure_units
@@ -66,6 +67,7 @@ def routing_rollout(cluster: str = "lab", dry_run: bool = False) -> dict:
         logger.info("4. Verify: exactly one VIP holder; rw and ro through the VIP.")
         holder = wait_until_vip_held(cluster)
         routes = is_routing_correct(cluster)
+    ensure_client_connection_report(cluster)
     changed = not plan.is_noop
     logger.info("Done: VIP %s on %s; rw → %s, ro → %s; %s.", routing.vip, holder, routes.rw, routes.ro,
                 "changes were applied" if changed else "nothing was changed")

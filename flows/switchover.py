@@ -14,7 +14,7 @@ from tasks.context import context_for
 from tasks.desired import ha_driver
 from tasks.errors import DeadlineExceeded, PreflightRefused, VerifyFailed
 from tasks.etcd import ensure_etcd_leader_off_primary
-from tasks.ha import wait_until_replicas_streaming
+from tasks.ha import wait_until_primary_port_routes, wait_until_replicas_streaming
 from tasks.planning.roles import failover_action_plan, switchover_action_plan
 from tasks.roles import (
     ensure_failover,
@@ -64,6 +64,10 @@ def _verify(cluster: str, new_primary: str, old_primary: str | None, timeline: T
         ensure_rejoined(cluster, old_primary)
         rows = wait_until_replicas_streaming(cluster, timeout=300)
     timeline("every standby streaming" + (f", {old_primary} included" if old_primary else ""))
+    ports = wait_until_primary_port_routes(cluster)
+    if ports.primary != new_primary:
+        raise VerifyFailed(f"port {ports.port} of the database hosts leads to {ports.primary}, not {new_primary}")
+    timeline(f"port {ports.port} of {', '.join(ports.through)} leads to {new_primary}")
     if ctx.inventory.cluster.routing is not None and vip_holders(ctx):
         routes = is_routing_correct(cluster)
         if routes.rw != new_primary:

@@ -77,7 +77,7 @@ class AvailabilityProbe:
             options=f"-c statement_timeout={self.statement_timeout_ms}",
             # A dead router must not hold a send for TCP's default minutes.
             tcp_user_timeout=self.statement_timeout_ms + 500, keepalives=1, keepalives_idle=1,
-            keepalives_interval=1, keepalives_count=2,
+            keepalives_interval=1, keepalives_count=2, **ep.libpq_extras(),
         )
 
     def prepare(self) -> None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_ROOT = "/var/lib/bouwsteen"
+from bouwsteen.home import bouwsteen_home
 
 
 @dataclass(frozen=True)
@@ -15,7 +14,7 @@ class LabPaths:
 
     @classmethod
     def default(cls) -> "LabPaths":
-        return cls(Path(os.environ.get("BOUWSTEEN_HOME", DEFAULT_ROOT)))
+        return cls(bouwsteen_home())
 
     @property
     def images(self) -> Path:

@@ -74,7 +74,9 @@ class ClusterContext:
             user=secrets.superuser, password=secrets.superuser_password, dbname=dbname,
         )
 
-    def application_endpoint(self, address: str, port: int, *, name: str = "vip") -> PgEndpoint:
+    def application_endpoint(self, address: str, port: int, *, name: str = "vip",
+                             target_session_attrs: str | None = None) -> PgEndpoint:
+        """`address` may list several hosts (comma-separated), as a multi-host client connects."""
         if self.db_blocks is None:
             raise LookupError(f"no database-credentials block named {self.name!r}")
         return PgEndpoint(
@@ -82,6 +84,7 @@ class ClusterContext:
             user=self.db_blocks.application_user,
             password=self.db_blocks.application_password.get_secret_value(),
             dbname=self.inventory.cluster.postgres.application_database,
+            target_session_attrs=target_session_attrs,
         )
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 
 from blocks.inventory import HostSpec
 from tasks.adapters.commands import cmd
@@ -237,3 +238,43 @@ def is_replication_working(cluster: str, timeout: float = 30) -> str:
         wait_for(f"canary row on {host.name}", seen, timeout=timeout, interval=0.2)
     return say(f"A row written on {primary.name} was read back on every standby within "
                f"{time.monotonic() - started:.1f}s.")
+
+
+@dataclass(frozen=True)
+class PrimaryPortRoutes:
+    primary: str
+    port: int
+    through: tuple[str, ...]  # every database host whose port led to the primary
+
+
+@step(retries=0)
+def wait_until_primary_port_routes(cluster: str, timeout: float = 60) -> PrimaryPortRoutes:
+    """The port to the primary (stolon-proxy, or HAProxy under Patroni) of every database host the
+    HA manager counts healthy leads to the primary, logged in as the application user as a client
+    would. A host that is down (a failover's old primary) routes nobody, so it is not asked."""
+    ctx = context_for(cluster)
+    inv = ctx.inventory
+    port = ha_driver(inv).rw_port(inv)
+
+    def every_host_leads_to_primary() -> PrimaryPortRoutes:
+        view = read_view(ctx)
+        if view.leader is None:
+            raise NotYet("the HA manager names no primary")
+        primary = inv.host(view.leader)
+        healthy = [h for h in inv.db_hosts if (m := view.member(h.name)) is not None and m.healthy]
+        for host in healthy:
+            endpoint = ctx.application_endpoint(str(host.address), port, name=host.name)
+            try:
+                with Postgres(endpoint, statement_timeout_ms=3000) as pg:
+                    in_recovery, address = pg.serving()
+            except DatabaseUnavailable as exc:
+                raise NotYet(str(exc)) from None
+            if in_recovery or address != str(primary.address):
+                raise NotYet(f"{host.name}:{port} leads to {address} (in recovery: {in_recovery}), "
+                             f"not the primary {primary.name}")
+        return PrimaryPortRoutes(primary.name, port, tuple(h.name for h in healthy))
+
+    routes = wait_for(f"port {port} of every database host leading to the primary", every_host_leads_to_primary,
+                      timeout=timeout, interval=0.5)
+    say(f"Port {port} of {', '.join(routes.through)} leads to the primary {routes.primary}.")
+    return routes

@@ -115,8 +115,7 @@ def through_vip(ctx: ClusterContext, port: int) -> tuple[bool, str]:
     assert routing is not None
     endpoint = ctx.application_endpoint(str(routing.vip), port)
     with Postgres(endpoint, statement_timeout_ms=3000) as pg:
-        row = pg.query_one("select pg_is_in_recovery(), inet_server_addr()::text")
-    return bool(row[0]), str(row[1]).split("/")[0]
+        return pg.serving()
 
 
 @dataclass(frozen=True)

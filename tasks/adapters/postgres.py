@@ -26,9 +26,14 @@ class PgEndpoint:
     password: str
     dbname: str = "postgres"
     connect_timeout: int = 5
+    # With several comma-separated addresses: which session libpq keeps (client-side failover).
+    target_session_attrs: str | None = None
 
     def __repr__(self) -> str:
         return f"PgEndpoint({self.user}@{self.host}:{self.port}/{self.dbname})"
+
+    def libpq_extras(self) -> dict[str, str]:
+        return {"target_session_attrs": self.target_session_attrs} if self.target_session_attrs else {}
 
 
 class DatabaseUnavailable(BouwsteenError):
@@ -102,7 +107,7 @@ class Postgres:
                 host=ep.address, port=ep.port, user=ep.user, password=ep.password, dbname=ep.dbname,
                 connect_timeout=ep.connect_timeout, application_name="bouwsteen",
                 options=f"-c statement_timeout={self.statement_timeout_ms}",
-                autocommit=self.autocommit,
+                autocommit=self.autocommit, **ep.libpq_extras(),
             )
         except psycopg.OperationalError as exc:
             text = str(exc).replace(ep.password, "********") if ep.password else str(exc)
@@ -141,6 +146,12 @@ class Postgres:
         return row[0] if row else None
 
     # ---------------------------------------------------------------- facts
+
+    def serving(self) -> tuple[bool, str]:
+        """(in recovery, the server's own address): which PostgreSQL a proxied port led to."""
+        row = self.query_one("select pg_is_in_recovery(), inet_server_addr()::text")
+        assert row is not None
+        return bool(row[0]), str(row[1]).split("/")[0]
 
     def status(self) -> NodeStatus:
         row = self.query_one(

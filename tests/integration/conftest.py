@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from bouwsteen.home import bouwsteen_home
+
 REPO = Path(__file__).resolve().parents[2]
 TEST_PORT = 4210
 
@@ -25,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def prefect_server():
-    home = Path(os.environ.get("BOUWSTEEN_HOME", "/var/lib/bouwsteen")) / "prefect-test"
+    home = bouwsteen_home() / "prefect-test"
     os.environ["BOUWSTEEN_PREFECT_HOME"] = str(home)
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{TEST_PORT}/api"
     from deployments.server import apply_environment, start_server, stop_server

@@ -210,6 +210,59 @@ def test_switchover_keeps_every_acknowledged_write(lab, routed):
     print(f"switchover write gap: {report.longest_gap():.2f}s")
 
 
+def write_through(endpoint) -> tuple[bool, str]:
+    """Insert a row where the endpoint leads; (in recovery, server address) of that server."""
+    from tasks.adapters.postgres import Postgres
+
+    with Postgres(endpoint, statement_timeout_ms=5000) as pg:
+        pg.query("create table if not exists public.bouwsteen_port_writes "
+                 "(id bigserial primary key, via text not null, at timestamptz not null default now())")
+        pg.query("insert into public.bouwsteen_port_writes (via) values (%s)", [repr(endpoint)])
+        return pg.serving()
+
+
+def test_db_host_port_and_multi_host_uri_follow_a_switchover(lab, routed):
+    """pg3:25432 leads to the primary wherever it is (and cuts its sessions when it moves); a
+    psycopg client on the report's multi-host URI keeps writing across the switchover."""
+    import psycopg
+
+    from flows.switchover import switchover
+    from lab.avprobe import AvailabilityProbe
+    from tasks.clients import multi_host_endpoint, primary_port_endpoint
+    from tasks.context import context_for
+
+    ctx = context_for("lab", fresh=True)
+    address = {h.name: str(h.address) for h in ctx.inventory.db_hosts}
+    via_pg3 = primary_port_endpoint(ctx, "pg3")
+    assert via_pg3.port == 25432
+    before = primary_name(ctx)
+    assert write_through(via_pg3) == (False, address[before])
+    held = psycopg.connect(host=via_pg3.address, port=via_pg3.port, user=via_pg3.user, password=via_pg3.password,
+                           dbname=via_pg3.dbname, connect_timeout=5, autocommit=True)
+    probe = AvailabilityProbe(multi_host_endpoint(ctx), max_seconds=180).start()
+    try:
+        time.sleep(2)
+        state = switchover(cluster="lab", return_state=True)
+        time.sleep(3)
+    finally:
+        report = probe.stop()
+    assert state.is_completed(), state.message
+    after = state.result()["new_primary"]
+    assert after != before
+    assert any(e["event"].startswith("port 25432 of ") and e["event"].endswith(f"leads to {after}")
+               for e in state.result()["timeline"])
+    # Like stolon-proxy: a session through the port does not outlive the primary it led to.
+    with pytest.raises(psycopg.OperationalError):
+        held.execute("select 1")
+    held.close()
+    assert write_through(via_pg3) == (False, address[after])
+    assert probe.missing_acknowledged() == []
+    switched_at = max(a.sent for a in report.attempts if a.latency is None) if report.failures else 0
+    assert any(a.sent > switched_at for a in report.acknowledged), "the multi-host client never wrote again"
+    assert len(report.acknowledged) > 20
+    print(f"multi-host URI write gap across a switchover: {report.longest_gap():.2f}s")
+
+
 def test_split_brain_routes_rw_nowhere(lab, routed):
     """Promote a standby behind Patroni's back (maintenance mode keeps Patroni from fixing it):
     the detector answers 409 and HAProxy takes every rw server out."""
@@ -235,6 +288,19 @@ def test_split_brain_routes_rw_nowhere(lab, routed):
         while rw_up(lab, "router1") or rw_up(lab, "router2"):
             assert time.monotonic() < deadline, "HAProxy still routes rw during split brain"
             time.sleep(0.5)
+        # Nor does port 25432 of any database host: it refuses every connection.
+        from tasks.adapters.postgres import DatabaseUnavailable
+        from tasks.clients import primary_port_endpoint
+
+        for host in ctx.inventory.db_hosts:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    served = write_through(primary_port_endpoint(ctx, host.name))
+                except DatabaseUnavailable:
+                    break
+                assert time.monotonic() < deadline, f"{host.name}:25432 still leads to {served} during split brain"
+                time.sleep(0.5)
     finally:
         lab_ssh(lab, rogue, psql + "'alter system reset archive_command' && " + psql + "'select pg_reload_conf()'",
                 check=False)

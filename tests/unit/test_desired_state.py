@@ -117,12 +117,12 @@ def test_layer_contents_patroni() -> None:
     assert [f.path for f in etcd.files] == ["/etc/bouwsteen/cluster.json", "/etc/default/etcd"]
     assert etcd.ports == {2379: {"etcd"}, 2380: {"etcd"}}
     db = layers["pg1"]["db"]
-    assert db.packages == ("postgresql-15", "postgresql-contrib", "patroni", "pgbackrest")
-    assert db.ports == {5432: {"postgres", "postmaster"}, 8008: {"patroni", "python3"}}
+    assert db.packages == ("postgresql-15", "postgresql-contrib", "patroni", "haproxy", "pgbackrest")
+    assert db.ports == {5432: {"postgres", "postmaster"}, 8008: {"patroni", "python3"}, 25432: {"haproxy"}}
     assert db.cluster_member is True and db.needs_data_dir is True
     etcd = layers["pg1"]["etcd"]
     assert etcd.cluster_member is True and etcd.needs_data_dir is False
-    assert [u.name for u in db.units] == ["patroni.service"]
+    assert [u.name for u in db.units] == ["patroni.service", "haproxy.service"]
     assert db.files[0].path == "/etc/bouwsteen/cluster.json"
     assert json.loads(db.files[0].content) == {"cluster": "lab"}
     store = layers["backup1"]["objectstore"]

@@ -22,6 +22,7 @@ from tasks.adapters.ha.base import (
     Member,
 )
 from tasks.adapters.ha.patroni import CONFIG_PATH, PatroniDriver
+from tasks.adapters.haproxy import HAPROXY_CFG
 
 SECRETS = DbSecrets(
     superuser="postgres",
@@ -224,7 +225,7 @@ def test_synchronous_replication_goes_to_dcs() -> None:
 
 def test_host_files_config_is_secret() -> None:
     files = driver.host_files(INV, INV.host("pg1"), SECRETS, ARCHIVE)
-    assert len(files) == 1
+    assert [f.path for f in files] == [CONFIG_PATH, HAPROXY_CFG]
     f = files[0]
     assert (f.path, f.owner, f.group, f.mode, f.secret) == (CONFIG_PATH, "postgres", "postgres", 0o600, True)
     assert f.content == driver.render_config(INV, INV.host("pg1"), SECRETS, ARCHIVE)
@@ -232,14 +233,82 @@ def test_host_files_config_is_secret() -> None:
 
 
 def test_host_units_reload_on_config() -> None:
-    (unit,) = driver.host_units(INV, INV.host("pg1"))
-    assert unit.name == "patroni.service"
-    assert unit.reload_on == (CONFIG_PATH,)
-    assert unit.restart_on == ()
+    patroni, proxy = driver.host_units(INV, INV.host("pg1"))
+    assert patroni.name == "patroni.service"
+    assert patroni.reload_on == (CONFIG_PATH,)
+    assert patroni.restart_on == ()
+    # A changed HAProxy file is reloaded, never restarted: clients on the port stay connected.
+    assert (proxy.name, proxy.reload_on, proxy.restart_on) == ("haproxy.service", (HAPROXY_CFG,), ())
 
 
 def test_packages() -> None:
-    assert driver.packages(INV) == ["postgresql-15", "postgresql-contrib", "patroni"]
+    assert driver.packages(INV) == ["postgresql-15", "postgresql-contrib", "patroni", "haproxy"]
+
+
+PG1_PRIMARY_PROXY = """\
+# Managed by bouwsteen (build_cluster / add_standby): port 25432 leads to the primary. Local edits are overwritten.
+global
+    log /dev/log local0
+    maxconn 4096
+    user haproxy
+    group haproxy
+    stats socket /run/haproxy/admin.sock mode 660 level admin expose-fd listeners
+
+defaults
+    mode tcp
+    log global
+    option tcplog
+    option dontlognull
+    timeout connect 3s
+    timeout client 30m
+    timeout server 30m
+    timeout check 2s
+    retries 2
+
+frontend primary
+    bind 172.29.66.11:25432
+    bind 127.0.0.1:25432
+    tcp-request connection reject unless { nbsrv(primary) eq 1 } { nbsrv(out_of_recovery) le 1 }
+    default_backend primary
+
+backend primary
+    option httpchk
+    http-check send meth GET uri /primary
+    http-check expect status 200
+    http-check expect rstring '"role": *"primary"'
+    default-server inter 1s fastinter 500ms downinter 500ms fall 2 rise 1 on-marked-down shutdown-sessions check port 8008 maxconn 1000
+    server pg1 172.29.66.11:5432
+    server pg2 172.29.66.12:5432
+    server pg3 172.29.66.13:5432
+
+backend out_of_recovery
+    option httpchk
+    http-check send meth GET uri /health
+    http-check expect rstring '"role": *"primary"'
+    default-server inter 1s fall 1 rise 1 check port 8008
+    server pg1 172.29.66.11:5432
+    server pg2 172.29.66.12:5432
+    server pg3 172.29.66.13:5432
+"""
+
+
+def test_primary_proxy_file_is_haproxy_checking_patroni() -> None:
+    (proxy,) = [f for f in driver.host_files(INV, INV.host("pg1"), SECRETS, ARCHIVE) if f.path == HAPROXY_CFG]
+    assert (proxy.owner, proxy.mode, proxy.secret) == ("root", 0o644, False)
+    assert proxy.content == PG1_PRIMARY_PROXY
+    # Every host's file differs only in what it binds.
+    pg2 = driver.render_primary_proxy(INV, INV.host("pg2"))
+    assert pg2 == PG1_PRIMARY_PROXY.replace("bind 172.29.66.11:25432", "bind 172.29.66.12:25432")
+
+
+def test_primary_proxy_follows_inventory_ports() -> None:
+    inv = make_inventory(patroni={"rest_port": 8118, "proxy_port": 6543}, postgres={"port": 6432})
+    text = driver.render_primary_proxy(inv, inv.host("pg1"))
+    assert "    bind 127.0.0.1:6543" in text.splitlines()
+    assert text.count("check port 8118") == 2
+    assert "    server pg3 172.29.66.13:6432" in text.splitlines()
+    assert driver.rw_port(inv) == 6543
+    assert driver.listeners(inv) == {8118: {"patroni", "python3"}, 6543: {"haproxy"}}
 
 
 # ------------------------------------------------------------------------------ parse_status

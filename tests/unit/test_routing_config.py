@@ -93,10 +93,11 @@ def test_haproxy_patroni_rw_backend(router: str) -> None:
     assert "option httpchk" in rw
     assert "http-check send meth GET uri-lf /v1/primary/%[srv_name]?group=lab" in rw
     assert "http-check expect status 200" in rw
+    # rw goes through each database host's port to the primary (HAProxy there under Patroni).
     assert [line for line in rw if line.startswith("server ")] == [
-        "server pg1 10.0.0.11:5432",
-        "server pg2 10.0.0.12:5432",
-        "server pg3 10.0.0.13:5432",
+        "server pg1 10.0.0.11:25432",
+        "server pg2 10.0.0.12:25432",
+        "server pg3 10.0.0.13:25432",
     ]
     default = next(line for line in rw if line.startswith("default-server "))
     assert "check port 8080 addr 127.0.0.1" in default
@@ -131,7 +132,8 @@ def test_haproxy_follows_inventory(cluster: dict, routing: dict, group: str, pg_
     assert f"    http-check send meth GET uri-lf /v1/standby/%[srv_name]?group={group}" in text.splitlines()
     assert text.count(f"check port {detector} addr 127.0.0.1") == 2
     for name, address in DB.items():
-        assert text.count(f"    server {name} {address}:{pg_port}\n") == 2
+        assert text.count(f"    server {name} {address}:{pg_port}\n") == 1  # ro: PostgreSQL itself
+        assert text.count(f"    server {name} {address}:25432\n") == 1  # rw: the port to the primary
     assert section(text, "frontend postgres_rw") == [f"bind :{inv.cluster.routing.rw_port}",  # type: ignore[union-attr]
                                                      "default_backend postgres_rw"]
     assert section(text, "frontend postgres_ro") == [f"bind :{inv.cluster.routing.ro_port}",  # type: ignore[union-attr]
@@ -439,9 +441,9 @@ backend postgres_rw
     http-check send meth GET uri-lf /v1/primary/%[srv_name]?group=lab
     http-check expect status 200
     default-server inter 1s fastinter 500ms downinter 500ms fall 2 rise 1 on-marked-down shutdown-sessions check port 8080 addr 127.0.0.1 maxconn 1000
-    server pg1 172.29.66.11:5432
-    server pg2 172.29.66.12:5432
-    server pg3 172.29.66.13:5432
+    server pg1 172.29.66.11:25432
+    server pg2 172.29.66.12:25432
+    server pg3 172.29.66.13:25432
 
 backend postgres_ro
     balance leastconn
@@ -675,9 +677,9 @@ def test_pgroute66_haproxy_uses_external_checks() -> None:
         "option external-check",
         f"external-check command {PGROUTE66_PRIMARY_CHECK}",
         "default-server inter 2s downinter 1s fall 2 rise 1 on-marked-down shutdown-sessions check maxconn 1000",
-        "server pg1 10.0.0.11:5432",
-        "server pg2 10.0.0.12:5432",
-        "server pg3 10.0.0.13:5432",
+        "server pg1 10.0.0.11:25432",
+        "server pg2 10.0.0.12:25432",
+        "server pg3 10.0.0.13:25432",
     ]
     assert section(text, "backend postgres_ro") == [
         "balance leastconn",
@@ -917,7 +919,7 @@ def test_pgroute66_router_check_sees_pgroute66_without_a_database_query(
 
 @pytest.mark.parametrize("router", ["router1", "router2"])
 def test_pgroute66_router_files(router: str) -> None:
-    files = router_files(PGR66, PGR66.host(router), PGR66_SECRETS, 5432)
+    files = router_files(PGR66, PGR66.host(router), PGR66_SECRETS, 25432)
     assert [(f.path, f.owner, f.mode, f.secret) for f in files] == [
         (PGROUTE66_PRIMARY_CHECK, "root", 0o755, False),
         (PGROUTE66_STANDBY_CHECK, "root", 0o755, False),

@@ -8,7 +8,7 @@ import shlex
 import yaml
 
 from blocks.inventory import HostSpec, Inventory, Role
-from tasks.adapters import etcd_config
+from tasks.adapters import etcd_config, haproxy
 from tasks.adapters.commands import Command, CommandResult, ManagedFile, Unit, cmd
 from tasks.adapters.ha.base import (
     ClusterView,
@@ -39,6 +39,9 @@ BASE_PARAMETERS = {
     "shared_preload_libraries": "pg_stat_statements",
 }
 
+# Patroni's health JSON (json.dumps) says "role": "primary" once PostgreSQL is out of recovery.
+PRIMARY_ROLE_BODY = "'\"role\": *\"primary\"'"
+
 _ROLE = {
     "leader": "primary",
     "standby leader": "primary",
@@ -56,7 +59,7 @@ class PatroniDriver(HaDriver):
     name = "patroni"
 
     def packages(self, inv: Inventory) -> list[str]:
-        return [inv.cluster.postgres.package, "postgresql-contrib", "patroni"]
+        return [inv.cluster.postgres.package, "postgresql-contrib", "patroni", "haproxy"]
 
     def release_floors(self) -> list[tuple[str, str, str]]:
         # Seen in the lab with Debian 12's 3.0.2: a primary cut off from etcd took longer to demote
@@ -175,6 +178,46 @@ class PatroniDriver(HaDriver):
         header = "# Managed by bouwsteen (build_cluster / add_standby). Local edits are overwritten.\n"
         return header + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
 
+    def render_primary_proxy(self, inv: Inventory, host: HostSpec) -> str:
+        """stolon-proxy's contract with HAProxy: the proxy port of every database host leads to
+        the primary, and to nothing when there is none or there are two."""
+        spec = inv.cluster.patroni
+        servers = [f"    server {h.name} {h.address}:{inv.cluster.postgres.port}" for h in inv.db_hosts]
+        lines = haproxy.preamble(f"Managed by bouwsteen (build_cluster / add_standby): port {spec.proxy_port} "
+                                 "leads to the primary. Local edits are overwritten.")
+        lines += [
+            "frontend primary",
+            f"    bind {host.address}:{spec.proxy_port}",
+            f"    bind 127.0.0.1:{spec.proxy_port}",
+            # Exactly one leader, and no other PostgreSQL out of recovery (a standby promoted behind
+            # Patroni's back): otherwise the connection is refused before it reaches any server.
+            "    tcp-request connection reject unless { nbsrv(primary) eq 1 } { nbsrv(out_of_recovery) le 1 }",
+            "    default_backend primary",
+            "",
+            "backend primary",
+            # /primary answers 200 while Patroni holds the leader key, even before PostgreSQL has left
+            # recovery; the body's role says it has, so a promotion is only routed once it can write.
+            "    option httpchk",
+            "    http-check send meth GET uri /primary",
+            "    http-check expect status 200",
+            f"    http-check expect rstring {PRIMARY_ROLE_BODY}",
+            # stolon-proxy closes its clients' connections when the master moves; so does this.
+            "    default-server inter 1s fastinter 500ms downinter 500ms fall 2 rise 1 "
+            f"on-marked-down shutdown-sessions check port {spec.rest_port} maxconn 1000",
+            *servers,
+            "",
+            "backend out_of_recovery",
+            # Never sent traffic: it counts the PostgreSQLs that answer as primary, leader or not.
+            # fall 1: a demoted primary stops counting at its first check, not its second.
+            "    option httpchk",
+            "    http-check send meth GET uri /health",
+            f"    http-check expect rstring {PRIMARY_ROLE_BODY}",
+            f"    default-server inter 1s fall 1 rise 1 check port {spec.rest_port}",
+            *servers,
+            "",
+        ]
+        return "\n".join(lines)
+
     def host_files(
         self, inv: Inventory, host: HostSpec, secrets: DbSecrets, extra_parameters: dict[str, str]
     ) -> list[ManagedFile]:
@@ -183,11 +226,14 @@ class PatroniDriver(HaDriver):
                 CONFIG_PATH, self.render_config(inv, host, secrets, extra_parameters),
                 owner="postgres", group="postgres", mode=0o600, secret=True,
             ),
+            ManagedFile(haproxy.HAPROXY_CFG, self.render_primary_proxy(inv, host), owner="root", mode=0o644),
         ]
 
     def host_units(self, inv: Inventory, host: HostSpec) -> list[Unit]:
         # Patroni re-reads its file on SIGHUP (ExecReload) and applies pg_hba/parameters itself.
-        return [Unit("patroni.service", reload_on=(CONFIG_PATH,))]
+        # Debian's HAProxy unit checks the file (`haproxy -c`) before it reloads: a bad one is never live.
+        return [Unit("patroni.service", reload_on=(CONFIG_PATH,)),
+                Unit(haproxy.HAPROXY_UNIT, reload_on=(haproxy.HAPROXY_CFG,))]
 
     def bootstrap_commands(self, inv: Inventory, secrets: DbSecrets, extra_parameters: dict[str, str]) -> list[Command]:
         return []  # the first Patroni to take the initialize key runs initdb itself
@@ -264,13 +310,14 @@ class PatroniDriver(HaDriver):
 
     def listeners(self, inv: Inventory) -> dict[int, frozenset[str]]:
         # Debian's Patroni runs as `patroni`; one from PyPI in a venv shows as python3.
-        return {inv.cluster.patroni.rest_port: frozenset({"patroni", "python3"})}
+        return {inv.cluster.patroni.rest_port: frozenset({"patroni", "python3"}),
+                inv.cluster.patroni.proxy_port: frozenset({"haproxy"})}
 
     def config_paths(self, inv: Inventory) -> list[str]:
         return [CONFIG_PATH]
 
     def rw_port(self, inv: Inventory) -> int:
-        return inv.cluster.postgres.port
+        return inv.cluster.patroni.proxy_port
 
     def pgdata(self, inv: Inventory) -> str:
         return inv.cluster.postgres.data_dir

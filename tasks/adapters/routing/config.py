@@ -21,10 +21,11 @@ from pathlib import Path
 import yaml
 
 from blocks.inventory import HostSpec, Inventory, Pgroute66Spec, Role
+from tasks.adapters import haproxy
 from tasks.adapters.commands import ManagedFile, Unit
+from tasks.adapters.haproxy import HAPROXY_CFG, HAPROXY_UNIT
 from tasks.errors import BouwsteenError
 
-HAPROXY_CFG = "/etc/haproxy/haproxy.cfg"
 KEEPALIVED_CFG = "/etc/keepalived/keepalived.conf"
 DETECTOR_BIN = "/usr/local/lib/bouwsteen/primary_detector.py"
 DETECTOR_CFG = "/etc/bouwsteen/primary-detector.yaml"
@@ -68,33 +69,12 @@ def render_haproxy(inv: Inventory, router: HostSpec, rw_port: int) -> str:
     routing = inv.cluster.routing
     assert routing is not None
     admin = " ".join(str(n) for n in inv.cluster.admin_networks) or "127.0.0.1/32"
-    lines = [
-        "# Managed by bouwsteen routing_rollout; validated with `haproxy -c` before every reload.",
-        "global",
-        "    log /dev/log local0",
-        "    maxconn 4096",
-        "    user haproxy",
-        "    group haproxy",
-        # expose-fd listeners: a reload hands the listening sockets over, no connection is refused.
-        "    stats socket /run/haproxy/admin.sock mode 660 level admin expose-fd listeners",
-    ]
-    if routing.uses_pgroute66:
-        # pgroute66's check scripts: external checks must be allowed, and HAProxy must be allowed
-        # to fork at run time at all (without it fork() fails: RLIMIT_NPROC is 0 after start-up).
-        lines += ["    external-check", "    insecure-fork-wanted"]
+    # pgroute66's check scripts: external checks must be allowed, and HAProxy must be allowed
+    # to fork at run time at all (without it fork() fails: RLIMIT_NPROC is 0 after start-up).
+    forks = ("external-check", "insecure-fork-wanted") if routing.uses_pgroute66 else ()
+    lines = haproxy.preamble("Managed by bouwsteen routing_rollout; validated with `haproxy -c` before every reload.",
+                             extra_global=forks)
     lines += [
-        "",
-        "defaults",
-        "    mode tcp",
-        "    log global",
-        "    option tcplog",
-        "    option dontlognull",
-        "    timeout connect 3s",
-        "    timeout client 30m",
-        "    timeout server 30m",
-        "    timeout check 2s",
-        "    retries 2",
-        "",
         "frontend postgres_rw",
         f"    bind :{routing.rw_port}",
         "    default_backend postgres_rw",
@@ -388,6 +368,6 @@ def router_units(inv: Inventory | None = None) -> list[Unit]:
     # External check scripts are exec'd afresh on every check: changing one needs no reload.
     return units + [
         # HAProxy reloads seamlessly (master-worker, sockets handed over); the unit checks the config first.
-        Unit("haproxy.service", reload_on=(HAPROXY_CFG,)),
+        Unit(HAPROXY_UNIT, reload_on=(HAPROXY_CFG,)),
         Unit("keepalived.service", reload_on=(KEEPALIVED_CFG, ROUTER_CHECK)),
     ]
