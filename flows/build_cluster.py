@@ -49,9 +49,10 @@ def build_cluster(cluster: str = "lab", dry_run: bool = False, adopt_existing: b
     layers = {name: {k: v for k, v in kinds.items() if k in ("etcd", "db")}
               for name, kinds in desired_layers(ctx).items() if {"etcd", "db"} & set(kinds)}
     snapshots = snapshot_hosts(ctx, list(layers))
-    refusals = is_etcd_ours(cluster)
+    etcd_ours = is_etcd_ours(cluster)
     running_pg = [n for n, s in snapshots.items() if inv.cluster.postgres.port in s.listeners]
-    refusals += is_superuser_login_ok(cluster, running_pg)
+    login_ok = is_superuser_login_ok(cluster, running_pg)
+    refusals = [*etcd_ours.refusals, *login_ok.refusals]
     ha_files = ha_driver(inv).config_paths(inv)
     configured = [n for n, s in snapshots.items() if any(s.files.get(p) for p in ha_files)]
     view = is_cluster_initialized(cluster, configured)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from tasks.adapters.commands import chain, cmd, script
@@ -54,9 +54,18 @@ def rows(result) -> list[list[str]]:
 
 @dataclass(frozen=True)
 class RestoreHost:
+    """is_restore_host_free's answer: free when nothing refuses it (a kept copy may be replaced)."""
+
+    ok: bool = field(init=False)  # no refusals
     host: str
     refusals: tuple[str, ...]
     previous: bool  # an earlier drill's copy is there (running or its data left)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ok", not self.refusals)
+
+    def __bool__(self) -> bool:
+        return self.ok
 
 
 @dataclass(frozen=True)
