@@ -56,7 +56,7 @@ def backup_server_rollout(cluster: str = "lab", dry_run: bool = False) -> dict:
         created = ensure_bucket_and_prefix(cluster)
 
         # -------------------------------------------------------------- 4. verify
-        seconds = is_object_store_working(cluster)
+        seconds = is_object_store_working(cluster).seconds
     changed_anything = not plan.is_noop or bool(created) or access_changed
     logger.info("Done: %s serves bucket %s over TLS; round trip %.2fs; %s.", store.host, store.bucket, seconds,
                 "changes were applied" if changed_anything else "nothing was changed")

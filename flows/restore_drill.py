@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows.runbook import holding, publish_plan
-from tasks.backup import is_backup_list
+from tasks.backup import is_backup_present
 from tasks.context import context_for
 from tasks.desired import backup_driver
 from tasks.errors import DrillFailed, PreflightRefused
@@ -26,7 +26,7 @@ from tasks.restore import (
     ensure_restore_host_configured,
     is_restore_host_free,
     is_restored_copy_sound,
-    is_source_markers,
+    is_source_marked,
     wait_until_recovered,
 )
 
@@ -73,7 +73,7 @@ def restore_drill(cluster: str = "lab", target: str = "latest", backup: str | No
     host_state = is_restore_host_free(cluster, replace_kept)
     if host_state.refusals:
         raise PreflightRefused(*host_state.refusals)
-    backups = is_backup_list(cluster)
+    backups = is_backup_present(cluster).backups
     try:
         chosen = pick_restore_backup(backups, target_time, backup)
     except BackupPlanError as exc:
@@ -90,7 +90,7 @@ def restore_drill(cluster: str = "lab", target: str = "latest", backup: str | No
         logger.info("3. Act: fetch and recover in isolation (no archiving, no replication, localhost only).")
         ensure_restore_host_configured(cluster)
         marker = ensure_marker_row(cluster) if target_time is None else None
-        source_markers = is_source_markers(cluster)
+        source_markers = is_source_marked(cluster).rows
         fetched = ensure_backup_restored(cluster, chosen.name, target_time.isoformat() if target_time else None)
         try:
             recovered = wait_until_recovered(cluster)
