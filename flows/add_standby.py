@@ -48,8 +48,9 @@ def add_standby(cluster: str = "lab", host: str = "pg4", max_lag_bytes: int = 16
                                f"{', '.join(r.value for r in spec.roles)}; a standby needs a host of its own")
     target_inv = inv.with_db_host(host)
     target = target_inv.model_dump(mode="json")
-    view = is_cluster_initialized(cluster, [h.name for h in inv.db_hosts if h.name != host])
-    if not view.initialized or view.leader is None:
+    initialized = is_cluster_initialized(cluster, [h.name for h in inv.db_hosts if h.name != host])
+    view = initialized.view
+    if not initialized.ok or view.leader is None:
         raise PreflightRefused(f"cluster {cluster} has no primary ({view.leader=})")
     if view.leader == host:
         raise PreflightRefused(f"{host} is the cluster's primary")

@@ -55,12 +55,12 @@ def build_cluster(cluster: str = "lab", dry_run: bool = False, adopt_existing: b
     refusals = [*etcd_ours.refusals, *login_ok.refusals]
     ha_files = ha_driver(inv).config_paths(inv)
     configured = [n for n, s in snapshots.items() if any(s.files.get(p) for p in ha_files)]
-    view = is_cluster_initialized(cluster, configured)
+    initialized = is_cluster_initialized(cluster, configured)
 
     # ------------------------------------------------------------------ 2. plan
     plan = plan_build(
         cluster, [layer for kinds in layers.values() for layer in kinds.values()], snapshots,
-        initialized=view.initialized, bootstrap_candidates=[h.name for h in inv.db_hosts],
+        initialized=initialized.ok, bootstrap_candidates=[h.name for h in inv.db_hosts],
         adopt_existing=adopt_existing, refusals=refusals,
     )
     publish_plan("build_cluster", cluster, plan, dry_run=dry_run)

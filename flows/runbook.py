@@ -72,7 +72,7 @@ def snapshot_hosts(ctx: ClusterContext, names: list[str], *, inventory: dict | N
     snapshots, unreachable = {}, []
     for name, future in futures.items():
         try:
-            snapshots[name] = future.result()
+            snapshots[name] = future.result().snapshot
         except BouwsteenError as exc:  # one line per host: the whole reason, secrets masked
             unreachable.append(f"{name}: unreachable: {ctx.masker(str(exc)).splitlines()[0]}")
     if unreachable:
