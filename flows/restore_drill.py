@@ -70,18 +70,21 @@ def restore_drill(cluster: str = "lab", target: str = "latest", backup: str | No
         raise PreflightRefused(f"{exc}") from None
     if inv.cluster.object_store is None or ctx.store_block is None:
         raise PreflightRefused(f"cluster {cluster} has no object store configured")
+    # Refused parameters and configuration leave nothing to plan from; what the reads below
+    # refuse goes into the plan, which is published before the run is refused.
     host_state = is_restore_host_free(cluster, replace_kept)
-    if host_state.refusals:
-        raise PreflightRefused(*host_state.refusals)
     backups = is_backup_present(cluster).backups
+    refusals = list(host_state.refusals)
+    chosen = None
     try:
         chosen = pick_restore_backup(backups, target_time, backup)
     except BackupPlanError as exc:
-        raise PreflightRefused(f"{exc}") from None
+        refusals.append(f"{exc}")
 
     # ------------------------------------------------------------------ 2. plan
-    plan = drill_plan(chosen, host_state.host, target_time, keep)
+    plan = drill_plan(chosen, host_state.host, target_time, keep, refusals)
     publish_plan("restore_drill", cluster, plan, dry_run=dry_run)
+    assert chosen is not None  # publish_plan refused the run otherwise
     if dry_run:
         return {"backup": chosen.name, "target": target, "plan": plan.rows()}
 

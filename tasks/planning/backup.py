@@ -129,8 +129,14 @@ def pick_restore_backup(backups: Sequence[BackupInfo], target: datetime | None, 
     return usable[-1]
 
 
-def drill_plan(chosen: BackupInfo, restore_host: str, target: datetime | None, keep: bool) -> ActionPlan:
-    """The drill's one action; it writes a marker row on the primary when it recovers to the end."""
+def drill_plan(chosen: BackupInfo | None, restore_host: str, target: datetime | None, keep: bool,
+               refusals: Sequence[str] = ()) -> ActionPlan:
+    """The drill's one action; it writes a marker row on the primary when it recovers to the end.
+    Refused (no action) when pre-flight found a reason, which a missing `chosen` must come with."""
+    if refusals:
+        return ActionPlan(refusals=tuple(refusals))
+    if chosen is None:
+        raise ValueError("drill_plan: no backup chosen and nothing refused")
     recover_to = target.isoformat() if target else "the end of the archive (after a fresh marker row)"
     return ActionPlan((Action(restore_host, f"restore {chosen.name} (finished {chosen.finish_time.isoformat(timespec='seconds')}), "
                                             f"recover to {recover_to} in isolation, verify, "
