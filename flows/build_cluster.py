@@ -48,7 +48,7 @@ def build_cluster(cluster: str = "lab", dry_run: bool = False, adopt_existing: b
         raise PreflightRefused(f"{exc}") from None
     layers = {name: {k: v for k, v in kinds.items() if k in ("etcd", "db")}
               for name, kinds in desired_layers(ctx).items() if {"etcd", "db"} & set(kinds)}
-    snapshots = snapshot_hosts(ctx, list(layers))
+    snapshots, unreachable = snapshot_hosts(ctx, list(layers))
     etcd_ours = is_etcd_ours(cluster)
     running_pg = [n for n, s in snapshots.items() if inv.cluster.postgres.port in s.listeners]
     login_ok = is_superuser_login_ok(cluster, running_pg)
@@ -61,7 +61,7 @@ def build_cluster(cluster: str = "lab", dry_run: bool = False, adopt_existing: b
     plan = plan_build(
         cluster, [layer for kinds in layers.values() for layer in kinds.values()], snapshots,
         initialized=initialized.ok, bootstrap_candidates=[h.name for h in inv.db_hosts],
-        adopt_existing=adopt_existing, refusals=refusals,
+        adopt_existing=adopt_existing, refusals=refusals, unreachable=unreachable,
     )
     publish_plan("build_cluster", cluster, plan, dry_run=dry_run)
     if dry_run:
