@@ -19,10 +19,10 @@ def plain_build(cluster: str) -> float:
     inv = ctx.inventory
     layers = {n: {k: v for k, v in kinds.items() if k in ("etcd", "db")}
               for n, kinds in hosts.desired_layers(ctx).items() if {"etcd", "db"} & set(kinds)}
-    snapshots = {n: hosts.is_host_ready.fn(cluster, n) for n in layers}
+    snapshots = {n: hosts.is_host_ready.fn(cluster, n).snapshot for n in layers}
     etcd.is_etcd_ours.fn(cluster)
     db_roles.is_superuser_login_ok.fn(cluster, [])
-    view = ha.is_cluster_initialized.fn(cluster, [])
+    initialized = ha.is_cluster_initialized.fn(cluster, [])
     for name, kinds in layers.items():
         hosts.ensure_packages.fn(cluster, name, sorted({p for layer in kinds.values() for p in layer.packages}))
     etcd_hosts = [h.name for h in inv.etcd_members]
@@ -33,7 +33,7 @@ def plain_build(cluster: str) -> float:
     db = [h.name for h in inv.db_hosts]
     db_changes = {n: hosts.ensure_files.fn(cluster, n, "db") for n in db}
     started_units: list[str] = []
-    if not view.initialized:
+    if not initialized.ok:
         bootstrap = next((n for n in db if not snapshots[n].data_dir.is_empty), db[0])
         started_units = ha.ensure_cluster_initialized.fn(cluster, bootstrap)
         ha.wait_until_primary_accepts_writes.fn(cluster)

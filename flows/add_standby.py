@@ -50,19 +50,24 @@ def add_standby(cluster: str = "lab", host: str = "pg4", max_lag_bytes: int = 16
                                f"{', '.join(r.value for r in spec.roles)}; a standby needs a host of its own")
     target_inv = inv.with_db_host(host)
     target = target_inv.model_dump(mode="json")
-    view = is_cluster_initialized(cluster, [h.name for h in inv.db_hosts if h.name != host])
-    if not view.initialized or view.leader is None:
-        raise PreflightRefused(f"cluster {cluster} has no primary ({view.leader=})")
-    if view.leader == host:
-        raise PreflightRefused(f"{host} is the cluster's primary")
+    # Refused parameters leave nothing to plan from; what the reads below refuse goes into the plan.
+    initialized = is_cluster_initialized(cluster, [h.name for h in inv.db_hosts if h.name != host])
+    view = initialized.view
+    refusals = []
+    if not initialized.ok or view.leader is None:
+        refusals.append(f"cluster {cluster} has no primary ({view.leader=})")
+    elif view.leader == host:
+        refusals.append(f"{host} is the cluster's primary")
     names = [h.name for h in target_inv.db_hosts]
-    snapshots = snapshot_hosts(ctx, names, inventory=target)
-    refusals = _versions_differ(snapshots[host], snapshots[view.leader], ha_driver(inv).packages(inv))
+    snapshots, unreachable = snapshot_hosts(ctx, names, inventory=target)
+    if not refusals and host in snapshots and view.leader in snapshots:
+        refusals += _versions_differ(snapshots[host], snapshots[view.leader], ha_driver(inv).packages(inv))
 
     # ------------------------------------------------------------------ 2. plan
     layers = desired_layers(context_for(cluster, inventory=target))
     wanted = [layers[n]["db"] for n in names]  # database layers only: etcd stays as it is
-    plan = plan_build(cluster, wanted, snapshots, initialized=True, bootstrap_candidates=[], refusals=refusals)
+    plan = plan_build(cluster, wanted, snapshots, initialized=True, bootstrap_candidates=[], refusals=refusals,
+                      unreachable=unreachable)
     publish_plan("add_standby", cluster, plan, dry_run=dry_run)
     if dry_run:
         return {"plan": plan.rows(), "changed": False}

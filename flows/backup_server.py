@@ -36,10 +36,10 @@ def backup_server_rollout(cluster: str = "lab", dry_run: bool = False) -> dict:
         layer = desired_layers(ctx)[store.host]["objectstore"]
     except ValueError as exc:
         raise PreflightRefused(f"{exc}") from None
-    snapshot = snapshot_hosts(ctx, [store.host])[store.host]
+    snapshots, unreachable = snapshot_hosts(ctx, [store.host])
 
     # ------------------------------------------------------------------ 2. plan
-    plan = plan_build(cluster, [layer], {store.host: snapshot}, initialized=True, bootstrap_candidates=[])
+    plan = plan_build(cluster, [layer], snapshots, initialized=True, bootstrap_candidates=[], unreachable=unreachable)
     publish_plan("backup_server_rollout", cluster, plan, dry_run=dry_run)
     if dry_run:
         return {"plan": plan.rows(), "changed": False}
@@ -56,7 +56,7 @@ def backup_server_rollout(cluster: str = "lab", dry_run: bool = False) -> dict:
         created = ensure_bucket_and_prefix(cluster)
 
         # -------------------------------------------------------------- 4. verify
-        seconds = is_object_store_working(cluster)
+        seconds = is_object_store_working(cluster).seconds
     changed_anything = not plan.is_noop or bool(created) or access_changed
     logger.info("Done: %s serves bucket %s over TLS; round trip %.2fs; %s.", store.host, store.bucket, seconds,
                 "changes were applied" if changed_anything else "nothing was changed")

@@ -13,8 +13,8 @@ from tasks.backup import (
     ensure_base_backup,
     ensure_retention,
     is_archive_intact,
-    is_backup_list,
-    is_backup_source,
+    is_backup_present,
+    is_backup_source_found,
 )
 from tasks.context import context_for
 from tasks.errors import BackupFailed, BackupTooOld, PreflightRefused
@@ -43,8 +43,8 @@ def scheduled_basebackup(cluster: str = "lab", force: bool = False, skip_window_
             logger.info("1. Pre-flight (read-only): backups in the repository and a source host.")
             if not dry_run:
                 ensure_backup_repository(cluster)  # stanza-create: idempotent, and needed to list
-            before = is_backup_list(cluster)
-            source = is_backup_source(cluster)
+            before = is_backup_present(cluster).backups
+            source = is_backup_source_found(cluster)
             decision = decide_backup(before, datetime.now(timezone.utc), skip_window=timedelta(hours=skip_window_hours),
                                      force=force, source=source.source)
             publish_plan("scheduled_basebackup", cluster, decision.plan(keep), dry_run=dry_run)
@@ -52,7 +52,7 @@ def scheduled_basebackup(cluster: str = "lab", force: bool = False, skip_window_
             if decision.run and not dry_run:
                 logger.info("3. Act: full base backup on %s, then retention (keep %d full).", decision.source, keep)
                 seconds = ensure_base_backup(cluster, source.source, source.primary)
-                after = is_backup_list(cluster)
+                after = is_backup_present(cluster).backups
                 new = [b for b in after if b.name not in {x.name for x in before}]
                 if len(new) != 1 or new[0].error:
                     raise BackupFailed(f"expected one new good backup in the list, found {[(b.name, b.error) for b in new]}")
@@ -76,7 +76,7 @@ def scheduled_basebackup(cluster: str = "lab", force: bool = False, skip_window_
             error = exc
     final = None
     try:
-        final = is_backup_list(cluster)
+        final = is_backup_present(cluster).backups
     except Exception as exc:
         logger.error("Cannot list backups to check their freshness: %s", ctx.masker(str(exc)).splitlines()[0])
     problem = (freshness_problem(final, datetime.now(timezone.utc), timedelta(hours=freshness_limit_hours))

@@ -50,19 +50,20 @@ def build_cluster(cluster: str = "lab", dry_run: bool = False, adopt_existing: b
         raise PreflightRefused(f"{exc}") from None
     layers = {name: {k: v for k, v in kinds.items() if k in ("etcd", "db")}
               for name, kinds in desired_layers(ctx).items() if {"etcd", "db"} & set(kinds)}
-    snapshots = snapshot_hosts(ctx, list(layers))
-    refusals = is_etcd_ours(cluster)
+    snapshots, unreachable = snapshot_hosts(ctx, list(layers))
+    etcd_ours = is_etcd_ours(cluster)
     running_pg = [n for n, s in snapshots.items() if inv.cluster.postgres.port in s.listeners]
-    refusals += is_superuser_login_ok(cluster, running_pg)
+    login_ok = is_superuser_login_ok(cluster, running_pg)
+    refusals = [*etcd_ours.refusals, *login_ok.refusals]
     ha_files = ha_driver(inv).config_paths(inv)
     configured = [n for n, s in snapshots.items() if any(s.files.get(p) for p in ha_files)]
-    view = is_cluster_initialized(cluster, configured)
+    initialized = is_cluster_initialized(cluster, configured)
 
     # ------------------------------------------------------------------ 2. plan
     plan = plan_build(
         cluster, [layer for kinds in layers.values() for layer in kinds.values()], snapshots,
-        initialized=view.initialized, bootstrap_candidates=[h.name for h in inv.db_hosts],
-        adopt_existing=adopt_existing, refusals=refusals,
+        initialized=initialized.ok, bootstrap_candidates=[h.name for h in inv.db_hosts],
+        adopt_existing=adopt_existing, refusals=refusals, unreachable=unreachable,
     )
     publish_plan("build_cluster", cluster, plan, dry_run=dry_run)
     if dry_run:

@@ -2,60 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from tasks.adapters.commands import cmd, script
 from tasks.context import context_for
-from tasks.desired import stack_packages
 from tasks.errors import BouwsteenError, VerifyFailed
-from tasks.runtime import say, step
-
-
-@dataclass
-class HostFacts:
-    host: str
-    address: str
-    reachable: bool
-    hostname: str = ""
-    os: str = ""
-    systemd: str = ""
-    disk_free_gib: float | None = None
-    memory_available_mib: int | None = None
-    packages: str = ""
-    error: str = ""
-
-
-@step(retries=2)
-def is_host_reachable(cluster: str, host: str) -> dict:
-    """Connect over SSH (host key verified) and collect the facts a DBA checks first."""
-    ctx = context_for(cluster)
-    spec = ctx.inventory.host(host)
-    with ctx.remote(spec) as remote:
-        hostname = remote.run(cmd("hostname", timeout=10)).stdout.strip()
-        os_name = remote.run(
-            script('. /etc/os-release && echo "$PRETTY_NAME"', timeout=10, description="read /etc/os-release")
-        ).stdout.strip()
-        systemd = remote.run(
-            cmd("systemctl", "is-system-running", timeout=10, ok_codes=range(0, 256))
-        ).stdout.strip()
-        disk = remote.run(cmd("df", "--output=avail", "-B1", "/", timeout=10)).stdout.split()[-1]
-        memory = remote.run(
-            script("awk '/MemAvailable/ {print int($2/1024)}' /proc/meminfo", timeout=10, description="read meminfo")
-        ).stdout.strip()
-        packages = remote.run(
-            cmd("dpkg-query", "-W", "-f=${Package}=${Version};", *stack_packages(ctx.inventory), timeout=20,
-                ok_codes=(0, 1))
-        ).stdout.strip()
-    facts = HostFacts(
-        host=host, address=str(spec.address), reachable=True, hostname=hostname, os=os_name, systemd=systemd,
-        disk_free_gib=round(int(disk) / 2**30, 1), memory_available_mib=int(memory or 0),
-        packages=" ".join(p for p in packages.split(";") if p and not p.endswith("=")),
-    )
-    say(f"{host} answers as {hostname!r}: {os_name}, systemd {systemd}, {facts.disk_free_gib} GiB free.")
-    return asdict(facts)
+from tasks.hosts import HostFacts, is_host_reachable
 
 
 @flow(name="check_hosts", persist_result=True)
@@ -73,7 +25,7 @@ def check_hosts(cluster: str = "lab") -> list[dict]:
     for name, future in futures.items():
         state = future.wait() or future.state
         if future.state.is_completed():
-            rows.append(future.result())
+            rows.append(future.result().row())
             continue
         try:
             future.result()
@@ -84,7 +36,7 @@ def check_hosts(cluster: str = "lab") -> list[dict]:
         logger.error("%s is unreachable: %s", name, reason)
         unreachable.append(name)
         spec = ctx.inventory.host(name)
-        rows.append(asdict(HostFacts(host=name, address=str(spec.address), reachable=False, error=reason)))
+        rows.append(HostFacts(host=name, address=str(spec.address), ok=False, error=reason).row())
 
     create_table_artifact(
         key=f"check-hosts-{cluster}",

@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows.runbook import holding, publish_plan
-from tasks.backup import is_backup_list
+from tasks.backup import is_backup_present
 from tasks.context import context_for
 from tasks.desired import backup_driver
 from tasks.errors import DrillFailed, PreflightRefused
@@ -26,7 +26,7 @@ from tasks.restore import (
     ensure_restore_host_configured,
     is_restore_host_free,
     is_restored_copy_sound,
-    is_source_markers,
+    is_source_marked,
     wait_until_recovered,
 )
 
@@ -70,18 +70,21 @@ def restore_drill(cluster: str = "lab", target: str = "latest", backup: str | No
         raise PreflightRefused(f"{exc}") from None
     if inv.cluster.object_store is None or ctx.store_block is None:
         raise PreflightRefused(f"cluster {cluster} has no object store configured")
+    # Refused parameters and configuration leave nothing to plan from; what the reads below
+    # refuse goes into the plan, which is published before the run is refused.
     host_state = is_restore_host_free(cluster, replace_kept)
-    if host_state.refusals:
-        raise PreflightRefused(*host_state.refusals)
-    backups = is_backup_list(cluster)
+    backups = is_backup_present(cluster).backups
+    refusals = list(host_state.refusals)
+    chosen = None
     try:
         chosen = pick_restore_backup(backups, target_time, backup)
     except BackupPlanError as exc:
-        raise PreflightRefused(f"{exc}") from None
+        refusals.append(f"{exc}")
 
     # ------------------------------------------------------------------ 2. plan
-    plan = drill_plan(chosen, host_state.host, target_time, keep)
+    plan = drill_plan(chosen, host_state.host, target_time, keep, refusals)
     publish_plan("restore_drill", cluster, plan, dry_run=dry_run)
+    assert chosen is not None  # publish_plan refused the run otherwise
     if dry_run:
         return {"backup": chosen.name, "target": target, "plan": plan.rows()}
 
@@ -90,7 +93,7 @@ def restore_drill(cluster: str = "lab", target: str = "latest", backup: str | No
         logger.info("3. Act: fetch and recover in isolation (no archiving, no replication, localhost only).")
         ensure_restore_host_configured(cluster)
         marker = ensure_marker_row(cluster) if target_time is None else None
-        source_markers = is_source_markers(cluster)
+        source_markers = is_source_marked(cluster).rows
         fetched = ensure_backup_restored(cluster, chosen.name, target_time.isoformat() if target_time else None)
         try:
             recovered = wait_until_recovered(cluster)

@@ -40,10 +40,11 @@ def routing_rollout(cluster: str = "lab", dry_run: bool = False) -> dict:
     except ValueError as exc:
         raise PreflightRefused(f"{exc}") from None
     logger.info("1. Pre-flight (read-only): VIP %s on %s.", routing.vip, ", ".join(layers))
-    snapshots = snapshot_hosts(ctx, list(layers))
+    snapshots, unreachable = snapshot_hosts(ctx, list(layers))
 
     # ------------------------------------------------------------------ 2. plan
-    plan = plan_build(cluster, list(layers.values()), snapshots, initialized=True, bootstrap_candidates=[])
+    plan = plan_build(cluster, list(layers.values()), snapshots, initialized=True, bootstrap_candidates=[],
+                      unreachable=unreachable)
     publish_plan("routing_rollout", cluster, plan, dry_run=dry_run)
     if dry_run:
         return {"plan": plan.rows(), "changed": False}

@@ -66,18 +66,18 @@ def holding(cluster: str, runbook: str, *, dry_run: bool = False) -> Iterator[No
         yield
 
 
-def snapshot_hosts(ctx: ClusterContext, names: list[str], *, inventory: dict | None = None) -> dict[str, HostSnapshot]:
-    """Probe the hosts in parallel (read-only); refuse naming every host that cannot be reached."""
+def snapshot_hosts(ctx: ClusterContext, names: list[str], *,
+                   inventory: dict | None = None) -> tuple[dict[str, HostSnapshot], dict[str, str]]:
+    """Probe the hosts in parallel (read-only): the snapshots of the hosts that answered, and a
+    refusal for each that could not be reached, which the plan lists (`plan_build(unreachable=)`)."""
     futures = {name: is_host_ready.submit(ctx.name, name, inventory=inventory) for name in names}
-    snapshots, unreachable = {}, []
+    snapshots, unreachable = {}, {}
     for name, future in futures.items():
         try:
-            snapshots[name] = future.result()
+            snapshots[name] = future.result().snapshot
         except BouwsteenError as exc:  # one line per host: the whole reason, secrets masked
-            unreachable.append(f"{name}: unreachable: {ctx.masker(str(exc)).splitlines()[0]}")
-    if unreachable:
-        raise PreflightRefused(*unreachable)
-    return snapshots
+            unreachable[name] = f"{name}: unreachable: {ctx.masker(str(exc)).splitlines()[0]}"
+    return snapshots, unreachable
 
 
 def publish_plan(runbook: str, cluster: str, plan: Plan, *, dry_run: bool) -> None:

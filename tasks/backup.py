@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from tasks.adapters.backup.base import ArchiveCheck
+from tasks.adapters.backup.base import ArchiveCheck, BackupInfo
 from tasks.adapters.minio_admin import (
     AdminEndpoint,
     ClusterGrant,
@@ -22,6 +22,7 @@ from tasks.adapters.s3 import (
 )
 from tasks.context import ClusterContext, context_for
 from tasks.errors import NotYet
+from tasks.planning.backup import good_backups
 from tasks.runtime import once, say, step, wait_for
 
 
@@ -47,8 +48,40 @@ def cluster_prefix(ctx: ClusterContext) -> str:
 
 @dataclass(frozen=True)
 class BackupSource:
+    """is_backup_source_found's answer (no host to back up from raises BackupPlanError)."""
+
+    ok: bool
     source: str  # where the backup runs: a streaming standby, else the primary
     primary: str
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+@dataclass(frozen=True)
+class Backups:
+    """is_backup_present's answer: every backup in the repository, oldest first; `ok` when a
+    good one (no checksum error) is among them, the only kind a drill restores."""
+
+    ok: bool = field(init=False)  # a good backup is present
+    backups: tuple[BackupInfo, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ok", bool(good_backups(self.backups)))
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+@dataclass(frozen=True)
+class RoundTrip:
+    """is_object_store_working's answer (a failed put, get or delete raises)."""
+
+    ok: bool
+    seconds: float  # put, get, compare and delete of one test object
+
+    def __bool__(self) -> bool:
+        return self.ok
 
 
 @step
@@ -125,14 +158,15 @@ def ensure_bucket_and_prefix(cluster: str) -> list[str]:
 
 
 @step
-def is_object_store_working(cluster: str) -> float:
+def is_object_store_working(cluster: str) -> RoundTrip:
+    """Can the cluster's own key put, get and delete an object under its prefix?"""
     ctx = context_for(cluster)
     store = ctx.inventory.cluster.object_store
     assert store is not None
     with ObjectStore(store_endpoint(ctx)) as own:
         seconds = own.round_trip(store.bucket, cluster_prefix(ctx))
     say(f"Put, get and delete of a test object under {cluster_prefix(ctx)} worked in {seconds:.2f}s.")
-    return seconds
+    return RoundTrip(ok=True, seconds=seconds)
 
 
 # ------------------------------------------------------------------------------ base backups
@@ -245,8 +279,8 @@ def ensure_backup_repository(cluster: str) -> str:
 
 
 @step
-def is_backup_list(cluster: str) -> list:
-    """Every backup in the repository, oldest first (read-only)."""
+def is_backup_present(cluster: str) -> Backups:
+    """Is a good backup in the repository? Read-only; the answer lists every backup, oldest first."""
     from tasks.desired import backup_driver
 
     ctx = context_for(cluster)
@@ -254,11 +288,11 @@ def is_backup_list(cluster: str) -> list:
     _, results = _run_on_primary(ctx, [driver.list_command(ctx.inventory)], check=False)
     backups = driver.parse_list(results[0])
     say(f"{len(backups)} backup(s) in the repository; newest: {backups[-1].name if backups else 'none'}.")
-    return backups
+    return Backups(tuple(backups))
 
 
 @step
-def is_backup_source(cluster: str, max_lag_bytes: int = 16 * 1024 * 1024) -> BackupSource:
+def is_backup_source_found(cluster: str, max_lag_bytes: int = 16 * 1024 * 1024) -> BackupSource:
     """Pick where the backup runs: the least-lagging streaming standby, else the primary."""
     from tasks.ha import replication_rows
     from tasks.planning.backup import SourceCandidate, choose_source
@@ -274,7 +308,7 @@ def is_backup_source(cluster: str, max_lag_bytes: int = 16 * 1024 * 1024) -> Bac
     ]
     chosen = choose_source(candidates, max_lag_bytes)
     say(f"Backup source: {chosen.host} ({'streaming standby' if chosen.role == 'replica' else 'the primary: no healthy standby'}).")
-    return BackupSource(chosen.host, primary)
+    return BackupSource(ok=True, source=chosen.host, primary=primary)
 
 
 @once

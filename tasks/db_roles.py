@@ -3,6 +3,8 @@ inventory names."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from tasks.adapters.postgres import (
     AuthenticationFailed,
     DatabaseUnavailable,
@@ -16,8 +18,22 @@ from tasks.ha import require_primary
 from tasks.runtime import say, step
 
 
+@dataclass(frozen=True)
+class LoginCheck:
+    """is_superuser_login_ok's answer: the login works wherever PostgreSQL already answers."""
+
+    ok: bool = field(init=False)  # no refusals
+    refusals: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ok", not self.refusals)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
 @step(retries=1)
-def is_superuser_login_ok(cluster: str, hosts: list[str]) -> list[str]:
+def is_superuser_login_ok(cluster: str, hosts: list[str]) -> LoginCheck:
     """With PostgreSQL already running, the block's superuser password must work (else refuse)."""
     ctx = context_for(cluster)
     refusals = []
@@ -31,7 +47,7 @@ def is_superuser_login_ok(cluster: str, hosts: list[str]) -> list[str]:
         except DatabaseUnavailable:
             continue  # not accepting connections yet: nothing to check
     say("Superuser login works where PostgreSQL runs." if not refusals else "; ".join(refusals))
-    return refusals
+    return LoginCheck(tuple(refusals))
 
 
 @step

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from tasks.adapters import etcd_config
 from tasks.adapters.etcd import Etcd, EtcdUnavailable
 from tasks.context import ClusterContext, context_for
@@ -14,9 +16,23 @@ def etcd_client(ctx: ClusterContext) -> Etcd:
     return Etcd(etcd_config.client_endpoints(ctx.inventory), timeout=3)
 
 
+@dataclass(frozen=True)
+class EtcdCheck:
+    """is_etcd_ours's answer: etcd is ours (or empty, or not up yet) when nothing refuses it."""
+
+    ok: bool = field(init=False)  # no refusals
+    refusals: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ok", not self.refusals)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
 @step(retries=1)
-def is_etcd_ours(cluster: str) -> list[str]:
-    """Refusal reasons if etcd answers but holds another cluster's data or other members."""
+def is_etcd_ours(cluster: str) -> EtcdCheck:
+    """Does etcd hold only this cluster's members and data? Refusals name what is someone else's."""
     ctx = context_for(cluster)
     inv = ctx.inventory
     etcd = etcd_client(ctx)
@@ -24,7 +40,7 @@ def is_etcd_ours(cluster: str) -> list[str]:
         members = etcd.members()
     except EtcdUnavailable:
         say("etcd does not answer yet: nothing in it to conflict with.")
-        return []
+        return EtcdCheck()
     refusals = []
     expected = {h.name for h in inv.etcd_members}
     found = {m.name for m in members if m.name}
@@ -36,7 +52,7 @@ def is_etcd_ours(cluster: str) -> list[str]:
     if foreign:
         refusals.append(f"etcd: prefix {parent} already holds other cluster(s): {', '.join(foreign)}")
     say("etcd belongs to this cluster." if not refusals else "etcd holds someone else's data: " + "; ".join(refusals))
-    return refusals
+    return EtcdCheck(tuple(refusals))
 
 
 @step(retries=0)

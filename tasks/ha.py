@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from blocks.inventory import HostSpec
 from tasks.adapters.commands import cmd
@@ -38,21 +38,36 @@ def read_view(ctx: ClusterContext, hosts: list[HostSpec] | None = None) -> Clust
     raise HaStatusError("no database host could report the HA status: " + "; ".join(errors))
 
 
+@dataclass(frozen=True)
+class InitCheck:
+    """is_cluster_initialized's answer, with the HA manager's view it was read from (an empty
+    view when no host carries the HA configuration yet or the HA manager does not answer)."""
+
+    ok: bool = field(init=False)  # the HA manager reports the cluster initialised
+    view: ClusterView
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ok", self.view.initialized)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
 @step(retries=2)
-def is_cluster_initialized(cluster: str, configured_hosts: list[str]) -> ClusterView:
+def is_cluster_initialized(cluster: str, configured_hosts: list[str]) -> InitCheck:
     """Ask the HA manager (only on hosts that already carry its configuration)."""
     ctx = context_for(cluster)
     if not configured_hosts:
         say("No host carries the HA configuration yet: the cluster is not initialised.")
-        return ClusterView(initialized=False)
+        return InitCheck(ClusterView(initialized=False))
     try:
         view = read_view(ctx, [ctx.inventory.host(h) for h in configured_hosts])
     except HaStatusError as exc:
         say(f"The HA manager does not answer yet ({str(exc)[:200]}); treating the cluster as not initialised.")
-        return ClusterView(initialized=False)
+        return InitCheck(ClusterView(initialized=False))
     say(f"Cluster initialised: {view.initialized}; leader: {view.leader or 'none'}; "
         f"members: {', '.join(m.name + '=' + m.role for m in view.members) or 'none'}.")
-    return view
+    return InitCheck(view)
 
 
 @step(retries=0)
@@ -210,8 +225,9 @@ def wait_until_replicas_streaming(cluster: str, max_lag_bytes: int = 16 * 1024 *
 
 
 @step(retries=0)
-def is_replication_working(cluster: str, timeout: float = 30) -> str:
-    """A row written on the primary must be readable on every standby within the deadline."""
+def is_replication_working(cluster: str, timeout: float = 30) -> bool:
+    """A row written on the primary must be readable on every standby within the deadline: True,
+    else DeadlineExceeded names the standby that did not show it (NoPrimary without a primary)."""
     ctx = context_for(cluster)
     primary = require_primary(ctx, "to write the canary row on")
     token = uuid.uuid4().hex
@@ -236,8 +252,9 @@ def is_replication_working(cluster: str, timeout: float = 30) -> str:
                     raise NotYet(f"{host.name} has not replayed the canary table yet ({exc})") from None
 
         wait_for(f"canary row on {host.name}", seen, timeout=timeout, interval=0.2)
-    return say(f"A row written on {primary.name} was read back on every standby within "
-               f"{time.monotonic() - started:.1f}s.")
+    say(f"A row written on {primary.name} was read back on every standby within "
+        f"{time.monotonic() - started:.1f}s.")
+    return True
 
 
 @dataclass(frozen=True)

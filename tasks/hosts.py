@@ -6,13 +6,15 @@ with one sentence of outcome. Decisions come from the pure planners in `tasks.pl
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 from blocks.inventory import HostSpec
-from tasks.adapters.commands import cmd
+from tasks.adapters.commands import cmd, script
 from tasks.adapters.ha.pgdata import pgdata
 from tasks.adapters.probe import HostSnapshot, parse_probe, probe_command
 from tasks.adapters.remote import RemoteHost
 from tasks.context import ClusterContext, context_for
-from tasks.desired import ClusterSecrets, all_desired
+from tasks.desired import ClusterSecrets, all_desired, stack_packages
 from tasks.errors import PreflightRefused
 from tasks.planning.build import DesiredHost, plan_host, release_problem
 from tasks.runtime import say, step
@@ -44,8 +46,19 @@ def snapshot(ctx: ClusterContext, host: HostSpec, layers) -> HostSnapshot:
         return parse_probe(host.name, remote.run(probe_command(**_probe_args(ctx, layers))))
 
 
+@dataclass(frozen=True)
+class HostProbe:
+    """is_host_ready's answer (a host that cannot be probed raises): what the plan compares against."""
+
+    ok: bool  # the host answered the probe
+    snapshot: HostSnapshot
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
 @step(retries=2)
-def is_host_ready(cluster: str, host: str, inventory: dict | None = None) -> HostSnapshot:
+def is_host_ready(cluster: str, host: str, inventory: dict | None = None) -> HostProbe:
     """Read-only: probe the host for everything the plan compares against."""
     ctx = context_for(cluster, inventory=inventory)
     spec = ctx.inventory.host(host)
@@ -53,7 +66,61 @@ def is_host_ready(cluster: str, host: str, inventory: dict | None = None) -> Hos
     snap = snapshot(ctx, spec, wanted)
     say(f"{host}: {snap.os_pretty}, data directory {'empty' if snap.data_dir.is_empty else 'in use'}, "
         f"member of {snap.marker_cluster or 'no cluster'}.")
-    return snap
+    return HostProbe(ok=True, snapshot=snap)
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """is_host_reachable's answer and the facts it collected; the flow's row for a host it could
+    not reach says ok=False and why."""
+
+    host: str
+    address: str
+    ok: bool  # reachable over SSH with a verified host key
+    hostname: str = ""
+    os: str = ""
+    systemd: str = ""
+    disk_free_gib: float | None = None
+    memory_available_mib: int | None = None
+    packages: str = ""
+    error: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def row(self) -> dict:
+        """The artifact's and the flow result's row: `ok` is the column `reachable`."""
+        return {("reachable" if key == "ok" else key): value for key, value in asdict(self).items()}
+
+
+@step(retries=2)
+def is_host_reachable(cluster: str, host: str) -> HostFacts:
+    """Connect over SSH (host key verified) and collect the facts a DBA checks first."""
+    ctx = context_for(cluster)
+    spec = ctx.inventory.host(host)
+    with ctx.remote(spec) as remote:
+        hostname = remote.run(cmd("hostname", timeout=10)).stdout.strip()
+        os_name = remote.run(
+            script('. /etc/os-release && echo "$PRETTY_NAME"', timeout=10, description="read /etc/os-release")
+        ).stdout.strip()
+        systemd = remote.run(
+            cmd("systemctl", "is-system-running", timeout=10, ok_codes=range(0, 256))
+        ).stdout.strip()
+        disk = remote.run(cmd("df", "--output=avail", "-B1", "/", timeout=10)).stdout.split()[-1]
+        memory = remote.run(
+            script("awk '/MemAvailable/ {print int($2/1024)}' /proc/meminfo", timeout=10, description="read meminfo")
+        ).stdout.strip()
+        packages = remote.run(
+            cmd("dpkg-query", "-W", "-f=${Package}=${Version};", *stack_packages(ctx.inventory), timeout=20,
+                ok_codes=(0, 1))
+        ).stdout.strip()
+    facts = HostFacts(
+        host=host, address=str(spec.address), ok=True, hostname=hostname, os=os_name, systemd=systemd,
+        disk_free_gib=round(int(disk) / 2**30, 1), memory_available_mib=int(memory or 0),
+        packages=" ".join(p for p in packages.split(";") if p and not p.endswith("=")),
+    )
+    say(f"{host} answers as {hostname!r}: {os_name}, systemd {systemd}, {facts.disk_free_gib} GiB free.")
+    return facts
 
 
 def install_missing(remote: RemoteHost, packages: list[str]) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from tasks.adapters.commands import chain, cmd, script
@@ -54,9 +54,18 @@ def rows(result) -> list[list[str]]:
 
 @dataclass(frozen=True)
 class RestoreHost:
+    """is_restore_host_free's answer: free when nothing refuses it (a kept copy may be replaced)."""
+
+    ok: bool = field(init=False)  # no refusals
     host: str
     refusals: tuple[str, ...]
     previous: bool  # an earlier drill's copy is there (running or its data left)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ok", not self.refusals)
+
+    def __bool__(self) -> bool:
+        return self.ok
 
 
 @dataclass(frozen=True)
@@ -80,10 +89,30 @@ class Recovered:
 
 @dataclass(frozen=True)
 class CopyCheck:
+    """is_restored_copy_sound's answer (a copy that is not sound raises: pg_dump or amcheck failed)."""
+
+    ok: bool
     seconds: float
     databases: tuple[str, ...]
     indexes_checked: int
     restored_markers: list[list[str]]
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+@dataclass(frozen=True)
+class SourceMarkers:
+    """is_source_marked's answer: the drill's marker rows on the source, [id, written_at] as text."""
+
+    ok: bool = field(init=False)  # at least one marker row
+    rows: list[list[str]]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ok", bool(self.rows))
+
+    def __bool__(self) -> bool:
+        return self.ok
 
 
 @step
@@ -233,17 +262,19 @@ def is_restored_copy_sound(cluster: str) -> CopyCheck:
             "select id::text, written_at::text from bouwsteen.restore_marker order by id"))) if exists else []
     seconds = time.monotonic() - started
     say(f"Read every table of {len(databases)} database(s) and checked {indexes} B-tree indexes in {seconds:.1f}s.")
-    return CopyCheck(seconds, tuple(databases), indexes, restored)
+    return CopyCheck(ok=True, seconds=seconds, databases=tuple(databases), indexes_checked=indexes,
+                     restored_markers=restored)
 
 
 @step
-def is_source_markers(cluster: str) -> list[list[str]]:
+def is_source_marked(cluster: str) -> SourceMarkers:
+    """Does the primary carry drill marker rows? They are what the restored copy must match."""
     ctx = context_for(cluster)
     primary = require_primary(ctx, "to read the drill's marker rows from")
     with Postgres(ctx.superuser_endpoint(primary)) as pg:
         ensure_marker_table(pg)
         found = pg.query("select id::text, written_at::text from bouwsteen.restore_marker order by id")
-    return [list(r) for r in found]
+    return SourceMarkers([list(r) for r in found])
 
 
 def ensure_marker_table(pg: Postgres) -> None:

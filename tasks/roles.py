@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tasks.adapters.ha.base import ClusterView, HaStatusError
 from tasks.adapters.postgres import DatabaseUnavailable, Postgres, lsn_to_int
@@ -17,21 +17,40 @@ from tasks.runtime import once, say, step, wait_for
 
 @dataclass(frozen=True)
 class SwitchoverCheck:
+    """is_switchover_safe's answer: safe when nothing refuses it (also when already done)."""
+
+    ok: bool = field(init=False)  # no refusals
     primary: str | None
     candidate: str | None
     refusals: tuple[str, ...]
     oldest_transaction_s: float
     already_done: bool  # the candidate already is the primary (a rerun after a killed run)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ok", not self.refusals)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
 
 @dataclass(frozen=True)
 class FailoverCheck:
+    """is_failover_needed's answer: a failover to `candidate` is called for when nothing refuses
+    it (a live primary refuses unless forced; `needs_human` still asks a DBA first)."""
+
+    ok: bool = field(init=False)  # no refusals
     primary: str | None  # None: no live primary, a failover is what is needed
     candidate: str | None
     refusals: tuple[str, ...]
     needs_human: bool  # promoting may lose data: a DBA decides
     reason: str
     lag_bytes: int | None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ok", not self.refusals)
+
+    def __bool__(self) -> bool:
+        return self.ok
 
 
 def _candidate_states(cluster: str, view: ClusterView) -> tuple[str | None, list[CandidateState], dict]:

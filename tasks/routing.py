@@ -32,8 +32,9 @@ def ensure_router_prepared(cluster: str, host: str) -> str:
 
 
 @step
-def is_haproxy_config_valid(cluster: str, host: str) -> str:
-    """`haproxy -c` on the rendered file before it replaces the live one (never reload a bad config)."""
+def is_haproxy_config_valid(cluster: str, host: str) -> bool:
+    """`haproxy -c` on the rendered file before it replaces the live one (never reload a bad config):
+    True, else the RemoteError carries haproxy's complaint."""
     ctx = context_for(cluster)
     layer = desired_layers(ctx)[host]["router"]
     wanted = next(f for f in layer.files if f.path == HAPROXY_CFG)
@@ -44,7 +45,8 @@ def is_haproxy_config_valid(cluster: str, host: str) -> str:
             remote.run(cmd("haproxy", "-c", "-q", "-f", candidate.path, timeout=30))
         finally:
             remote.remove_file(candidate.path)
-    return say(f"{host}: the rendered HAProxy configuration passes `haproxy -c`.")
+    say(f"{host}: the rendered HAProxy configuration passes `haproxy -c`.")
+    return True
 
 
 def _stats(remote, port: int) -> list[dict]:
@@ -120,8 +122,14 @@ def through_vip(ctx: ClusterContext, port: int) -> tuple[bool, str]:
 
 @dataclass(frozen=True)
 class Routes:
+    """is_routing_correct's answer (routing that stays wrong past the deadline raises)."""
+
+    ok: bool  # rw reaches the primary and ro a standby
     rw: str  # the database host the VIP's rw port reaches
     ro: str
+
+    def __bool__(self) -> bool:
+        return self.ok
 
 
 @step(retries=0)
@@ -137,7 +145,7 @@ def is_routing_correct(cluster: str, timeout: float = 30) -> Routes:
         ro_recovery, ro_addr = through_vip(ctx, routing.ro_port)
         if rw_recovery or not ro_recovery:
             raise NotYet(f"rw in recovery={rw_recovery} ({rw_addr}), ro in recovery={ro_recovery} ({ro_addr})")
-        return Routes(names.get(rw_addr, rw_addr), names.get(ro_addr, ro_addr))
+        return Routes(ok=True, rw=names.get(rw_addr, rw_addr), ro=names.get(ro_addr, ro_addr))
 
     result = wait_for("rw to the primary and ro to a standby through the VIP", check, timeout=timeout, interval=0.5)
     say(f"Through the VIP: :{routing.rw_port} reaches the primary {result.rw}, "

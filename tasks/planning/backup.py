@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -35,11 +36,11 @@ class BackupDecision:
                                                      f"then keep the newest {keep_full} full backup(s)"),))
 
 
-def good_backups(backups: list[BackupInfo]) -> list[BackupInfo]:
+def good_backups(backups: Sequence[BackupInfo]) -> list[BackupInfo]:
     return [b for b in backups if not b.error]
 
 
-def newest_good(backups: list[BackupInfo]) -> BackupInfo | None:
+def newest_good(backups: Sequence[BackupInfo]) -> BackupInfo | None:
     good = good_backups(backups)
     return max(good, key=lambda b: b.finish_time) if good else None
 
@@ -57,7 +58,7 @@ def choose_source(candidates: list[SourceCandidate], max_lag_bytes: int) -> Sour
 
 
 def decide_backup(
-    backups: list[BackupInfo], now: datetime, *, skip_window: timedelta, force: bool, source: str
+    backups: Sequence[BackupInfo], now: datetime, *, skip_window: timedelta, force: bool, source: str
 ) -> BackupDecision:
     newest = newest_good(backups)
     if force:
@@ -71,7 +72,7 @@ def decide_backup(
     return BackupDecision(True, source, f"newest good backup {newest.name} is {_hours(now - newest.finish_time)} old")
 
 
-def freshness_problem(backups: list[BackupInfo], now: datetime, limit: timedelta) -> str | None:
+def freshness_problem(backups: Sequence[BackupInfo], now: datetime, limit: timedelta) -> str | None:
     newest = newest_good(backups)
     if newest is None:
         return "there is no good backup at all"
@@ -81,7 +82,7 @@ def freshness_problem(backups: list[BackupInfo], now: datetime, limit: timedelta
     return None
 
 
-def expected_after_retention(backups: list[BackupInfo], keep_full: int) -> list[BackupInfo]:
+def expected_after_retention(backups: Sequence[BackupInfo], keep_full: int) -> list[BackupInfo]:
     if keep_full < 1:
         raise BackupPlanError(f"keep_full: must be at least 1, got {keep_full}")
     fulls = [b for b in good_backups(backups) if b.kind == "full"]
@@ -107,7 +108,7 @@ def parse_target(target: str, now: datetime) -> datetime | None:
     return moment
 
 
-def pick_restore_backup(backups: list[BackupInfo], target: datetime | None, named: str | None) -> BackupInfo:
+def pick_restore_backup(backups: Sequence[BackupInfo], target: datetime | None, named: str | None) -> BackupInfo:
     good = sorted(good_backups(backups), key=lambda b: b.finish_time)
     if not good:
         raise BackupPlanError("backup: the repository has no good backup to restore")
@@ -128,8 +129,14 @@ def pick_restore_backup(backups: list[BackupInfo], target: datetime | None, name
     return usable[-1]
 
 
-def drill_plan(chosen: BackupInfo, restore_host: str, target: datetime | None, keep: bool) -> ActionPlan:
-    """The drill's one action; it writes a marker row on the primary when it recovers to the end."""
+def drill_plan(chosen: BackupInfo | None, restore_host: str, target: datetime | None, keep: bool,
+               refusals: Sequence[str] = ()) -> ActionPlan:
+    """The drill's one action; it writes a marker row on the primary when it recovers to the end.
+    Refused (no action) when pre-flight found a reason, which a missing `chosen` must come with."""
+    if refusals:
+        return ActionPlan(refusals=tuple(refusals))
+    if chosen is None:
+        raise ValueError("drill_plan: no backup chosen and nothing refused")
     recover_to = target.isoformat() if target else "the end of the archive (after a fresh marker row)"
     return ActionPlan((Action(restore_host, f"restore {chosen.name} (finished {chosen.finish_time.isoformat(timespec='seconds')}), "
                                             f"recover to {recover_to} in isolation, verify, "

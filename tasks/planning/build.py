@@ -238,14 +238,19 @@ def plan_build(
     bootstrap_candidates: list[str],
     adopt_existing: bool = False,
     refusals: list[str] | None = None,
+    unreachable: dict[str, str] | None = None,
 ) -> BuildPlan:
-    """Layers of the same host are merged into one HostPlan, in first-seen host order."""
+    """Layers of the same host are merged into one HostPlan, in first-seen host order.
+
+    `unreachable`: why a host has no snapshot (the probe's refusal), said once in its place."""
     found: list[str] = list(refusals or [])
     per_host: dict[str, list[HostPlan]] = {}
     for want in desired:
         snap = snapshots.get(want.host)
         if snap is None:
-            found.append(f"{want.host}: no snapshot (unreachable?)")
+            reason = (unreachable or {}).get(want.host) or f"{want.host}: no snapshot (unreachable?)"
+            if reason not in found:
+                found.append(reason)
             continue
         for reason in host_preflight(cluster, want, snap, adopt_existing=adopt_existing):
             if reason not in found:

@@ -102,9 +102,9 @@ def archiving(object_store):
 def backed_up(archiving):
     """At least one good base backup in the repository."""
     from flows.basebackup import scheduled_basebackup
-    from tasks.backup import is_backup_list
+    from tasks.backup import is_backup_present
 
-    if not [b for b in is_backup_list(archiving) if not b.error]:
+    if not is_backup_present(archiving).ok:
         _completed(scheduled_basebackup(cluster=archiving, force=True, return_state=True))
     return archiving
 

@@ -173,13 +173,13 @@ def test_object_store_down_during_backup_fails_then_rerun_succeeds(lab, backed_u
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     from flows.basebackup import scheduled_basebackup
-    from tasks.backup import is_backup_list
+    from tasks.backup import is_backup_present
     from tasks.context import context_for
     from tasks.ha import primary_of
 
     ctx = context_for("lab", fresh=True)
     standbys = [h.name for h in ctx.inventory.db_hosts if h.name != primary_of(ctx).name]
-    before = {b.name for b in is_backup_list("lab")}
+    before = {b.name for b in is_backup_present("lab").backups}
     outcome: dict = {}
     frozen: dict[str, str] = {}
     with ThreadPoolExecutor(len(standbys)) as hunters:
@@ -209,7 +209,7 @@ def test_object_store_down_during_backup_fails_then_rerun_succeeds(lab, backed_u
             lab_ssh(lab, host, f"kill -CONT {pids} 2>/dev/null || true", check=False)
         lab_ssh(lab, "backup1", "systemctl start bouwsteen-s3")
         runner.join(timeout=600)
-    after = is_backup_list("lab")
+    after = is_backup_present("lab").backups
     assert not [b for b in after if b.name not in before and not b.error], "no new backup may be reported good"
 
     rerun = scheduled_basebackup(cluster="lab", force=True, return_state=True)

@@ -133,12 +133,12 @@ def test_role_change_and_backup_dry_runs_publish_a_plan_and_change_nothing(lab, 
     from flows.basebackup import scheduled_basebackup
     from flows.restore_drill import restore_drill
     from flows.switchover import switchover
-    from tasks.backup import is_backup_list
+    from tasks.backup import is_backup_present
     from tasks.context import context_for
 
     ctx = context_for("lab", fresh=True)
     primary = primary_name(ctx)
-    backups = [b.name for b in is_backup_list("lab")]
+    backups = [b.name for b in is_backup_present("lab").backups]
     before = cluster_state_digest(lab, ("pg1", "pg2", "pg3", "restore1"))
     for flow_fn, params in ((switchover, {}), (scheduled_basebackup, {"force": True}), (restore_drill, {})):
         state = flow_fn(cluster="lab", dry_run=True, return_state=True, **params)
@@ -146,7 +146,7 @@ def test_role_change_and_backup_dry_runs_publish_a_plan_and_change_nothing(lab, 
         [plan] = plan_artifacts(state)
         assert "_dry_run: nothing was changed._" in plan.data
     assert primary_name(context_for("lab", fresh=True)) == primary
-    assert [b.name for b in is_backup_list("lab")] == backups
+    assert [b.name for b in is_backup_present("lab").backups] == backups
     assert cluster_state_digest(lab, ("pg1", "pg2", "pg3", "restore1")) == before
 
 

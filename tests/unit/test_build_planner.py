@@ -332,6 +332,20 @@ def test_plan_build_refusals_aggregated_in_order() -> None:
     assert not plan.is_noop
 
 
+def test_plan_build_names_why_a_host_is_unreachable_once() -> None:
+    # The probe's own refusal stands in for "no snapshot", once for a host of several layers.
+    desired = [etcd_layer("pg1"), db_layer("pg1"), db_layer("pg2"), db_layer("pg3")]
+    plan = plan_build(CLUSTER, desired, {"pg2": converged("pg2")}, initialized=True, bootstrap_candidates=[],
+                      refusals=["cluster lab has no primary (view.leader=None)"],
+                      unreachable={"pg1": "pg1: unreachable: timed out"})
+    assert plan.refusals == (
+        "cluster lab has no primary (view.leader=None)",
+        "pg1: unreachable: timed out",
+        "pg3: no snapshot (unreachable?)",
+    )
+    assert [h.host for h in plan.hosts] == ["pg2"] and not plan.is_noop
+
+
 def test_plan_build_unreachable_candidate_does_not_crash() -> None:
     snaps = {"pg1": converged("pg1", data_dir=EMPTY), "pg3": converged("pg3", data_dir=WITH_DATA)}
     plan = build(snaps, initialized=False)

@@ -99,6 +99,22 @@ def test_drill_plan_names_backup_host_and_target():
     assert "recover to 2026-11-30T02:00:00+00:00" in drill_plan(chosen, "restore1", target, keep=True).rows()[0]["plan"]
 
 
+@pytest.mark.parametrize("chosen", [backup("20261130-010000F", "2026-11-30T01:05:00+00:00"), None],
+                         ids=["backup chosen", "no backup to restore"])
+def test_drill_plan_refused_by_preflight_is_published_with_its_refusals(chosen):
+    refusals = ["restore1: an earlier drill is still there (running in /var/lib/postgresql/16/main); inspect it, "
+                "then pass replace_kept=True", "backup: the repository has no good backup to restore"]
+    plan = drill_plan(chosen, "restore1", None, keep=False, refusals=refusals)
+    assert plan.refusals == tuple(refusals) and plan.rows() == [] and not plan.is_noop
+    md = plan_markdown("restore_drill", "lab", plan, dry_run=False)
+    assert "**Refused — nothing will be changed:**" in md and all(f"- {r}" in md for r in refusals)
+
+
+def test_drill_plan_without_a_backup_needs_a_refusal():
+    with pytest.raises(ValueError, match="no backup chosen"):
+        drill_plan(None, "restore1", None, keep=False)
+
+
 @pytest.mark.parametrize("args, rows, refusals, noop", [
     (("pg1", "pg2", [], False), [{"host": "pg1 → pg2", "plan": "switchover through the HA manager; etcd's leader off "
                                                                "the new primary's host; the old primary streams again"}],

@@ -6,7 +6,7 @@ pgBackRest (lab) and WAL-G (production) implement it; flows run the same code pa
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
@@ -56,13 +56,18 @@ class BackupInfo:
 
 @dataclass(frozen=True)
 class ArchiveCheck:
+    """is_archive_intact's answer: `ok` (the archive is intact) follows from the tool's status."""
+
+    ok: bool = field(init=False)  # status == "OK"; a WARNING is not intact
     status: Literal["OK", "WARNING", "FAILURE"]
     detail: str
     missing_segments: tuple[str, ...] = ()
 
-    @property
-    def ok(self) -> bool:
-        return self.status == "OK"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ok", self.status == "OK")
+
+    def __bool__(self) -> bool:
+        return self.ok
 
 
 class BackupDriver(ABC):
