@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -300,6 +302,147 @@ class RoutingSpec(Strict):
         return self.pgroute66 or Pgroute66Spec()
 
 
+# --------------------------------------------------------------------------- TAB job sources
+
+# The name of a job source (a flow parameter picks one) and of a job file (its name without .yml).
+JOB_SOURCE_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+JOB_NAME = r"^[a-z0-9_]+$"
+# The source every cluster has unless it opts out: the jobs this repository ships (deployments/jobs).
+SHIPPED_JOB_SOURCE = "shipped"
+SHIPPED_JOBS_DIRECTORY = Path(__file__).resolve().parents[1] / "deployments" / "jobs"
+# A branch or tag name `git clone --branch` takes; git's own ref rules are checked by _git_revision.
+GIT_REVISION = r"^[A-Za-z0-9_][A-Za-z0-9._/+-]{0,199}$"
+# A URL of RFC 3986 characters only (no space, no control character, no quote git could choke on).
+GIT_URL = r"^[A-Za-z][A-Za-z0-9+.-]*://[A-Za-z0-9._~:/?#\[\]@!$&()*+,;=%-]+$"
+GIT_URL_SCHEMES = ("https", "ssh", "file")
+_GIT_HOST = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
+_PERCENT_CONTROL = re.compile(r"%([01][0-9A-Fa-f]|7[Ff])")
+_GIT_SSH_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+# A PostgreSQL role name written unquoted (as blocks.prefect_blocks.ROLE_NAME).
+PG_ROLE_NAME = r"^[a-z_][a-z0-9_]{0,62}$"
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _git_url(url: str) -> str:
+    """https://host/path, ssh://[user@]host[:port]/path or file:///path: what `git clone` is given
+    after `--`, and never with credentials (they belong in the worker's git or ssh configuration)."""
+    if _PERCENT_CONTROL.search(url):
+        raise ValueError("holds a percent-encoded control character")
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in GIT_URL_SCHEMES:
+        raise ValueError(f"scheme {parts.scheme!r} is not allowed; use one of {', '.join(GIT_URL_SCHEMES)} "
+                         "(scp-like git@host:path is written ssh://git@host/path)")
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise ValueError("a file URL names an absolute path on the worker: file:///srv/jobs.git")
+        return url
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    if at and (scheme == "https" or not _GIT_SSH_USER.fullmatch(userinfo)):
+        raise ValueError("credentials do not belong in the URL (the inventory is no secret): give ssh://user@host/… "
+                         "with a key, or https:// with the worker's git credential helper")
+    host = parts.hostname or ""
+    if not _GIT_HOST.fullmatch(host) and not _is_ip_address(host):
+        raise ValueError(f"host {host!r} is not a host name or address")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("the port is not a number in 1-65535") from None
+    if port == 0:
+        raise ValueError("the port is not a number in 1-65535")
+    if not parts.path.startswith("/") or parts.path == "/":
+        raise ValueError("the URL names no repository path")
+    return url
+
+
+def _git_revision(revision: str) -> str:
+    # git check-ref-format's rules that the pattern leaves open.
+    if ".." in revision or "//" in revision or "@{" in revision:
+        raise ValueError(f"{revision!r} is not a branch or tag name ('..', '//' and '@{{' are not allowed)")
+    if revision.endswith(("/", ".", ".lock")) or any(part.startswith(".") for part in revision.split("/")):
+        raise ValueError(f"{revision!r} is not a branch or tag name (a part starts with '.' or it ends in '/', "
+                         "'.' or '.lock')")
+    return revision
+
+
+GitUrl = Annotated[str, Field(pattern=GIT_URL, max_length=2048), AfterValidator(_git_url)]
+GitRevision = Annotated[str, Field(pattern=GIT_REVISION), AfterValidator(_git_revision)]
+JobSourceName = Annotated[str, Field(pattern=JOB_SOURCE_NAME)]
+PgRoleName = Annotated[str, Field(pattern=PG_ROLE_NAME)]
+
+
+class JobSourceSpec(Strict):
+    """Where a cluster's TAB job files come from: a directory on the worker, or a git repository
+    cloned at one of the listed revisions (the flow's `revision` parameter picks one)."""
+
+    directory: SafePath | None = Field(default=None, description="a folder of *.yml job files on the worker")
+    git: GitUrl | None = Field(default=None, description="https://, ssh:// or file:// URL of a repository of jobs")
+    revisions: list[GitRevision] = Field(
+        default_factory=list, description="branches or tags a run may check out; the first is the default")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "JobSourceSpec":
+        if (self.directory is None) == (self.git is None):
+            raise ValueError("give exactly one of directory or git")
+        if self.git is not None and not self.revisions:
+            raise ValueError("revisions: a git source lists the branches or tags a run may check out (e.g. [main])")
+        if self.directory is not None and self.revisions:
+            raise ValueError("revisions: only a git source has revisions; a directory is used as it is")
+        if len(set(self.revisions)) != len(self.revisions):
+            raise ValueError("revisions: a revision is listed twice")
+        return self
+
+
+class JobsSpec(Strict):
+    """TAB jobs (the `tab_job` flow): which job sources a run may pick, and what their SQL may do.
+
+    SQL steps log in as the database credentials' job role (`job_user`, NOSUPERUSER NOCREATEDB
+    NOCREATEROLE NOREPLICATION NOBYPASSRLS NOINHERIT), which is a member of `member_of` and of
+    nothing else; a job's connection may name one of those roles as its `user` (then SET ROLE)."""
+
+    sources: dict[JobSourceName, JobSourceSpec] = Field(
+        default_factory=dict, description="name → {directory} or {git, revisions}; the flow's `source` picks a name")
+    shipped: bool = Field(default=True, description=f"also offer source {SHIPPED_JOB_SOURCE!r}: the jobs this "
+                                                     "repository ships (deployments/jobs)")
+    member_of: list[PgRoleName] | None = Field(
+        default=None, description="roles the job role is a member of (SET ROLE targets of a job's connection); "
+                                  "unset: the application role only")
+
+    @field_validator("sources")
+    @classmethod
+    def _reserved(cls, sources: dict[str, JobSourceSpec]) -> dict[str, JobSourceSpec]:
+        if SHIPPED_JOB_SOURCE in sources:
+            raise ValueError(f"{SHIPPED_JOB_SOURCE!r} is the name of the jobs this repository ships; "
+                             "give your source another name (or set shipped: false)")
+        return sources
+
+    @field_validator("member_of")
+    @classmethod
+    def _unique_roles(cls, roles: list[str] | None) -> list[str] | None:
+        if roles is not None and len(set(roles)) != len(roles):
+            raise ValueError("a role is listed twice")
+        return roles
+
+    @property
+    def source_names(self) -> list[str]:
+        return ([SHIPPED_JOB_SOURCE] if self.shipped else []) + list(self.sources)
+
+    def source(self, name: str) -> JobSourceSpec | None:
+        """The source of that name, None if the cluster has none so named."""
+        if name == SHIPPED_JOB_SOURCE and self.shipped:
+            # Built here, not declared: the folder is where this code runs, which a stored
+            # inventory must not pin (model_construct: the checkout's path need not be a SafePath).
+            return JobSourceSpec.model_construct(directory=str(SHIPPED_JOBS_DIRECTORY), git=None, revisions=[])
+        return self.sources.get(name)
+
+
 class ClusterSpec(Strict):
     name: Annotated[str, Field(pattern=CLUSTER_NAME)]
     network: ipaddress.IPv4Network = Field(description="the subnet the cluster's hosts share")
@@ -315,6 +458,7 @@ class ClusterSpec(Strict):
         default_factory=list, description="where the controller (Prefect worker) connects from"
     )
     backup_retention_full: int = Field(default=7, ge=1, le=365)
+    jobs: JobsSpec = Field(default_factory=JobsSpec, description="TAB job sources and what their SQL may do")
 
     @property
     def virtual_router_id(self) -> int:

@@ -10,7 +10,7 @@ import re
 from typing import Annotated, Any
 
 from prefect.blocks.core import Block
-from pydantic import AfterValidator, Field, SecretStr, field_validator
+from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
 
 from blocks.inventory import UNIX_USER, Inventory
 
@@ -100,12 +100,27 @@ class DatabaseCredentials(Block):
     monitor_user: RoleName = Field(default="pgroute66", description="read-only role the primary detector logs in with")
     monitor_password: SecretStr | None = None
     rest_api_password: SecretStr | None = Field(default=None, description="Patroni REST API (user 'patroni')")
+    job_user: RoleName = Field(default="bouwsteen_job", description="the login role TAB jobs' SQL steps run as "
+                                                                    "(no superuser; see cluster.jobs.member_of)")
+    job_password: SecretStr | None = Field(default=None, description="the job role's password; `bouwsteen blocks "
+                                                                     "register` generates one if the secrets have none")
 
     @field_validator("superuser_password", "replication_password", "application_password", "monitor_password",
-                     "rest_api_password")
+                     "rest_api_password", "job_password")
     @classmethod
     def _one_line(cls, value: SecretStr | None) -> SecretStr | None:
         return None if value is None else _one_line_secret(value)
+
+    @model_validator(mode="after")
+    def _job_user_is_its_own(self) -> "DatabaseCredentials":
+        # The job role is created NOSUPERUSER and converged to exactly its memberships: it must
+        # never be a role the cluster needs with other attributes.
+        others = {"superuser": self.superuser, "replication_user": self.replication_user,
+                  "application_user": self.application_user, "monitor_user": self.monitor_user}
+        for field, name in others.items():
+            if self.job_user == name:
+                raise ValueError(f"job_user: {name!r} is already the {field}; the job role needs a name of its own")
+        return self
 
 
 class ObjectStoreCredentials(Block):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from secrets import token_urlsafe
 
 from pydantic import SecretStr
 
@@ -76,6 +77,23 @@ def _check_store_credentials(files: ClusterFiles, inventory: Inventory, secrets:
         raise InventoryError(f"{files.secrets}: {exc}") from None
 
 
+def _job_password(cluster: str, secrets: dict) -> SecretStr:
+    """The TAB job role's password: the secrets file's `job_password`, else the one the block
+    already holds, else a new random one. Only bouwsteen logs in as that role, so nobody needs to
+    know it; `tab_job` sets it on the role (as a SCRAM verifier) before the job's SQL runs."""
+    if secrets.get("job_password"):
+        return SecretStr(secrets["job_password"])
+    try:
+        stored = DatabaseCredentials.load(cluster, validate=True)
+    except ValueError as exc:
+        if "Unable to find block document" not in str(exc):
+            raise
+        stored = None
+    if stored is not None and stored.job_password is not None:
+        return stored.job_password
+    return SecretStr(token_urlsafe(24))
+
+
 def register_cluster(files: ClusterFiles) -> Inventory:
     """Validate everything first (nothing is saved if any file is bad), then save every block."""
     inventory = load_inventory(files.inventory)
@@ -94,6 +112,7 @@ def register_cluster(files: ClusterFiles) -> Inventory:
             application_password=SecretStr(secrets["application_password"]),
             monitor_password=SecretStr(secrets["monitor_password"]) if secrets.get("monitor_password") else None,
             rest_api_password=SecretStr(secrets["rest_api_password"]) if secrets.get("rest_api_password") else None,
+            job_password=_job_password(inventory.cluster.name, secrets),
         ),
     ]
     if inventory.cluster.object_store is not None and files.ca_certificate and files.store_certificate:

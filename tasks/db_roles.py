@@ -82,3 +82,98 @@ def ensure_roles(cluster: str) -> str:
                 pgsql.Identifier(database), pgsql.Identifier(blocks.application_user)))
             actions.append(f"created database {database}")
     return say("; ".join(actions) + "." if actions else "Roles and application database already in place; nothing changed.")
+
+
+# --------------------------------------------------------------------------- the TAB job role
+# SQL steps of TAB jobs log in as this role, never as the superuser (tasks/planning/job_role.py).
+# Imported here, with the steps they serve, so this section stays one block at the module's end.
+
+from tasks.adapters.postgres import DatabaseError  # noqa: E402
+from tasks.context import ClusterContext  # noqa: E402
+from tasks.errors import PreflightRefused, VerifyFailed  # noqa: E402
+from tasks.planning.job_role import (  # noqa: E402
+    FACTS_MEMBERSHIP_QUERY,
+    FACTS_REACH_QUERY,
+    FACTS_ROLE_QUERY,
+    JobRole,
+    JobRoleFacts,
+    JobRolePlan,
+    RoleAttributes,
+    change_statements,
+    plan_job_role,
+)
+
+
+def job_role_of(ctx: ClusterContext) -> JobRole:
+    """The job role of the cluster: login name and password from the database-credentials block,
+    memberships from `cluster.jobs.member_of` (unset: the application role)."""
+    blocks = ctx.db_blocks
+    if blocks is None:
+        raise LookupError(f"no database-credentials block named {ctx.name!r}; run `bouwsteen blocks register`")
+    configured = ctx.inventory.cluster.jobs.member_of
+    return JobRole(user=blocks.job_user,
+                   password=blocks.job_password.get_secret_value() if blocks.job_password else None,
+                   member_of=tuple(configured if configured is not None else [blocks.application_user]))
+
+
+def _job_role_facts(pg: Postgres, role: JobRole, password: str) -> JobRoleFacts:
+    row = pg.query_one(FACTS_ROLE_QUERY, [role.user])
+    reach: dict[str, list[RoleAttributes]] = {}
+    for wanted, *target in pg.query(FACTS_REACH_QUERY, [list(role.member_of)]):
+        reach.setdefault(wanted, []).append(RoleAttributes(*target))
+    return JobRoleFacts(
+        role=None if row is None else RoleAttributes(row[0], *row[1:8]),
+        password_ok=row is not None and scram_matches(row[8], password),
+        member_of=tuple(r[0] for r in pg.query(FACTS_MEMBERSHIP_QUERY, [role.user])) if row is not None else (),
+        reach={k: tuple(v) for k, v in reach.items()},
+    )
+
+
+def _no_password(cluster: str, role: JobRole) -> str:
+    return (f"the database-credentials block {cluster!r} has no job_password: SQL steps log in as {role.user} "
+            "with it (`bouwsteen blocks register` generates one, or set it in the block)")
+
+
+@step(retries=1)
+def is_job_role_safe(cluster: str) -> JobRolePlan:
+    """Pre-flight, read-only: one snapshot of the job role on the primary and what `ensure_job_role`
+    would change; `ok` is False (with the reasons) when the configured memberships are unsafe."""
+    ctx = context_for(cluster)
+    role = job_role_of(ctx)
+    if role.password is None:
+        plan = JobRolePlan(role.user, role.member_of, refusals=(_no_password(cluster, role),))
+    else:
+        with Postgres(ctx.superuser_endpoint(require_primary(ctx, "to read the job role on"))) as pg:
+            plan = plan_job_role(role.user, role.member_of, _job_role_facts(pg, role, role.password))
+    say(f"Job role {role.user}: {plan.summary}" if plan.ok else f"Job role {role.user} refused: {plan.summary}",
+        warning=not plan.ok)
+    return plan
+
+
+@step
+def ensure_job_role(cluster: str) -> str:
+    """The job role as configured: LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION
+    NOBYPASSRLS NOINHERIT, the block's password (as a SCRAM verifier), exactly the configured
+    memberships; verified on a second snapshot. Idempotent."""
+    ctx = context_for(cluster)
+    role = job_role_of(ctx)
+    if role.password is None:
+        raise PreflightRefused(_no_password(cluster, role), nothing="ran")
+    with Postgres(ctx.superuser_endpoint(require_primary(ctx, "to create the job role on"))) as pg:
+        plan = plan_job_role(role.user, role.member_of, _job_role_facts(pg, role, role.password))
+        if not plan.ok:
+            raise PreflightRefused(*plan.refusals, nothing="ran")
+        errors = []
+        for change in plan.changes:
+            for statement in change_statements(role.user, change, scram_verifier(role.password)):
+                try:
+                    pg.query(statement)
+                except DatabaseError as exc:
+                    # Another run (a second tab_job) may have made the same change a moment
+                    # ago; the second snapshot below decides whether the role is as wanted.
+                    errors.append(str(exc))
+        after = plan_job_role(role.user, role.member_of, _job_role_facts(pg, role, role.password))
+    if after.changes or not after.ok:
+        raise VerifyFailed(f"job role {role.user} is still not as configured: {after.summary}"
+                           + (f" ({'; '.join(errors)})" if errors else ""))
+    return say(plan.summary)

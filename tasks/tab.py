@@ -2,29 +2,40 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
 from prefect import get_run_logger
 
 from tasks.adapters.commands import cmd
-from tasks.adapters.postgres import DatabaseError, Postgres, pgsql
+from tasks.adapters.postgres import DatabaseError, PgEndpoint, Postgres, pgsql
 from tasks.context import context_for
-from tasks.errors import BouwsteenError
+from tasks.db_roles import job_role_of
 from tasks.ha import read_view
 from tasks.pgquartz import (
+    GIT_ALLOWED_PROTOCOLS,
     ROLE_QUERY,
     Check,
     Command,
+    InstanceResult,
     Job,
+    JobSource,
+    JobSourceError,
     Output,
     check_passed,
+    clone_command,
     effective_role,
     format_sql_rows,
     instance_env,
+    job_file,
     load_job,
     read_script,
     render_sql,
@@ -32,35 +43,41 @@ from tasks.pgquartz import (
     run_commands,
     split_batch,
 )
+from tasks.planning.job_role import set_role_target
 from tasks.runtime import say, step
 
+__all__ = ["JobSourceError", "checked_out", "job_file", "job_roles", "target_nodes", "run_command",
+           "run_step_instance", "is_check_passed", "CheckVerdict", "job_endpoint"]
 
-class JobSourceError(BouwsteenError, ValueError):
-    pass
+CLONE_TIMEOUT_S = 300
 
 
-def fetch_job_source(source: str, revision: str = "main") -> Path:
-    """A directory as is; a git URL cloned (shallow, the given revision) into a temp directory."""
-    if source.startswith(("http://", "https://", "ssh://", "git@", "file://")) or source.endswith(".git"):
-        target = Path(tempfile.mkdtemp(prefix="bouwsteen-jobs-"))
-        result = subprocess.run(["git", "clone", "--quiet", "--depth", "1", "--branch", revision, source, str(target)],
-                                capture_output=True, text=True, timeout=300)
+@contextmanager
+def checked_out(source: JobSource) -> Iterator[Path]:
+    """The folder of the source's job files for the length of the `with`: a directory as it is; a
+    git source cloned (shallow, its one revision) into a fresh temporary folder that is removed
+    afterwards, also when the clone or the run fails."""
+    if source.git is None:
+        directory = source.directory
+        if directory is None or not directory.is_dir():
+            raise JobSourceError(f"source: {source} is not a directory on this worker")
+        yield directory
+        return
+    parent = Path(tempfile.mkdtemp(prefix="bouwsteen-jobs-"))
+    try:
+        target = parent / "checkout"
+        # No prompt (a run has no terminal) and only the allowed transports, even for redirects.
+        env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ALLOW_PROTOCOL": GIT_ALLOWED_PROTOCOLS}
+        try:
+            result = subprocess.run(clone_command(source, target), capture_output=True, text=True,
+                                    timeout=CLONE_TIMEOUT_S, env=env, stdin=subprocess.DEVNULL, check=False)
+        except subprocess.TimeoutExpired:
+            raise JobSourceError(f"source: git clone of {source} took over {CLONE_TIMEOUT_S} s") from None
         if result.returncode != 0:
-            raise JobSourceError(f"source: git clone of {source} at {revision} failed: {result.stderr.strip()[-300:]}")
-        return target
-    path = Path(source)
-    if not path.is_dir():
-        raise JobSourceError(f"source: {source} is neither a directory nor a git URL")
-    return path
-
-
-def job_file(directory: Path, name: str) -> Path:
-    for suffix in (".yml", ".yaml"):
-        candidate = directory / f"{name}{suffix}"
-        if candidate.exists():
-            return candidate
-    known = sorted(p.stem for p in directory.glob("*.y*ml"))
-    raise JobSourceError(f"job: no job file {name}.yml in {directory} (found: {', '.join(known) or 'none'})")
+            raise JobSourceError(f"source: git clone of {source} failed: {result.stderr.strip()[-300:]}")
+        yield target
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def job_roles(job: Job) -> set[str]:
@@ -83,13 +100,32 @@ def target_nodes(cluster: str, job: Job) -> list[str]:
     return nodes
 
 
+def job_endpoint(ctx, node: str, job: Job, command: Command) -> tuple[PgEndpoint, str | None]:
+    """Where a SQL command logs in, and the role it then SETs: always the job role (never the
+    superuser), on the node's PostgreSQL, in the connection's database; the role is the
+    connection's `user` when that is one of the job role's memberships. Raises JobSourceError
+    for any other `user` (pre-flight refuses such a job; this holds if the file changed since)."""
+    role = job_role_of(ctx)
+    params = job.connections[command.type].conn_params
+    target = set_role_target(params.get("user"), role.user)
+    if target is not None and target not in role.member_of:
+        raise JobSourceError(f"connections.{command.type}.conn_params.user: {target!r} is not a role jobs may act "
+                             f"as ({', '.join(role.allowed)})")
+    if role.password is None:
+        raise JobSourceError(f"the database-credentials block {ctx.name!r} has no job_password")
+    host = ctx.inventory.host(node)
+    endpoint = PgEndpoint(host=host.name, address=str(host.address), port=ctx.inventory.cluster.postgres.port,
+                          user=role.user, password=role.password, dbname=params.get("dbname", "postgres"))
+    return endpoint, target
+
+
 def _sql(ctx, node: str, job: Job, command: Command, instance: dict, timeout_ms: int) -> tuple[int, list[str], str]:
     """One SQL command on a fresh connection, as pgquartz runs it: first the role check (on that
     connection, before every command), then its statement(s). Returns (rc, rows, error)."""
-    conn = job.connections[command.type]
-    host = ctx.inventory.host(node)
-    params = conn.conn_params
-    endpoint = ctx.superuser_endpoint(host, dbname=params.get("dbname", "postgres"))
+    try:
+        endpoint, set_role = job_endpoint(ctx, node, job, command)
+    except JobSourceError as exc:
+        return 1, [], f"{node}: {exc}"
     text = read_script(job, command)
     statements = split_batch(text) if command.batch_mode else [text]
     lines: list[str] = []
@@ -100,9 +136,9 @@ def _sql(ctx, node: str, job: Job, command: Command, instance: dict, timeout_ms:
                 refused = role_problem(wanted_role, pg.scalar(ROLE_QUERY))
                 if refused:
                     return 1, [], f"{node}: {refused}"
-            wanted_user = params.get("user")
-            if wanted_user and wanted_user != endpoint.user:
-                pg.query(pgsql.SQL("set role {}").format(pgsql.Identifier(wanted_user)))
+            if set_role is not None:
+                # The login is the job role: RESET ROLE in the job's SQL returns to it, never higher.
+                pg.query(pgsql.SQL("set role {}").format(pgsql.Identifier(set_role)))
             for statement in statements:
                 query, args = render_sql(statement, instance)
                 conn_ = pg.connect()
@@ -139,8 +175,28 @@ def run_command(cluster: str, node: str, job: Job, command: Command, instance: d
     return _sql(ctx, node, job, command, instance, int(remaining * 1000))
 
 
+@dataclass(frozen=True)
+class CheckVerdict:
+    """One check instance on one node: `ok` is the verdict, `reason` says why ("ok" when it passed)."""
+
+    check: str
+    node: str
+    ok: bool
+    reason: str
+    instance: Mapping[str, str] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def as_dict(self) -> dict:
+        """The flow's result and report keep their keys: check, instance, node, passed, reason."""
+        return {"check": self.check, "instance": dict(self.instance), "node": self.node, "passed": self.ok,
+                "reason": self.reason}
+
+
 @step(retries=0)
-def run_step_instance(cluster: str, job_path: str, step_name: str, instance: dict, node: str, deadline: float) -> dict:
+def run_step_instance(cluster: str, job_path: str, step_name: str, instance: dict, node: str,
+                      deadline: float) -> InstanceResult:
     """One matrix instance of a step on one node: its commands in order, stopping at the first
     failure; the output of a failed command is dropped, as pgquartz does (`run_commands`)."""
     job = load_job(job_path)
@@ -151,19 +207,18 @@ def run_step_instance(cluster: str, job_path: str, step_name: str, instance: dic
         logger.info("%s: %s → rc %d%s", node, command.label, code, f" ({stderr.strip()[:200]})" if code else "")
         return code, stdout, stderr
 
-    outcome = run_commands(job.steps[step_name].commands, run)
-    say(f"{step_name}{instance or ''} on {node}: rc {outcome['rc']}.")
-    return {"instance": instance, **outcome}
+    outcome = run_commands(job.steps[step_name].commands, run, instance)
+    say(f"{step_name}{instance or ''} on {node}: rc {outcome.rc}.")
+    return outcome
 
 
 @step(retries=0)
-def is_check_passing(cluster: str, job_path: str, index: int, instance: dict, node: str, deadline: float) -> dict:
+def is_check_passed(cluster: str, job_path: str, index: int, instance: dict, node: str,
+                    deadline: float) -> CheckVerdict:
     job = load_job(job_path)
     check: Check = job.checks[index]
     rc, stdout, stderr = run_command(cluster, node, job, check, instance, deadline)
     # pgquartz matches a shell check's stdout and stderr separately, a SQL check's rows only.
     passed, reason = check_passed(check, rc, stdout, stderr)
     say(f"check {check.label}{instance or ''} on {node}: {'passed' if passed else 'FAILED'} ({reason}).")
-    return {"check": check.label, "instance": instance, "node": node, "passed": passed, "reason": reason}
-
-
+    return CheckVerdict(check=check.label, node=node, ok=passed, reason=reason, instance=dict(instance))

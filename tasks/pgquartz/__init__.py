@@ -1,6 +1,7 @@
 """PgQuartz job files: load and validate them unchanged, and plan their execution.
 
 Pure: no Prefect, no database, no SSH; the only I/O is reading job files and their scripts.
+`sources` picks a run's job source from the cluster's allow-list (pure; the clone is the flow's).
 The `tab_job` flow wraps this: one task per step instance / check, SQL via psycopg, shell over SSH.
 See /work/shared/reference/pgquartz.md for the format and PgQuartz's run-time semantics.
 """
@@ -13,6 +14,7 @@ from .loader import (
     load_jobs,
     parse_job,
     read_script,
+    script_escape,
     script_path,
 )
 from .model import (
@@ -52,6 +54,15 @@ from .plan import (
     step_should_run,
     step_waves,
 )
+from .sources import (
+    GIT_ALLOWED_PROTOCOLS,
+    JobSource,
+    JobSourceError,
+    check_job_name,
+    choose_source,
+    clone_command,
+    job_file,
+)
 from .when import (
     InstanceResult,
     StepResult,
@@ -69,7 +80,10 @@ __all__ = [
     "SHELL", "DEFAULT_LOCK_TIMEOUT", "DEFAULT_ETCD_ENDPOINTS", "etcd_endpoint_address", "is_loopback_endpoint",
     # loader
     "load_job", "load_jobs", "parse_job", "script_path", "read_script", "JobFileError", "Problem",
-    "executable_by_me",
+    "executable_by_me", "script_escape",
+    # sources
+    "JobSource", "JobSourceError", "choose_source", "check_job_name", "job_file", "clone_command",
+    "GIT_ALLOWED_PROTOCOLS",
     # plan
     "step_waves", "find_cycle", "expand_matrix", "instance_env", "render_sql", "split_batch", "sql_text_args",
     "format_sql_rows", "effective_role", "check_passed", "step_should_run", "PlanError", "MATRIX_ENV_PREFIX",

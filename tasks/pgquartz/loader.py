@@ -24,8 +24,8 @@ from .model import ALL_KEYS, SHELL, Check, Command, Job
 from .plan import find_cycle, split_batch, sql_text_args
 from .when import WhenExpressionError, when_step_refs
 
-__all__ = ["JobFileError", "Problem", "load_job", "load_jobs", "parse_job", "script_path", "read_script",
-           "executable_by_me"]
+__all__ = ["JobFileError", "Problem", "load_job", "load_jobs", "parse_job", "script_path", "script_escape",
+           "read_script", "executable_by_me", "JOB_SUFFIXES"]
 
 JOB_SUFFIXES = (".yml", ".yaml")
 ROOT_KEY = "<root>"
@@ -255,10 +255,33 @@ def script_path(job: Job, command: Command) -> Path | None:
     return path if path.is_absolute() else job.workdir_path / path
 
 
-def read_script(job: Job, command: Command) -> str:
-    """The command body: `inline`, or the contents of `file`."""
+def script_escape(job: Job, command: Command) -> str | None:
+    """Why a `file:` script may not be read, or None: it must be a relative path that stays, with
+    symlinks resolved, inside the folder of the job file (which the run's job source holds), so
+    a job can never read the controller's files. pgquartz itself would read any path."""
+    if not command.file:
+        return None
+    if Path(command.file).is_absolute():
+        return f"script {command.file!r} is an absolute path; give it relative to the job file's folder"
+    folder = job.source.parent if job.source is not None else Path.cwd()
     path = script_path(job, command)
-    return command.inline if path is None else path.read_text(encoding="utf-8")
+    assert path is not None
+    resolved = path.resolve()
+    if not resolved.is_relative_to(folder.resolve()):
+        return (f"script {command.file!r} leads outside the job file's folder {folder} (to {resolved}); "
+                "a job reads only files that live beside it")
+    return None
+
+
+def read_script(job: Job, command: Command) -> str:
+    """The command body: `inline`, or the contents of `file` (never from outside the job's folder)."""
+    path = script_path(job, command)
+    if path is None:
+        return command.inline
+    escape = script_escape(job, command)
+    if escape:
+        raise JobFileError([Problem(str(job.source), command.label, escape)])
+    return path.read_text(encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- checks beyond pgquartz
@@ -278,6 +301,10 @@ def _check_command(job: Job, cmd: Command, key: str, matrix: dict[str, list[str]
                                 f"unknown connection {cmd.type!r}; use {SHELL} or a connection name ({known})"))
     body = cmd.inline
     path = script_path(job, cmd)
+    escape = script_escape(job, cmd)
+    if escape:
+        problems.append(Problem(file, f"{key}.file", escape))
+        return problems
     if path is not None:
         if not path.is_file():
             problems.append(Problem(file, f"{key}.file", f"script {cmd.file!r} not found (looked for {path})"))

@@ -130,10 +130,9 @@ def job_action_plan(job: Job, nodes: Sequence[str], lock_prefix: str) -> ActionP
     return ActionPlan(actions + checks, notes=(f"Steps run under pgquartz's etcd lock `{lock_prefix}`.",))
 
 
-# One batch of a step's instances on one node -> one result row per instance, each with
-# "instance", "rc", "stdout" and "stderr" (what the runner's step task returns; the outputs as
-# lines, see `run_commands`).
-RunBatch = Callable[[str, str, list], list[dict]]
+# One batch of a step's instances on one node -> one InstanceResult per instance (what the
+# runner's step task returns; the outputs as lines, see `run_commands`).
+RunBatch = Callable[[str, str, list], list[InstanceResult]]
 
 
 def run_waves(job: Job, nodes: Sequence[str], run_batch: RunBatch,
@@ -158,13 +157,11 @@ def run_waves(job: Job, nodes: Sequence[str], run_batch: RunBatch,
                     rows.append({"node": node, "step": step_name, "instance": "", "rc": "skipped (when)"})
                     continue
                 instances = expand_matrix(spec.matrix)
-                done: list[dict] = []
+                done: list[InstanceResult] = []
                 for i in range(0, len(instances), job.parallel):
                     done += run_batch(node, step_name, instances[i:i + job.parallel])
-                results[step_name] = StepResult([
-                    InstanceResult(instance=r["instance"], rc=r["rc"], stdout=r["stdout"], stderr=r["stderr"])
-                    for r in done])
-                rows += [{"node": node, "step": step_name, "instance": str(r["instance"] or ""), "rc": r["rc"]}
+                results[step_name] = StepResult(done)
+                rows += [{"node": node, "step": step_name, "instance": str(r.instance or ""), "rc": r.rc}
                          for r in done]
     return rows, results
 
@@ -423,10 +420,11 @@ def command_output(command: Command, rc: int, stdout: Output, stderr: Output = "
     return list(result_lines(stdout)), []
 
 
-def run_commands(commands: Sequence[Command], run: Callable[[Command], tuple[int, Output, Output]]) -> dict:
+def run_commands(commands: Sequence[Command], run: Callable[[Command], tuple[int, Output, Output]],
+                 instance: Mapping[str, str] | None = None) -> InstanceResult:
     """One step instance, as pgquartz runs it: `run` each command in order until one fails.
 
-    Returns `{"rc", "stdout", "stderr"}`: rc is that of the failed command (0 if none failed; the
+    Returns the instance's result: rc is that of the failed command (0 if none failed; the
     others are 0), the outputs are the lines `command_output` keeps, in command order.
     """
     rc, out, err = 0, [], []
@@ -438,7 +436,7 @@ def run_commands(commands: Sequence[Command], run: Callable[[Command], tuple[int
         if code != 0:
             rc = code
             break
-    return {"rc": rc, "stdout": out, "stderr": err}
+    return InstanceResult(instance=dict(instance or {}), rc=rc, stdout=out, stderr=err)
 
 
 # --------------------------------------------------------------------------- checks

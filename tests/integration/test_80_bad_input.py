@@ -48,13 +48,50 @@ def test_flow_parameters(cluster, unchanged, args, needle):
     assert needle in result.stdout + result.stderr, result.stdout + result.stderr
 
 
-def test_job_file(registered, unchanged, tmp_path):
-    (tmp_path / "broken.yml").write_text(
-        "parallel: 0\nsteps:\n  a:\n    depends: [nowhere]\n    commands: [{name: x, inline: 'true'}]\n")
-    result = bouwsteen("run", "tab_job", "--cluster", "lab", "--param", "job=broken", "--param", f"source={tmp_path}")
+@pytest.fixture
+def scratch_jobs(registered, tmp_path):
+    """A job source `scratch` (tmp_path) in the lab's inventory block, for this test only: a run
+    may only pick sources the cluster's configuration names."""
+    from blocks.inventory import Inventory
+    from blocks.prefect_blocks import ClusterInventory
+
+    stored = ClusterInventory.load("lab").inventory
+    document = stored.model_dump(mode="json")
+    document["cluster"]["jobs"]["sources"]["scratch"] = {"directory": str(tmp_path)}
+    ClusterInventory(inventory=Inventory.model_validate(document)).save("lab", overwrite=True)
+    try:
+        yield tmp_path
+    finally:
+        ClusterInventory(inventory=stored).save("lab", overwrite=True)
+
+
+@pytest.mark.parametrize("job, body, needle", [
+    ("broken", "parallel: 0\nsteps:\n  a:\n    depends: [nowhere]\n    commands: [{name: x, inline: 'true'}]\n",
+     "parallel: 0 runs nothing"),
+    ("escape", "parallel: 1\nsteps:\n  a:\n    commands: [{name: x, type: shell, file: /etc/passwd}]\n",
+     "is an absolute path"),
+])
+def test_job_file(scratch_jobs, unchanged, job, body, needle):
+    (scratch_jobs / f"{job}.yml").write_text(body)
+    result = bouwsteen("run", "tab_job", "--cluster", "lab", "--param", f"job={job}", "--param", "source=scratch")
     assert result.returncode != 0
     text = result.stdout + result.stderr
-    assert "broken.yml" in text and "parallel: 0 runs nothing" in text
+    assert f"{job}.yml" in text and needle in text, text
+
+
+@pytest.mark.parametrize("params, needle", [
+    (["source={tmp}"], "is not a job source of cluster lab"),
+    (["source=https://example.invalid/jobs.git"], "is not a job source of cluster lab"),
+    (["source=--upload-pack=touch /tmp/pwned"], "is not a job source of cluster lab"),
+    (["revision=main"], "revision: source shipped is a directory"),
+    (["job=../../etc/passwd"], "is not a job name"),
+])
+def test_job_source_parameters(registered, unchanged, tmp_path, params, needle):
+    (tmp_path / "purge_audit_log.yml").write_text("parallel: 1\nsteps: {a: {commands: [{type: shell, inline: 'true'}]}}\n")
+    args = [a for p in params for a in ("--param", p.format(tmp=tmp_path))]
+    result = bouwsteen("run", "tab_job", "--cluster", "lab", *args)
+    assert result.returncode != 0
+    assert needle in result.stdout + result.stderr, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("backup, needle", [

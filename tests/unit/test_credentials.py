@@ -141,7 +141,8 @@ def test_lab_secrets_still_build_every_block(tmp_path: Path) -> None:
 def test_secret_fields_stay_secret_for_prefect() -> None:
     """Validators must not hide a field from Prefect's secret handling (encrypted, masked)."""
     assert DatabaseCredentials.model_json_schema()["secret_fields"] == [
-        "superuser_password", "replication_password", "application_password", "monitor_password", "rest_api_password"]
+        "superuser_password", "replication_password", "application_password", "monitor_password", "rest_api_password",
+        "job_password"]
     assert ObjectStoreCredentials.model_json_schema()["secret_fields"] == [
         "secret_access_key", "admin_secret_access_key", "server_private_key", "repository_cipher_pass"]
     assert SshCredentials.model_json_schema()["secret_fields"] == ["private_key"]

@@ -52,6 +52,7 @@ from tasks.pgquartz import (
     step_waves,
     when_step_refs,
 )
+from tasks.planning.job_role import JobRole
 
 SAMPLE_JOB = Path(__file__).resolve().parents[2] / "deployments" / "jobs" / "purge_audit_log.yml"
 
@@ -689,9 +690,9 @@ def recording_runner(rc_of: dict[str, int]):
     """A step runner that records its batches and answers with the given return code per step."""
     batches: list[tuple[str, str, list]] = []
 
-    def run_batch(node: str, step: str, instances: list) -> list[dict]:
+    def run_batch(node: str, step: str, instances: list) -> list[InstanceResult]:
         batches.append((node, step, [dict(i) for i in instances]))
-        return [{"instance": i, "rc": rc_of.get(step, 0), "stdout": "", "stderr": ""} for i in instances]
+        return [InstanceResult(i, rc_of.get(step, 0), "", "") for i in instances]
 
     return run_batch, batches
 
@@ -813,8 +814,9 @@ def test_run_commands_stops_at_the_first_failure_and_keeps_only_what_succeeded()
         ran.append(command.name)
         return answers[command.name]
 
-    assert run_commands(commands, run) == {"rc": 1, "stdout": ["first"], "stderr": ["note"]}
+    assert run_commands(commands, run) == InstanceResult({}, 1, ["first"], ["note"])
     assert ran == ["one", "two"]
+    assert run_commands(commands[:1], run, {"tbl": "t1"}).instance == {"tbl": "t1"}
 
 
 def when_job(tmp_path: Path) -> Path:
@@ -830,7 +832,7 @@ def test_a_when_rule_cannot_see_a_failed_commands_output(tmp_path: Path, monkeyp
     monkeypatch.setattr(tab, "get_run_logger", lambda: logging.getLogger("tests.tab"))
     monkeypatch.setattr(tab, "run_command", lambda *a: (3, "partial\n", "failed\n"))
     row = tab.run_step_instance.fn("lab", str(path), "probe", {}, "pg1", 0.0)
-    assert row == {"instance": {}, "rc": 3, "stdout": [], "stderr": []}
+    assert row == InstanceResult({}, 3, [], [])
     job = load_job(path)
     _, step_results = run_waves(job, ["pg1"], lambda node, step, insts: [row])
     assert step_results["probe"].rc == 3
@@ -925,9 +927,11 @@ class FakeDatabase:
         self.connections = 0
         self.role_queries = 0
         self.statements: list[str] = []
+        self.logins: list[str] = []
 
     def postgres(self, endpoint: Any, *, statement_timeout_ms: int) -> Any:
         db = self
+        self.logins.append(endpoint.user)
 
         class Cursor:
             description = (SimpleNamespace(name="n"),)
@@ -967,9 +971,13 @@ class FakeDatabase:
         return Pg()
 
 
-def sql_job(tmp_path: Path, role: str = "primary", check_role: str = "") -> Path:
+JOB_ROLE = JobRole(user="bouwsteen_job", password="job-pw", member_of=("app",))
+
+
+def sql_job(tmp_path: Path, role: str = "primary", check_role: str = "", user: str = "") -> Path:
+    params = {"dbname": "postgres", **({"user": user} if user else {})}
     data = {"parallel": 1,
-            "connections": {"pg": {"role": role, "conn_params": {"dbname": "postgres"}}},
+            "connections": {"pg": {"role": role, "conn_params": params}},
             "steps": {"s": {"commands": [{"name": "one", "type": "pg", "inline": "select 1"},
                                          {"name": "two", "type": "pg", "inline": "select 2"}]}},
             "checks": [{"name": "c", "type": "pg", "inline": "select 3", "role": check_role or role}]}
@@ -980,9 +988,11 @@ def sql_job(tmp_path: Path, role: str = "primary", check_role: str = "") -> Path
 def database(monkeypatch: pytest.MonkeyPatch) -> Callable[[list[str]], FakeDatabase]:
     def make(roles: list[str]) -> FakeDatabase:
         db = FakeDatabase(roles)
-        ctx = SimpleNamespace(inventory=SimpleNamespace(host=lambda name: name),
-                              superuser_endpoint=lambda host, dbname: SimpleNamespace(user="postgres"))
+        inventory = SimpleNamespace(host=lambda name: SimpleNamespace(name=name, address="10.0.0.11"),
+                                    cluster=SimpleNamespace(postgres=SimpleNamespace(port=5432)))
+        ctx = SimpleNamespace(name="lab", inventory=inventory)
         monkeypatch.setattr(tab, "context_for", lambda cluster: ctx)
+        monkeypatch.setattr(tab, "job_role_of", lambda ctx: JOB_ROLE)
         monkeypatch.setattr(tab, "Postgres", db.postgres)
         monkeypatch.setattr(tab, "get_run_logger", lambda: logging.getLogger("tests.tab"))
         return db
@@ -994,7 +1004,8 @@ def test_the_role_is_checked_before_every_sql_command(tmp_path: Path, database: 
     row = tab.run_step_instance.fn("lab", str(sql_job(tmp_path)), "s", {}, "pg1", time.monotonic() + 60)
     assert db.role_queries == 2 and db.connections == 2
     assert db.statements == ["select 1"]  # the second command never ran on the standby
-    assert row == {"instance": {}, "rc": 1, "stdout": ["{n}={1}"], "stderr": []}
+    assert row == InstanceResult({}, 1, ["{n}={1}"], [])
+    assert db.logins == ["bouwsteen_job", "bouwsteen_job"]  # never the superuser
 
 
 def test_a_role_mismatch_is_a_failed_command_with_no_output(tmp_path: Path, database: Any) -> None:
@@ -1008,15 +1019,17 @@ def test_a_role_mismatch_is_a_failed_command_with_no_output(tmp_path: Path, data
 def test_role_all_asks_nothing(tmp_path: Path, database: Any) -> None:
     db = database([])
     row = tab.run_step_instance.fn("lab", str(sql_job(tmp_path, role="all")), "s", {}, "pg1", time.monotonic() + 60)
-    assert db.role_queries == 0 and row["rc"] == 0 and db.statements == ["select 1", "select 2"]
+    assert db.role_queries == 0 and row.rc == 0 and db.statements == ["select 1", "select 2"]
 
 
 def test_checks_check_the_role_too(tmp_path: Path, database: Any) -> None:
     db = database(["primary"])
-    verdict = tab.is_check_passing.fn("lab", str(sql_job(tmp_path, check_role="standby")), 0, {}, "pg1",
-                                      time.monotonic() + 60)
-    assert db.statements == [] and verdict["passed"] is False
-    assert verdict["reason"] == "query failed but was expected to succeed"
+    verdict = tab.is_check_passed.fn("lab", str(sql_job(tmp_path, check_role="standby")), 0, {}, "pg1",
+                                     time.monotonic() + 60)
+    assert db.statements == [] and verdict.ok is False and not verdict
+    assert verdict.reason == "query failed but was expected to succeed"
+    assert verdict.as_dict() == {"check": "c", "instance": {}, "node": "pg1", "passed": False,
+                                 "reason": "query failed but was expected to succeed"}
 
 
 @pytest.mark.parametrize("wanted, actual, refused", [
