@@ -119,10 +119,10 @@ class JobRolePlan:
     member_of: tuple[str, ...]
     changes: tuple[RoleChange, ...] = ()
     refusals: tuple[str, ...] = ()
+    ok: bool = field(init=False)  # no refusals
 
-    @property
-    def ok(self) -> bool:
-        return not self.refusals
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ok", not self.refusals)
 
     def __bool__(self) -> bool:
         return self.ok
