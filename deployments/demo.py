@@ -31,7 +31,8 @@ def _figure(flow: str, result) -> str:
         return f"{sum(1 for r in result if r['reachable'])}/{len(result)} hosts reachable"
     if flow == "build_cluster":
         topo = result.get("topology", [])
-        return f"primary {topo[0]['host']}, {len(topo) - 1} streaming" if topo else ""
+        return (f"primary {topo[0]['host']}, {len(topo) - 1} streaming; {result.get('via_port', '')}"
+                if topo else "")
     if flow == "add_standby":
         return "pg4 streaming" + (" (no change)" if not result.get("changed") else "")
     if flow == "backup_server_rollout":
@@ -46,7 +47,8 @@ def _figure(flow: str, result) -> str:
     if flow == "restore_drill":
         return f"RTO {result.get('rto_s')}s ({result.get('btree_indexes_checked')} indexes amchecked)"
     if flow == "switchover":
-        return f"{result.get('old_primary')}→{result.get('new_primary')}, {result.get('write_gap', '')}"
+        return (f"{result.get('old_primary')}→{result.get('new_primary')}, {result.get('write_gap', '')}; "
+                f"{result.get('via_port', '')}")
     if flow == "tab_job":
         checks = result.get("checks", [])
         return f"{sum(c['passed'] for c in checks)}/{len(checks)} checks passed on {', '.join(result.get('nodes', []))}"
@@ -115,6 +117,8 @@ def run_demo(skip: set[str] | None = None) -> int:
             lost = probe.missing_acknowledged()
             if isinstance(result, dict):
                 result["write_gap"] = f"write gap {report.longest_gap():.1f}s, {len(lost)} acknowledged writes lost"
+        if isinstance(result, dict) and flow_name in ("build_cluster", "switchover"):
+            result["via_port"] = _write_through_primary_port(PORT_CLIENT_HOST)
         name = state.name if state else "Unknown"
         rows.append(Row(flow_name, name, seconds, _figure(flow_name, result) if result is not None else ""))
         print(f"   {flow_name:22s} {name:10s} {seconds:6.1f}s  {rows[-1].figure}", flush=True)
@@ -131,6 +135,26 @@ def run_demo(skip: set[str] | None = None) -> int:
     print(f"\nPrefect UI: {ui_url()}  (flow runs, logs, artifacts: plans, topology, backups, drills)")
     print(f"Lab: `.venv/bin/bouwsteen lab status`; inventory {lab.paths.inventory}")
     return 1 if failed else 0
+
+
+# A client that knows one database host only: its port to the primary leads wherever the primary is.
+PORT_CLIENT_HOST = "pg3"
+
+
+def _write_through_primary_port(host: str) -> str:
+    from tasks.adapters.postgres import Postgres
+    from tasks.clients import primary_port_endpoint
+    from tasks.context import context_for
+
+    ctx = context_for(CLUSTER, fresh=True)
+    endpoint = primary_port_endpoint(ctx, host)
+    names = {str(h.address): h.name for h in ctx.inventory.db_hosts}
+    with Postgres(endpoint) as pg:
+        pg.query("create table if not exists public.bouwsteen_demo_writes "
+                 "(id bigserial primary key, at timestamptz not null default now())")
+        pg.query("insert into public.bouwsteen_demo_writes default values")
+        _, address = pg.serving()
+    return f"a write via {host}:{endpoint.port} landed on {names.get(address, address)}"
 
 
 def _start_probe():

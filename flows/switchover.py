@@ -8,7 +8,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
+from pydantic import Field
 
+from blocks.inventory import HOSTNAME
 from flows.runbook import holding, publish_plan
 from tasks.context import context_for
 from tasks.desired import ha_driver
@@ -20,6 +22,7 @@ from tasks.roles import (
     ensure_failover,
     ensure_rejoined,
     ensure_switchover,
+    is_decided_candidate_fit,
     is_failover_needed,
     is_switchover_safe,
     wait_until_primary_is,
@@ -31,8 +34,9 @@ class FailoverDecision(RunInput):
     """What the DBA on call decides when promoting the best standby may lose data."""
 
     promote: bool = False
-    candidate: str | None = None
-    reason: str = ""
+    candidate: str | None = Field(default=None, pattern=HOSTNAME, description="a database host of this cluster")
+    # Goes to the timeline and the log; one line, no control characters.
+    reason: str = Field(default="", max_length=500, pattern=r"^[^\x00-\x1f\x7f]*$")
 
 
 class Timeline:
@@ -141,6 +145,11 @@ def failover(cluster: str = "lab", force: bool = False, max_data_loss_bytes: int
                 raise PreflightRefused(f"not promoted: the DBA declined ({decision.reason if decision else 'no answer'})")
             candidate = decision.candidate or candidate
             timeline(f"human decided: promote {candidate} ({decision.reason})")
+            # Typed by a human, an hour may have passed: checked afresh, like the pre-flight's.
+            fit = is_decided_candidate_fit(cluster, candidate, force)
+            if not fit:
+                timeline(f"decided candidate refused: {'; '.join(fit.refusals)}")
+                raise PreflightRefused(*fit.refusals)
         logger.info("3. Act: failover to %s through the HA manager, then etcd's leader off its host.", candidate)
         ensure_failover(cluster, candidate)
         timeline("failover requested")

@@ -11,7 +11,12 @@ from tasks.context import context_for
 from tasks.desired import ha_driver
 from tasks.errors import NotYet
 from tasks.ha import read_view, replication_rows
-from tasks.planning.roles import CandidateState, plan_failover, plan_switchover
+from tasks.planning.roles import (
+    CandidateState,
+    plan_failover,
+    plan_switchover,
+    refuse_decided_candidate,
+)
 from tasks.runtime import once, say, step, wait_for
 
 
@@ -124,6 +129,21 @@ def is_failover_needed(cluster: str, force: bool, max_lag_bytes: int) -> Failove
     plan = plan_failover(primary_alive=primary is not None, candidates=states, force=force, max_lag_bytes=max_lag_bytes)
     say(f"Failover to {plan.candidate} ({plan.reason})." if plan.candidate else "No failover: " + plan.reason)
     return FailoverCheck(primary, plan.candidate, plan.refusals, plan.needs_human, plan.reason, plan.candidate_lag)
+
+
+@step(retries=1)
+def is_decided_candidate_fit(cluster: str, candidate: str, force: bool) -> FailoverCheck:
+    """Read-only, after a DBA's failover decision: may the candidate typed in the UI be promoted now?"""
+    ctx = context_for(cluster)
+    primary, states, _ = _candidate_states(cluster, read_view(ctx))
+    refusals = refuse_decided_candidate(decided=candidate, primary_alive=primary is not None, force=force,
+                                        candidates=states,
+                                        known_hosts={h.name for h in ctx.inventory.db_hosts})
+    lag = next((c.lag_bytes for c in states if c.name == candidate), None)
+    say(f"The DBA's candidate {candidate} may be promoted." if not refusals
+        else f"The DBA's candidate {candidate} is refused: " + "; ".join(refusals), warning=bool(refusals))
+    return FailoverCheck(primary, candidate if not refusals else None, refusals, False,
+                         "the DBA's decision", lag)
 
 
 @once

@@ -119,3 +119,21 @@ def plan_failover(*, primary_alive: bool, candidates: list[CandidateState], forc
                             f"bytes behind the last known primary position (limit {max_lag_bytes}): promoting it may lose data",
                             lag)
     return FailoverPlan(best.name, (), False, f"{best.name} is the most advanced standby", lag)
+
+
+def refuse_decided_candidate(*, decided: str, primary_alive: bool, force: bool, candidates: list[CandidateState],
+                             known_hosts: set[str]) -> tuple[str, ...]:
+    """A candidate a DBA typed into the failover decision, checked on a fresh read as the
+    pre-flight checks its own: a database host of this cluster, reachable, a standby; and the
+    primary still gone unless the failover is forced (a pause may last an hour)."""
+    if primary_alive and not force:
+        return ("the primary is back and healthy since the decision was asked for; nothing is promoted",)
+    if decided not in known_hosts:
+        return (f"candidate: {decided!r} is not a database host of this cluster ({', '.join(sorted(known_hosts))})",)
+    chosen = next((c for c in candidates if c.name == decided), None)
+    if chosen is None:
+        return (f"candidate: {decided} is not a standby the HA manager knows",)
+    if not (chosen.reachable and chosen.in_recovery and chosen.receive_lsn is not None):
+        return (f"candidate: {decided} cannot be promoted (reachable={chosen.reachable}, "
+                f"in recovery={chosen.in_recovery})",)
+    return ()

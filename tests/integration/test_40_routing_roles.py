@@ -327,6 +327,43 @@ def test_failover_refuses_while_the_primary_is_healthy(lab, routed):
     _refused(failover(cluster="lab", return_state=True), "healthy primary exists")
 
 
+def _paused_failover(outcome: dict):
+    """Start a forced failover that must pause for a decision; the paused run's id."""
+    from prefect.client.orchestration import get_client
+
+    from flows.switchover import failover
+
+    runner = threading.Thread(target=lambda: outcome.setdefault(
+        "state", failover(cluster="lab", force=True, max_data_loss_bytes=-1, return_state=True)))
+    runner.start()
+    deadline = time.monotonic() + 120
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            for run in client.read_flow_runs():
+                if run.name and run.state and run.state.is_paused():
+                    return runner, run.id
+            time.sleep(1)
+    raise AssertionError("failover did not pause for a decision")
+
+
+def test_failover_decision_for_a_host_that_is_no_standby_is_refused(lab, routed, prefect_server):
+    """The candidate a DBA types is checked afresh, like the pre-flight's: not a standby → nothing promoted."""
+    from prefect.flow_runs import resume_flow_run
+
+    from tasks.context import context_for
+
+    ctx = context_for("lab", fresh=True)
+    old = primary_name(ctx)
+    outcome: dict = {}
+    runner, run_id = _paused_failover(outcome)
+    resume_flow_run(run_id, run_input={"promote": True, "candidate": old, "reason": "test: the primary itself"})
+    runner.join(300)
+    state = outcome["state"]
+    assert state.is_failed()
+    assert "refused, nothing changed" in state.message and f"candidate: {old} is not a standby" in state.message
+    assert primary_name(context_for("lab", fresh=True)) == old
+
+
 def test_failover_pauses_for_a_human_when_data_may_be_lost(lab, routed, prefect_server):
     """A negative loss threshold makes any candidate 'too far behind': the run must pause and
     promote only after a DBA answers in the UI (here: through the API)."""

@@ -7,7 +7,14 @@ from typing import Any
 
 import pytest
 
-from tasks.planning.roles import CandidateState, FailoverPlan, SwitchoverPlan, plan_failover, plan_switchover
+from tasks.planning.roles import (
+    CandidateState,
+    FailoverPlan,
+    SwitchoverPlan,
+    plan_failover,
+    plan_switchover,
+    refuse_decided_candidate,
+)
 
 KNOWN = {"pg1", "pg2", "pg3"}
 MAX_LAG = 1000
@@ -298,3 +305,30 @@ def test_candidate_state_is_frozen() -> None:
     with pytest.raises(Exception):
         c.lag_bytes = 5  # type: ignore[misc]
     assert replace(c, lag_bytes=5).lag_bytes == 5
+
+
+# ------------------------------------------------------------------ the DBA's failover decision
+
+@pytest.mark.parametrize(
+    ("decided", "primary_alive", "force", "candidates", "refused"),
+    [
+        ("pg2", False, False, [cand("pg2"), cand("pg3")], ""),
+        ("pg3", False, False, [cand("pg2"), cand("pg3", lag_bytes=10**9)], ""),  # less advanced: the DBA's call
+        ("pg2", True, False, [cand("pg2")], "the primary is back"),
+        ("pg2", True, True, [cand("pg2")], ""),  # a forced failover away from a live primary
+        ("pg9", False, False, [cand("pg2")], "candidate: 'pg9' is not a database host of this cluster (pg1, pg2, pg3)"),
+        ("pg3", False, False, [cand("pg2")], "candidate: pg3 is not a standby the HA manager knows"),
+        ("pg1", True, True, [cand("pg2")], "candidate: pg1 is not a standby the HA manager knows"),
+        ("pg2", False, False, [cand("pg2", reachable=False)], "candidate: pg2 cannot be promoted (reachable=False"),
+        ("pg2", False, False, [cand("pg2", in_recovery=False)], "in recovery=False"),
+        ("pg2", False, False, [cand("pg2", receive_lsn=None)], "candidate: pg2 cannot be promoted"),
+    ],
+)
+def test_decided_candidate_is_checked_like_the_preflight(decided: str, primary_alive: bool, force: bool,
+                                                         candidates: list[CandidateState], refused: str) -> None:
+    refusals = refuse_decided_candidate(decided=decided, primary_alive=primary_alive, force=force,
+                                        candidates=candidates, known_hosts={"pg1", "pg2", "pg3"})
+    if not refused:
+        assert refusals == ()
+    else:
+        assert len(refusals) == 1 and refused in refusals[0]
