@@ -47,6 +47,13 @@ def _compare_markers(source: list[list[str]], restored: list[list[str]], target:
         missing = [r[0] for r in source if datetime.fromisoformat(r[1]) <= target and r[0] not in restored_ids]
     if missing:
         raise DrillFailed(f"markers {missing} exist on the source before the target but not in the restored copy")
+    # A row the source does not have, or has with another time, came from writes the source no
+    # longer holds: the backup belongs to another history (a timeline abandoned by a failover).
+    written = {r[0]: datetime.fromisoformat(r[1]) for r in source}
+    foreign = [r[0] for r in restored if r[0] not in written or datetime.fromisoformat(r[1]) != written[r[0]]]
+    if foreign:
+        raise DrillFailed(f"markers {foreign} in the restored copy are not the source's (absent there, or written "
+                          "at another time): the backup holds a history the source does not")
     return f"{len(restored)} marker row(s) match the source up to the target"
 
 

@@ -58,9 +58,11 @@ LATEST = {
     "no marker: every source row": (up_to(3), without(2, 4, 5), None, DrillFailed("markers ['2'] exist")),
     "no marker, all there": (up_to(3), up_to(3), None, "3 marker row(s)"),
     "nothing on either side": ([], [], None, "0 marker row(s)"),
-    # Not checked: a restored row the source does not have (the docstring says "exactly").
-    "an extra restored row is accepted": (SOURCE, up_to(4) + [row(99, "2026-11-27 10:35:00+00")], MARKER,
-                                          "5 marker row(s)"),
+    # A restored row the source does not have: writes the source lost (another timeline).
+    "an extra restored row is refused": (SOURCE, up_to(4) + [row(99, "2026-11-27 10:35:00+00")], MARKER,
+                                         DrillFailed("markers ['99'] in the restored copy are not the source's")),
+    "a row written at another time is refused": (SOURCE, up_to(3) + [row(4, "2026-11-27 10:31:00+00")], MARKER,
+                                                 DrillFailed("markers ['4'] in the restored copy are not the source's")),
 }
 
 
