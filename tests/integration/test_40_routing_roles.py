@@ -263,6 +263,26 @@ def test_db_host_port_and_multi_host_uri_follow_a_switchover(lab, routed):
     print(f"multi-host URI write gap across a switchover: {report.longest_gap():.2f}s")
 
 
+def test_client_connection_report_file_is_what_libpq_connects_with(lab, routed, monkeypatch):
+    """The pg_service.conf the runbooks write: each section connects where its name says."""
+    import psycopg
+
+    from tasks.clients import service_file
+    from tasks.context import context_for
+
+    ctx = context_for("lab", fresh=True)
+    path = service_file("lab")
+    text = path.read_text()
+    password = ctx.db_blocks.application_password.get_secret_value()
+    assert password not in text and "password" not in text.lower().replace("no passwords here", "")
+    monkeypatch.setenv("PGSERVICEFILE", str(path))
+    names = {str(h.address): h.name for h in ctx.inventory.db_hosts}
+    for service, in_recovery in (("lab", False), ("lab-ro", True), ("lab-vip", False), ("lab-vip-ro", True)):
+        with psycopg.connect(f"service={service}", password=password) as conn:
+            recovery, address = conn.execute("select pg_is_in_recovery(), host(inet_server_addr())").fetchone()
+        assert recovery is in_recovery, f"service {service} reached {names.get(address, address)}"
+
+
 def test_split_brain_routes_rw_nowhere(lab, routed):
     """Promote a standby behind Patroni's back (maintenance mode keeps Patroni from fixing it):
     the detector answers 409 and HAProxy takes every rw server out."""
