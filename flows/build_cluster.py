@@ -70,8 +70,9 @@ def build_cluster(cluster: str = "lab", dry_run: bool = False, adopt_existing: b
         return {"plan": plan.rows(), "changed": False}
 
     # ------------------------------------------------------------------ 3. act
-    # A killed earlier run leaves its lease behind for up to a minute; wait that out.
-    with holding(cluster, "build_cluster"):
+    # A killed earlier run leaves its lease behind for up to a minute; wait that out. On bare
+    # hosts etcd is not there yet: the Prefect lock alone covers installing it (policy "once_up").
+    with holding(cluster, "build_cluster") as hold:
         logger.info("3. Act: packages, etcd, HA manager, roles.")
         for name, kinds in layers.items():
             ensure_packages.submit(cluster, name, sorted({p for layer in kinds.values() for p in layer.packages})).result()
@@ -82,6 +83,7 @@ def build_cluster(cluster: str = "lab", dry_run: bool = False, adopt_existing: b
             n: ensure_units.submit(cluster, n, "etcd", etcd_changes[n], restart_changed=False, no_block=True)
             for n in etcd_hosts}.items()}
         wait_until_etcd_healthy(cluster)
+        hold.take_etcd_lock()  # from here on the etcd lock too (already held when etcd answered at first)
         # ... while a changed member is restarted one at a time, so quorum is never lost.
         for name in etcd_hosts:
             if etcd_changes[name] and not started[name]:

@@ -14,7 +14,7 @@ from tasks.adapters.probe import HostSnapshot
 from tasks.context import ClusterContext
 from tasks.errors import BouwsteenError, PreflightRefused
 from tasks.hosts import is_host_ready
-from tasks.locks import cluster_lock
+from tasks.locks import ClusterHold, EtcdPolicy, cluster_lock
 from tasks.planning.plan import Plan
 from tasks.reporting import plan_markdown
 
@@ -28,19 +28,26 @@ class Policy:
     data, not the cluster); "none" is for a runbook that changes nothing.
     wait_seconds: how long a busy cluster is waited for before the run is refused.
     changes: the runbook changes something, so it takes `dry_run` and publishes a plan artifact.
+    etcd: how the cluster lock treats an etcd that does not answer when the lock is taken:
+    "required" refuses (LockUnavailable), since the Prefect lock alone does not exclude runs that
+    bypass Prefect; "once_up" is for the runbook that builds etcd: it holds the Prefect lock alone
+    until it has brought etcd up, then takes the etcd lock (`hold.take_etcd_lock()`) before it
+    changes anything else.
     """
 
     lock: Literal["cluster", "pgquartz", "none"]
     wait_seconds: float = 0
     changes: bool = True
+    etcd: EtcdPolicy = "required"
 
 
 # Role changes refuse at once when the cluster is busy (a DBA retries knowingly); builds and
 # rollouts wait out a killed run's lease (one minute); the nightly backup and the weekly drill
-# wait out each other.
+# wait out each other. Only build_cluster may start without etcd: on bare hosts there is none yet;
+# it takes the etcd lock once etcd is up, before PostgreSQL and the HA manager are touched.
 POLICIES: dict[str, Policy] = {
     "check_hosts": Policy("none", changes=False),
-    "build_cluster": Policy("cluster", wait_seconds=120),
+    "build_cluster": Policy("cluster", wait_seconds=120, etcd="once_up"),
     "add_standby": Policy("cluster", wait_seconds=120),
     "backup_server_rollout": Policy("cluster", wait_seconds=120),
     "routing_rollout": Policy("cluster", wait_seconds=120),
@@ -52,18 +59,34 @@ POLICIES: dict[str, Policy] = {
 }
 
 
+class NotHeld:
+    """What a dry run holds: nothing (it only reads)."""
+
+    name = "no lock (dry run)"
+
+    def require(self) -> None:
+        pass
+
+    def take_etcd_lock(self) -> None:
+        pass
+
+
 @contextlib.contextmanager
-def holding(cluster: str, runbook: str, *, dry_run: bool = False) -> Iterator[None]:
+def holding(cluster: str, runbook: str, *, dry_run: bool = False) -> Iterator[ClusterHold | NotHeld]:
     """The cluster lock, as the runbook's policy declares it. A dry run only reads: it takes no
-    lock, so it answers even while another runbook works on the cluster."""
+    lock, so it answers even while another runbook works on the cluster.
+
+    While held, every step of the cluster that may change something checks the lock first and
+    raises LockLost once its etcd lease is gone (tasks/locks.py); the `with` also fails with
+    LockLost at its end if the lock was lost and no step noticed."""
     policy = POLICIES[runbook]
     if policy.lock != "cluster":
         raise ValueError(f"{runbook} does not take the cluster lock (policy: {policy.lock})")
     if dry_run:
-        yield
+        yield NotHeld()
         return
-    with cluster_lock(cluster, runbook, wait_seconds=policy.wait_seconds):
-        yield
+    with cluster_lock(cluster, runbook, wait_seconds=policy.wait_seconds, etcd=policy.etcd) as hold:
+        yield hold
 
 
 def snapshot_hosts(ctx: ClusterContext, names: list[str], *,

@@ -54,6 +54,31 @@ class ClusterBusy(BouwsteenError):
     """Another runbook holds the cluster's lock."""
 
 
+class LockUnavailable(BouwsteenError):
+    """The cluster's etcd lock cannot be taken because etcd does not answer: the runbook refuses
+    before anything changed rather than go on with the Prefect lock alone (which does not exclude
+    anything that bypasses Prefect). Not "busy": no other holder was seen; etcd needs looking at."""
+
+
+class LockLost(BouwsteenError):
+    """A lock held for a runbook (the cluster's etcd lock, a TAB job's pgquartz lock) was lost
+    while held: its lease expired or could not be renewed within its TTL, or its key is no longer
+    ours. The holder stops before its next change and the run fails; never retried, because
+    another holder may be acting by now.
+
+    `lock` names the lock (and its etcd key), `lost_at` says when (UTC, ISO 8601), `reason` why."""
+
+    def __init__(self, lock: str, lost_at: str, reason: str):
+        self.lock = lock
+        self.lost_at = lost_at
+        self.reason = reason
+        super().__init__(f"lost {lock} at {lost_at}: {reason}; stopped before the next change (another "
+                         "holder may be acting now: look at what ran before running again)")
+
+    def __reduce__(self):
+        return (type(self), (self.lock, self.lost_at, self.reason))
+
+
 class BackupFailed(BouwsteenError):
     """The base backup did not complete or did not verify."""
 

@@ -2,12 +2,18 @@
 
 Retries happen by error type only: network and "unavailable" errors are retried with backoff;
 anything else (a refused login, a failed promote, a bad config, a command that timed out and
-may have half-acted) fails at once. Side-effecting
+may have half-acted, a lost lock) fails at once. Side-effecting
 tasks never cache.
+
+Every step that may change something (any step but an `is_*` one, which only reads) first checks
+the locks held for its cluster (`tasks/lockwatch.py`): a lost lock raises LockLost before the
+step does anything.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import time
 from typing import Any, Callable
@@ -21,14 +27,19 @@ from tasks.adapters.etcd import EtcdUnavailable
 from tasks.adapters.ha.base import HaStatusError
 from tasks.adapters.postgres import DatabaseUnavailable
 from tasks.adapters.remote import RemoteError, RemoteUnreachable
-from tasks.errors import DeadlineExceeded, NoPrimary, NotYet
+from tasks.errors import DeadlineExceeded, LockLost, NoPrimary, NotYet
+from tasks.lockwatch import require_held
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RemoteUnreachable, DatabaseUnavailable, EtcdUnavailable)
+# Never retried, whatever they derive from: once the lock is lost, another holder may be acting.
+NEVER_RETRIED: tuple[type[BaseException], ...] = (LockLost,)
 
 
 def _retry_on_transient(task_obj, task_run, state) -> bool:
     try:
         state.result()
+    except NEVER_RETRIED:
+        return False
     except TRANSIENT_ERRORS:
         return True
     except BaseException:
@@ -47,7 +58,7 @@ def step(
 
     def wrap(func: Callable) -> Any:
         return task(
-            func,
+            checking_locks(func, name or func.__name__),
             name=name or func.__name__,
             retries=retries,
             retry_delay_seconds=exponential_backoff(backoff_factor=2),
@@ -58,6 +69,24 @@ def step(
         )
 
     return wrap(fn) if fn is not None else wrap
+
+
+def checking_locks(func: Callable, name: str) -> Callable:
+    """`func`, first checking the locks held for its `cluster` argument (LockLost when one was
+    lost), unless it is an `is_*` step, which only reads. Signature, name and module stay
+    `func`'s (Prefect reads the parameters through `__wrapped__`)."""
+    if name.startswith("is_"):
+        return func
+    signature = inspect.signature(func)
+    if "cluster" not in signature.parameters:
+        return func
+
+    @functools.wraps(func)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        require_held(signature.bind_partial(*args, **kwargs).arguments.get("cluster"))
+        return func(*args, **kwargs)
+
+    return checked
 
 
 def once(fn: Callable | None = None, *, name: str | None = None, timeout_seconds: float | None = None) -> Any:

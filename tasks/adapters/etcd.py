@@ -11,13 +11,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Iterator
 
 import etcd3gw
 from etcd3gw import exceptions as etcd_exc
 from etcd3gw.lease import Lease
 
-from tasks.errors import BouwsteenError
+from tasks.errors import BouwsteenError, LockLost
 
 
 class EtcdUnavailable(BouwsteenError):
@@ -106,39 +107,73 @@ class Etcd:
 
     # ---------------------------------------------------------------- locks
 
-    def mutex(self, prefix: str, *, ttl: int = 60, holder: str = "") -> "EtcdMutex":
-        return EtcdMutex(self, prefix, ttl=ttl, holder=holder)
+    def mutex(self, prefix: str, *, ttl: int = 60, holder: str = "", label: str = "") -> "EtcdMutex":
+        return EtcdMutex(self, prefix, ttl=ttl, holder=holder, label=label)
+
+
+def lease_keepalive(client: etcd3gw.client.Etcd3Client, lease_id: int) -> int:
+    """One LeaseKeepAlive through `client`: the lease's TTL from now, ≤ 0 once etcd has let it expire."""
+    return Lease(lease_id, client).refresh()
+
+
+def utc_text(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds")
 
 
 class EtcdMutex:
-    """etcd `concurrency.Mutex` on `prefix` (must end with "/"), kept alive while held."""
+    """etcd `concurrency.Mutex` on `prefix` (must end with "/"), kept alive while held.
 
-    def __init__(self, etcd: Etcd, prefix: str, *, ttl: int = 60, holder: str = ""):
+    While held, a keep-alive thread renews the lease every ttl/3, through whichever endpoint
+    answers, and checks after each renewal that the lease is alive (TTL > 0) and the lock key is
+    still ours (first in line, our value, our lease). When it is not, or when no renewal has been
+    confirmed within the lease's TTL (so etcd has let it expire, or will), the loss is recorded:
+    `lost` is set and `require()` raises LockLost from then on. `renew()` is one such round."""
+
+    def __init__(self, etcd: Etcd, prefix: str, *, ttl: int = 60, holder: str = "", label: str = ""):
         if not prefix.endswith("/"):
             raise ValueError("a mutex prefix ends with '/'")
         self.etcd = etcd
         self.prefix = prefix
         self.ttl = ttl
         self.holder = holder
+        self.label = label or f"lock {prefix}"
+        self.interval = ttl / 3
+        self.lost = threading.Event()
+        self.loss: LockLost | None = None
         self._lease: Lease | None = None
         self._key: str | None = None
+        self._expires = 0.0  # monotonic: the lease's end as last confirmed by etcd
         self._keepalive: threading.Thread | None = None
         self._stop = threading.Event()
+        self._guard = threading.Lock()
 
     @property
     def key(self) -> str | None:
         return self._key
 
+    @property
+    def name(self) -> str:
+        return f"{self.label} (etcd key {self._key})" if self._key else self.label
+
     def holders(self) -> list[tuple[str, bytes]]:
+        return [(key, value) for key, value, _ in self._holders()]
+
+    def _holders(self) -> list[tuple[str, bytes, int | None]]:
+        """(key, value, lease id or None) under the prefix, oldest create revision first."""
         rows = self.etcd._call(
             "lock read",
             lambda c: c.get_prefix(self.prefix, sort_order="ascend", sort_target="create"),
         )
-        return [(meta["key"].decode(), value) for value, meta in rows]
+        return [(meta["key"].decode(), value, int(meta["lease"]) if meta.get("lease") else None)
+                for value, meta in rows]
 
     def acquire(self, timeout: float) -> None:
+        self.lost.clear()
+        self.loss = None
+        granted = time.monotonic()
         lease = self.etcd._call("lease grant", lambda c: c.lease(self.ttl))
         self._lease = lease
+        self._expires = granted + self.ttl
         self._key = f"{self.prefix}{lease.id:x}"
         try:
             created = self.etcd._call("lock create", lambda c: c.create(self._key, self.holder, lease=lease))
@@ -149,7 +184,12 @@ class EtcdMutex:
             while True:
                 current = self.holders()
                 if current and current[0][0] == self._key:
+                    self.require()  # a lease that ran out while we waited owns nothing
                     return
+                if all(key != self._key for key, _ in current):
+                    self._lose(f"its key disappeared while waiting for the lock (lease {lease.id:x} expired "
+                               "or was revoked)")
+                self._raise_if_lost()
                 if time.monotonic() > deadline:
                     owner = current[0][1].decode(errors="replace") if current else "?"
                     raise LockTimeout(f"lock {self.prefix} still held by {owner or current[0][0]} after {timeout:.0f}s")
@@ -160,17 +200,85 @@ class EtcdMutex:
             self.release()
             raise
 
+    # ---------------------------------------------------------------- loss
+
+    def require(self) -> None:
+        """Raise LockLost if the lock was lost, or if etcd has not confirmed the lease within its
+        TTL (a renewal overdue, however stuck the keep-alive thread is): never act on a lock that
+        may have expired."""
+        if not self.lost.is_set() and self._lease is not None and time.monotonic() >= self._expires:
+            self._lose(self._overdue(None), since=self._expires)
+        self._raise_if_lost()
+
+    def _raise_if_lost(self) -> None:
+        loss = self.loss
+        if self.lost.is_set() and loss is not None:
+            raise LockLost(loss.lock, loss.lost_at, loss.reason)  # a fresh one each time it is raised
+
+    def renew(self) -> None:
+        """One keep-alive round: renew the lease, then check the key is still ours."""
+        lease = self._lease
+        if lease is None or self.lost.is_set() or self._stop.is_set():
+            return
+        sent = time.monotonic()
+        try:
+            ttl = self.etcd._call("lease keepalive", lambda c: lease_keepalive(c, lease.id))
+        except (EtcdUnavailable, etcd_exc.Etcd3Exception) as exc:
+            # A missed renewal is survivable while the lease lasts; past its end it is a loss.
+            if time.monotonic() >= self._expires:
+                self._lose(self._overdue(exc), since=self._expires)
+            return
+        if ttl <= 0:
+            self._lose(f"etcd says lease {lease.id:x} has expired (keep-alive TTL {ttl})")
+            return
+        self._expires = sent + ttl  # counted from before the request: never later than etcd's own
+        try:
+            current = self._holders()
+        except (EtcdUnavailable, etcd_exc.Etcd3Exception):
+            return  # the lease is alive; the key is checked again next round
+        problem = self._not_ours(current, lease.id)
+        if problem:
+            self._lose(problem)
+
+    def _not_ours(self, current: list[tuple[str, bytes, int | None]], lease_id: int) -> str | None:
+        mine = next((row for row in current if row[0] == self._key), None)
+        if mine is None:
+            return f"its key {self._key} is gone from etcd" + (
+                f" (now held by {_named(current[0])})" if current else "")
+        if current[0][0] != self._key:
+            return f"{_named(current[0])} is ahead of its key {self._key}"
+        if mine[1] != self.holder.encode():
+            return f"its key {self._key} was overwritten: it says {mine[1].decode(errors='replace')!r}"
+        if mine[2] != lease_id:
+            return f"its key {self._key} is no longer attached to lease {lease_id:x}"
+        return None
+
+    def _overdue(self, error: BaseException | None) -> str:
+        cause = f" (last error: {_why(error)})" if error is not None else ""
+        return (f"etcd has not confirmed lease {self._lease.id if self._lease else 0:x} within its {self.ttl:g} s TTL "
+                f"(renewed every {self.interval:g} s){cause}, so etcd has let the lock go or will")
+
+    def _lose(self, reason: str, *, since: float | None = None) -> None:
+        """Record the loss (once; not after release). `since`: when it happened (monotonic), if
+        earlier than now: the end of the lease as last confirmed."""
+        with self._guard:
+            if self.lost.is_set() or self._stop.is_set():
+                return
+            now = time.time()
+            if since is not None:
+                now -= max(time.monotonic() - since, 0.0)
+            self.loss = LockLost(self.name, utc_text(now), reason)
+            self.lost.set()
+
     def _start_keepalive(self) -> None:
         self._stop.clear()
 
         def keep() -> None:
-            while not self._stop.wait(self.ttl / 3):
-                try:
-                    if self._lease is not None:
-                        self._lease.refresh()
-                except etcd_exc.Etcd3Exception:
-                    # A missed refresh is survivable; the lease expires only after ttl.
-                    continue
+            try:
+                while not self._stop.wait(self.interval) and not self.lost.is_set():
+                    self.renew()
+            except Exception as exc:  # a keep-alive that dies renews nothing: the lock is as good as lost
+                self._lose(f"its keep-alive failed ({type(exc).__name__}: {exc})")
 
         self._keepalive = threading.Thread(target=keep, name=f"etcd-lease-{self.prefix}", daemon=True)
         self._keepalive.start()
@@ -190,3 +298,12 @@ class EtcdMutex:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _why(error: BaseException) -> str:
+    """etcd3gw's errors keep their text in `detail_text`, not in their args."""
+    return str(error) or str(getattr(error, "detail_text", None) or "") or type(error).__name__
+
+
+def _named(row: tuple[str, bytes, int | None]) -> str:
+    return row[1].decode(errors="replace") or row[0]

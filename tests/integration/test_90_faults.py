@@ -297,6 +297,39 @@ def test_two_builds_at_once_are_serialized(lab, registered):
     assert len(states) == 2 and all(s.is_completed() for s in states), [s.message for s in states]
 
 
+def test_a_revoked_cluster_lock_stops_the_flow_before_its_next_change(lab, registered):
+    """The etcd lease behind the cluster lock revoked from outside (as an expiry or a DBA's
+    `etcdctl lease revoke` ends it): the holder's next changing step fails with LockLost."""
+    from prefect import flow
+
+    from tasks.errors import LockLost
+    from tasks.locks import LEASE_TTL, cluster_lock
+    from tasks.runtime import step
+
+    changed: list[int] = []
+
+    @step(retries=0)
+    def ensure_marker(cluster: str, n: int) -> int:
+        changed.append(n)
+        return n
+
+    @flow(name="lock_loss_probe")
+    def holder() -> None:
+        with cluster_lock("lab", "lock loss test") as hold:
+            ensure_marker("lab", 1)
+            lease = hold.mutex.key.rsplit("/", 1)[1]  # the key is the lock prefix and the lease id in hex
+            lab_ssh(lab, "pg1", f"ETCDCTL_API=3 etcdctl --endpoints=http://127.0.0.1:2379 lease revoke {lease}")
+            # The keep-alive's next round (within TTL/3) finds the lease gone.
+            assert hold.mutex.lost.wait(LEASE_TTL), "the keep-alive never noticed the revoked lease"
+            ensure_marker("lab", 2)
+
+    state = holder(return_state=True)
+    assert state.is_failed(), state.message
+    with pytest.raises(LockLost, match="has expired"):
+        state.result()
+    assert changed == [1]
+
+
 def test_full_disk_on_the_restore_host_fails_clearly(lab, registered):
     from flows.restore_drill import restore_drill
 

@@ -5,6 +5,10 @@ with create revisions and leases, the part of etcd that concurrency.Mutex relies
 sleeps go to a FakeTime. cluster_lock and pgquartz_lock build their collaborators themselves (no
 injectable seam), so those tests replace the module's own names (monkeypatch, as
 test_etcd_leader_away does): Prefect's limit calls, the context and the Etcd class.
+
+Losing a held lock is tested one keep-alive round at a time (`EtcdMutex.renew()`, on the fake
+clock): the keep-alive thread itself waits ttl/3 of real time, so with the TTLs used here it never
+runs a round during a test.
 """
 
 from __future__ import annotations
@@ -12,10 +16,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
+import re
 import socket
 import threading
+import typing
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,12 +31,17 @@ from typing import Any
 import pytest
 from etcd3gw import exceptions as etcd_exc
 from prefect.concurrency.asyncio import AcquireConcurrencySlotTimeoutError
+from prefect.states import Failed
+from prefect.utilities.callables import get_call_parameters
 
 import tasks.adapters.etcd as etcd_adapter
 from blocks.inventory import parse_inventory
-from tasks import locks
+from flows.runbook import POLICIES, holding
+from tasks import locks, lockwatch, runtime
 from tasks.adapters.etcd import EtcdMutex, EtcdUnavailable, LockKeyTaken, LockTimeout
-from tasks.pgquartz import Job, parse_job
+from tasks.errors import LockLost, LockUnavailable
+from tasks.pgquartz import Job, JobFileError, parse_job
+from tasks.runtime import step
 
 PATIENCE = 30.0  # the longest a test waits for the keepalive thread; only a broken test gets near it
 PREFIX = "/bouwsteen/locks/lab/"
@@ -58,6 +71,7 @@ class FakeServer:
         self.revision = 0
         self.keys: dict[str, tuple[bytes, int, int | None]] = {}  # key -> (value, create revision, lease)
         self.leases: dict[int, FakeLease] = {}
+        self.dead: set[int] = set()  # leases revoked or expired
         self.revoked: list[int] = []
         self.refreshed: Counter[int] = Counter()
         self.refresh_seen = threading.Event()
@@ -80,25 +94,42 @@ class FakeServer:
 
     def get_prefix(self, prefix: str, sort_order: str | None = None,
                    sort_target: str | None = None) -> list[tuple[bytes, dict[str, Any]]]:
-        rows = [(value, {"key": key.encode(), "create_revision": str(rev)})
-                for key, (value, rev, _) in self.keys.items() if key.startswith(prefix)]
+        # As etcd's JSON gateway answers: int64s as strings, a zero lease (none) left out.
+        rows = [(value, {"key": key.encode(), "create_revision": str(rev), **({"lease": str(lease)} if lease else {})})
+                for key, (value, rev, lease) in self.keys.items() if key.startswith(prefix)]
         if (sort_order, sort_target) == ("ascend", "create"):
             rows.sort(key=lambda row: int(row[1]["create_revision"]))
         return rows
 
-    def refresh(self, lease_id: int) -> None:
+    def refresh(self, lease_id: int) -> int:
         with self._lock:
             if self.failing_refreshes:
                 self.failing_refreshes -= 1
                 raise etcd_exc.ConnectionFailedError("etcd unreachable")
             self.refreshed[lease_id] += 1
         self.refresh_seen.set()
+        return -1 if lease_id in self.dead else max(int(self.leases[lease_id].ttl), 1)
 
     def revoke(self, lease_id: int) -> None:
         if self.failing_revokes:
             self.failing_revokes -= 1
             raise etcd_exc.ConnectionFailedError("etcd unreachable")
         self.revoked.append(lease_id)
+        self.expire(lease_id)
+
+    # the gateway's HTTP calls that etcd3gw's Lease makes on a client (keep-alive)
+    def get_url(self, path: str) -> str:
+        return path
+
+    def post(self, url: str, json: dict[str, Any]) -> dict[str, Any]:
+        assert url == "/lease/keepalive", url
+        ttl = self.refresh(int(json["ID"]))
+        return {"result": {"ID": str(json["ID"]), "TTL": str(ttl)} if ttl > 0 else {"ID": str(json["ID"])}}
+
+    # what happens to a lock behind its holder's back
+    def expire(self, lease_id: int) -> None:
+        """The lease runs out (or `etcdctl lease revoke`): it and its keys are gone."""
+        self.dead.add(lease_id)
         self.keys = {k: v for k, v in self.keys.items() if v[2] != lease_id}
 
     # set-up helpers
@@ -128,8 +159,8 @@ class FakeEtcd:
             self.after.pop(what)()
         return result
 
-    def mutex(self, prefix: str, *, ttl: int = 60, holder: str = "") -> EtcdMutex:
-        return EtcdMutex(self, prefix, ttl=ttl, holder=holder)  # type: ignore[arg-type]
+    def mutex(self, prefix: str, *, ttl: int = 60, holder: str = "", label: str = "") -> EtcdMutex:
+        return EtcdMutex(self, prefix, ttl=ttl, holder=holder, label=label)  # type: ignore[arg-type]
 
 
 class FakeTime:
@@ -142,6 +173,10 @@ class FakeTime:
 
     def monotonic(self) -> float:
         return self.now
+
+    def time(self) -> float:
+        """The wall clock, moving with the monotonic one: fake second 1000 is 2027-01-15 08:00:00 UTC."""
+        return 1_800_000_000 + (self.now - 1000.0)
 
     def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
@@ -314,7 +349,7 @@ def test_etcd_failing_while_waiting_leaves_no_key_behind(server: FakeServer, fak
     try:
         with pytest.raises(EtcdUnavailable):
             mutex.acquire(timeout=5)
-        # cluster_lock then goes on with the Prefect lock only and never releases this mutex.
+        # cluster_lock then refuses (LockUnavailable) and never releases this mutex.
         assert server.keys == {}
     finally:
         mutex.release()
@@ -366,6 +401,258 @@ def test_the_lease_is_kept_alive_while_held_and_no_longer(server: FakeServer, fa
     assert not thread.is_alive()
 
 
+# --------------------------------------------------------------------------- EtcdMutex: noticing the loss
+
+
+def at(second: float) -> str:
+    """The fake wall clock's time at fake second `second` after acquiring (acquired at 08:00:00)."""
+    return etcd_adapter.utc_text(1_800_000_000 + second)
+
+
+def key_of(mutex: EtcdMutex) -> str:
+    assert mutex.key is not None
+    return mutex.key
+
+
+# What happens to a lock held with a 30 s lease (renewed every 10 s), in order: ("pass", s) the
+# fake clock moves on; "renew" is one keep-alive round; ("etcd down", n): the next n renewals find
+# no endpoint; the rest is what etcd or another client does behind the holder's back. Then a
+# changing step asks: still held (None), or LockLost (what its reason says, when it was lost).
+LOSS_CASES: dict[str, tuple[list[Any], tuple[str, str] | None]] = {
+    "renewed in time": ([("pass", 10), "renew", ("pass", 10), "renew", ("pass", 25)], None),
+    "one renewal missed": ([("etcd down", 1), ("pass", 10), "renew", ("pass", 10), "renew", ("pass", 25)], None),
+    "lease expired": ([("pass", 10), "expire", "renew"],
+                      (r"etcd says lease [0-9a-f]+ has expired \(keep-alive TTL -1\)", at(10))),
+    "lease revoked from outside": ([("pass", 12), "revoke", "renew"], (r"lease [0-9a-f]+ has expired", at(12))),
+    # Renewals that keep failing: lost when the lease's TTL has passed since etcd last confirmed it.
+    "renewals fail past the TTL": ([("etcd down", 3), ("pass", 10), "renew", ("pass", 10), "renew",
+                                    ("pass", 10), "renew"],
+                                   (r"etcd has not confirmed lease [0-9a-f]+ within its 30 s TTL \(renewed every 10 s\) "
+                                    r"\(last error: etcd unreachable\), so etcd has let the lock go or will", at(30))),
+    "renewals fail past the TTL after one renewal": ([("pass", 10), "renew", ("etcd down", 9), ("pass", 10), "renew",
+                                                      ("pass", 10), "renew", ("pass", 10), "renew"],
+                                                     (r"within its 30 s TTL", at(40))),
+    # However stuck the keep-alive is, a step never acts on a lease etcd may have dropped.
+    "no renewal at all": ([("pass", 30)], (r"etcd has not confirmed lease [0-9a-f]+ within its 30 s TTL \(renewed "
+                                           r"every 10 s\), so", at(30))),
+    "key deleted": ([("pass", 10), "delete key", "renew"],
+                    (r"its key /bouwsteen/locks/lab/[0-9a-f]+ is gone from etcd$", at(10))),
+    "key taken by someone else": ([("pass", 10), "delete key", "other holder", "renew"],
+                                  (r"is gone from etcd \(now held by switchover on w9 pid 3\)", at(10))),
+    "key overwritten": ([("pass", 10), "overwrite", "renew"],
+                        (r"its key \S+ was overwritten: it says 'switchover on w9 pid 3'", at(10))),
+    "key detached from its lease": ([("pass", 10), "detach", "renew"],
+                                    (r"its key \S+ is no longer attached to lease [0-9a-f]+", at(10))),
+}
+
+
+def play(server: FakeServer, fake_time: FakeTime, mutex: EtcdMutex, events: list[Any]) -> None:
+    key = key_of(mutex)
+    lease_id = server.keys[key][2]
+    assert lease_id is not None
+    for event in events:
+        name, arg = (event, None) if isinstance(event, str) else event
+        if name == "pass":
+            fake_time.now += arg
+        elif name == "renew":
+            mutex.renew()
+        elif name == "etcd down":
+            server.failing_refreshes = arg
+        elif name == "expire":
+            server.expire(lease_id)
+        elif name == "revoke":
+            server.revoke(lease_id)
+        elif name == "delete key":
+            del server.keys[key]
+        elif name == "other holder":
+            server.holder(PREFIX + "ffff", "switchover on w9 pid 3")
+        elif name == "overwrite":
+            _, revision, lease = server.keys[key]
+            server.keys[key] = (b"switchover on w9 pid 3", revision, lease)
+        elif name == "detach":  # etcdctl put without --lease: the key outlives our lease
+            value, revision, _ = server.keys[key]
+            server.keys[key] = (value, revision, None)
+        else:
+            raise AssertionError(name)
+
+
+@pytest.mark.parametrize(("events", "lost"), LOSS_CASES.values(), ids=LOSS_CASES.keys())
+def test_a_held_lock_notices_its_loss(server: FakeServer, fake_time: FakeTime, events: list[Any],
+                                      lost: tuple[str, str] | None) -> None:
+    mutex = FakeEtcd(server).mutex(PREFIX, ttl=30, holder="build_cluster on w1 pid 7", label="the cluster lock of lab")
+    mutex.acquire(timeout=1)
+    try:
+        key = key_of(mutex)
+        play(server, fake_time, mutex, events)
+        if lost is None:
+            mutex.require()
+            assert not mutex.lost.is_set()
+            return
+        reason, when = lost
+        for _ in range(2):  # and again at every later step: a lost lock stays lost
+            with pytest.raises(LockLost) as raised:
+                mutex.require()
+            assert raised.value.lock == f"the cluster lock of lab (etcd key {key})"
+            assert re.search(reason, raised.value.reason), raised.value.reason
+            assert raised.value.lost_at == when
+            assert str(raised.value).startswith(f"lost the cluster lock of lab (etcd key {key}) at {when}: ")
+            assert str(raised.value).endswith("stopped before the next change (another holder may be acting now: "
+                                              "look at what ran before running again)")
+        assert mutex.lost.is_set()
+    finally:
+        mutex.release()
+
+
+def test_a_lost_lock_survives_pickling(server: FakeServer, fake_time: FakeTime) -> None:
+    # Prefect persists a failed run's exception.
+    lost = LockLost("the pgquartz lock of job purge (etcd key /pgquartz/purge/1)", at(3), "lease 1 has expired")
+    again = pickle.loads(pickle.dumps(lost))
+    assert (type(again), str(again), again.lock, again.lost_at, again.reason) == (
+        LockLost, str(lost), lost.lock, lost.lost_at, lost.reason)
+
+
+def test_the_keepalive_thread_notices_an_expired_lease(server: FakeServer, fake_time: FakeTime) -> None:
+    # Real thread, a round every 0.01 s; the test waits for its event, not for time.
+    mutex = FakeEtcd(server).mutex(PREFIX, ttl=0.03)  # type: ignore[arg-type]
+    mutex.acquire(timeout=1)
+    try:
+        assert mutex.interval == pytest.approx(0.01)  # ttl/3
+        server.expire(server.keys[key_of(mutex)][2])  # type: ignore[arg-type]
+        assert mutex.lost.wait(PATIENCE), "the keep-alive never noticed"
+        with pytest.raises(LockLost, match="has expired"):
+            mutex.require()
+    finally:
+        mutex.release()
+
+
+def test_a_dying_keepalive_is_a_lost_lock(server: FakeServer, fake_time: FakeTime,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    mutex = FakeEtcd(server).mutex(PREFIX, ttl=0.03)  # type: ignore[arg-type]
+
+    def broken() -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(mutex, "renew", broken)
+    mutex.acquire(timeout=1)
+    try:
+        assert mutex.lost.wait(PATIENCE)
+        with pytest.raises(LockLost, match=r"its keep-alive failed \(RuntimeError: bug\)"):
+            mutex.require()
+    finally:
+        mutex.release()
+
+
+def test_a_key_gone_while_waiting_is_lost_not_waited_for(server: FakeServer, fake_time: FakeTime) -> None:
+    server.holder(PREFIX + "0", "scheduled_basebackup on w2")
+    mutex = FakeEtcd(server).mutex(PREFIX, holder="switchover")
+
+    def lease_runs_out() -> None:
+        server.expire(server.keys[key_of(mutex)][2])  # type: ignore[arg-type]
+
+    fake_time.on_sleep[2] = lease_runs_out
+    with pytest.raises(LockLost, match="its key disappeared while waiting for the lock"):
+        mutex.acquire(timeout=3600)  # pgquartz's lockTimeout may be 100 h: never wait that out for nothing
+    assert fake_time.sleeps == [0.5, 0.5]
+
+
+def test_a_loss_after_release_is_not_reported(server: FakeServer, fake_time: FakeTime) -> None:
+    mutex = FakeEtcd(server).mutex(PREFIX, ttl=30)
+    mutex.acquire(timeout=1)
+    mutex.release()  # revokes the lease: a keep-alive round still under way finds it gone
+    fake_time.now += 60
+    mutex.renew()
+    mutex.require()
+    assert not mutex.lost.is_set()
+
+
+# --------------------------------------------------------------------------- steps check the lock
+
+
+@step(retries=0)
+def ensure_thing(cluster: str, host: str, done: list[str]) -> str:
+    done.append(host)
+    return host
+
+
+@step
+def is_thing_there(cluster: str, done: list[str]) -> bool:
+    done.append("read")
+    return True
+
+
+@pytest.fixture
+def lost_lock(server: FakeServer, fake_time: FakeTime) -> Iterator[EtcdMutex]:
+    """A pgquartz-style lock of cluster "lab", already lost (its lease expired)."""
+    mutex = FakeEtcd(server).mutex("/pgquartz/purge/", ttl=30, label="the pgquartz lock of job purge")
+    mutex.acquire(timeout=1)
+    server.expire(server.keys[key_of(mutex)][2])  # type: ignore[arg-type]
+    mutex.renew()
+    yield mutex
+    mutex.release()
+
+
+# (registered for, lost?, the call) -> the step ran
+STEP_CASES = {
+    "held": ("lab", False, lambda done: ensure_thing.fn("lab", "pg1", done), True),
+    "lost": ("lab", True, lambda done: ensure_thing.fn("lab", "pg1", done), False),
+    "lost, cluster by keyword": ("lab", True, lambda done: ensure_thing.fn(host="pg1", cluster="lab", done=done),
+                                 False),
+    "lost, another cluster's step": ("lab", True, lambda done: ensure_thing.fn("site-a", "pg1", done), True),
+    "lost, a read-only is_* step": ("lab", True, lambda done: is_thing_there.fn("lab", done), True),
+    "nothing held": (None, True, lambda done: ensure_thing.fn("lab", "pg1", done), True),
+}
+
+
+@pytest.mark.parametrize(("registered", "lost", "call", "ran"), STEP_CASES.values(), ids=STEP_CASES.keys())
+def test_a_changing_step_checks_its_clusters_locks_first(server: FakeServer, fake_time: FakeTime,
+                                                         registered: str | None, lost: bool,
+                                                         call: Callable[[list[str]], Any], ran: bool) -> None:
+    mutex = FakeEtcd(server).mutex(PREFIX, ttl=30)
+    mutex.acquire(timeout=1)
+    try:
+        if lost:
+            server.expire(server.keys[key_of(mutex)][2])  # type: ignore[arg-type]
+            mutex.renew()
+        done: list[str] = []
+        with contextlib.ExitStack() as stack:
+            if registered:
+                stack.enter_context(lockwatch.watching(registered, mutex))
+            if ran:
+                call(done)
+            else:
+                with pytest.raises(LockLost, match="has expired"):
+                    call(done)
+        assert bool(done) is ran  # refused before its first line
+    finally:
+        mutex.release()
+    assert lockwatch.held("lab") == []
+
+
+def test_the_step_wrapper_keeps_what_prefect_reads() -> None:
+    # Prefect reads parameters through __wrapped__; the step answers tests (test_step_answers) read hints.
+    assert get_call_parameters(ensure_thing.fn, ("lab", "pg1", []), {}) == {"cluster": "lab", "host": "pg1", "done": []}
+    assert ensure_thing.fn.__wrapped__.__name__ == "ensure_thing"  # type: ignore[attr-defined]
+    assert (ensure_thing.fn.__name__, ensure_thing.fn.__module__) == ("ensure_thing", __name__)
+    assert typing.get_type_hints(ensure_thing.fn)["return"] is str
+    assert not hasattr(is_thing_there.fn, "__wrapped__")  # an is_* step only reads: nothing to check
+
+
+def test_a_step_in_a_worker_thread_sees_the_lock(lost_lock: EtcdMutex) -> None:
+    # Steps submitted with .submit run in the task runner's threads of the same process.
+    done: list[str] = []
+    with lockwatch.watching("lab", lost_lock), ThreadPoolExecutor(1) as pool:
+        future = pool.submit(ensure_thing.fn, "lab", "pg2", done)
+        with pytest.raises(LockLost):
+            future.result(PATIENCE)
+    assert done == []
+
+
+def test_a_lost_lock_is_never_retried(lost_lock: EtcdMutex) -> None:
+    with pytest.raises(LockLost) as raised:
+        lost_lock.require()
+    assert runtime._retry_on_transient(None, None, Failed(data=raised.value)) is False
+
+
 # --------------------------------------------------------------------------- cluster_lock
 
 
@@ -401,8 +688,8 @@ class Harness:
                 harness.etcds.append((endpoints, timeout))
                 super().__init__(harness.server, down=harness.etcd_down)
 
-            def mutex(self, prefix: str, *, ttl: int = 60, holder: str = "") -> EtcdMutex:
-                mutex = super().mutex(prefix, ttl=ttl, holder=holder)
+            def mutex(self, prefix: str, *, ttl: int = 60, holder: str = "", label: str = "") -> EtcdMutex:
+                mutex = super().mutex(prefix, ttl=ttl, holder=holder, label=label)
                 harness.mutexes.append(mutex)
                 return mutex
 
@@ -424,30 +711,45 @@ def harness(monkeypatch: pytest.MonkeyPatch, server: FakeServer, fake_time: Fake
 
 BUSY_LIMIT = "cluster lab is busy: another runbook holds Prefect limit cluster-lab"
 
-# (what the world looks like, wait_seconds, require_etcd) -> (body ran, error type, message, etcd key held in the body)
+ETCD_REFUSED = ("cluster lab: refused, nothing changed: its etcd lock cannot be taken (etcd lease grant: no endpoint "
+                "answered (fake)). The Prefect lock alone does not exclude runs that bypass Prefect")
+
+# (what the world looks like, wait_seconds, etcd policy) -> (body ran, error type, message, etcd key held in the body)
 CLUSTER_LOCK_CASES = {
-    "free": ({}, 0, False, (True, None, None, True)),
-    "free, waiting allowed": ({}, 120, False, (True, None, None, True)),
-    "limit taken, no waiting": ({"limit_busy": True}, 0, False, (False, locks.ClusterBusy, BUSY_LIMIT, False)),
+    "free": ({}, 0, "required", (True, None, None, True)),
+    "free, waiting allowed": ({}, 120, "required", (True, None, None, True)),
+    "limit taken, no waiting": ({"limit_busy": True}, 0, "required", (False, locks.ClusterBusy, BUSY_LIMIT, False)),
     # With waiting allowed the limit is not peeked at: Prefect's acquire waits for it.
-    "limit taken, waiting allowed": ({"limit_busy": True}, 120, False, (True, None, None, True)),
-    "limit stays taken": ({"limit_times_out": True}, 120, False, (False, locks.ClusterBusy, BUSY_LIMIT, False)),
-    "etcd lock held outside Prefect": ({"etcd_holder": "pgquartz on cron1"}, 0, False,
+    "limit taken, waiting allowed": ({"limit_busy": True}, 120, "required", (True, None, None, True)),
+    "limit stays taken": ({"limit_times_out": True}, 120, "required", (False, locks.ClusterBusy, BUSY_LIMIT, False)),
+    "etcd lock held outside Prefect": ({"etcd_holder": "pgquartz on cron1"}, 0, "required",
                                        (False, locks.ClusterBusy,
                                         f"cluster lab is busy: lock {PREFIX} still held by pgquartz on cron1 after 1s",
                                         False)),
-    "etcd down": ({"etcd_down": {"lease grant"}}, 0, False, (True, None, None, False)),
-    "etcd down, etcd required": ({"etcd_down": {"lease grant"}}, 0, True,
-                                 (False, EtcdUnavailable, "etcd lease grant: no endpoint answered", False)),
+    # Not the Prefect lock alone: without etcd, nothing that bypasses Prefect is excluded.
+    "etcd down": ({"etcd_down": {"lease grant"}}, 0, "required", (False, LockUnavailable, ETCD_REFUSED, False)),
+    "etcd down, waiting allowed": ({"etcd_down": {"lease grant"}}, 120, "required",
+                                   (False, LockUnavailable, ETCD_REFUSED, False)),
+    "etcd gone after the lease": ({"etcd_down": {"lock create"}}, 0, "required",
+                                  (False, LockUnavailable, "cluster lab: refused, nothing changed: its etcd lock "
+                                                           "cannot be taken (etcd lock create: no endpoint", False)),
+    # build_cluster on bare hosts: there is no etcd yet; it takes the etcd lock once etcd is up.
+    "etcd down, bootstrap policy": ({"etcd_down": {"lease grant"}}, 120, "once_up", (True, None, None, False)),
+    "etcd up, bootstrap policy": ({}, 120, "once_up", (True, None, None, True)),
+    "etcd lock held outside Prefect, bootstrap policy": ({"etcd_holder": "someone"}, 0, "once_up",
+                                                         (False, locks.ClusterBusy, "cluster lab is busy: lock", False)),
 }
+BOOTSTRAP_WARNING = ("etcd does not answer yet; holding only the Prefect lock for cluster lab until build_cluster has "
+                     "brought etcd up (its policy: the etcd lock once etcd is up).")
 
 
-@pytest.mark.parametrize(("world", "wait_seconds", "require_etcd", "expected"), CLUSTER_LOCK_CASES.values(),
+@pytest.mark.parametrize(("world", "wait_seconds", "etcd", "expected"), CLUSTER_LOCK_CASES.values(),
                          ids=CLUSTER_LOCK_CASES.keys())
-def test_cluster_lock(harness: Harness, world: dict[str, Any], wait_seconds: float, require_etcd: bool,
+def test_cluster_lock(harness: Harness, world: dict[str, Any], wait_seconds: float, etcd: locks.EtcdPolicy,
                       expected: tuple[bool, type[BaseException] | None, str | None, bool],
                       caplog: pytest.LogCaptureFixture) -> None:
     ran, error, message, etcd_held = expected
+    runbook = "build_cluster" if etcd == "once_up" else "switchover"
     harness.limit_busy = world.get("limit_busy", False)
     harness.limit_times_out = world.get("limit_times_out", False)
     harness.etcd_down |= world.get("etcd_down", set())
@@ -456,9 +758,10 @@ def test_cluster_lock(harness: Harness, world: dict[str, Any], wait_seconds: flo
     seen: dict[str, Any] = {}
 
     def body() -> None:
-        with locks.cluster_lock("lab", "switchover", wait_seconds=wait_seconds, require_etcd=require_etcd):
+        with locks.cluster_lock("lab", runbook, wait_seconds=wait_seconds, etcd=etcd) as hold:
             seen["in_limit"] = harness.in_limit
             seen["etcd_held"] = any(ours(harness.server, m) for m in harness.mutexes)
+            assert lockwatch.held("lab") == [hold]  # what the cluster's steps check
 
     with caplog.at_level(logging.INFO, logger="tests.locks"):
         if error is None:
@@ -472,12 +775,13 @@ def test_cluster_lock(harness: Harness, world: dict[str, Any], wait_seconds: flo
     assert ("in_limit" in seen) is ran
     if ran:
         assert seen == {"in_limit": True, "etcd_held": etcd_held}
-        assert "Holding the lock on cluster lab for switchover." in caplog.messages
-    etcd_warned = "etcd does not answer yet; holding only the Prefect lock for cluster lab." in caplog.messages
-    assert etcd_warned is (ran and not etcd_held)
-    # Whatever happened, nothing of ours is left in etcd and the Prefect slot is given back.
+        assert f"Holding the lock on cluster lab for {runbook}." in caplog.messages
+    assert (BOOTSTRAP_WARNING in caplog.messages) is (ran and not etcd_held)
+    # Whatever happened, nothing of ours is left in etcd, the Prefect slot is given back, and the
+    # steps have no lock left to check.
     assert [k for k in harness.server.keys if k != PREFIX + "ffff"] == []
     assert harness.in_limit is False
+    assert lockwatch.held("lab") == []
 
 
 @pytest.mark.parametrize(("wait_seconds", "limit_timeout", "etcd_timeout"), [(0, 30, 1), (120, 120, 120), (0.5, 30, 1)])
@@ -507,6 +811,113 @@ def test_cluster_lock_releases_etcd_when_the_runbook_fails(harness: Harness) -> 
 def test_a_timeout_inside_the_runbook_is_not_reported_as_a_busy_cluster(harness: Harness) -> None:
     with pytest.raises(TimeoutError), locks.cluster_lock("lab", "restore_drill"):
         raise TimeoutError("Task run exceeded timeout of 60 second(s)")
+
+
+# --------------------------------------------------------------------------- cluster_lock: losing it
+
+
+@pytest.mark.parametrize(("events", "lost"), LOSS_CASES.values(), ids=LOSS_CASES.keys())
+def test_a_lost_cluster_lock_stops_the_next_changing_step(harness: Harness, fake_time: FakeTime, events: list[Any],
+                                                          lost: tuple[str, str] | None) -> None:
+    done: list[str] = []
+
+    def run() -> None:
+        with locks.cluster_lock("lab", "add_standby") as hold:
+            assert hold.mutex is not None and hold.mutex.interval == locks.LEASE_TTL / 3
+            ensure_thing.fn("lab", "pg1", done)
+            play(harness.server, fake_time, hold.mutex, events)
+            ensure_thing.fn("lab", "pg2", done)
+
+    if lost is None:
+        run()
+        assert done == ["pg1", "pg2"]
+    else:
+        with pytest.raises(LockLost) as raised:
+            run()
+        assert done == ["pg1"]  # stopped before its next change
+        assert re.search(lost[0], raised.value.reason), raised.value.reason
+        assert raised.value.lock.startswith(f"the cluster lock of lab (etcd key {PREFIX}")
+    # Released (a key detached from our lease is not ours to delete: it outlives the lease).
+    assert [k for k, (_, _, lease) in harness.server.keys.items() if lease in harness.server.leases
+            and lease not in harness.server.dead] == [PREFIX + "ffff"] * ("other holder" in events)
+    assert harness.in_limit is False
+    assert lockwatch.held("lab") == []
+
+
+def expire_held(harness: Harness) -> None:
+    (mutex,) = [m for m in harness.mutexes if m.key]  # the one holding the lock
+    harness.server.expire(harness.server.keys[key_of(mutex)][2])  # type: ignore[arg-type]
+    mutex.renew()
+
+
+def test_a_loss_no_step_noticed_fails_the_run_at_the_end(harness: Harness) -> None:
+    with pytest.raises(LockLost, match="has expired"), locks.cluster_lock("lab", "routing_rollout"):
+        expire_held(harness)  # and no step ran after it
+    assert harness.in_limit is False and lockwatch.held("lab") == []
+
+
+def test_a_run_failing_otherwise_while_its_lock_is_lost_fails_with_the_loss(harness: Harness) -> None:
+    with pytest.raises(LockLost, match="has expired") as raised, locks.cluster_lock("lab", "failover"):
+        expire_held(harness)
+        raise ValueError("promote failed")  # perhaps because another holder acted meanwhile
+    assert isinstance(raised.value.__cause__, ValueError)
+
+
+# --------------------------------------------------------------------------- holding: the runbooks' policies
+
+
+def test_a_bootstrap_build_holds_the_prefect_lock_until_etcd_is_up(harness: Harness,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    harness.etcd_down.add("lease grant")  # bare hosts: no etcd yet
+    done: list[str] = []
+    with caplog.at_level(logging.INFO, logger="tests.locks"), pytest.raises(LockLost), \
+            holding("lab", "build_cluster") as hold:
+        assert isinstance(hold, locks.ClusterHold) and hold.mutex is None
+        assert hold.name == "the cluster lock of lab (Prefect limit only, until etcd is up)"
+        ensure_thing.fn("lab", "pg1", done)  # installing etcd: the Prefect lock covers it
+        assert harness.server.keys == {}
+        harness.etcd_down.clear()  # etcd is up
+        hold.take_etcd_lock()
+        hold.take_etcd_lock()  # once is enough
+        (mutex,) = [m for m in harness.mutexes if m.key]
+        assert hold.mutex is mutex and ours(harness.server, mutex) and harness.in_limit
+        ensure_thing.fn("lab", "pg2", done)
+        expire_held(harness)
+        with pytest.raises(LockLost):  # from here on the etcd lock is checked like any other runbook's
+            ensure_thing.fn("lab", "pg3", done)
+        # (and the run fails at the end of the `with` even though the runbook caught it)
+    assert done == ["pg1", "pg2"]
+    assert BOOTSTRAP_WARNING in caplog.messages
+    assert "etcd is up: holding the etcd lock on cluster lab for build_cluster from here on." in caplog.messages
+
+
+def test_a_bootstrap_build_stops_if_etcd_still_does_not_answer(harness: Harness) -> None:
+    harness.etcd_down.add("lease grant")
+    with pytest.raises(LockUnavailable, match=r"^cluster lab: etcd is up but its lock cannot be taken \(etcd lease "
+                                              r"grant: .*\); build_cluster stopped before changing more$"):
+        with holding("lab", "build_cluster") as hold:
+            hold.take_etcd_lock()
+    assert harness.in_limit is False
+
+
+NEEDS_ETCD = sorted(n for n, p in POLICIES.items() if p.lock == "cluster" and p.etcd == "required")
+
+
+@pytest.mark.parametrize("runbook", NEEDS_ETCD)
+def test_every_other_runbook_refuses_without_etcd(harness: Harness, runbook: str) -> None:
+    harness.etcd_down.add("lease grant")
+    with pytest.raises(LockUnavailable, match="^cluster lab: refused, nothing changed: its etcd lock cannot be taken"):
+        with holding("lab", runbook):
+            raise AssertionError("must not run")
+    assert harness.in_limit is False and lockwatch.held("lab") == []
+
+
+def test_a_dry_run_holds_nothing(harness: Harness) -> None:
+    with holding("lab", "build_cluster", dry_run=True) as hold:
+        hold.take_etcd_lock()
+        hold.require()
+        assert lockwatch.held("lab") == []
+    assert harness.ensured == [] and harness.mutexes == []
 
 
 # --------------------------------------------------------------------------- pgquartz_lock
@@ -570,3 +981,23 @@ def test_pgquartz_lock_uses_the_jobs_etcd_when_it_names_one(harness: Harness, en
     with locks.pgquartz_lock("lab", job(endpoints=endpoints), "tab_job"):
         pass
     assert harness.etcds == [(used, 3)]
+
+
+def test_a_tab_job_step_checks_the_pgquartz_lock_before_it_starts(harness: Harness) -> None:
+    from tasks import tab
+
+    with pytest.raises(LockLost, match="has expired") as raised:
+        with locks.pgquartz_lock("lab", job(), "tab_job"):
+            with pytest.raises(JobFileError):  # held: the step instance starts (and finds no job file)
+                tab.run_step_instance.fn("lab", "/no/such/job.yml", "s", {}, "pg1", 0.0)
+            expire_held(harness)
+            # lost: refused before it reads anything
+            tab.run_step_instance.fn("lab", "/no/such/job.yml", "s", {}, "pg1", 0.0)
+    assert raised.value.lock.startswith("the pgquartz lock of job purge_audit_log (etcd key /pgquartz/purge_audit_log/")
+    assert harness.server.keys == {} and lockwatch.held("lab") == []
+
+
+def test_a_lost_pgquartz_lock_fails_the_job_at_its_end(harness: Harness) -> None:
+    with pytest.raises(LockLost), locks.pgquartz_lock("lab", job(), "tab_job"):
+        expire_held(harness)
+    assert harness.server.keys == {}

@@ -43,6 +43,25 @@ def test_the_declared_lock_is_the_one_taken(name):
         assert "pgquartz_lock(" in source
 
 
+def test_only_the_build_may_start_without_etcd():
+    # Bare hosts have no etcd for the lock to live in; every other runbook refuses without it.
+    assert {n for n, p in POLICIES.items() if p.etcd != "required"} == {"build_cluster"}
+    assert all(p.lock == "cluster" for p in POLICIES.values() if p.etcd == "once_up")
+
+
+@pytest.mark.parametrize("name", sorted(FLOWS))
+def test_a_build_takes_the_etcd_lock_once_etcd_is_up(name):
+    source = inspect.getsource(load_flow(name).fn)
+    if POLICIES[name].etcd != "once_up":
+        assert "take_etcd_lock(" not in source
+        return
+    # Right after etcd first answers, before PostgreSQL and the HA manager are touched.
+    taken = source.index("hold.take_etcd_lock()")
+    first_db_change = source.index('ensure_files.submit(cluster, n, "db")')
+    assert source.index("wait_until_etcd_healthy(cluster)") < taken < first_db_change
+    assert 'holding(cluster, "build_cluster") as hold' in source
+
+
 def backup(name: str, finished: str) -> BackupInfo:
     moment = datetime.fromisoformat(finished)
     return BackupInfo(name=name, kind="full", start_time=moment, finish_time=moment, error=False,

@@ -25,7 +25,7 @@ from tasks.adapters.remote import (
     RemoteTimeout,
     RemoteUnreachable,
 )
-from tasks.errors import NotYet
+from tasks.errors import LockLost, NotYet
 from tasks.runtime import TRANSIENT_ERRORS, _retry_on_transient, once, step
 
 
@@ -40,6 +40,10 @@ class SubUnreachable(RemoteUnreachable):
 
 class Unrelated(Exception):
     pass
+
+
+class LostAndUnavailable(LockLost, EtcdUnavailable):
+    """Were a lost lock ever also a transient kind, the loss decides."""
 
 
 @pytest.mark.parametrize(
@@ -58,6 +62,9 @@ class Unrelated(Exception):
         (DatabaseError("duplicate key"), False),
         (UndefinedObject("relation does not exist"), False),
         (LockTimeout("lock /bouwsteen/locks/lab/ still held"), False),
+        # another holder may be acting now: never retried, whatever it derives from
+        (LockLost("the cluster lock of lab", "2027-01-15T08:00:00+00:00", "lease 1 has expired"), False),
+        (LostAndUnavailable("the cluster lock of lab", "2027-01-15T08:00:00+00:00", "etcd gone"), False),
         (ConnectionRefusedError("refused"), False),  # only the project's own transient types count
         (TimeoutError("timed out"), False),
         (OSError("disk full"), False),
