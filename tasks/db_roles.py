@@ -81,6 +81,21 @@ def ensure_roles(cluster: str) -> str:
             pg.query(pgsql.SQL("create database {} owner {}").format(
                 pgsql.Identifier(database), pgsql.Identifier(blocks.application_user)))
             actions.append(f"created database {database}")
+        if blocks.monitor_password is not None:
+            # The primary detector's heartbeat (pgroute66's table; tasks/programs/primary_detector.py)
+            # in the database it logs in to. Made here, so the monitor role needs no CREATE on public:
+            # owned by the application role, the monitor role may only read and write its row.
+            if pg.scalar("select to_regclass('public.pgr66_avc') is null"):
+                pg.query("create table if not exists public.pgr66_avc (pgr66_avc timestamp)")
+                pg.query("insert into public.pgr66_avc (pgr66_avc) values (clock_timestamp() at time zone 'UTC')")
+                pg.query(pgsql.SQL("alter table public.pgr66_avc owner to {}").format(
+                    pgsql.Identifier(blocks.application_user)))
+                actions.append("created table public.pgr66_avc")
+            if not pg.scalar("select bool_and(has_table_privilege(%s, 'public.pgr66_avc', p)) "
+                             "from unnest(array['select', 'insert', 'update']) p", [blocks.monitor_user]):
+                pg.query(pgsql.SQL("grant select, insert, update on public.pgr66_avc to {}").format(
+                    pgsql.Identifier(blocks.monitor_user)))
+                actions.append(f"granted select, insert, update on public.pgr66_avc to {blocks.monitor_user}")
     return say("; ".join(actions) + "." if actions else "Roles and application database already in place; nothing changed.")
 
 

@@ -23,7 +23,8 @@ Config (pgroute66's format; unknown keys are ignored with a warning)
     logfile: /path                          # optional, appended (journald is used otherwise)
     query_timeout: 1.0                      # seconds; per-scan deadline and statement_timeout
     cache_ms: 200                           # one scan answers every request within this window
-    max_standby_lag_bytes: null             # only /v1/standby/<name> applies it
+    max_standby_lag_bytes: null             # only /v1/standby/<name> applies it (receive - replay)
+    max_standby_staleness_seconds: null     # only /v1/standby/<name> applies it (heartbeat age)
     Host names ``primary``, ``primaries``, ``standby``, ``standbys`` (they clash with routes),
     names containing ``/`` and a group named ``all`` are refused. ``ssl.b64cert``+``ssl.b64key``
     (pgroute66's TLS) is refused rather than silently served as plain HTTP: bind to loopback.
@@ -38,13 +39,36 @@ of a repeated key counts; a pair holding ``;`` or a bad %-escape is dropped.
     /v1/primaries            200 [...]   (``[]`` when empty; pgroute66 returns ``null``)
     /v1/standbys             200 [...]   (``[]`` when empty; lag limit NOT applied, as pgroute66)
     /v1/<name>/status        200 "primary"|"standby" | 404 "invalid" | 422 "unavailable"
-    /v1/<name>/availability  501: pgroute66 writes a table on the primary for this; we do not
+    /v1/<name>/availability  200 "ok" | 408 "exceeded (exceeded <limit> by <age> msec)" | 417 why the
+                             age is unknown ("invalid" for an unknown name). The age is <name>'s
+                             heartbeat staleness (below) in whole seconds, measured in ?group=
+                             (default all); pgroute66's text says msec, its numbers are seconds.
+                             ?limit=N seconds, default 10; an empty one (pgroute66's -1) or a
+                             negative one only needs a known age
     /v1/primary/<name>       200 "name" iff exactly one primary in the group and it is <name>,
                              else 503 ""; 404 "invalid" for an unknown name (HAProxy httpchk)
     /v1/standby/<name>       200 "name" iff <name> is a reachable standby (in the group, and within
-                             max_standby_lag_bytes when set; unknown lag then fails), else 503 ""
+                             max_standby_lag_bytes and max_standby_staleness_seconds when set; an
+                             unknown lag or staleness then fails), else 503 ""
     /healthz                 200 "ok" (the detector itself, no database query)
     HAProxy's plain ``option httpchk`` sends ``OPTIONS /``; checks must GET (or HEAD) a route.
+
+Heartbeat (pgroute66's availability table, ``public.pgr66_avc (pgr66_avc timestamp)``, UTC)
+    Every probe also reads the host's wall clock and ``max(pgr66_avc)`` as that host sees it. After a
+    scan of a group (not of one host for /status) that saw exactly one primary, the detector sets the
+    row to the primary's ``clock_timestamp()``, at most once per second per primary, on a connection
+    of its own (``synchronous_commit=local``) so that no check ever waits for the write. The table is
+    created by the build (the detector only needs SELECT, INSERT and UPDATE on it, never CREATE);
+    while it is missing nothing is written and the staleness is unknown.
+    A standby's staleness is the age of the newest heartbeat it has replayed, on the detector's own
+    monotonic clock: the primary's probe gives the offset between the primary's clock and the
+    detector's, so a heartbeat (a primary timestamp) maps to the detector time it was written at.
+    Standbys' clocks are never used, so clock skew between hosts cannot hide a stale standby. The
+    offset of a group's last single primary is kept, so while a failover leaves no primary the
+    standbys' staleness goes on growing (they stay up until it exceeds the limit); before the
+    detector has seen a primary of the group, or while a host cannot read the table, it is unknown.
+    Unlike receive-minus-replay (max_standby_lag_bytes), this catches a standby whose WAL receiver
+    stopped: its lag in bytes stays 0 while its heartbeat grows old.
 
 Differences from pgroute66 that matter operationally: hosts are probed in parallel with a hard
 deadline (a hung host cannot stall every check), a host unavailable at its last probe is not
@@ -61,6 +85,7 @@ import binascii
 import concurrent.futures
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -91,7 +116,7 @@ ALL_GROUP = "all"
 
 _TOP_LEVEL_KEYS = frozenset(
     {"hosts", "groups", "bind", "port", "loglevel", "logfile", "ssl",
-     "query_timeout", "cache_ms", "max_standby_lag_bytes"}
+     "query_timeout", "cache_ms", "max_standby_lag_bytes", "max_standby_staleness_seconds"}
 )
 _LOGLEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
               "warn": logging.WARNING, "error": logging.ERROR}
@@ -100,6 +125,12 @@ _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # A host that keeps failing with the same error would otherwise log a warning on every scan
 # (HAProxy checks every 2 s per server); repeat an unchanged message at most this often.
 _WARN_REPEAT_S = 60.0
+# A primary's heartbeat row is written at most this often (seconds); a standby's staleness can
+# read up to this much (plus the time between HAProxy's checks) older than its replay really is.
+HEARTBEAT_INTERVAL_S = 1.0
+# pgroute66's /v1/<name>/availability limit when ?limit= is left out (seconds).
+AVAILABILITY_LIMIT_S = 10
+HEARTBEAT_TABLE = "public.pgr66_avc"
 
 
 class ConfigError(Exception):
@@ -120,6 +151,7 @@ class Config:
     query_timeout: float = 1.0
     cache_ms: int = 200
     max_standby_lag_bytes: int | None = None
+    max_standby_staleness_seconds: float | None = None
     # Collected while parsing because logging is configured only after the config is read.
     warnings: tuple[str, ...] = ()
 
@@ -247,11 +279,17 @@ def parse_config(text: str) -> Config:
     lag = raw.get("max_standby_lag_bytes")
     if lag is not None:
         lag = _number(raw, "max_standby_lag_bytes", 0, integer=True, minimum=0)
+    staleness = raw.get("max_standby_staleness_seconds")
+    if staleness is not None:
+        staleness = float(_number(raw, "max_standby_staleness_seconds", 0, integer=False, minimum=0))
+        if not math.isfinite(staleness):
+            raise ConfigError(f"max_standby_staleness_seconds must be finite, got {staleness!r}")
 
     return Config(
         hosts=hosts, groups=groups, bind=bind, port=port, loglevel=loglevel,
         logfile=str(logfile) if logfile else None, query_timeout=query_timeout,
-        cache_ms=cache_ms, max_standby_lag_bytes=lag, warnings=tuple(warnings),
+        cache_ms=cache_ms, max_standby_lag_bytes=lag, max_standby_staleness_seconds=staleness,
+        warnings=tuple(warnings),
     )
 
 
@@ -273,6 +311,12 @@ class HostState:
 
     role: Role | None
     lag_bytes: int | None = None
+    # The host's wall clock while it was probed (Unix seconds); only a primary's is ever used.
+    clock: float | None = None
+    # max(pgr66_avc) as this host sees it (Unix seconds; the primary's clock when it was written);
+    # None with no row, or when it could not be read (then heartbeat_error says why).
+    heartbeat: float | None = None
+    heartbeat_error: str | None = None
 
 
 UNAVAILABLE = HostState(None)
@@ -283,6 +327,8 @@ class _Outcome:
     state: HostState
     error: str | None
     finished: float
+    # The host's wall clock minus the Detector's monotonic clock, both read during this probe.
+    offset: float | None = None
 
 
 @dataclass
@@ -355,6 +401,9 @@ class Detector:
         query_timeout: float = 1.0,
         cache_ms: int = 200,
         max_standby_lag_bytes: int | None = None,
+        max_standby_staleness_seconds: float | None = None,
+        heartbeat: Callable[[str], None] | None = None,
+        heartbeat_interval: float = HEARTBEAT_INTERVAL_S,
         clock: Clock | None = None,
         executor: concurrent.futures.Executor | None = None,
     ) -> None:
@@ -364,13 +413,23 @@ class Detector:
         self.query_timeout = query_timeout
         self.cache_s = cache_ms / 1000.0
         self.max_standby_lag_bytes = max_standby_lag_bytes
+        self.max_standby_staleness_seconds = max_standby_staleness_seconds
+        self._heartbeat = heartbeat
+        self.heartbeat_interval = heartbeat_interval
         self._lock = threading.Lock()
         self._probes: dict[str, _Probe] = {}
         self._roles: dict[str, Role | None] = {}
+        # Per group (its sorted members): the last single primary a scan of it saw, with that
+        # host's clock offset; what the group's heartbeats are measured against.
+        self._references: dict[tuple[str, ...], tuple[str, float]] = {}
+        # Per primary: when the latest heartbeat write began, and that write.
+        self._beats: dict[str, tuple[float, concurrent.futures.Future[None]]] = {}
         self._clock = clock if clock is not None else Clock()
         self._throttle = _Throttle(self._clock)
+        # One worker per host for its probe and one for its heartbeat write: neither waits for
+        # the other (threads are started only when needed).
         self._pool = executor if executor is not None else concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(1, len(self.hosts)), thread_name_prefix="probe"
+            max_workers=max(1, 2 * len(self.hosts)), thread_name_prefix="probe"
         )
 
     def close(self) -> None:
@@ -394,9 +453,11 @@ class Detector:
 
     def scan(self, group: str | None = None) -> dict[str, HostState]:
         names = self.members(group)
-        return self.scan_hosts(names or [])
+        return self.scan_hosts(names or [], group_scan=True)
 
-    def scan_hosts(self, names: Iterable[str]) -> dict[str, HostState]:
+    def scan_hosts(self, names: Iterable[str], *, group_scan: bool = False) -> dict[str, HostState]:
+        """The state of each host. ``group_scan``: names are a group's members, so a single
+        primary among them is the group's (its clock offset is kept, its heartbeat written)."""
         names = sorted(set(names))
         now = self._clock.monotonic()
         with self._lock:
@@ -407,7 +468,43 @@ class Detector:
             remaining = probe.deadline - self._clock.monotonic()
             if remaining > 0 and not probe.future.done():
                 self._clock.wait(probe.future, remaining)
-        return {name: self._state(name, probe) for name, probe in probes.items()}
+        states = {name: self._state(name, probe) for name, probe in probes.items()}
+        if group_scan:
+            self._after_group_scan(tuple(names), states, probes)
+        return states
+
+    def _after_group_scan(self, key: tuple[str, ...], states: Mapping[str, HostState],
+                          probes: Mapping[str, _Probe]) -> None:
+        primaries = [n for n, s in states.items() if s.role == "primary"]
+        if len(primaries) != 1:
+            return  # none, or split brain: no reference and no heartbeat for either
+        (primary,) = primaries
+        # A primary state comes only from a probe that answered in time.
+        offset = probes[primary].future.result().offset
+        if offset is not None:
+            with self._lock:
+                self._references[key] = (primary, offset)
+        if self._heartbeat is not None and states[primary].heartbeat_error is None:
+            self._maybe_beat(primary)
+
+    def _maybe_beat(self, name: str) -> None:
+        now = self._clock.monotonic()
+        with self._lock:
+            last = self._beats.get(name)
+            if last is not None and (not last[1].done() or now - last[0] < self.heartbeat_interval):
+                return
+            # Under the lock, as probes are started: at most one write per primary at a time.
+            self._beats[name] = (now, self._pool.submit(self._beat, name))
+
+    def _beat(self, name: str) -> None:
+        assert self._heartbeat is not None
+        try:
+            self._heartbeat(name)
+        except Exception as exc:  # noqa: BLE001 - a failed write only leaves the heartbeat older
+            text = " ".join(f"{type(exc).__name__}: {exc}".split())
+            self._throttle.warn(f"heartbeat:{name}", f"host {name}: heartbeat not written: {text}")
+        else:
+            self._throttle.clear(f"heartbeat:{name}")
 
     def _current_probe(self, name: str, now: float) -> _Probe:
         probe = self._probes.get(name)
@@ -424,10 +521,14 @@ class Detector:
 
     def _run(self, name: str) -> _Outcome:
         try:
+            started = self._clock.monotonic()
             state = self._probe(name)
             if not isinstance(state, HostState):
                 raise TypeError(f"probe returned {type(state).__name__}, not HostState")
-            return _Outcome(state, None, self._clock.monotonic())
+            finished = self._clock.monotonic()
+            # The host read its clock somewhere between the two readings of ours.
+            offset = None if state.clock is None else state.clock - (started + finished) / 2
+            return _Outcome(state, None, finished, offset)
         except Exception as exc:  # noqa: BLE001 - every failure only means "unavailable"
             # libpq messages span lines ("\n\tIs the server running..."); keep one log line.
             text = " ".join(f"{type(exc).__name__}: {exc}".split())
@@ -459,6 +560,14 @@ class Detector:
             else:
                 self._throttle.clear(name)
             self._note_role(name, state.role)
+            if state.role is not None and self.max_standby_staleness_seconds is not None:
+                # Otherwise the only sign would be every standby failing its check.
+                key = f"heartbeat-read:{name}"
+                if state.heartbeat_error is not None:
+                    self._throttle.warn(key, f"host {name}: heartbeat unknown, so its staleness: "
+                                             f"{state.heartbeat_error}")
+                else:
+                    self._throttle.clear(key)
         return state
 
     def _note_role(self, name: str, role: Role | None) -> None:
@@ -470,13 +579,68 @@ class Detector:
 
     # -- routing
 
-    def _standby_ok(self, state: HostState) -> bool:
+    def staleness(self, name: str, states: Mapping[str, HostState],
+                  members: Iterable[str]) -> tuple[float | None, str]:
+        """(seconds, "") since the newest heartbeat ``name`` has replayed was written, or (None,
+        why) when unknown. ``states`` is a scan of ``members``, the group ``name`` is measured in.
+
+        The heartbeat is a timestamp of the primary's clock; the primary's offset (its clock
+        minus the Detector's) turns it into the Detector's time, and the age is taken there. No
+        other host's clock counts. The offset is that of the group's last single primary, so it
+        holds while a failover leaves the group without one."""
+        state = states.get(name, UNAVAILABLE)
+        if state.role is None:
+            return None, "unavailable"
+        if state.heartbeat_error is not None:
+            return None, state.heartbeat_error
+        if state.heartbeat is None:
+            return None, f"no heartbeat in {HEARTBEAT_TABLE} yet"
+        with self._lock:
+            reference = self._references.get(tuple(sorted(set(members))))
+        if reference is None:
+            return None, "no primary seen yet to measure the heartbeat against"
+        _, offset = reference
+        written_at = state.heartbeat - offset  # on the Detector's clock
+        # Slightly negative when a write lands between the primary's probe and this host's.
+        return max(0.0, self._clock.monotonic() - written_at), ""
+
+    def _standby_ok(self, name: str, states: Mapping[str, HostState], members: Iterable[str]) -> bool:
+        state = states[name]
         if state.role != "standby":
             return False
-        if self.max_standby_lag_bytes is None:
-            return True
-        # Unknown lag cannot be shown to be within the limit the operator asked for.
-        return state.lag_bytes is not None and state.lag_bytes <= self.max_standby_lag_bytes
+        # An unknown lag or staleness cannot be shown to be within the limit the operator asked for.
+        if self.max_standby_lag_bytes is not None and (
+                state.lag_bytes is None or state.lag_bytes > self.max_standby_lag_bytes):
+            return False
+        if self.max_standby_staleness_seconds is not None:
+            age, _ = self.staleness(name, states, members)
+            return age is not None and age <= self.max_standby_staleness_seconds
+        return True
+
+    def _availability(self, name: str, params: Mapping[str, str]) -> tuple[int, Any]:
+        """pgroute66's /v1/<name>/availability: the heartbeat's age on <name> against ?limit=."""
+        raw = params.get("limit")
+        if raw is None:
+            limit = AVAILABILITY_LIMIT_S
+        elif raw == "":
+            limit = -1  # pgroute66's "no limit"
+        elif re.fullmatch(r"[+-]?[0-9]+", raw):
+            limit = int(raw)
+        else:
+            return 417, f"invalid limit {raw!r}: an integer number of seconds"
+        group = params.get("group")
+        members = self.members(group)
+        if members is None or name not in members:
+            return 417, f"{name} is not in group {group!r}"
+        states = self.scan_hosts(members, group_scan=True)
+        age, why = self.staleness(name, states, members)
+        if age is None:
+            return 417, why
+        seconds = int(age)
+        if 0 <= limit < seconds:
+            # pgroute66's text, unit and all: the numbers are seconds.
+            return 408, f"exceeded (exceeded {limit} by {seconds} msec)"
+        return 200, "ok"
 
     def route(self, path: str, query: Mapping[str, str] | str | None = None) -> tuple[int, Any]:
         """(HTTP status, JSON-serialisable body) for a GET of path?query."""
@@ -512,18 +676,26 @@ class Detector:
                 return 503, ""
             if parts[1] == "primary":
                 # Fail closed on split brain: the whole group must show exactly this one primary.
-                states = self.scan_hosts(members)
+                states = self.scan_hosts(members, group_scan=True)
                 primaries = [n for n, s in states.items() if s.role == "primary"]
                 return (200, name) if primaries == [name] else (503, "")
-            state = self.scan_hosts([name])[name]
-            return (200, name) if self._standby_ok(state) else (503, "")
+            if self.max_standby_staleness_seconds is None:
+                states = self.scan_hosts([name])
+            else:
+                # The group's primary gives the clock the heartbeat's age is measured on.
+                states = self.scan_hosts(members, group_scan=True)
+            return (200, name) if self._standby_ok(name, states, members) else (503, "")
 
-        if len(parts) == 3 and parts[2] in ("status", "availability"):
+        if len(parts) == 3 and parts[2] == "availability":
+            name = parts[1]
+            if name not in self.hosts:
+                return 417, "invalid"
+            return self._availability(name, params)
+
+        if len(parts) == 3 and parts[2] == "status":
             name = parts[1]
             if name not in self.hosts:
                 return 404, "invalid"
-            if parts[2] == "availability":
-                return 501, "not implemented: use /v1/standby/<name> with max_standby_lag_bytes"
             state = self.scan_hosts([name])[name]
             return (200, state.role) if state.role else (422, "unavailable")
 
@@ -546,23 +718,44 @@ def query_params(query: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- psycopg prober
 
 
+# The heartbeat's SQL. Timestamps are UTC (the column has no time zone) whatever TimeZone a
+# session has; extract(epoch ...) reads them back as Unix seconds.
+HEARTBEAT_READABLE = f"has_table_privilege(to_regclass('{HEARTBEAT_TABLE}'), 'select')"
+HEARTBEAT_READ = f"select extract(epoch from max(pgr66_avc)) from {HEARTBEAT_TABLE}"
+# One statement whether or not the row exists yet (the build inserts it; a second router may be
+# writing too: both then update every row, and readers take the newest).
+HEARTBEAT_WRITE = (
+    f"with updated as (update {HEARTBEAT_TABLE} set pgr66_avc = clock_timestamp() at time zone 'UTC' "
+    f"returning 1) insert into {HEARTBEAT_TABLE} (pgr66_avc) "
+    "select clock_timestamp() at time zone 'UTC' where not exists (select from updated)"
+)
+
+
 class PsycopgProber:
-    """probe(name) over one persistent autocommit connection per host."""
+    """probe(name) over one persistent autocommit connection per host; heartbeat(name) over another.
+
+    ``with_heartbeat``: each probe also reads the host's clock and the heartbeat row (a second
+    statement, only when the table exists and may be read: a missing table writes no error to the
+    server's log on every probe).
+    """
 
     def __init__(self, hosts: Mapping[str, Mapping[str, str]], *, query_timeout: float = 1.0,
-                 with_lag: bool = False) -> None:
+                 with_lag: bool = False, with_heartbeat: bool = False) -> None:
         import psycopg  # lazily: the module must import without it
         from psycopg.conninfo import make_conninfo
 
         self._psycopg = psycopg
         self.query_timeout = query_timeout
-        # Both in one round trip; on a primary the receive LSN is NULL, so the diff is NULL too.
-        self._sql = (
-            "select pg_is_in_recovery(), "
-            "pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())"
-            if with_lag else "select pg_is_in_recovery()"
-        )
+        # One round trip; on a primary the receive LSN is NULL, so the diff is NULL too.
+        columns = ["pg_is_in_recovery()"]
+        if with_lag:
+            columns.append("pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())")
+        if with_heartbeat:
+            columns += ["extract(epoch from clock_timestamp())", HEARTBEAT_READABLE]
+        self._with_lag, self._with_heartbeat = with_lag, with_heartbeat
+        self._sql = "select " + ", ".join(columns)
         self._conninfo: dict[str, str] = {}
+        self._writer_conninfo: dict[str, str] = {}
         for name, configured in hosts.items():
             params = dict(configured)
             params.setdefault("connect_timeout", "2")
@@ -577,15 +770,21 @@ class PsycopgProber:
             params.setdefault("keepalives_idle", "10")
             params.setdefault("keepalives_interval", "2")
             params.setdefault("keepalives_count", "3")
+            # The heartbeat never waits for a synchronous standby (one that is down would hold
+            # every write until statement_timeout).
+            writer = {**params, "options": f"{params['options']} -c synchronous_commit=local"}
             try:
                 self._conninfo[name] = make_conninfo("", **params)
+                self._writer_conninfo[name] = make_conninfo("", **writer)
             except psycopg.ProgrammingError as exc:
                 raise ConfigError(f"hosts.{name}: {exc}") from None
         self._conns: dict[str, psycopg.Connection[Any]] = {}
         self._locks = {name: threading.Lock() for name in self._conninfo}
+        self._writers: dict[str, psycopg.Connection[Any]] = {}
+        self._writer_locks = {name: threading.Lock() for name in self._conninfo}
 
-    def conninfo(self, name: str) -> str:
-        return self._conninfo[name]
+    def conninfo(self, name: str, *, writer: bool = False) -> str:
+        return (self._writer_conninfo if writer else self._conninfo)[name]
 
     def __call__(self, name: str) -> HostState:
         lock = self._locks[name]
@@ -599,20 +798,39 @@ class PsycopgProber:
                     return self._query(conn)
                 except self._psycopg.OperationalError:
                     lost = conn.broken
-                    self._discard(name)
+                    self._discard(self._conns, name)
                     # A reused connection may have died with a server restart; one fresh try
                     # saves a spurious "unavailable". A live but slow server gets no retry.
                     if not lost:
                         raise
                 except Exception:
-                    self._discard(name)
+                    self._discard(self._conns, name)
                     raise
             conn = self._psycopg.connect(self._conninfo[name], autocommit=True)
             self._conns[name] = conn
             try:
                 return self._query(conn)
             except Exception:
-                self._discard(name)
+                self._discard(self._conns, name)
+                raise
+        finally:
+            lock.release()
+
+    def heartbeat(self, name: str) -> None:
+        """Set the heartbeat row on ``name`` (the primary) to its clock; raises on failure."""
+        lock = self._writer_locks[name]
+        # The Detector never overlaps writes to one host.
+        if not lock.acquire(blocking=False):
+            raise RuntimeError("previous heartbeat write to this host is still running")
+        try:
+            conn = self._writers.get(name)
+            if conn is None or conn.closed:
+                conn = self._psycopg.connect(self._writer_conninfo[name], autocommit=True)
+                self._writers[name] = conn
+            try:
+                conn.execute(HEARTBEAT_WRITE)
+            except Exception:
+                self._discard(self._writers, name)  # the next interval tries a fresh one
                 raise
         finally:
             lock.release()
@@ -620,20 +838,38 @@ class PsycopgProber:
     def _query(self, conn: psycopg.Connection[Any]) -> HostState:
         started = time.monotonic()
         row = conn.execute(self._sql).fetchone()
+        if row is None:
+            raise RuntimeError("pg_is_in_recovery() returned no row")
+        values = list(row)
+        in_recovery = values.pop(0)
+        lag = values.pop(0) if self._with_lag else None
+        clock = heartbeat = error = None
+        if self._with_heartbeat:
+            host_clock, readable = values
+            clock = float(host_clock)
+            if readable is None:
+                error = f"table {HEARTBEAT_TABLE} does not exist"
+            elif not readable:
+                error = f"permission denied for table {HEARTBEAT_TABLE}"
+            else:
+                try:
+                    value = conn.execute(HEARTBEAT_READ).fetchone()
+                except self._psycopg.ProgrammingError as exc:  # dropped or revoked just now
+                    error = " ".join(str(exc).split())
+                else:
+                    heartbeat = float(value[0]) if value and value[0] is not None else None
         elapsed = time.monotonic() - started
         if elapsed > self.query_timeout:
             # The Detector already gave up on this answer; a connection this slow is suspect,
             # so the caller discards it.
             raise TimeoutError(f"query took {elapsed:.2f}s (deadline {self.query_timeout:g}s)")
-        if row is None:
-            raise RuntimeError("pg_is_in_recovery() returned no row")
-        if not row[0]:
-            return HostState("primary")
-        lag = row[1] if len(row) > 1 else None
-        return HostState("standby", int(lag) if lag is not None else None)
+        if not in_recovery:
+            return HostState("primary", None, clock, heartbeat, error)
+        return HostState("standby", int(lag) if lag is not None else None, clock, heartbeat, error)
 
-    def _discard(self, name: str) -> None:
-        conn = self._conns.pop(name, None)
+    @staticmethod
+    def _discard(conns: dict[str, psycopg.Connection[Any]], name: str) -> None:
+        conn = conns.pop(name, None)
         if conn is not None:
             try:
                 conn.close()
@@ -641,8 +877,9 @@ class PsycopgProber:
                 log.debug("host %s: close failed: %s", name, exc)
 
     def close(self) -> None:
-        for name in list(self._conns):
-            self._discard(name)
+        for conns in (self._conns, self._writers):
+            for name in list(conns):
+                self._discard(conns, name)
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -734,7 +971,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         prober = PsycopgProber(config.hosts, query_timeout=config.query_timeout,
-                               with_lag=config.max_standby_lag_bytes is not None)
+                               with_lag=config.max_standby_lag_bytes is not None, with_heartbeat=True)
     except ConfigError as exc:
         print(f"primary_detector: {args.config}: {exc}", file=sys.stderr)
         return 1
@@ -748,7 +985,9 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s", warning)
 
     detector = Detector(config.hosts, config.groups, prober, query_timeout=config.query_timeout,
-                        cache_ms=config.cache_ms, max_standby_lag_bytes=config.max_standby_lag_bytes)
+                        cache_ms=config.cache_ms, max_standby_lag_bytes=config.max_standby_lag_bytes,
+                        max_standby_staleness_seconds=config.max_standby_staleness_seconds,
+                        heartbeat=prober.heartbeat)
     try:
         server = make_server(detector, config.bind, config.port)
     except OSError as exc:

@@ -27,6 +27,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,7 @@ class FakeExecutor(concurrent.futures.Executor):
 
     A host's probe answers `durations[host]` seconds after it was started (0, the default: at
     once; math.inf: it hangs until finish(host)). `started` counts the probes the Detector began.
+    A heartbeat write to a host is keyed "<host>:beat" in both (and for finish).
     """
 
     def __init__(self, clock: FakeClock) -> None:
@@ -133,14 +135,15 @@ class FakeExecutor(concurrent.futures.Executor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
         (name,) = args
-        assert name not in self._pending, f"a second probe of {name} while one runs"  # single flight
-        self.started[name] += 1
+        key = name if fn.__name__ == "_run" else f"{name}:{fn.__name__.strip('_')}"
+        assert key not in self._pending, f"a second {key} while one runs"  # single flight
+        self.started[key] += 1
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        duration = self.durations.get(name, 0.0)
+        duration = self.durations.get(key, 0.0)
         if duration <= 0:
             future.set_result(fn(name))
         else:
-            self._pending[name] = (self.clock.now + duration, fn, future)
+            self._pending[key] = (self.clock.now + duration, fn, future)
         return future
 
     def next_due(self) -> float | None:
@@ -151,10 +154,11 @@ class FakeExecutor(concurrent.futures.Executor):
         for name in sorted(n for n, (due, _, _) in self._pending.items() if due <= now):
             self.finish(name)
 
-    def finish(self, name: str) -> None:
-        """The probe of `name` answers now (with whatever probe.states says by then)."""
-        _, fn, future = self._pending.pop(name)
-        future.set_result(fn(name))
+    def finish(self, key: str) -> None:
+        """The probe of host `key` (or its write, "<host>:beat") answers now (with whatever
+        probe.states says by then)."""
+        _, fn, future = self._pending.pop(key)
+        future.set_result(fn(key.partition(":")[0]))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._pending.clear()
@@ -206,6 +210,7 @@ def test_minimal_pgroute66_config_parses_with_defaults() -> None:
     assert cfg.groups == {"pgcluster": ["db1", "db2"]}
     assert (cfg.bind, cfg.port, cfg.loglevel) == ("127.0.0.1", 8080, "info")
     assert (cfg.query_timeout, cfg.cache_ms, cfg.max_standby_lag_bytes) == (1.0, 200, None)
+    assert cfg.max_standby_staleness_seconds is None
     assert cfg.warnings == ()
 
 
@@ -218,9 +223,11 @@ def test_defaults_for_bind_port_and_host(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_extras_are_parsed() -> None:
     cfg = parse_config(MINIMAL + "query_timeout: 0.5\ncache_ms: 0\nmax_standby_lag_bytes: 1048576\n"
-                       "loglevel: DEBUG\n")
+                       "loglevel: DEBUG\nmax_standby_staleness_seconds: 10\n")
     assert (cfg.query_timeout, cfg.cache_ms, cfg.max_standby_lag_bytes, cfg.loglevel) == (
         0.5, 0, 1048576, "debug")
+    assert cfg.max_standby_staleness_seconds == 10.0 and cfg.warnings == ()
+    assert parse_config(MINIMAL + "max_standby_staleness_seconds: 2.5").max_standby_staleness_seconds == 2.5
 
 
 def test_b64password_is_decoded_into_password() -> None:
@@ -282,6 +289,14 @@ def test_reserved_host_names_are_refused(name: str) -> None:
         ("hosts: {db1: {host: h}}\ncache_ms: -1\n", "cache_ms must be >= 0"),
         ("hosts: {db1: {host: h}}\ncache_ms: 0.5\n", "cache_ms must be an integer"),
         ("hosts: {db1: {host: h}}\nmax_standby_lag_bytes: lots\n", "max_standby_lag_bytes must be an integer"),
+        ("hosts: {db1: {host: h}}\nmax_standby_staleness_seconds: lots\n",
+         "max_standby_staleness_seconds must be a number"),
+        ("hosts: {db1: {host: h}}\nmax_standby_staleness_seconds: -1\n",
+         "max_standby_staleness_seconds must be >= 0"),
+        ("hosts: {db1: {host: h}}\nmax_standby_staleness_seconds: .inf\n",
+         "max_standby_staleness_seconds must be finite"),
+        ("hosts: {db1: {host: h}}\nmax_standby_staleness_seconds: true\n",
+         "max_standby_staleness_seconds must be a number"),
         ("hosts: {db1: {host: h}}\nssl: {b64cert: eA==, b64key: eA==}\n", "TLS\\) is not supported"),
     ],
 )
@@ -347,9 +362,8 @@ TWO_CLUSTERS = {"db1": P, "db2": S, "db3": P, "db4": S}
         (ONE, None, "/v1/standby/db3", None, 200, "db3"),  # no lag limit configured
         (ONE, None, "/v1/standby/db1", None, 503, ""),
         (ONE, None, "/v1/standby/nope", None, 404, "invalid"),
-        (ONE, None, "/v1/db1/availability", None, 501,
-         "not implemented: use /v1/standby/<name> with max_standby_lag_bytes"),
-        (ONE, None, "/v1/nope/availability", None, 404, "invalid"),
+        (ONE, None, "/v1/db1/availability", None, 417, "no heartbeat in public.pgr66_avc yet"),
+        (ONE, None, "/v1/nope/availability", None, 417, "invalid"),  # pgroute66: 417, not 404
         (ONE, None, "/healthz", None, 200, "ok"),
         (ONE, None, "/", None, 404, "not found"),
         (ONE, None, "/v1/bogus", None, 404, "not found"),
@@ -527,6 +541,342 @@ def test_probe_errors_warn_with_host_name_once(caplog: pytest.LogCaptureFixture)
         assert any("db2: unknown -> primary" in r.getMessage() for r in caplog.records)
     finally:
         det.close()
+
+
+# --------------------------------------------------------------------------- heartbeat and staleness
+
+EPOCH = 1_700_000_000.0  # where the hosts' wall clocks start (each plus its own skew)
+NO_TABLE = "table public.pgr66_avc does not exist"
+
+
+class FakeDatabase:
+    """The database side of a Detector on fake time, as PsycopgProber sees it.
+
+    roles: name -> "primary" | "standby" | an Exception (unavailable). Each host's wall clock is
+    the FakeClock's time plus its skew. tables: the heartbeat row per host (None: no row yet; a
+    host left out has no table). A heartbeat write sets the primary's row to its own clock and is
+    streamed to every standby at once, except to those in `stopped` (their WAL receiver died:
+    they keep their old row, and their byte lag stays 0).
+    """
+
+    def __init__(self, clock: FakeClock, roles: Mapping[str, Any], *,
+                 skew: Mapping[str, float] | None = None, table: bool = True) -> None:
+        self.clock = clock
+        self.roles = dict(roles)
+        self.skew = dict(skew or {})
+        self.tables: dict[str, float | None] = dict.fromkeys(self.roles) if table else {}
+        self.stopped: set[str] = set()
+        self.writes: list[tuple[str, float]] = []
+        self.fail_writes: Exception | None = None
+
+    def wall(self, name: str) -> float:
+        return EPOCH + self.clock.now + self.skew.get(name, 0.0)
+
+    def probe(self, name: str) -> HostState:
+        role = self.roles[name]
+        if isinstance(role, Exception):
+            raise role
+        lag = 0 if role == "standby" else None
+        if name not in self.tables:
+            return HostState(role, lag, self.wall(name), None, NO_TABLE)
+        return HostState(role, lag, self.wall(name), self.tables[name])
+
+    def heartbeat(self, name: str) -> None:
+        assert self.roles[name] == "primary" and name in self.tables  # the Detector checked
+        if self.fail_writes is not None:
+            raise self.fail_writes
+        value = self.wall(name)
+        self.tables[name] = value
+        self.writes.append((name, value))
+        for other, role in self.roles.items():
+            if role == "standby" and other not in self.stopped and other in self.tables:
+                self.tables[other] = value
+
+
+def on_database(roles: Mapping[str, Any], groups: Mapping[str, list[str]] | None = None, *,
+                skew: Mapping[str, float] | None = None, table: bool = True, write: bool = True,
+                **kwargs: Any) -> tuple[Detector, FakeDatabase, FakeClock]:
+    """A Detector on fake time over a FakeDatabase (its heartbeat writer unless write=False)."""
+    kwargs.setdefault("cache_ms", 0)
+    clock = FakeClock()
+    db = FakeDatabase(clock, roles, skew=skew, table=table)
+    det = Detector(list(roles), groups or {}, db.probe, heartbeat=db.heartbeat if write else None,
+                   clock=clock, executor=clock.executor, **kwargs)
+    return det, db, clock
+
+
+PSS = {"db1": "primary", "db2": "standby", "db3": "standby"}
+
+
+@pytest.mark.parametrize(
+    ("roles", "groups", "path", "query", "written_on"),
+    [
+        (PSS, None, "/v1/primary", None, ["db1"]),
+        (PSS, None, "/v1/primaries", None, ["db1"]),
+        (PSS, None, "/v1/standbys", None, ["db1"]),
+        (PSS, None, "/v1/primary/db2", None, ["db1"]),  # rw check of another server: the group's scan
+        (PSS, None, "/v1/db2/availability", None, ["db1"]),
+        (PSS, None, "/v1/standby/db2", None, []),  # no staleness limit: that standby alone is asked
+        (PSS, None, "/v1/db1/status", None, []),  # one host, not a group
+        ({"db1": "standby", "db2": "standby"}, None, "/v1/primary", None, []),  # no primary
+        ({"db1": "primary", "db2": "primary", "db3": "standby"}, None, "/v1/primary", None, []),  # split brain
+        ({"db1": Boom("refused"), "db2": "standby"}, None, "/v1/primary", None, []),
+        # two clusters: "all" sees two primaries; each group its own
+        ({"db1": "primary", "db2": "standby", "db3": "primary", "db4": "standby"}, GROUPS,
+         "/v1/primary", None, []),
+        ({"db1": "primary", "db2": "standby", "db3": "primary", "db4": "standby"}, GROUPS,
+         "/v1/primary", "group=b", ["db3"]),
+        ({"db1": "primary", "db2": "standby", "db3": "primary", "db4": "standby"}, GROUPS,
+         "/v1/primary", "group=zzz", []),
+    ],
+)
+def test_heartbeat_is_written_only_when_a_group_scan_saw_exactly_one_primary(
+        roles: Mapping[str, Any], groups: Mapping[str, list[str]] | None, path: str, query: str | None,
+        written_on: list[str]) -> None:
+    det, db, _ = on_database(roles, groups)
+    try:
+        det.route(path, query)
+        assert [name for name, _ in db.writes] == written_on
+        assert [value for _, value in db.writes] == [EPOCH] * len(written_on)  # the primary's clock
+    finally:
+        det.close()
+
+
+def test_no_heartbeat_is_written_to_a_primary_without_the_table() -> None:
+    det, db, clock = on_database(PSS, table=False)
+    try:
+        assert det.route("/v1/primary") == (200, "db1")
+        assert db.writes == [] and clock.executor.started["db1:beat"] == 0
+    finally:
+        det.close()
+
+
+def test_heartbeat_is_written_at_most_once_per_interval_and_never_waited_for() -> None:
+    det, db, clock = on_database(PSS, heartbeat_interval=1.0)
+    ex = clock.executor
+    try:
+        for at in (0.0, 0.5, 0.99, 1.0, 1.7, 2.0):
+            clock.advance(at - clock.now)
+            det.route("/v1/primary")
+        assert [value - EPOCH for _, value in db.writes] == [0.0, 1.0, 2.0]
+
+        ex.durations["db1:beat"] = math.inf  # the next write hangs
+        clock.advance(1)
+        assert det.route("/v1/primary/db1") == (200, "db1")
+        clock.advance(5)
+        assert det.route("/v1/primary/db1") == (200, "db1")  # checks go on; no second write
+        assert clock.waits == []  # no check waited for the write
+        assert ex.started["db1:beat"] == 4
+        ex.durations["db1:beat"] = 0
+        ex.finish("db1:beat")  # it lands, late
+        det.route("/v1/primary")
+        assert ex.started["db1:beat"] == 5
+        assert [value - EPOCH for _, value in db.writes] == [0.0, 1.0, 2.0, 8.0, 8.0]
+    finally:
+        det.close()
+
+
+def test_a_failed_heartbeat_write_warns_and_routes_as_before(caplog: pytest.LogCaptureFixture) -> None:
+    det, db, clock = on_database(PSS)
+    db.fail_writes = Boom("could not extend file: No space left on device")
+    try:
+        with caplog.at_level(logging.WARNING, logger="primary_detector"):
+            assert det.route("/v1/primary") == (200, "db1")
+            clock.advance(1)
+            assert det.route("/v1/primary") == (200, "db1")  # unchanged message: not repeated
+        assert [r.getMessage() for r in caplog.records] == [
+            "host db1: heartbeat not written: Boom: could not extend file: No space left on device"]
+        assert clock.executor.started["db1:beat"] == 2
+    finally:
+        det.close()
+
+
+def test_a_standby_that_stopped_streaming_is_down_although_its_byte_lag_is_0() -> None:
+    det, db, clock = on_database(PSS, max_standby_staleness_seconds=10, max_standby_lag_bytes=0)
+    try:
+        det.scan()  # the first heartbeat, streamed to both standbys
+        db.stopped.add("db3")  # its WAL receiver dies: no more WAL, no lag in bytes
+        seen = []
+        for _ in range(12):
+            clock.advance(1)
+            seen.append((clock.now, det.route("/v1/standby/db2")[0], det.route("/v1/standby/db3")[0]))
+        assert seen == [(t, 200, 200) for t in range(1, 11)] + [(11, 200, 503), (12, 200, 503)]
+        assert det.scan()["db3"].lag_bytes == 0
+        assert det.route("/v1/standbys") == (200, ["db2", "db3"])  # pgroute66's list: no limits
+        assert det.route("/v1/db3/availability") == (408, "exceeded (exceeded 10 by 12 msec)")
+        db.stopped.clear()  # it streams again: the next heartbeat reaches it
+        clock.advance(1)
+        det.scan()
+        assert det.route("/v1/standby/db3") == (200, "db3")
+    finally:
+        det.close()
+
+
+def _no_table_anywhere(db: FakeDatabase) -> None:
+    db.tables.clear()
+
+
+def _no_table_on_the_standby(db: FakeDatabase) -> None:
+    del db.tables["db2"]
+
+
+def _no_primary(db: FakeDatabase) -> None:
+    db.roles["db1"] = "standby"
+    db.tables.update(dict.fromkeys(db.roles, EPOCH))
+
+
+def _primary_unavailable_from_the_start(db: FakeDatabase) -> None:
+    db.roles["db1"] = Boom("refused")
+    db.tables.update(dict.fromkeys(db.roles, EPOCH))
+
+
+@pytest.mark.parametrize(
+    ("setup", "write", "why"),
+    [
+        (_no_table_anywhere, True, NO_TABLE),
+        (_no_table_on_the_standby, True, NO_TABLE),
+        (None, False, "no heartbeat in public.pgr66_avc yet"),  # the table, but no row
+        (_no_primary, True, "no primary seen yet to measure the heartbeat against"),
+        (_primary_unavailable_from_the_start, True, "no primary seen yet to measure the heartbeat against"),
+    ],
+)
+@pytest.mark.parametrize(("limit", "status"), [(10, 503), (None, 200)])
+def test_an_unknown_staleness_fails_only_when_a_limit_is_set(
+        setup: Callable[[FakeDatabase], None] | None, write: bool, why: str,
+        limit: float | None, status: int) -> None:
+    det, db, clock = on_database(PSS, write=write, max_standby_staleness_seconds=limit)
+    if setup is not None:
+        setup(db)
+    try:
+        det.scan()
+        clock.advance(1)
+        assert det.route("/v1/standby/db2")[0] == status
+        assert det.route("/v1/db2/availability") == (417, why)
+    finally:
+        det.close()
+
+
+def test_an_unreadable_heartbeat_is_logged_when_a_staleness_limit_is_set(
+        caplog: pytest.LogCaptureFixture) -> None:
+    for limit in (None, 10):
+        det, db, clock = on_database(PSS, max_standby_staleness_seconds=limit)
+        del db.tables["db2"]
+        caplog.clear()
+        try:
+            with caplog.at_level(logging.WARNING, logger="primary_detector"):
+                det.route("/v1/standby/db2")
+                clock.advance(1)
+                det.route("/v1/standby/db2")  # unchanged: not repeated
+            want = [] if limit is None else [f"host db2: heartbeat unknown, so its staleness: {NO_TABLE}"]
+            assert [r.getMessage() for r in caplog.records] == want
+        finally:
+            det.close()
+
+
+def _streaming_for_12_seconds_with_db3_stopped_after_the_first(
+        roles: Mapping[str, Any] = PSS, **kwargs: Any) -> tuple[Detector, FakeDatabase, FakeClock]:
+    """db3 has the heartbeat written at 0; db1 and db2 the one written at 11; the time is 12."""
+    det, db, clock = on_database(roles, {"g": ["db1", "db2"]}, **kwargs)
+    det.scan()
+    db.stopped.add("db3")
+    for _ in range(11):
+        clock.advance(1)
+        det.scan()
+    clock.advance(1)
+    return det, db, clock
+
+
+@pytest.mark.parametrize(
+    ("path", "query", "status", "body"),
+    [
+        ("/v1/db2/availability", None, 200, "ok"),
+        ("/v1/db1/availability", None, 200, "ok"),  # the primary's own row, a second old
+        ("/v1/db3/availability", None, 408, "exceeded (exceeded 10 by 12 msec)"),  # seconds, not msec
+        ("/v1/db3/availability", "limit=12", 200, "ok"),  # exceeded only when older than the limit
+        ("/v1/db3/availability", "limit=11", 408, "exceeded (exceeded 11 by 12 msec)"),
+        ("/v1/db2/availability", "limit=0", 408, "exceeded (exceeded 0 by 1 msec)"),
+        ("/v1/db3/availability", "limit=", 200, "ok"),  # pgroute66's -1: no limit, a known age
+        ("/v1/db3/availability", "limit=-1", 200, "ok"),
+        ("/v1/db3/availability", "limit=%2B13", 200, "ok"),  # "+13" (a bare + is a space)
+        ("/v1/db3/availability", "limit=abc", 417, "invalid limit 'abc': an integer number of seconds"),
+        ("/v1/db3/availability", "limit=1.5", 417, "invalid limit '1.5': an integer number of seconds"),
+        ("/v1/db2/availability", "group=g", 200, "ok"),
+        ("/v1/db3/availability", "group=g", 417, "db3 is not in group 'g'"),
+        ("/v1/db2/availability", "group=zzz", 417, "db2 is not in group 'zzz'"),
+        ("/v1/db4/availability", None, 417, "unavailable"),
+        ("/v1/nope/availability", None, 417, "invalid"),
+        ("/v1/nope/availability", "limit=abc", 417, "invalid"),
+    ],
+)
+def test_availability_answers_as_pgroute66(path: str, query: str | None, status: int, body: str) -> None:
+    det, _, _ = _streaming_for_12_seconds_with_db3_stopped_after_the_first(
+        {**PSS, "db4": Boom("refused")})
+    try:
+        assert det.route(path, query) == (status, body)
+    finally:
+        det.close()
+
+
+@pytest.mark.parametrize(
+    "skew",
+    [
+        {},
+        {"db2": -3600.0, "db3": 3600.0},  # standbys' clocks an hour off either way
+        {"db3": -30.0},  # the stale one's clock behind: now() - row on it would say -18 s
+        {"db1": 86400.0, "db2": 5.0},  # the primary's clock a day ahead of the others'
+        {"db1": -7.5},
+    ],
+)
+def test_staleness_does_not_depend_on_the_hosts_clocks(skew: Mapping[str, float]) -> None:
+    det, _, _ = _streaming_for_12_seconds_with_db3_stopped_after_the_first(
+        skew=skew, max_standby_staleness_seconds=10)
+    try:
+        states = det.scan()
+        assert [det.staleness(n, states, PSS)[0] for n in ("db1", "db2", "db3")] == [1.0, 1.0, 12.0]
+        assert det.route("/v1/standby/db2") == (200, "db2")
+        assert det.route("/v1/standby/db3") == (503, "")
+        assert det.route("/v1/db3/availability") == (408, "exceeded (exceeded 10 by 12 msec)")
+    finally:
+        det.close()
+
+
+def test_during_a_failover_standbys_age_on_the_last_primary_and_then_on_the_new_one() -> None:
+    # db2's clock is 30 s ahead: the old primary's heartbeats and the new one's differ by that much.
+    det, db, clock = on_database(PSS, skew={"db2": 30.0}, max_standby_staleness_seconds=10)
+    try:
+        for _ in range(3):  # heartbeats at 0, 1 and 2
+            det.scan()
+            clock.advance(1)
+        db.roles["db1"] = ConnectionError("no route to host")  # the primary is gone at 3
+        seen = []
+        while clock.now <= 13:
+            seen.append((clock.now, det.route("/v1/standby/db2")[0], det.route("/v1/standby/db3")[0]))
+            clock.advance(1)
+        # No primary, so no heartbeat: the standbys stay up until theirs (from 2) is 10 s old.
+        assert seen == [(t, 200, 200) for t in range(3, 13)] + [(13, 503, 503)]
+        assert db.writes[-1] == ("db1", EPOCH + 2)
+
+        db.roles["db2"] = "primary"  # promoted at 14; db3 follows it
+        assert det.route("/v1/standby/db3") == (503, "")  # its row is db1's, measured on db2's clock
+        assert db.writes[-1] == ("db2", EPOCH + 30 + 14)
+        clock.advance(1)
+        assert det.route("/v1/standby/db3") == (200, "db3")  # db2's heartbeat from 14, 1 s old
+    finally:
+        det.close()
+
+
+def test_the_staleness_limit_is_inclusive_and_beside_the_lag_limit() -> None:
+    det, db, clock = on_database(PSS, max_standby_staleness_seconds=2.5)
+    try:
+        det.scan()
+        db.stopped.add("db3")
+        clock.advance(2.5)
+        assert det.route("/v1/standby/db3") == (200, "db3")
+        clock.advance(0.001)
+        assert det.route("/v1/standby/db3") == (503, "")
+    finally:
+        det.close()
+
 
 
 # --------------------------------------------------------------------------- parallel scan
@@ -813,6 +1163,96 @@ def test_prober_against_closed_port_is_unavailable() -> None:
         prober.close()
 
 
+class FakeCursor:
+    def __init__(self, row: tuple[Any, ...] | None) -> None:
+        self.row = row
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        return self.row
+
+
+class FakeConnection:
+    """Answers each statement with the next of `answers` (a row, or an Exception to raise)."""
+
+    def __init__(self, *answers: Any) -> None:
+        self.answers = list(answers)
+        self.statements: list[str] = []
+        self.closed = False
+
+    def execute(self, sql: str) -> FakeCursor:
+        self.statements.append(sql)
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return FakeCursor(answer)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_prober_heartbeat_writer_never_waits_for_a_synchronous_standby() -> None:
+    prober = PsycopgProber({"db1": {"host": "h", "options": "-c search_path=x"}}, query_timeout=0.5)
+    assert "options='-c search_path=x -c statement_timeout=500'" in prober.conninfo("db1")
+    assert ("options='-c search_path=x -c statement_timeout=500 -c synchronous_commit=local'"
+            in prober.conninfo("db1", writer=True))
+
+
+@pytest.mark.parametrize(
+    ("with_lag", "answers", "state", "statements"),
+    [
+        (False, [(True, Decimal("1700000000.25"), True), (Decimal("1699999999.5"),)],
+         HostState("standby", None, 1700000000.25, 1699999999.5), 2),
+        (True, [(True, Decimal(0), Decimal(1700000000), True), (None,)],  # the table, no row
+         HostState("standby", 0, 1700000000.0, None), 2),
+        (True, [(False, None, Decimal(1700000000), True), (Decimal(1699999999),)],
+         HostState("primary", None, 1700000000.0, 1699999999.0), 2),
+        # No table, or no privilege: the second statement is not sent (no error in the server's log).
+        (False, [(False, Decimal(1700000000), None)],
+         HostState("primary", None, 1700000000.0, None, "table public.pgr66_avc does not exist"), 1),
+        (False, [(True, Decimal(1700000000), False)],
+         HostState("standby", None, 1700000000.0, None, "permission denied for table public.pgr66_avc"), 1),
+    ],
+)
+def test_prober_reads_clock_and_heartbeat(with_lag: bool, answers: list[Any], state: HostState,
+                                          statements: int) -> None:
+    prober = PsycopgProber({"db1": {"host": "h"}}, with_lag=with_lag, with_heartbeat=True)
+    conn = FakeConnection(*answers)
+    assert prober._query(conn) == state  # type: ignore[arg-type]
+    assert conn.statements[1:] == [pd.HEARTBEAT_READ][:statements - 1]
+    assert conn.statements[0].startswith("select pg_is_in_recovery(), ")
+    assert conn.statements[0].endswith(
+        "extract(epoch from clock_timestamp()), has_table_privilege(to_regclass('public.pgr66_avc'), 'select')")
+
+
+def test_prober_heartbeat_read_error_is_the_hosts_heartbeat_error() -> None:
+    import psycopg
+
+    prober = PsycopgProber({"db1": {"host": "h"}}, with_heartbeat=True)
+    conn = FakeConnection((True, Decimal(1700000000), True),
+                          psycopg.errors.UndefinedTable('relation "public.pgr66_avc"\n does not exist'))
+    assert prober._query(conn) == HostState(  # type: ignore[arg-type]
+        "standby", None, 1700000000.0, None, 'relation "public.pgr66_avc" does not exist')
+
+
+def test_prober_without_heartbeat_asks_only_for_the_role() -> None:
+    prober = PsycopgProber({"db1": {"host": "h"}})
+    conn = FakeConnection((False,))
+    assert prober._query(conn) == P  # type: ignore[arg-type]
+    assert conn.statements == ["select pg_is_in_recovery()"]
+
+
+def test_prober_heartbeat_writes_on_its_own_connection_and_drops_it_on_error() -> None:
+    prober = PsycopgProber({"db1": {"host": "h"}}, with_heartbeat=True)
+    writer = FakeConnection(None, Boom("cannot execute UPDATE in a read-only transaction"))
+    prober._writers["db1"] = writer  # type: ignore[assignment]
+    prober.heartbeat("db1")
+    assert writer.statements == [pd.HEARTBEAT_WRITE]
+    assert "clock_timestamp() at time zone 'UTC'" in pd.HEARTBEAT_WRITE
+    with pytest.raises(Boom):
+        prober.heartbeat("db1")
+    assert writer.closed and "db1" not in prober._writers and prober._conns == {}
+
+
 # --------------------------------------------------------------------------- HTTP
 
 
@@ -860,6 +1300,8 @@ def _get(url: str) -> tuple[int, Any, str]:
         ("/v1/primary/db2?group=pg", 503, ""),
         ("/v1/standby/db2?group=pg", 200, "db2"),
         ("/v1/standby/db3", 503, ""),
+        ("/v1/db2/availability?limit=5", 417, "no heartbeat in public.pgr66_avc yet"),
+        ("/v1/db9/availability", 417, "invalid"),
         ("/nope", 404, "not found"),
     ],
 )

@@ -542,6 +542,7 @@ port: 8080
 query_timeout: 1.0
 cache_ms: 200
 max_standby_lag_bytes: 16777216
+max_standby_staleness_seconds: 10
 """
 
 LAB_ROUTER_CHECK = """\

@@ -235,6 +235,9 @@ def render_detector_config(inv: Inventory, secrets: RoutingSecrets) -> str:
         "query_timeout": 1.0,
         "cache_ms": 200,
         "max_standby_lag_bytes": 16 * 1024 * 1024,
+        # The heartbeat's age also catches a standby whose WAL receiver stopped (its byte lag
+        # stays 0); pgroute66's availability default. The table is made by ensure_roles.
+        "max_standby_staleness_seconds": 10,
     }
     return "# Managed by bouwsteen routing_rollout.\n" + yaml.safe_dump(document, sort_keys=False)
 
