@@ -20,10 +20,19 @@ from prefect.tasks import exponential_backoff
 from tasks.adapters.etcd import EtcdUnavailable
 from tasks.adapters.ha.base import HaStatusError
 from tasks.adapters.postgres import DatabaseUnavailable
-from tasks.adapters.remote import RemoteError, RemoteUnreachable
+from tasks.adapters.remote import (
+    HostKeyRejected,
+    RemoteError,
+    RemoteUnreachable,
+    SudoRefused,
+    UploadFailed,
+)
 from tasks.errors import DeadlineExceeded, NoPrimary, NotYet
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RemoteUnreachable, DatabaseUnavailable, EtcdUnavailable)
+# Remote failures no wait outlasts (a host key, sudo rules, a refused upload): `wait_for` raises
+# them at once instead of polling into them until its deadline.
+PERMANENT_REMOTE_ERRORS: tuple[type[BaseException], ...] = (HostKeyRejected, SudoRefused, UploadFailed)
 
 
 def _retry_on_transient(task_obj, task_run, state) -> bool:
@@ -89,6 +98,8 @@ def wait_for(what: str, probe, *, timeout: float, interval: float = 1.0):
             if value:
                 return value
             last = value
+        except PERMANENT_REMOTE_ERRORS:
+            raise
         except (NotYet, NoPrimary, RemoteError, DatabaseUnavailable, EtcdUnavailable, HaStatusError) as exc:
             last = exc
         if time.monotonic() > deadline:
