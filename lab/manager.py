@@ -16,7 +16,15 @@ from pathlib import Path
 import yaml
 
 from lab import image as lab_image
-from lab.machine import LAB_CGROUP, LabError, Machine, cgroup_root, delete_bridge, ensure_bridge, run
+from lab.machine import (
+    LAB_CGROUP,
+    LabError,
+    Machine,
+    cgroup_root,
+    delete_bridge,
+    ensure_bridge,
+    run,
+)
 from lab.paths import LabPaths
 from lab.pki import LabCA
 from lab.topology import (
@@ -257,6 +265,9 @@ class Lab:
             "s3_secret_access_key": secrets.token_urlsafe(24),
             "s3_admin_access_key_id": "admin" + secrets.token_hex(6),
             "s3_admin_secret_access_key": secrets.token_urlsafe(24),
+            # The restore host's own key (read-only on MinIO; rclone serves it with full access).
+            "s3_restore_access_key_id": "restore" + secrets.token_hex(6),
+            "s3_restore_secret_access_key": secrets.token_urlsafe(24),
             "vrrp_password": secrets.token_hex(4),
             "pgbackrest_cipher_pass": secrets.token_urlsafe(24),
             "monitor_password": secrets.token_urlsafe(18),

@@ -119,24 +119,37 @@ def _swallow(fn):
 
 @step
 def ensure_object_store_access(cluster: str) -> bool:
-    """The cluster's own object-store user, limited to its bucket prefix, where the server has
-    per-cluster users (MinIO, through its admin API over verified TLS); True when it changed."""
+    """The cluster's own object-store user, limited to its bucket prefix, and the restore host's
+    user, which only reads it, where the server has per-cluster users (MinIO, through its admin
+    API over verified TLS); True when something changed."""
     ctx = context_for(cluster)
     store, block = ctx.inventory.cluster.object_store, ctx.store_block
     if store is None or block is None:
         raise LookupError(f"cluster {ctx.name} has no object store configured")
+    restore_key = block.restore_access_key_id is not None and block.restore_secret_access_key is not None
     if not server_for(store.server).per_cluster_users:
-        say(f"{store.server}: every registered key may use every bucket; no per-cluster user to manage.")
+        say(f"{store.server}: every registered key may use every bucket; no per-cluster user to manage"
+            + ("; the restore host's key is a key of its own but not read-only (the server has no per-key "
+               "permissions)." if restore_key else "."), warning=restore_key)
         return False
     host = ctx.inventory.host(store.host)
-    outcome = ensure_cluster_access(
-        AdminEndpoint(address=f"{host.address}:{store.endpoint_port}", ca_pem=block.ca_certificate, region=store.region),
-        admin=MinioCredentials(block.admin_access_key_id, block.admin_secret_access_key.get_secret_value()),
+    endpoint = AdminEndpoint(address=f"{host.address}:{store.endpoint_port}", ca_pem=block.ca_certificate,
+                             region=store.region)
+    admin = MinioCredentials(block.admin_access_key_id, block.admin_secret_access_key.get_secret_value())
+    outcomes = [ensure_cluster_access(
+        endpoint, admin=admin,
         cluster=MinioCredentials(block.access_key_id, block.secret_access_key.get_secret_value()),
         grant=ClusterGrant(cluster=ctx.name, bucket=store.bucket, prefix=cluster_prefix(ctx)),
-    )
-    say(outcome.sentence)
-    return outcome.changed
+    )]
+    if restore_key:
+        outcomes.append(ensure_cluster_access(
+            endpoint, admin=admin,
+            cluster=MinioCredentials(block.restore_access_key_id, block.restore_secret_access_key.get_secret_value()),
+            grant=ClusterGrant(cluster=ctx.name, bucket=store.bucket, prefix=cluster_prefix(ctx), read_only=True),
+            other_users=(block.access_key_id,),
+        ))
+    say(" ".join(outcome.sentence for outcome in outcomes))
+    return any(outcome.changed for outcome in outcomes)
 
 
 @step
