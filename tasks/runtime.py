@@ -22,6 +22,7 @@ from tasks.adapters.ha.base import HaStatusError
 from tasks.adapters.postgres import DatabaseUnavailable
 from tasks.adapters.remote import (
     HostKeyRejected,
+    LoginRefused,
     RemoteError,
     RemoteUnreachable,
     SudoRefused,
@@ -30,9 +31,9 @@ from tasks.adapters.remote import (
 from tasks.errors import DeadlineExceeded, NoPrimary, NotYet
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RemoteUnreachable, DatabaseUnavailable, EtcdUnavailable)
-# Remote failures no wait outlasts (a host key, sudo rules, a refused upload): `wait_for` raises
-# them at once instead of polling into them until its deadline.
-PERMANENT_REMOTE_ERRORS: tuple[type[BaseException], ...] = (HostKeyRejected, SudoRefused, UploadFailed)
+# Remote failures no wait outlasts (a host key, a refused login, sudo rules, a refused upload):
+# `wait_for` raises them at once instead of polling into them until its deadline.
+PERMANENT_REMOTE_ERRORS: tuple[type[BaseException], ...] = (HostKeyRejected, LoginRefused, SudoRefused, UploadFailed)
 
 
 def _retry_on_transient(task_obj, task_run, state) -> bool:

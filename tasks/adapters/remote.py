@@ -93,6 +93,11 @@ class HostKeyRejected(RemoteError):
     """The host's key is unknown or differs from known_hosts: never retry, never accept."""
 
 
+class LoginRefused(RemoteError):
+    """The host refused the key for that user: a wrong key or user in the credentials, never
+    something a retry fixes."""
+
+
 class SudoRefused(RemoteError):
     """The login user may not run the command through `sudo -n` (sudo missing, a password
     required, not in sudoers): the command never ran, and a retry would be refused the same way."""
@@ -238,6 +243,11 @@ class RemoteHost:
                 self.target.host, description, None,
                 reason=f"host key of {self.target.address} CHANGED (got {exc.key.get_name()} "
                 f"{exc.key.fingerprint}); refusing to connect",
+            ) from None
+        except paramiko.AuthenticationException as exc:
+            raise LoginRefused(
+                self.target.host, description, None,
+                reason=f"{self.target.address} refused the SSH key for user {self.target.user} ({exc})",
             ) from None
         except paramiko.SSHException as exc:
             if "not found in known_hosts" in str(exc):

@@ -328,3 +328,24 @@ def test_install_script_fails_loudly_and_still_removes_the_staged_copy(tmp_path)
 def test_the_install_script_holds_no_content() -> None:
     assert SECRET not in install_command("/home/bouwsteen/.bouwsteen-staging/x", SPEC).render(sudo=True)
     assert script("true").render(sudo=True).startswith("sudo -n -- timeout ")
+
+
+# ----------------------------------------------------------------------------- a refused login
+
+
+def test_a_refused_key_is_a_refused_login_not_an_unreachable_host() -> None:
+    import paramiko
+
+    from tasks.adapters.remote import LoginRefused
+
+    host, fake = remote("root")
+    fake.is_connected = False
+
+    def refuse() -> None:
+        raise paramiko.AuthenticationException("Authentication failed.")
+
+    fake.open = refuse
+    with pytest.raises(LoginRefused, match="refused the SSH key for user root") as info:
+        host.run(cmd("true"))
+    assert not isinstance(info.value, RemoteUnreachable)
+    assert _retry_on_transient(None, None, Failed(data=info.value)) is False

@@ -21,6 +21,7 @@ from tasks.adapters.postgres import (
 )
 from tasks.adapters.remote import (
     HostKeyRejected,
+    LoginRefused,
     RemoteError,
     RemoteTimeout,
     RemoteUnreachable,
@@ -58,6 +59,7 @@ class Unrelated(Exception):
         (HostKeyRejected("pg1", "ssh", None, reason="host key differs"), False),
         (SudoRefused("pg3", "systemctl", 1, reason="a password is required"), False),  # sudo rules, not the network
         (UploadFailed("pg3", "upload /etc/x", None, reason="Permission denied"), False),
+        (LoginRefused("pg3", "ssh", None, reason="refused the SSH key for user root"), False),
         (AuthenticationFailed("password authentication failed"), False),
         (DatabaseError("duplicate key"), False),
         (UndefinedObject("relation does not exist"), False),
@@ -237,6 +239,7 @@ def test_wait_for_does_not_swallow_what_is_no_waiting_matter(fake_time: FakeTime
 
 @pytest.mark.parametrize("error", [
     HostKeyRejected("pg3", "ssh", None, reason="host key differs"),
+    LoginRefused("pg3", "ssh", None, reason="refused the SSH key for user root"),
     SudoRefused("pg3", "patronictl list", 1, reason="a password is required"),
     UploadFailed("pg3", "upload /etc/x", None, reason="Permission denied"),
 ], ids=lambda e: type(e).__name__)
