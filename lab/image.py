@@ -298,10 +298,10 @@ def build_image(paths: LabPaths, *, force: bool = False, pip: str | None = None)
             + "apt-get clean\n"
             + "rm -rf /var/lib/apt/lists/*\n",
         )
+        _add_login_user(rootfs)
     _fetch_rclone(rootfs / "usr/local/bin/rclone", pip or shutil.which("pip3") or "pip3")
     _install_patroni(rootfs, pip or shutil.which("pip3") or "pip3")
     _install_pgbackrest(rootfs, mirror)
-    _add_login_user(rootfs)
     (rootfs / "usr/sbin/policy-rc.d").unlink()
     _unconfigure(rootfs)
     (rootfs / ".bouwsteen-image").write_text(
