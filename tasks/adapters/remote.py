@@ -109,20 +109,24 @@ class UploadFailed(RemoteError):
 
 
 STAGING_DIR = ".bouwsteen-staging"
-# What sudo itself prints when it will not run a command (as opposed to the command's own errors).
-_SUDO_REFUSALS = re.compile(
-    r"^sudo: |is not in the sudoers file|^Sorry, user \S+ (is not allowed|may not run sudo)", re.MULTILINE)
+# What sudo itself prints when it will not run a command (as opposed to the command's own errors):
+# its own "sudo: …" errors, and the two refusals it words without that prefix.
+_SUDO_REFUSAL = re.compile(r"sudo: .*|.* is not in the sudoers file.*|Sorry, user \S+ (is not allowed|may not run sudo).*")
+# What sudo prints and then runs the command all the same.
+_SUDO_WARNINGS = ("sudo: unable to resolve host", "sudo: warning:", "sudo: setrlimit")
 _SUDO_MISSING = re.compile(r"\bsudo: (command )?not found")
 
 
 def sudo_refusal(exit_code: int | None, stderr: str) -> str | None:
-    """sudo's own refusal in a command's outcome (the reason's first line), or None when sudo ran
-    the command. sudo exits 1 when it refuses; a shell without sudo exits 127."""
+    """sudo's own refusal in a command's outcome (its first line), or None when sudo ran the
+    command. sudo exits 1 when it refuses; a shell without sudo exits 127. A warning sudo gives
+    before running the command (an unresolvable host name) is no refusal, whatever the command's
+    own exit code."""
     if exit_code == 1:
-        match = _SUDO_REFUSALS.search(stderr)
-        if match:
-            start = stderr.rfind("\n", 0, match.start()) + 1
-            return stderr[start:].splitlines()[0].strip()
+        for line in stderr.splitlines():
+            line = line.strip()
+            if _SUDO_REFUSAL.fullmatch(line) and not line.startswith(_SUDO_WARNINGS):
+                return line
     if exit_code == 127 and _SUDO_MISSING.search(stderr):
         return "sudo is not installed on the host"
     return None

@@ -171,6 +171,10 @@ def test_as_login_user_skips_sudo_and_cannot_switch_users() -> None:
     (1, "ERROR: [056]: unable to find primary cluster\n", None),
     (1, "", None),
     (0, "sudo: unable to resolve host pg3: Name or service not known\n", None),  # a warning; it ran
+    # ... and the command's own "no" (systemctl is-active, grep -q) after that warning
+    (1, "sudo: unable to resolve host pg3: Name or service not known\n", None),
+    (1, "sudo: unable to resolve host pg3: Name or service not known\nsudo: a password is required\n",
+     "sudo: a password is required"),
     (127, "bash: line 1: pgbackrest: command not found\n", None),
     (2, "sudo: a password is required\n", None),
 ])
