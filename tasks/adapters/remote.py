@@ -249,6 +249,9 @@ class RemoteHost:
                 f"{exc.key.fingerprint}); refusing to connect",
             ) from None
         except paramiko.AuthenticationException as exc:
+            if "timeout" in str(exc).lower():
+                # paramiko's "Authentication timeout.": no answer in time (a busy or cut-off host).
+                raise RemoteUnreachable(self.target.host, description, None, reason=f"SSH error: {exc}") from None
             raise LoginRefused(
                 self.target.host, description, None,
                 reason=f"{self.target.address} refused the SSH key for user {self.target.user} ({exc})",

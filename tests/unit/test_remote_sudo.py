@@ -353,3 +353,18 @@ def test_a_refused_key_is_a_refused_login_not_an_unreachable_host() -> None:
         host.run(cmd("true"))
     assert not isinstance(info.value, RemoteUnreachable)
     assert _retry_on_transient(None, None, Failed(data=info.value)) is False
+
+
+def test_an_authentication_timeout_is_an_unreachable_host() -> None:
+    import paramiko
+
+    host, fake = remote("bouwsteen")
+    fake.is_connected = False
+
+    def slow() -> None:
+        raise paramiko.AuthenticationException("Authentication timeout.")
+
+    fake.open = slow
+    with pytest.raises(RemoteUnreachable) as info:
+        host.run(cmd("true"))
+    assert _retry_on_transient(None, None, Failed(data=info.value)) is True
