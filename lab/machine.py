@@ -104,7 +104,7 @@ class Machine:
         """Create the host's own layer once: identity, host key, the login keys.
 
         root takes the lab's tooling key everywhere, and the flows' key too unless the host has
-        a non-root `ssh_user`: there only that user takes the flows' key (and sudoes)."""
+        a non-root `ssh_user`: there only that user takes the flows' key (and uses sudo)."""
         marker = self.dir / "disk.ready"
         if marker.exists():
             return
