@@ -139,11 +139,26 @@ class ObjectStoreCredentials(Block):
     repository_cipher_pass: SecretStr | None = Field(
         default=None, description="encrypts the backup repository (pgBackRest repo1-cipher-pass)"
     )
+    restore_access_key_id: str | None = Field(
+        default=None, pattern=ACCESS_KEY,
+        description="the restore host's own key: read-only on the cluster's prefix where the server has per-key "
+                    "policies (MinIO); unset: the restore host uses access_key_id",
+    )
+    restore_secret_access_key: SecretStr | None = None
 
-    @field_validator("secret_access_key", "admin_secret_access_key", "repository_cipher_pass")
+    @field_validator("secret_access_key", "admin_secret_access_key", "repository_cipher_pass",
+                     "restore_secret_access_key")
     @classmethod
     def _one_line(cls, value: SecretStr | None) -> SecretStr | None:
         return None if value is None else _one_line_secret(value)
+
+    @model_validator(mode="after")
+    def _restore_key(self) -> "ObjectStoreCredentials":
+        if (self.restore_access_key_id is None) != (self.restore_secret_access_key is None):
+            raise ValueError("restore_access_key_id and restore_secret_access_key: give both or neither")
+        if self.restore_access_key_id in (self.access_key_id, self.admin_access_key_id):
+            raise ValueError("restore_access_key_id: must be a key of its own (not the cluster's or the admin's)")
+        return self
 
     _private_key_text = field_validator("server_private_key")(_text_secret)
 

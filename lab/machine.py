@@ -100,8 +100,11 @@ class Machine:
     def console_log(self) -> Path:
         return self.dir / "console.log"
 
-    def ensure_disk(self, authorized_key: str) -> None:
-        """Create the host's own layer once: identity, host key, the lab's login key."""
+    def ensure_disk(self, flows_key: str, tool_key: str) -> None:
+        """Create the host's own layer once: identity, host key, the login keys.
+
+        root takes the lab's tooling key everywhere, and the flows' key too unless the host has
+        a non-root `ssh_user`: there only that user takes the flows' key (and uses sudo)."""
         marker = self.dir / "disk.ready"
         if marker.exists():
             return
@@ -119,12 +122,31 @@ class Machine:
         key = up / "etc/ssh/ssh_host_ed25519_key"
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{self.host.name}", "-f", str(key)])
         (up / "etc/ssh/sshd_config.d/10-hostkey.conf").write_text("HostKey /etc/ssh/ssh_host_ed25519_key\n")
+        root_keys = [tool_key] if self.host.ssh_user else [tool_key, flows_key]
         auth = up / "root/.ssh/authorized_keys"
-        auth.write_text(authorized_key.strip() + "\n")
+        auth.write_text("".join(key.strip() + "\n" for key in root_keys))
         auth.chmod(0o600)
         (up / "root/.ssh").chmod(0o700)
         (up / "root").chmod(0o700)
+        if self.host.ssh_user:
+            self._authorize_login_user(self.host.ssh_user, flows_key)
         marker.write_text("ok\n")
+
+    def _authorize_login_user(self, user: str, key: str) -> None:
+        """The flows' key in the image's non-root user's authorized_keys, owned as sshd wants it."""
+        if self.image is None:
+            raise LabError(f"{self.host.name}: the image is needed to find user {user}")
+        uid, gid, home = image_account(self.image, user)
+        up = self.upper
+        (up / "home").mkdir(exist_ok=True)
+        (up / "home").chmod(0o755)
+        ssh_dir = up / home.lstrip("/") / ".ssh"
+        ssh_dir.mkdir(parents=True)
+        auth = ssh_dir / "authorized_keys"
+        auth.write_text(key.strip() + "\n")
+        for path, mode in ((ssh_dir.parent, 0o700), (ssh_dir, 0o700), (auth, 0o600)):
+            os.chown(path, uid, gid)
+            path.chmod(mode)
 
     def host_public_key(self) -> str:
         return " ".join((self.upper / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()[:2])
@@ -320,6 +342,15 @@ class Machine:
             if time.monotonic() > deadline:
                 raise LabError(f"{self.host.name}: ssh did not answer within {timeout:.0f}s; see {self.console_log}")
             time.sleep(0.2)
+
+
+def image_account(image: Path, user: str) -> tuple[int, int, str]:
+    """(uid, gid, home) of `user` in the image's /etc/passwd."""
+    for line in (image / "etc/passwd").read_text().splitlines():
+        fields = line.split(":")
+        if len(fields) >= 7 and fields[0] == user:
+            return int(fields[2]), int(fields[3]), fields[5]
+    raise LabError(f"the lab image has no user {user!r}; it is built by lab/image.py (`lab down`, then `lab up`)")
 
 
 def _rmdir_quiet(path: Path) -> None:

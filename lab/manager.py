@@ -16,7 +16,15 @@ from pathlib import Path
 import yaml
 
 from lab import image as lab_image
-from lab.machine import LAB_CGROUP, LabError, Machine, cgroup_root, delete_bridge, ensure_bridge, run
+from lab.machine import (
+    LAB_CGROUP,
+    LabError,
+    Machine,
+    cgroup_root,
+    delete_bridge,
+    ensure_bridge,
+    run,
+)
 from lab.paths import LabPaths
 from lab.pki import LabCA
 from lab.topology import (
@@ -64,18 +72,21 @@ class Lab:
         if missing:
             raise LabError(f"missing tools on the controller: {', '.join(missing)}")
 
-    def _ensure_ssh_key(self) -> str:
-        key = self.paths.ssh_key
+    def _ensure_ssh_key(self, key: Path, comment: str) -> str:
         if not key.exists():
             key.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(key.parent, 0o700)
-            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bouwsteen-lab", "-f", str(key)])
-        return key.with_suffix(".pub").read_text()
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)])
+        return Path(f"{key}.pub").read_text()
 
     def ssh_argv(self, host: LabHost, *, connect_timeout: int = 5) -> list[str]:
+        """root on `host` with the lab's own tooling key (`lab ssh`, the tests' helpers, waiting for
+        boot). The flows never use it: they log in with the registered key, as the inventory's
+        user, which on a host with `ssh_user` is that non-root user (root refuses their key)."""
         return [
             "ssh",
-            "-i", str(self.paths.ssh_key),
+            "-i", str(self.paths.tool_key),
+            "-o", "IdentitiesOnly=yes",
             "-o", f"UserKnownHostsFile={self.paths.known_hosts}",
             "-o", "StrictHostKeyChecking=yes",
             "-o", "BatchMode=yes",
@@ -91,11 +102,12 @@ class Lab:
         started = time.monotonic()
         image = lab_image.build_image(self.paths, pip=pip)
         image_ready = time.monotonic()
-        pubkey = self._ensure_ssh_key()
+        flows_key = self._ensure_ssh_key(self.paths.ssh_key, "bouwsteen-lab")
+        tool_key = self._ensure_ssh_key(self.paths.tool_key, "bouwsteen-lab-tools")
         ensure_bridge()
 
         def bring_up(machine: Machine) -> None:
-            machine.ensure_disk(pubkey)
+            machine.ensure_disk(flows_key, tool_key)
             machine.ensure_network()
             if not machine.is_isolated():
                 machine.link_up(True)
@@ -257,6 +269,9 @@ class Lab:
             "s3_secret_access_key": secrets.token_urlsafe(24),
             "s3_admin_access_key_id": "admin" + secrets.token_hex(6),
             "s3_admin_secret_access_key": secrets.token_urlsafe(24),
+            # The restore host's own key (read-only on MinIO; rclone serves it with full access).
+            "s3_restore_access_key_id": "restore" + secrets.token_hex(6),
+            "s3_restore_secret_access_key": secrets.token_urlsafe(24),
             "vrrp_password": secrets.token_hex(4),
             "pgbackrest_cipher_pass": secrets.token_urlsafe(24),
             "monitor_password": secrets.token_urlsafe(18),
@@ -303,7 +318,9 @@ class Lab:
                 "known_hosts_file": str(self.paths.known_hosts),
             },
             "hosts": [
-                {"name": h.name, "address": str(h.address), "roles": list(h.roles)} for h in self.hosts
+                {"name": h.name, "address": str(h.address), "roles": list(h.roles),
+                 **({"ssh_user": h.ssh_user} if h.ssh_user else {})}
+                for h in self.hosts
             ],
         }
 

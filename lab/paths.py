@@ -33,7 +33,15 @@ class LabPaths:
 
     @property
     def ssh_key(self) -> Path:
+        """The flows' key (registered in the SSH block): root on most hosts, the non-root login on
+        a host with `ssh_user`."""
         return self.lab / "id_ed25519"
+
+    @property
+    def tool_key(self) -> Path:
+        """The lab's own tooling key (`lab ssh`, the tests' helpers): root on every host, never
+        registered for the flows."""
+        return self.lab / "id_ed25519_lab"
 
     @property
     def known_hosts(self) -> Path:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from lab.image import LOGIN_USER
+
 # A private range not used by this machine; nothing outside the lab routes to or from it.
 SUBNET = ipaddress.IPv4Network("172.29.66.0/24")
 CONTROLLER_ADDRESS = ipaddress.IPv4Address("172.29.66.1")
@@ -19,6 +21,9 @@ class LabHost:
     name: str
     address: ipaddress.IPv4Address
     roles: tuple[str, ...] = field(default_factory=tuple)
+    # The flows log in as this non-root user (passwordless sudo) instead of root; the flows' key
+    # is then not a root key on this host (the lab's own tooling keeps a root key of its own).
+    ssh_user: str | None = None
 
     @property
     def netns(self) -> str:
@@ -37,7 +42,8 @@ class LabHost:
 DEFAULT_HOSTS: tuple[LabHost, ...] = (
     LabHost("pg1", ipaddress.IPv4Address("172.29.66.11"), ("db",)),
     LabHost("pg2", ipaddress.IPv4Address("172.29.66.12"), ("db",)),
-    LabHost("pg3", ipaddress.IPv4Address("172.29.66.13"), ("db",)),
+    # A database host, so every cluster runbook goes through a non-root login at least once.
+    LabHost("pg3", ipaddress.IPv4Address("172.29.66.13"), ("db",), ssh_user=LOGIN_USER),
     LabHost("pg4", ipaddress.IPv4Address("172.29.66.14"), ()),
     LabHost("backup1", ipaddress.IPv4Address("172.29.66.21"), ("backup",)),
     LabHost("router1", ipaddress.IPv4Address("172.29.66.31"), ("router",)),

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from tasks.adapters import peer_ssh
 from tasks.adapters.backup.base import ArchiveCheck, BackupInfo
 from tasks.adapters.minio_admin import (
     AdminEndpoint,
@@ -118,24 +119,37 @@ def _swallow(fn):
 
 @step
 def ensure_object_store_access(cluster: str) -> bool:
-    """The cluster's own object-store user, limited to its bucket prefix, where the server has
-    per-cluster users (MinIO, through its admin API over verified TLS); True when it changed."""
+    """The cluster's own object-store user, limited to its bucket prefix, and the restore host's
+    user, which only reads it, where the server has per-cluster users (MinIO, through its admin
+    API over verified TLS); True when something changed."""
     ctx = context_for(cluster)
     store, block = ctx.inventory.cluster.object_store, ctx.store_block
     if store is None or block is None:
         raise LookupError(f"cluster {ctx.name} has no object store configured")
+    restore_key = block.restore_access_key_id is not None and block.restore_secret_access_key is not None
     if not server_for(store.server).per_cluster_users:
-        say(f"{store.server}: every registered key may use every bucket; no per-cluster user to manage.")
+        say(f"{store.server}: every registered key may use every bucket; no per-cluster user to manage"
+            + ("; the restore host's key is a key of its own but not read-only (the server has no per-key "
+               "permissions)." if restore_key else "."), warning=restore_key)
         return False
     host = ctx.inventory.host(store.host)
-    outcome = ensure_cluster_access(
-        AdminEndpoint(address=f"{host.address}:{store.endpoint_port}", ca_pem=block.ca_certificate, region=store.region),
-        admin=MinioCredentials(block.admin_access_key_id, block.admin_secret_access_key.get_secret_value()),
+    endpoint = AdminEndpoint(address=f"{host.address}:{store.endpoint_port}", ca_pem=block.ca_certificate,
+                             region=store.region)
+    admin = MinioCredentials(block.admin_access_key_id, block.admin_secret_access_key.get_secret_value())
+    outcomes = [ensure_cluster_access(
+        endpoint, admin=admin,
         cluster=MinioCredentials(block.access_key_id, block.secret_access_key.get_secret_value()),
         grant=ClusterGrant(cluster=ctx.name, bucket=store.bucket, prefix=cluster_prefix(ctx)),
-    )
-    say(outcome.sentence)
-    return outcome.changed
+    )]
+    if restore_key:
+        outcomes.append(ensure_cluster_access(
+            endpoint, admin=admin,
+            cluster=MinioCredentials(block.restore_access_key_id, block.restore_secret_access_key.get_secret_value()),
+            grant=ClusterGrant(cluster=ctx.name, bucket=store.bucket, prefix=cluster_prefix(ctx), read_only=True),
+            other_users=(block.access_key_id,),
+        ))
+    say(" ".join(outcome.sentence for outcome in outcomes))
+    return any(outcome.changed for outcome in outcomes)
 
 
 @step
@@ -172,76 +186,47 @@ def is_object_store_working(cluster: str) -> RoundTrip:
 # ------------------------------------------------------------------------------ base backups
 
 
-def _known_hosts_for(ctx: ClusterContext, hosts) -> str:
-    """known_hosts lines of the given hosts, from the SSH block (the keys the controller verifies)."""
-    names = {str(h.address) for h in hosts} | {h.name for h in hosts}
-    lines = []
-    for line in ctx.ssh_auth.known_hosts.splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        patterns = set(line.split(" ", 1)[0].split(","))
-        if patterns & names:
-            lines.append(line)
-    return "\n".join(lines) + "\n"
-
-
 PEER_SSH_DIR = "/var/lib/postgresql/.ssh"
+# Kept under its old name: the client settings are part of the peers' files (tasks/adapters/peer_ssh.py).
+peer_ssh_config = peer_ssh.ssh_config
 
 
-def peer_ssh_config(addresses: list[str]) -> str:
-    """postgres's SSH client settings towards the other database hosts.
-
-    A standby's backup opens one SSH connection to the primary per pgBackRest process (the main
-    one and each worker): multiplexed over the first, the workers' connections take ~15 ms instead
-    of a full handshake each (~0.2 s, all at once on a busy host). The shared connection outlives
-    the backup by seconds only, and a dead peer ends it within ~6 s.
-    """
-    if not addresses:
-        raise ValueError("peer_ssh_config: no peer addresses")
-    return (
-        "# Managed by bouwsteen; local edits are overwritten.\n"
-        f"Host {' '.join(sorted(addresses))}\n"
-        "    ControlMaster auto\n"
-        "    ControlPath ~/.ssh/mux-%C\n"
-        "    ControlPersist 5s\n"
-        "    ServerAliveInterval 2\n"
-        "    ServerAliveCountMax 3\n"
-    )
+def backup_peers(ctx: ClusterContext) -> list[peer_ssh.Peer]:
+    """The database hosts as pgBackRest's SSH reaches them: by address, on the hosts' SSH port."""
+    return [peer_ssh.Peer(h.name, str(h.address), h.ssh_port or ctx.inventory.ssh.port) for h in ctx.inventory.db_hosts]
 
 
 @step
 def ensure_backup_peer_trust(cluster: str) -> str:
     """pgBackRest takes a standby's backup by asking the primary (over SSH, as postgres) to start
-    and stop it. Each database host gets a postgres key; peers accept it from that address only,
-    and host keys are the verified ones from the SSH block."""
+    and stop it. Each database host gets a postgres key; the other peers accept it from that
+    host's address only, for a command and nothing else (`restrict`), and host keys are the
+    verified ones from the SSH block (hashed known_hosts entries included)."""
     from tasks.adapters.commands import ManagedFile, script
 
     ctx = context_for(cluster)
-    inv = ctx.inventory
-    db_hosts = inv.db_hosts
+    peers = backup_peers(ctx)
+    # Refused before any host is touched when a peer's host key is missing.
+    known = peer_ssh.known_hosts(ctx.ssh_auth.known_hosts, peers)
     keys = {}
-    for host in db_hosts:
-        with ctx.remote(host) as remote:
-            keys[host.name] = remote.run(script(
+    for peer in peers:
+        with ctx.remote(peer.name) as remote:
+            keys[peer.name] = peer_ssh.public_key(peer.name, remote.run(script(
                 f'k={PEER_SSH_DIR}/id_ed25519; install -d -o postgres -g postgres -m 0700 "$(dirname "$k")"; '
                 '[ -f "$k" ] || runuser -u postgres -- ssh-keygen -q -t ed25519 -N "" -C "postgres@$(hostname)" -f "$k"; '
-                'cat "$k.pub"', description="ensure postgres SSH key")).stdout.strip()
-    authorized = "".join(
-        f'from="{h.address}",no-agent-forwarding,no-port-forwarding,no-X11-forwarding,no-pty {keys[h.name]}\n'
-        for h in db_hosts
-    )
-    known = _known_hosts_for(ctx, db_hosts)
+                'cat "$k.pub"', description="ensure postgres SSH key")).stdout)
+    config = peer_ssh.ssh_config([p.address for p in peers])
     changed = []
-    for host in db_hosts:
-        with ctx.remote(host) as remote:
+    for peer in peers:
+        with ctx.remote(peer.name) as remote:
             for spec in (
-                ManagedFile(f"{PEER_SSH_DIR}/authorized_keys", authorized, owner="postgres", mode=0o600),
-                ManagedFile(f"{PEER_SSH_DIR}/known_hosts", known, owner="postgres", mode=0o644),
-                ManagedFile(f"{PEER_SSH_DIR}/config", peer_ssh_config([str(h.address) for h in db_hosts]),
+                ManagedFile(f"{PEER_SSH_DIR}/authorized_keys", peer_ssh.authorized_keys(keys, peers, for_host=peer.name),
                             owner="postgres", mode=0o600),
+                ManagedFile(f"{PEER_SSH_DIR}/known_hosts", known, owner="postgres", mode=0o644),
+                ManagedFile(f"{PEER_SSH_DIR}/config", config, owner="postgres", mode=0o600),
             ):
                 if remote.ensure_file(spec):
-                    changed.append(f"{host.name}:{spec.path}")
+                    changed.append(f"{peer.name}:{spec.path}")
     return say(f"Updated {', '.join(changed)}." if changed else "postgres SSH trust between database hosts already in place.")
 
 

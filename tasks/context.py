@@ -6,7 +6,7 @@ used, so they never travel as task or flow parameters (which Prefect stores and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from blocks.inventory import HostSpec, Inventory
@@ -109,6 +109,9 @@ class ClusterContext:
             cluster_secret_access_key=b.secret_access_key.get_secret_value(),
             certificate_pem=b.server_certificate,
             private_key_pem=b.server_private_key.get_secret_value(),
+            restore_access_key_id=b.restore_access_key_id,
+            restore_secret_access_key=(b.restore_secret_access_key.get_secret_value()
+                                       if b.restore_secret_access_key else None),
         )
 
     @property
@@ -122,6 +125,17 @@ class ClusterContext:
             ca_certificate=b.ca_certificate,
             cipher_pass=b.repository_cipher_pass.get_secret_value() if b.repository_cipher_pass else None,
         )
+
+    @property
+    def restore_store_secrets(self) -> StoreSecrets:
+        """What the restore host reads the repository with: the restore key where one is registered
+        (read-only where the server has per-key policies), else the cluster's own."""
+        secrets = self.store_secrets
+        b = self.store_block
+        if b is None or b.restore_access_key_id is None or b.restore_secret_access_key is None:
+            return secrets
+        return replace(secrets, access_key_id=b.restore_access_key_id,
+                       secret_access_key=b.restore_secret_access_key.get_secret_value())
 
 
 def _load_optional(block_class, name: str):
@@ -168,7 +182,5 @@ def context_for(cluster: str, *, fresh: bool = False, inventory: dict | None = N
         _cached.cache_clear()
     ctx = _cached(cluster)
     if inventory is not None:
-        from dataclasses import replace
-
         ctx = replace(ctx, inventory=Inventory.model_validate(inventory))
     return ctx

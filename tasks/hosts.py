@@ -12,7 +12,7 @@ from blocks.inventory import HostSpec
 from tasks.adapters.commands import cmd, script
 from tasks.adapters.ha.pgdata import pgdata
 from tasks.adapters.probe import HostSnapshot, parse_probe, probe_command
-from tasks.adapters.remote import RemoteHost
+from tasks.adapters.remote import RemoteError, RemoteHost
 from tasks.context import ClusterContext, context_for
 from tasks.desired import ClusterSecrets, all_desired, stack_packages
 from tasks.errors import PreflightRefused
@@ -77,6 +77,8 @@ class HostFacts:
     host: str
     address: str
     ok: bool  # reachable over SSH with a verified host key
+    ssh_user: str = ""  # who the SSH session logs in as (`id -un` without sudo)
+    sudo: bool = False  # commands needing root run through `sudo -n` (a plain login user)
     hostname: str = ""
     os: str = ""
     systemd: str = ""
@@ -99,7 +101,12 @@ def is_host_reachable(cluster: str, host: str) -> HostFacts:
     ctx = context_for(cluster)
     spec = ctx.inventory.host(host)
     with ctx.remote(spec) as remote:
-        hostname = remote.run(cmd("hostname", timeout=10)).stdout.strip()
+        login = remote.run(cmd("id", "-un", timeout=10), as_login_user=True).stdout.strip()
+        hostname, effective = (remote.run(script("hostname; id -un", timeout=10, description="hostname and root"))
+                               .stdout.split() + ["", ""])[:2]
+        if effective != "root":
+            raise RemoteError(host, "id -un", 0, reason=f"commands run as {effective or 'nobody'}, not root; "
+                              f"{login} needs sudo to root")
         os_name = remote.run(
             script('. /etc/os-release && echo "$PRETTY_NAME"', timeout=10, description="read /etc/os-release")
         ).stdout.strip()
@@ -115,11 +122,14 @@ def is_host_reachable(cluster: str, host: str) -> HostFacts:
                 ok_codes=(0, 1))
         ).stdout.strip()
     facts = HostFacts(
-        host=host, address=str(spec.address), ok=True, hostname=hostname, os=os_name, systemd=systemd,
+        host=host, address=str(spec.address), ok=True, ssh_user=login, sudo=login != "root", hostname=hostname,
+        os=os_name, systemd=systemd,
         disk_free_gib=round(int(disk) / 2**30, 1), memory_available_mib=int(memory or 0),
         packages=" ".join(p for p in packages.split(";") if p and not p.endswith("=")),
     )
-    say(f"{host} answers as {hostname!r}: {os_name}, systemd {systemd}, {facts.disk_free_gib} GiB free.")
+    via = f"{login} with sudo" if facts.sudo else login
+    say(f"{host} answers as {hostname!r} (logged in as {via}): {os_name}, systemd {systemd}, "
+        f"{facts.disk_free_gib} GiB free.")
     return facts
 
 

@@ -141,7 +141,8 @@ def is_restore_host_free(cluster: str, replace_kept: bool = False) -> RestoreHos
 
 @step
 def ensure_restore_host_configured(cluster: str) -> str:
-    """Packages and the backup tool's configuration on the restore host (read access to the repository)."""
+    """Packages and the backup tool's configuration on the restore host (read access to the
+    repository: with the restore key where one is registered, read-only on MinIO)."""
     ctx = context_for(cluster)
     inv = ctx.inventory
     host = restore_host(ctx)
@@ -149,7 +150,7 @@ def ensure_restore_host_configured(cluster: str) -> str:
     changed = []
     with ctx.remote(host) as remote:
         changed += install_missing(remote, [inv.cluster.postgres.package, *driver.packages(inv)])
-        for spec in driver.host_files(inv, host, ctx.store_secrets):
+        for spec in driver.host_files(inv, host, ctx.restore_store_secrets):
             if remote.ensure_file(spec):
                 changed.append(spec.path)
     return say(f"{host.name}: {', '.join(changed)} set up." if changed else f"{host.name}: already set up for drills.")

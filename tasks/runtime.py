@@ -26,13 +26,23 @@ from prefect.tasks import exponential_backoff
 from tasks.adapters.etcd import EtcdUnavailable
 from tasks.adapters.ha.base import HaStatusError
 from tasks.adapters.postgres import DatabaseUnavailable
-from tasks.adapters.remote import RemoteError, RemoteUnreachable
+from tasks.adapters.remote import (
+    HostKeyRejected,
+    LoginRefused,
+    RemoteError,
+    RemoteUnreachable,
+    SudoRefused,
+    UploadFailed,
+)
 from tasks.errors import DeadlineExceeded, LockLost, NoPrimary, NotYet
 from tasks.lockwatch import require_held
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RemoteUnreachable, DatabaseUnavailable, EtcdUnavailable)
 # Never retried, whatever they derive from: once the lock is lost, another holder may be acting.
 NEVER_RETRIED: tuple[type[BaseException], ...] = (LockLost,)
+# Remote failures no wait outlasts (a host key, a refused login, sudo rules, a refused upload):
+# `wait_for` raises them at once instead of polling into them until its deadline.
+PERMANENT_REMOTE_ERRORS: tuple[type[BaseException], ...] = (HostKeyRejected, LoginRefused, SudoRefused, UploadFailed)
 
 
 def _retry_on_transient(task_obj, task_run, state) -> bool:
@@ -118,6 +128,8 @@ def wait_for(what: str, probe, *, timeout: float, interval: float = 1.0):
             if value:
                 return value
             last = value
+        except PERMANENT_REMOTE_ERRORS:
+            raise
         except (NotYet, NoPrimary, RemoteError, DatabaseUnavailable, EtcdUnavailable, HaStatusError) as exc:
             last = exc
         if time.monotonic() > deadline:

@@ -49,7 +49,12 @@ class Command:
                 raise CommandError(f"invalid environment variable name {name!r}")
 
     def render(self, *, sudo: bool = False) -> str:
-        """The exact shell line sent over SSH."""
+        """The exact shell line sent over SSH.
+
+        `sudo`: the login user is not root, so the whole line runs through `sudo -n` (never a
+        password prompt: a refusal fails at once). `user` is then still switched with `runuser`
+        under sudo's root, exactly as over a root login, rather than with `sudo -u`: one way to
+        become a service user whoever logs in, and sudoers needs no rule per service user."""
         parts: list[str] = []
         if sudo:
             parts += ["sudo", "-n", "--"]

@@ -2,9 +2,11 @@
 
 The backup server rollout gives each cluster a MinIO user whose canned policy reaches only
 `<bucket>/<cluster>/…`, so one cluster's key can neither read nor delete another cluster's
-backups. The controller talks to MinIO's admin API (`/minio/admin/v3/…`) with minio-py's
-`MinioAdmin`, over TLS verified against the site's CA only; nothing runs on the backup host and
-no secret ever appears on a command line there.
+backups; where the credentials name a restore key, that key gets a user of its own whose policy
+only reads the same prefix (the restore host's key cannot write or delete). The controller
+talks to MinIO's admin API (`/minio/admin/v3/…`) with minio-py's `MinioAdmin`, over TLS
+verified against the site's CA only; nothing runs on the backup host and no secret ever appears
+on a command line there.
 
 Three parts, so that everything but the HTTP calls is tested as data:
 
@@ -104,23 +106,32 @@ class AdminEndpoint:
 
 @dataclass(frozen=True)
 class ClusterGrant:
-    """One cluster's share of the bucket: everything under `prefix` (e.g. "lab/"), nothing else."""
+    """One cluster's share of the bucket: everything under `prefix` (e.g. "lab/"), nothing else.
+
+    `read_only`: the restore host's user, which reads that share (restores, WAL for recovery) and
+    can neither write nor delete a thing: a drill cannot damage the backups it proves."""
 
     cluster: str
     bucket: str
     prefix: str
+    read_only: bool = False
 
     @property
     def policy_name(self) -> str:
-        return f"bouwsteen-{self.cluster}"
+        # '.' cannot occur in a cluster name: no cluster's name makes another's read-only policy name.
+        return f"bouwsteen-{self.cluster}" + (".read-only" if self.read_only else "")
+
+    @property
+    def access(self) -> str:
+        return "read-only" if self.read_only else "read-write"
 
     def policy(self) -> dict[str, Any]:
-        return cluster_policy(self.bucket, self.prefix)
+        return cluster_policy(self.bucket, self.prefix, read_only=self.read_only)
 
     def check(self) -> None:
         if not _POLICY_NAME.fullmatch(self.policy_name):
             raise MinioAccessSpecError(f"cluster name {self.cluster!r} does not make a valid MinIO policy name")
-        cluster_policy(self.bucket, self.prefix)
+        self.policy()
 
 
 # ----------------------------------------------------------------------------- policy (pure)
@@ -140,8 +151,12 @@ def scoped_prefix(prefix: str) -> str:
     return stripped + "/"
 
 
-def cluster_policy(bucket: str, prefix: str) -> dict[str, Any]:
+def cluster_policy(bucket: str, prefix: str, *, read_only: bool = False) -> dict[str, Any]:
     """The canned policy of one cluster's user: its own prefix in one bucket, and nothing else.
+
+    `read_only` (the restore host's user): the same listing and bucket metadata, and of the
+    object actions only s3:GetObject (GET and HEAD): what pgBackRest's restore and archive-get
+    and WAL-G's backup-fetch and wal-fetch call. No put, delete, copy or multipart upload.
 
     What WAL-G and pgBackRest call, by MinIO action (MinIO checks s3:PutObject for the multipart
     create/upload-part/complete calls, s3:GetObject for HEAD, s3:DeleteObject per key of a
@@ -179,7 +194,7 @@ def cluster_policy(bucket: str, prefix: str) -> dict[str, Any]:
             {
                 "Sid": "OwnObjects",
                 "Effect": "Allow",
-                "Action": [
+                "Action": ["s3:GetObject"] if read_only else [
                     "s3:AbortMultipartUpload",
                     "s3:DeleteObject",
                     "s3:GetObject",
@@ -324,7 +339,7 @@ def plan_access(state: AccessState, grant: ClusterGrant, access_key_id: str) -> 
 
 def describe(plan: AccessPlan, grant: ClusterGrant, access_key_id: str) -> str:
     """The step's one sentence (no secrets: access key ids are names, not credentials)."""
-    scope = f"{grant.bucket}/{scoped_prefix(grant.prefix)}"
+    scope = f"{grant.bucket}/{scoped_prefix(grant.prefix)}" + (", read-only" if grant.read_only else "")
     if plan.is_noop:
         sentence = (f"MinIO user {access_key_id} and policy {grant.policy_name} (only {scope}) already as wanted; "
                     "nothing changed.")
@@ -527,9 +542,12 @@ def ensure_cluster_access(
     grant: ClusterGrant,
     *,
     connect: Callable[[AdminEndpoint, MinioCredentials], AdminApi] = admin_client,
+    other_users: tuple[str, ...] = (),
 ) -> AccessOutcome:
     """Make the cluster's MinIO user exist, with the registered secret and exactly its own policy.
 
+    The same for the restore host's user, with the grant's read-only policy; `other_users` are
+    access keys this user must not be (the cluster's own, whose policy it would otherwise detach).
     Idempotent: a second run reads the same state, plans nothing and says so. Order: policy
     (it must exist before it is attached), user, then detach/attach. Raises MinioAccessSpecError
     before any request when the inputs cannot work, MinioAdminUnavailable when MinIO does not
@@ -537,6 +555,9 @@ def ensure_cluster_access(
     grant.check()
     if cluster.access_key_id == admin.access_key_id:
         raise MinioAccessSpecError("object store credentials: the cluster's access key must differ from the admin's")
+    if cluster.access_key_id in other_users:
+        raise MinioAccessSpecError(f"object store credentials: the {grant.access} user's access key must differ from "
+                                   "the cluster's other users'")
     scrub = _Scrubber((admin.secret_access_key, cluster.secret_access_key))
     admin_api = connect(endpoint, admin)
     probe_api = connect(endpoint, cluster)

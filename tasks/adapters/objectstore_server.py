@@ -8,6 +8,11 @@ both serve TLS with the site's certificate.
 MinIO's per-cluster user and policy are not rendered here: the controller creates them through
 MinIO's admin API (tasks/adapters/minio_admin.py), so no secret is ever on a command line of the
 backup host. `per_cluster_users` says whether a server enforces them at all.
+
+The restore host's key (optional credentials): MinIO gives it a user of its own with a read-only
+policy on the cluster's prefix. rclone's `serve s3` cannot: every `--auth-key` it serves may do
+everything (its `--read-only` is for the whole server), so there it is one more full key, kept
+apart from the cluster's only so that it can be revoked on its own.
 """
 
 from __future__ import annotations
@@ -35,10 +40,22 @@ class ServerSecrets:
     cluster_secret_access_key: str
     certificate_pem: str
     private_key_pem: str
+    # The restore host's key; None: the restore host uses the cluster's.
+    restore_access_key_id: str | None = None
+    restore_secret_access_key: str | None = None
+
+    @property
+    def has_restore_key(self) -> bool:
+        return self.restore_access_key_id is not None
 
     def check(self) -> None:
-        for field in ("admin_access_key_id", "admin_secret_access_key", "cluster_access_key_id",
-                      "cluster_secret_access_key"):
+        if (self.restore_access_key_id is None) != (self.restore_secret_access_key is None):
+            raise ObjectStoreSpecError("object store credentials: give both restore_access_key_id and "
+                                       "restore_secret_access_key, or neither")
+        fields = ["admin_access_key_id", "admin_secret_access_key", "cluster_access_key_id", "cluster_secret_access_key"]
+        if self.has_restore_key:
+            fields += ["restore_access_key_id", "restore_secret_access_key"]
+        for field in fields:
             value = getattr(self, field)
             if not value or not _KEY_SAFE.fullmatch(value):
                 # Never echo the value: it may be a secret.
@@ -50,8 +67,9 @@ class ObjectStoreServer(ABC):
     service_user: str
     unit: str
     processes: frozenset[str]  # the listener's name as `ss` shows it
-    # True: each cluster's key is a user of its own, limited to its prefix (MinIO); False: every
-    # listed key may use every bucket (rclone), so there is no user or policy to manage.
+    # True: each cluster's key is a user of its own, limited to its prefix, and the restore key
+    # one that only reads it (MinIO); False: every listed key may do everything in every bucket
+    # (rclone), so there is no user or policy to manage and no key is read-only.
     per_cluster_users: bool = False
 
     def validate_credentials(self, secrets: ServerSecrets) -> None:
@@ -63,6 +81,9 @@ class ObjectStoreServer(ABC):
         if secrets.admin_access_key_id == secrets.cluster_access_key_id:
             raise ObjectStoreSpecError("object store credentials: cluster_access_key_id must differ from "
                                        "admin_access_key_id")
+        if secrets.restore_access_key_id in (secrets.admin_access_key_id, secrets.cluster_access_key_id):
+            raise ObjectStoreSpecError("object store credentials: restore_access_key_id must differ from "
+                                       "admin_access_key_id and cluster_access_key_id")
 
     @abstractmethod
     def packages(self) -> list[str]: ...
@@ -107,6 +128,9 @@ class RcloneS3Server(ObjectStoreServer):
             (secrets.admin_access_key_id, secrets.admin_secret_access_key),
             (secrets.cluster_access_key_id, secrets.cluster_secret_access_key),
         ]
+        if secrets.has_restore_key:
+            # Not read-only here (rclone has no per-key permissions); see the module's docstring.
+            keys.append((secrets.restore_access_key_id, secrets.restore_secret_access_key))
         # rclone reads repeated flags from the environment as CSV; single quotes keep systemd
         # from eating the inner double quotes. Never on the command line: /proc/*/cmdline is public.
         auth = ",".join(f'"{ak},{sk}"' for ak, sk in keys)
@@ -169,18 +193,25 @@ class MinioServer(ObjectStoreServer):
 
     def validate_credentials(self, secrets: ServerSecrets) -> None:
         super().validate_credentials(secrets)
-        for field_name, minimum in (
+        lengths = [
             ("admin_access_key_id", self.min_access_key),
             ("admin_secret_access_key", self.min_secret_key),
             ("cluster_access_key_id", self.min_access_key),
             ("cluster_secret_access_key", self.min_secret_key),
-        ):
+        ]
+        users = ["cluster_access_key_id"]
+        if secrets.has_restore_key:
+            lengths += [("restore_access_key_id", self.min_access_key),
+                        ("restore_secret_access_key", self.min_secret_key)]
+            users.append("restore_access_key_id")
+        for field_name, minimum in lengths:
             if len(getattr(secrets, field_name)) < minimum:
                 raise ObjectStoreSpecError(f"object store credentials: {field_name} must be at least {minimum} "
                                            "characters for MinIO")
-        if any(c in secrets.cluster_access_key_id for c in "=,"):
-            raise ObjectStoreSpecError("object store credentials: cluster_access_key_id must not contain '=' or ',' "
-                                       "(MinIO reserves them in a user's access key)")
+        for field_name in users:
+            if any(c in getattr(secrets, field_name) for c in "=,"):
+                raise ObjectStoreSpecError(f"object store credentials: {field_name} must not contain '=' or ',' "
+                                           "(MinIO reserves them in a user's access key)")
 
     def packages(self) -> list[str]:
         return ["minio"]

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from labtools import REPO, bouwsteen, lab_ssh
@@ -80,6 +81,9 @@ def test_check_hosts_through_prefect(registered, prefect_server):
     rows = state.result()
     assert sorted(r["host"] for r in rows) == sorted(HOSTS)
     assert all(r["reachable"] and r["hostname"] == r["host"] for r in rows)
+    # pg3 is reached as the non-root login, every command through sudo; the others as root.
+    logins = {r["host"]: (r["ssh_user"], r["sudo"]) for r in rows}
+    assert logins == {h: (("bouwsteen", True) if h == "pg3" else ("root", False)) for h in HOSTS}, logins
     with get_client(sync_client=True) as client:
         run_id = state.state_details.flow_run_id
         artifacts = client.read_artifacts(
@@ -103,6 +107,34 @@ def test_changed_or_unknown_host_key_is_refused(lab):
     unknown = SshAuth(private_key=key, known_hosts="\n".join(lines[1:]) + "\n")
     with pytest.raises(HostKeyRejected, match="not in known_hosts"):
         RemoteHost(SshTarget("pg1", "172.29.66.11"), unknown).run(cmd("true"))
+
+
+def test_pg3_takes_the_flows_key_only_as_the_non_root_user(lab):
+    from tasks.adapters.commands import ManagedFile, cmd
+    from tasks.adapters.remote import LoginRefused, RemoteHost, SshAuth, SshTarget
+
+    auth = SshAuth(private_key=lab.paths.ssh_key.read_text(), known_hosts=lab.paths.known_hosts.read_text())
+    with pytest.raises(LoginRefused, match="refused the SSH key for user root"):
+        RemoteHost(SshTarget("pg3", "172.29.66.13", user="root"), auth).run(cmd("true"))
+    with RemoteHost(SshTarget("pg1", "172.29.66.11", user="root"), auth) as remote:
+        assert remote.run(cmd("id", "-un")).stdout.strip() == "root"
+    probe = "/etc/bouwsteen-lab-login-probe"
+    with RemoteHost(SshTarget("pg3", "172.29.66.13", user="bouwsteen"), auth) as remote:
+        assert remote.run(cmd("id", "-un"), as_login_user=True).stdout.strip() == "bouwsteen"
+        assert remote.run(cmd("id", "-un")).stdout.strip() == "root"  # through sudo -n
+        # An upload as the plain user: staged in its own folder over SFTP, installed by root.
+        spec = ManagedFile(probe, "uploaded as bouwsteen\n", owner="postgres", mode=0o640)
+        assert remote.ensure_file(spec) is True
+        assert remote.file_state(probe) == (spec.sha256, "postgres:postgres", 0o640)
+        assert remote.ensure_file(spec) is False
+        assert remote.remove_file(probe)
+    facts = lab_ssh(lab, "pg3", "stat -c '%U %a' /home/bouwsteen /home/bouwsteen/.bouwsteen-staging; "
+                                "ls -A /home/bouwsteen/.bouwsteen-staging | wc -l; "
+                                "stat -c '%U:%G %a' /etc/sudoers.d/bouwsteen; visudo -c >/dev/null && echo sudoers-ok; "
+                                "cat /root/.ssh/authorized_keys").stdout.splitlines()
+    assert facts[:5] == ["bouwsteen 700", "bouwsteen 700", "0", "root:root 440", "sudoers-ok"], facts
+    flows_key = " ".join(Path(f"{lab.paths.ssh_key}.pub").read_text().split()[:2])
+    assert not any(flows_key in line for line in facts[5:]), "the flows' key must not be a root key on pg3"
 
 
 def test_malformed_inventory_is_refused_before_any_host_is_touched(lab, registered, tmp_path):

@@ -107,3 +107,84 @@ def test_object_store_only_speaks_tls(lab, registered):
     untrusted = subprocess.run(["curl", "-s", "-m", "3", "https://172.29.66.21:9000/"], capture_output=True).returncode
     assert untrusted != 0, "TLS must not verify without the lab CA"
     os.environ.get("HOME")
+
+
+def test_backup_peers_take_each_others_keys_restricted_and_from_their_address_only(lab, registered):
+    import re
+
+    from tasks.context import context_for
+
+    inventory = context_for("lab", fresh=True).inventory
+    peers = {h.name: str(h.address) for h in inventory.db_hosts}
+    entry = re.compile(r'restrict,from="([0-9.]+)" ssh-ed25519 [A-Za-z0-9+/=]+ postgres@([a-z0-9-]+)')
+    for host in peers:
+        text = lab_ssh(lab, host, "cat /var/lib/postgresql/.ssh/authorized_keys").stdout
+        lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+        found = {}
+        for line in lines:
+            match = entry.fullmatch(line)
+            assert match, f"{host}: authorized_keys line without restrict/from=: {line}"
+            found[match.group(2)] = match.group(1)
+        # Every other database host, each from its own address; never the host itself.
+        assert {n: a for n, a in peers.items() if n != host}.items() <= found.items(), (host, found)
+        assert host not in found and all(str(inventory.host(n).address) == a for n, a in found.items()), found
+        # known_hosts lists every peer's key under its address (what pgBackRest connects to).
+        for name, address in peers.items():
+            lookup = lab_ssh(lab, host, f"ssh-keygen -F {address} -f /var/lib/postgresql/.ssh/known_hosts", check=False)
+            assert lookup.returncode == 0, f"{host}: no host key for {name} ({address}) in postgres's known_hosts"
+
+
+def test_the_flows_log_in_to_pg3_as_the_non_root_user_only(lab, registered):
+    # After the whole suite: every runbook reached pg3, always as bouwsteen, never as root with the flows' key.
+    fingerprint = subprocess.run(["ssh-keygen", "-l", "-f", f"{lab.paths.ssh_key}.pub"], capture_output=True,
+                                 text=True, check=True).stdout.split()[1]
+    accepted = lab_ssh(lab, "pg3", "journalctl -u ssh --no-pager -o cat | grep 'Accepted publickey' || true").stdout
+    lines = accepted.splitlines()
+    assert any(line.startswith("Accepted publickey for bouwsteen ") and fingerprint in line for line in lines), \
+        "no login of the flows as bouwsteen on pg3"
+    assert not any(line.startswith("Accepted publickey for root ") and fingerprint in line for line in lines), \
+        "the flows' key logged in to pg3 as root"
+    sudo = lab_ssh(lab, "pg3", "journalctl --no-pager -o cat _COMM=sudo | grep -c 'USER=root' || true").stdout
+    assert int(sudo.strip() or 0) > 0, "no command went through sudo on pg3"
+
+
+def _restore_configured(lab) -> str:
+    from tasks.restore import ensure_restore_host_configured
+
+    ensure_restore_host_configured.fn("lab")  # idempotent: as the drill leaves it
+    return lab_ssh(lab, "restore1", "cat /etc/pgbackrest/pgbackrest.conf").stdout
+
+
+def test_the_restore_host_reads_with_a_key_of_its_own(lab, registered):
+    values = json.loads((lab.paths.lab / "secrets.json").read_text())
+    config = _restore_configured(lab)
+    assert f"repo1-s3-key={values['s3_restore_access_key_id']}\n" in config
+    assert f"repo1-s3-key={values['s3_access_key_id']}\n" not in config
+    for db_host in ("pg1", "pg2", "pg3"):  # the database hosts keep the cluster's key (they archive)
+        db_config = lab_ssh(lab, db_host, "cat /etc/pgbackrest/pgbackrest.conf").stdout
+        assert f"repo1-s3-key={values['s3_access_key_id']}\n" in db_config
+
+
+def test_the_restore_hosts_key_cannot_write(lab, registered):
+    from tasks.adapters.objectstore_server import server_for
+    from tasks.adapters.s3 import ObjectStore, ObjectStoreError, S3Endpoint
+    from tasks.context import context_for
+
+    ctx = context_for("lab", fresh=True)
+    store = ctx.inventory.cluster.object_store
+    if not server_for(store.server).per_cluster_users:
+        pytest.skip(f"{store.server}: no per-key permissions, so the restore key is not read-only here (README)")
+    _restore_configured(lab)
+    block = ctx.store_block
+    endpoint = S3Endpoint(
+        url=f"https://{ctx.inventory.host(store.host).address}:{store.endpoint_port}",
+        access_key_id=block.restore_access_key_id,
+        secret_access_key=block.restore_secret_access_key.get_secret_value(),
+        ca_pem=block.ca_certificate, region=store.region,
+    )
+    with ObjectStore(endpoint) as restore_key:
+        assert restore_key.exists(store.bucket, "lab/.bouwsteen-prefix")  # it reads
+        with pytest.raises(ObjectStoreError, match="AccessDenied"):
+            restore_key.put(store.bucket, "lab/.restore-key-write-probe", b"must not be written\n")
+        with pytest.raises(ObjectStoreError, match="AccessDenied"):
+            restore_key.delete(store.bucket, "lab/.bouwsteen-prefix")

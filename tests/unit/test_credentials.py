@@ -61,6 +61,11 @@ ATTACKS = [
      "secret_access_key", "newline"),
     ("cipher-pass-newline", lambda: store(repository_cipher_pass=SecretStr("c\nx=y")), "repository_cipher_pass",
      "newline"),
+    ("restore-key-newline", lambda: store(restore_access_key_id="re\nx", restore_secret_access_key=SecretStr("s" * 9)),
+     "restore_access_key_id", "String should match pattern"),
+    ("restore-secret-newline", lambda: store(restore_access_key_id="restore01",
+                                             restore_secret_access_key=SecretStr("s\nrepo1-s3-key=x")),
+     "restore_secret_access_key", "newline"),
     ("ca-not-pem", lambda: store(ca_certificate="hello"), "ca_certificate", "is not PEM"),
     ("cert-escape", lambda: store(server_certificate=PEM + "\x1b[2J"), "server_certificate", "control character"),
     ("server-key-control", lambda: store(server_private_key=SecretStr(KEY + "\x07")), "server_private_key",
@@ -134,6 +139,8 @@ def test_lab_secrets_still_build_every_block(tmp_path: Path) -> None:
             admin_access_key_id=secrets["s3_admin_access_key_id"],
             admin_secret_access_key=SecretStr(secrets["s3_admin_secret_access_key"]),
             repository_cipher_pass=SecretStr(secrets["pgbackrest_cipher_pass"]),
+            restore_access_key_id=secrets["s3_restore_access_key_id"],
+            restore_secret_access_key=SecretStr(secrets["s3_restore_secret_access_key"]),
         )
         RoutingCredentials(vrrp_password=SecretStr(secrets["vrrp_password"]))
 
@@ -144,6 +151,48 @@ def test_secret_fields_stay_secret_for_prefect() -> None:
         "superuser_password", "replication_password", "application_password", "monitor_password", "rest_api_password",
         "job_password"]
     assert ObjectStoreCredentials.model_json_schema()["secret_fields"] == [
-        "secret_access_key", "admin_secret_access_key", "server_private_key", "repository_cipher_pass"]
+        "secret_access_key", "admin_secret_access_key", "server_private_key", "repository_cipher_pass",
+        "restore_secret_access_key"]
     assert SshCredentials.model_json_schema()["secret_fields"] == ["private_key"]
     assert RoutingCredentials.model_json_schema()["secret_fields"] == ["vrrp_password"]
+
+
+@pytest.mark.parametrize(("over", "reason"), [
+    ({"restore_access_key_id": "restore01"}, "give both or neither"),
+    ({"restore_secret_access_key": SecretStr("s" * 24)}, "give both or neither"),
+    ({"restore_access_key_id": "lab0123456789ab", "restore_secret_access_key": SecretStr("s" * 24)}, "a key of its own"),
+    ({"restore_access_key_id": "admin0123456789ab", "restore_secret_access_key": SecretStr("s" * 24)},
+     "a key of its own"),
+], ids=["key-only", "secret-only", "the-clusters", "the-admins"])
+def test_the_restore_key_is_optional_but_whole_and_its_own(over: dict, reason: str) -> None:
+    with pytest.raises(ValidationError, match=reason):
+        store(**over)
+    assert store().restore_access_key_id is None
+    assert store(restore_access_key_id="restore01", restore_secret_access_key=SecretStr("s" * 24)).restore_access_key_id
+
+
+@pytest.mark.parametrize("restore", [False, True], ids=["cluster-key", "restore-key"])
+def test_the_restore_host_reads_with_the_restore_key_when_there_is_one(restore: bool) -> None:
+    from blocks.inventory import parse_inventory
+    from tasks.adapters.backup.pgbackrest import PgBackRestDriver
+    from tasks.adapters.remote import Masker, SshAuth
+    from tasks.context import ClusterContext
+
+    inv = parse_inventory({
+        "cluster": {"name": "lab", "network": "10.0.0.0/24", "object_store": {
+            "host": "backup1", "endpoint": "https://backup1.lab:9000", "bucket": "bouwsteen", "server": "minio"}},
+        "hosts": [{"name": f"pg{i}", "address": f"10.0.0.1{i}", "roles": ["db"]} for i in (1, 2, 3)]
+        + [{"name": "backup1", "address": "10.0.0.21", "roles": ["backup"]},
+           {"name": "restore1", "address": "10.0.0.41", "roles": ["restore"]}],
+    })
+    block = store(**({"restore_access_key_id": "restore0123", "restore_secret_access_key": SecretStr("r" * 32)}
+                     if restore else {}))
+    ctx = ClusterContext(inventory=inv, ssh_user="root", ssh_auth=SshAuth("", ""), db_blocks=None, store_block=block,
+                         masker=Masker())
+    config = next(f for f in PgBackRestDriver().host_files(inv, inv.host("restore1"), ctx.restore_store_secrets)
+                  if f.path.endswith("pgbackrest.conf")).content
+    key, secret = ("restore0123", "r" * 32) if restore else ("lab0123456789ab", "x" * 32)
+    assert f"repo1-s3-key={key}\n" in config and f"repo1-s3-key-secret={secret}\n" in config
+    # The database hosts keep the cluster's own key (they archive and back up).
+    assert ctx.store_secrets.access_key_id == "lab0123456789ab"
+    assert ctx.server_secrets.has_restore_key is restore

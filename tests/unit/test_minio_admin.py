@@ -464,6 +464,76 @@ def test_two_clusters_get_two_users_and_policies() -> None:
     assert not same_policy(server.policies["bouwsteen-lab"], server.policies["bouwsteen-prod"])
 
 
+RESTORE = MinioCredentials("LABRESTORE", "rest0re.Secret_3-")
+RESTORE_GRANT = ClusterGrant(cluster="lab", bucket="bouwsteen", prefix="lab/", read_only=True)
+
+
+def test_the_restore_user_reads_the_clusters_prefix_only() -> None:
+    server = FakeMinio(ADMIN)
+    run(server)
+    outcome = ensure_cluster_access(ENDPOINT, ADMIN, RESTORE, RESTORE_GRANT, other_users=(CLUSTER.access_key_id,),
+                                    connect=lambda _e, creds: FakeClient(server, creds))
+    assert server.users["LABRESTORE"]["policies"] == ["bouwsteen-lab.read-only"]
+    assert server.users["LABCLUSTER"]["policies"] == ["bouwsteen-lab"], "the cluster's own user is untouched"
+    assert same_policy(server.policies["bouwsteen-lab.read-only"], cluster_policy("bouwsteen", "lab/", read_only=True))
+    assert outcome.sentence == ("MinIO: created policy bouwsteen-lab.read-only (only bouwsteen/lab/, read-only); "
+                                "created user LABRESTORE; attached bouwsteen-lab.read-only.")
+    assert RESTORE.secret_access_key not in outcome.sentence
+    again = ensure_cluster_access(ENDPOINT, ADMIN, RESTORE, RESTORE_GRANT, other_users=(CLUSTER.access_key_id,),
+                                  connect=lambda _e, creds: FakeClient(server, creds))
+    assert not again.changed
+
+
+def test_the_restore_grant_never_takes_over_the_clusters_user() -> None:
+    server = FakeMinio(ADMIN)
+    run(server)
+    server.writes.clear()
+    with pytest.raises(MinioAccessSpecError, match="read-only user's access key must differ"):
+        ensure_cluster_access(ENDPOINT, ADMIN, CLUSTER, RESTORE_GRANT, other_users=(CLUSTER.access_key_id,),
+                              connect=lambda _e, creds: FakeClient(server, creds))
+    assert server.writes == [] and server.users["LABCLUSTER"]["policies"] == ["bouwsteen-lab"]
+
+
+@pytest.mark.parametrize(("cluster", "other"), [("lab", "lab-read-only"), ("lab-read", "lab")])
+def test_no_cluster_name_makes_another_clusters_read_only_policy_name(cluster: str, other: str) -> None:
+    names = {ClusterGrant(cluster=c, bucket="b0b", prefix=f"{c}/", read_only=ro).policy_name
+             for c in (cluster, other) for ro in (False, True)}
+    assert len(names) == 4
+    assert ClusterGrant(cluster="lab", bucket="b0b", prefix="lab/", read_only=True).policy_name == "bouwsteen-lab.read-only"
+
+
+READ_ONLY = cluster_policy("bouwsteen", "lab/", read_only=True)
+
+
+@pytest.mark.parametrize(("action", "resource", "prefix", "allowed"), [
+    # what a restore and the recovery's archive-get / backup-fetch and wal-fetch do
+    ("s3:ListBucket", BUCKET, "lab/pg15/backup/lab/", True),
+    ("s3:ListBucket", BUCKET, "lab/pg15/archive/lab/15-1/0000000100000000/", True),
+    ("s3:GetObject", f"{BUCKET}/lab/pg15/backup/lab/backup.info", None, True),
+    ("s3:HeadBucket", BUCKET, None, True),
+    ("s3:GetBucketLocation", BUCKET, None, True),
+    # nothing that changes the repository
+    ("s3:PutObject", f"{BUCKET}/lab/pg15/archive/lab/15-1/0000000100000000/seg", None, False),
+    ("s3:DeleteObject", f"{BUCKET}/lab/pg15/backup/lab/backup.info", None, False),
+    ("s3:AbortMultipartUpload", f"{BUCKET}/lab/pg15/x", None, False),
+    ("s3:ListMultipartUploadParts", f"{BUCKET}/lab/pg15/x", None, False),
+    # and no other cluster's objects
+    ("s3:GetObject", f"{BUCKET}/lab2/pg15/backup/lab2/backup.info", None, False),
+    ("s3:ListBucket", BUCKET, "lab2/", False),
+    ("s3:ListBucket", BUCKET, None, False),
+])
+def test_read_only_policy(action: str, resource: str, prefix: str | None, allowed: bool) -> None:
+    assert _allowed(READ_ONLY, action, resource, prefix) is allowed
+
+
+def test_read_only_differs_from_the_clusters_policy_in_object_actions_only() -> None:
+    full = {st["Sid"]: st for st in cluster_policy("bouwsteen", "lab/")["Statement"]}
+    ro = {st["Sid"]: st for st in READ_ONLY["Statement"]}
+    assert ro["BucketMetadata"] == full["BucketMetadata"] and ro["ListOwnPrefix"] == full["ListOwnPrefix"]
+    assert ro["OwnObjects"] == {**full["OwnObjects"], "Action": ["s3:GetObject"]}
+    assert not same_policy(READ_ONLY, WANTED)
+
+
 def test_disabled_user_is_left_alone() -> None:
     server = FakeMinio(ADMIN)
     run(server)

@@ -327,3 +327,44 @@ def test_server_for(kind: str, cls: type) -> None:
 def test_server_for_unknown() -> None:
     with pytest.raises(KeyError):
         server_for("ceph")
+
+
+# ----------------------------------------------------------------------------- the restore host's key
+
+WITH_RESTORE = replace(SECRETS, restore_access_key_id="RESTOREKEY", restore_secret_access_key="rest0re/Secret+k")
+
+
+def test_rclone_serves_the_restore_key_too_but_cannot_make_it_read_only() -> None:
+    env = by_path(RCLONE.host_files(INV, WITH_RESTORE))["/etc/bouwsteen-s3/credentials.env"].content
+    assert env == ("RCLONE_AUTH_KEY='\"ADMINKEY01,adm1n/Secret+key=\",\"LABCLUSTER,cl~ster.Secret_2-\","
+                   "\"RESTOREKEY,rest0re/Secret+k\"'\n")
+    assert RCLONE.per_cluster_users is False and MINIO.per_cluster_users is True
+    # MinIO's restore user is made through its admin API, never in a file on the backup host.
+    assert "RESTOREKEY" not in "".join(f.content for f in MINIO.host_files(INV, WITH_RESTORE))
+
+
+@pytest.mark.parametrize("server", [RCLONE, MINIO], ids=["rclone", "minio"])
+@pytest.mark.parametrize(("restore_key", "field"), [
+    ("ADMINKEY01", "restore_access_key_id must differ"),
+    ("LABCLUSTER", "restore_access_key_id must differ"),
+    ("bad key", "restore_access_key_id is empty or has characters"),
+], ids=["admin", "cluster", "characters"])
+def test_the_restore_key_is_a_key_of_its_own(server, restore_key: str, field: str) -> None:
+    with pytest.raises(ObjectStoreSpecError, match=field):
+        server.validate_credentials(replace(WITH_RESTORE, restore_access_key_id=restore_key))
+
+
+@pytest.mark.parametrize("server", [RCLONE, MINIO], ids=["rclone", "minio"])
+def test_a_restore_key_without_its_secret_is_refused(server) -> None:
+    with pytest.raises(ObjectStoreSpecError, match="give both"):
+        server.validate_credentials(replace(SECRETS, restore_access_key_id="RESTOREKEY"))
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"restore_access_key_id": "re"}, "restore_access_key_id must be at least 3"),
+    ({"restore_secret_access_key": "short"}, "restore_secret_access_key must be at least 8"),
+    ({"restore_access_key_id": "RESTORE=KEY"}, "restore_access_key_id must not contain"),
+], ids=["key-short", "secret-short", "reserved-char"])
+def test_minio_rules_for_the_restore_user(change: dict, reason: str) -> None:
+    with pytest.raises(ObjectStoreSpecError, match=reason):
+        MINIO.validate_credentials(replace(WITH_RESTORE, **change))

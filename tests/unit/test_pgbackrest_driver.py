@@ -10,7 +10,12 @@ from typing import Any
 import pytest
 
 from blocks.inventory import Inventory, parse_inventory
-from tasks.adapters.backup.base import BackupInfo, BackupInputError, BackupOutputError, StoreSecrets
+from tasks.adapters.backup.base import (
+    BackupInfo,
+    BackupInputError,
+    BackupOutputError,
+    StoreSecrets,
+)
 from tasks.adapters.backup.pgbackrest import CA_PATH, CONFIG_PATH, PgBackRestDriver
 from tasks.adapters.commands import CommandResult
 
@@ -211,6 +216,22 @@ def test_backup_command(source: str, primary: str, argv: tuple[str, ...]) -> Non
     is_standby = source != primary
     assert ("--backup-standby" in c.argv) is is_standby
     assert any(a.startswith("--pg2-path=") for a in c.argv) is is_standby
+
+
+@pytest.mark.parametrize(("ssh", "host_port", "wanted"), [
+    ({}, None, None),
+    ({"port": 2222}, None, "--pg1-host-port=2222"),
+    ({"port": 2222}, 2200, "--pg1-host-port=2200"),  # the primary's own port wins
+    ({}, 22, None),
+], ids=["default", "inventory-port", "host-port", "host-22"])
+def test_a_standby_reaches_the_primary_on_its_ssh_port(ssh: dict, host_port: int | None, wanted: str | None) -> None:
+    # postgres's known_hosts names a host on another port as [address]:port; pgBackRest must connect there.
+    document = make_inventory().model_dump(mode="json")
+    document["ssh"] = {**document["ssh"], **ssh}
+    document["hosts"][0]["ssh_port"] = host_port
+    inv = parse_inventory(document)
+    argv = driver.backup_command(inv, inv.host("pg2"), inv.host("pg1")).argv
+    assert [a for a in argv if a.startswith("--pg1-host-port")] == ([wanted] if wanted else [])
 
 
 def test_list_command() -> None:

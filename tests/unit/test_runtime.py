@@ -21,12 +21,15 @@ from tasks.adapters.postgres import (
 )
 from tasks.adapters.remote import (
     HostKeyRejected,
+    LoginRefused,
     RemoteError,
     RemoteTimeout,
     RemoteUnreachable,
+    SudoRefused,
+    UploadFailed,
 )
 from tasks.errors import LockLost, NotYet
-from tasks.runtime import TRANSIENT_ERRORS, _retry_on_transient, once, step
+from tasks.runtime import TRANSIENT_ERRORS, _retry_on_transient, once, step, wait_for
 
 
 def failed(exc: BaseException) -> State:
@@ -58,6 +61,9 @@ class LostAndUnavailable(LockLost, EtcdUnavailable):
         (RemoteError("pg1", "patronictl switchover", 1), False),  # the command itself failed
         (RemoteTimeout("pg1", "pg_rewind", None, reason="timed out"), False),  # may have half-acted
         (HostKeyRejected("pg1", "ssh", None, reason="host key differs"), False),
+        (SudoRefused("pg3", "systemctl", 1, reason="a password is required"), False),  # sudo rules, not the network
+        (UploadFailed("pg3", "upload /etc/x", None, reason="Permission denied"), False),
+        (LoginRefused("pg3", "ssh", None, reason="refused the SSH key for user root"), False),
         (AuthenticationFailed("password authentication failed"), False),
         (DatabaseError("duplicate key"), False),
         (UndefinedObject("relation does not exist"), False),
@@ -236,3 +242,33 @@ def test_wait_for_does_not_swallow_what_is_no_waiting_matter(fake_time: FakeTime
     with pytest.raises(AuthenticationFailed):
         wait_for("the thing", answers(AuthenticationFailed("wrong password")), timeout=60)
     assert fake_time.sleeps == []
+
+
+@pytest.mark.parametrize("error", [
+    HostKeyRejected("pg3", "ssh", None, reason="host key differs"),
+    LoginRefused("pg3", "ssh", None, reason="refused the SSH key for user root"),
+    SudoRefused("pg3", "patronictl list", 1, reason="a password is required"),
+    UploadFailed("pg3", "upload /etc/x", None, reason="Permission denied"),
+], ids=lambda e: type(e).__name__)
+def test_a_wait_does_not_poll_into_a_permanent_remote_failure(error: RemoteError) -> None:
+    calls = []
+
+    def probe():
+        calls.append(1)
+        raise error
+
+    with pytest.raises(type(error)):
+        wait_for("patroni up", probe, timeout=30, interval=0.01)
+    assert calls == [1]
+
+
+def test_a_wait_still_polls_through_a_failing_command() -> None:
+    answers = iter([RemoteError("pg1", "patronictl list", 1), RemoteUnreachable("pg1", "ssh", None), "up"])
+
+    def probe():
+        answer = next(answers)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    assert wait_for("patroni up", probe, timeout=30, interval=0.01) == "up"

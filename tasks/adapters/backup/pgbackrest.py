@@ -121,12 +121,15 @@ class PgBackRestDriver(BackupDriver):
         if source.name == primary.name:
             return pgbackrest(inv, annotation, "--type=full", "backup", timeout=6 * 3600)
         # From a standby: pgBackRest reads the files from the local standby (pg2) and only asks the
-        # primary (pg1, over SSH as postgres) to start and stop the backup.
+        # primary (pg1, over SSH as postgres) to start and stop the backup, on the port the
+        # hosts' sshd listens on (postgres's known_hosts names the host on that port).
+        ssh_port = primary.ssh_port or inv.ssh.port
         return pgbackrest(
             inv,
             "--backup-standby",
             f"--pg1-host={primary.address}",
             "--pg1-host-user=postgres",
+            *([f"--pg1-host-port={ssh_port}"] if ssh_port != 22 else []),
             f"--pg1-path={pgdata(inv)}",
             f"--pg1-port={pg.port}",
             f"--pg2-path={pgdata(inv)}",
