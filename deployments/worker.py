@@ -2,7 +2,9 @@
 
 A worker runs every flow run in a fresh Python process from the repository checkout (the
 deployments' pull step changes into it), with the same environment as the server, so flows
-see the same PREFECT_HOME, API URL and no-analytics settings as a `bouwsteen run`.
+see the same PREFECT_HOME, API URL, admin auth string (PREFECT_API_AUTH_STRING) and no-analytics
+settings as a `bouwsteen run`. The server's own secrets (its auth string setting and encryption
+key) are never in a worker's or a flow run's environment.
 """
 
 from __future__ import annotations
