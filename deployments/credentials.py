@@ -213,6 +213,9 @@ def ensure_encryption_key(prefect_home: Path, database: str | None = None) -> st
 
     path = auth_dir(prefect_home) / KEY_FILE
     url = database_url(prefect_home, database)
+    if url is None:
+        print("bouwsteen: the database is configured in parts (PREFECT_SERVER_DATABASE_HOST, …): the encryption "
+              "key is not checked against it", file=sys.stderr)
     try:
         stored = read_stored_keys(url) if url else None
     except Exception as exc:  # noqa: BLE001 - an unreachable database is the server's own error to report
