@@ -211,6 +211,8 @@ http {{
             proxy_set_header Connection "";
             proxy_set_header Host $proxy_host;
             proxy_set_header Authorization "Basic {token}";
+            # Prefect parses the body as the JSON object the gate checked, whatever the client said.
+            proxy_set_header Content-Type "application/json";
             proxy_max_temp_file_size 0;
             proxy_read_timeout 120s;
 {tls}            proxy_pass {cfg.upstream_scheme}://prefect;

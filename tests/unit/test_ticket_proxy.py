@@ -189,7 +189,7 @@ class _Prefect(BaseHTTPRequestHandler):
     def _answer(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
         record = {"method": self.command, "path": self.path, "authorization": self.headers.get("Authorization"),
-                  "body": body}
+                  "content_type": self.headers.get("Content-Type"), "body": body}
         _Prefect.seen.append(record)
         out = json.dumps(record).encode()
         self.send_response(200)
@@ -240,13 +240,14 @@ def gate():
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def ask(gate, method: str, path: str, body=None, auth=TICKET, raw: str | None = None) -> tuple[int, dict | None]:
+def ask(gate, method: str, path: str, body=None, auth=TICKET, raw: str | None = None,
+        content_type: str = "application/json") -> tuple[int, dict | None]:
     """(status, what Prefect received or None); a refusal's detail is under "detail"."""
     client = gate[0]
     _Prefect.seen.clear()
     content = raw if raw is not None else (json.dumps(body) if body is not None else None)
     response = client.request(method, path, content=content, auth=auth,
-                              headers={"Content-Type": "application/json"} if content is not None else {})
+                              headers={"Content-Type": content_type} if content is not None else {})
     if _Prefect.seen:
         return response.status_code, _Prefect.seen[-1]
     return response.status_code, {"detail": response.json()["detail"]} if response.content else None
@@ -300,6 +301,8 @@ REFUSED = [
     ("a state", "POST", f"/api/deployments/{LAB}/create_flow_run", {"state": {"type": "COMPLETED"}}, 403, '"state"'),
     ("another work queue", "POST", f"/api/deployments/{LAB}/create_flow_run", {"work_queue_name": "x"}, 403,
      "work_queue_name"),
+    ("a parameter named __proto__", "POST", f"/api/deployments/{LAB}/create_flow_run",
+     {"parameters": {"__proto__": {"cluster": "prod"}}}, 422, "has no parameter(s) __proto__"),
     ("parameters not an object", "POST", f"/api/deployments/{LAB}/create_flow_run", {"parameters": []}, 422,
      "parameters must be a JSON object"),
     ("a tag that is not a ticket's", "POST", f"/api/deployments/{LAB}/create_flow_run", {"tags": ["cluster:prod"]},
@@ -342,6 +345,14 @@ def test_the_gate_refuses_bodies_that_are_not_json_or_too_large(gate):
     assert ask(gate, "POST", f"/api/deployments/{LAB}/create_flow_run", raw=big) == (
         413, {"detail": f"the body is larger than {ticket_proxy.BODY_LIMIT} bytes"})
     assert not _Prefect.seen
+
+
+def test_prefect_reads_the_body_as_the_json_the_gate_checked(gate):
+    """curl -d sends a form content type; Prefect must not read the body as anything but JSON."""
+    status, seen = ask(gate, "POST", f"/api/deployments/{LAB}/create_flow_run", RUN_BODY,
+                       content_type="application/x-www-form-urlencoded")
+    assert status == 200 and seen["content_type"] == "application/json"
+    assert json.loads(seen["body"]) == RUN_BODY
 
 
 @pytest.mark.parametrize("auth", [None, tuple(ADMIN.split(":")), (TICKET[0], "wrong"), ("admin", TICKET[1])])
