@@ -166,7 +166,7 @@ function handle(r) {
     // What nginx matched (r.uri: decoded, dot segments and double slashes resolved) must be what
     // Prefect receives (the request line as sent): only plain paths, no query string.
     if (r.variables.request_uri !== r.uri) {
-        reply(r, 400, 'the path must be plain: no query string, percent-escapes, dot segments or double slashes');
+        reply(r, 403, 'the path must be plain: no query string, percent-escapes, dot segments or double slashes');
         return;
     }
     if (r.uri === '/bouwsteen/allow-list' && r.method === 'GET') {
