@@ -238,16 +238,23 @@ def _auth(admin_auth: str) -> tuple[str, str]:
 def fetch_allow_list(upstream: str, admin_auth: str, flows: Iterable[str] | None = None) -> list[Allowed]:
     """The deployments tagged `bouwsteen` on the server, paged (the server caps a page at 200)."""
     deployments: list[dict] = []
-    with httpx.Client(base_url=upstream.rstrip("/"), auth=_auth(admin_auth), timeout=30) as http:
-        while True:
-            page = http.post("/deployments/filter", json={
-                "deployments": {"tags": {"all_": [DEPLOYMENT_TAG]}}, "limit": 200, "offset": len(deployments)})
-            page.raise_for_status()
-            deployments += page.json()
-            if len(page.json()) < 200:
-                break
-        flow_ids = sorted({str(d["flow_id"]) for d in deployments})
-        flows_found = http.post("/flows/filter", json={"flows": {"id": {"any_": flow_ids}}}).json() if flow_ids else []
+    flows_found: list[dict] = []
+    try:
+        with httpx.Client(base_url=upstream.rstrip("/"), auth=_auth(admin_auth), timeout=30) as http:
+            while True:
+                page = http.post("/deployments/filter", json={
+                    "deployments": {"tags": {"all_": [DEPLOYMENT_TAG]}}, "limit": 200, "offset": len(deployments)})
+                page.raise_for_status()
+                deployments += page.json()
+                if len(page.json()) < 200:
+                    break
+            flow_ids = sorted({str(d["flow_id"]) for d in deployments})
+            if flow_ids:
+                found = http.post("/flows/filter", json={"flows": {"id": {"any_": flow_ids}}})
+                found.raise_for_status()
+                flows_found = found.json()
+    except httpx.HTTPError as exc:
+        raise ServiceDidNotStart(f"the ticket proxy's allow-list: cannot read the deployments at {upstream}: {exc}") from None
     names = {str(f["id"]): f["name"] for f in flows_found}
     return allow_list(deployments, names, ticket_flows() if flows is None else flows)
 
@@ -279,7 +286,8 @@ def _pid(directory: Path) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return None
-    return pid if b"nginx" in cmdline else None
+    # The master's title names its configuration: a recycled pid is not taken for ours.
+    return pid if b"nginx" in cmdline and f"{directory}/nginx.conf".encode() in cmdline else None
 
 
 def _state(directory: Path) -> dict | None:
