@@ -7,9 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # postgresql-15 on the controller only serves the test of a Prefect server on PostgreSQL; git and
-# curl are used by TAB job sources and the tests.
+# curl are used by TAB job sources and the tests; nginx with its njs module is the ticket proxy in
+# front of the Prefect API (deployments/ticket_proxy.py).
 APT_PACKAGES=(debootstrap iproute2 openssh-client util-linux procps psmisc python3 python3-venv python3-pip
-              ca-certificates git curl postgresql-15)
+              ca-certificates git curl postgresql-15 nginx-light libnginx-mod-http-js)
 
 install_system() {
   local missing=()
@@ -22,7 +23,23 @@ install_system() {
     grep -qs '^create_main_cluster' /etc/postgresql-common/createcluster.conf ||
       echo 'create_main_cluster = false' >> /etc/postgresql-common/createcluster.conf
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    # bouwsteen runs its own nginx (its own file, loopback only): Debian's nginx service must not
+    # start on port 80 while the package installs, nor at boot.
+    local made_policy=""
+    if [[ " ${missing[*]} " == *" nginx-light "* ]] && [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && made_policy=1
+    fi
+    local rc=0
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" || rc=$?
+    [ -z "$made_policy" ] || rm -f /usr/sbin/policy-rc.d
+    [ "$rc" -eq 0 ] || exit "$rc"
+    if [[ " ${missing[*]} " == *" nginx-light "* ]]; then
+      if [ -d /run/systemd/system ]; then
+        systemctl disable --now nginx >/dev/null 2>&1 || true
+      else
+        update-rc.d nginx disable >/dev/null 2>&1 || true
+      fi
+    fi
   fi
 }
 

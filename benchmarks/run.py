@@ -37,8 +37,8 @@ def setup_prefect() -> None:
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     from deployments.server import apply_environment, start_server
 
-    apply_environment(PORT)
-    start_server(PORT)
+    apply_environment(PORT)  # PREFECT_API_AUTH_STRING from prefect-bench/auth/admin-auth
+    start_server(PORT, ticket_proxy=False)
 
 
 def fresh_lab(lab) -> dict:

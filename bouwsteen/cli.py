@@ -70,8 +70,19 @@ def cmd_server(args) -> int:
 
     apply_environment()
     if args.server_command == "start":
-        handle = start_server()
+        from deployments.credentials import ADMIN_FILE, auth_dir
+        from deployments.server import prefect_home
+        from deployments.ticket_proxy import ticket_url
+        from tasks.errors import ServiceDidNotStart
+
+        try:
+            handle = start_server()
+        except ServiceDidNotStart as exc:
+            print(exc, file=sys.stderr)
+            return 2
         print(f"Prefect server {'started' if handle.started else 'already running'}: {ui_url()} (API {handle.url})")
+        print(f"  UI login: the auth string in {auth_dir(prefect_home()) / ADMIN_FILE} (user:password, as one line); "
+              f"ticket proxy {ticket_url()}")
     elif args.server_command == "stop":
         print("Prefect server stopped" if stop_server() else "no Prefect server of ours was running")
     return 0
@@ -127,6 +138,11 @@ def cmd_deploy(args) -> int:
         print(f"  {full_name:<34} {when + ' Europe/Amsterdam' + paused if when else 'on demand'}")
     print(f"{len(result.deployments)} deployments on work pool {result.work_pool!r}; "
           f"failed/crashed runs notify {result.notify_url} — {ui_url()}/deployments")
+    proxy = result.ticket_proxy
+    if proxy is None:
+        print("no ticket proxy runs beside this server: `bouwsteen ticket proxy start` starts one")
+    else:
+        print(f"ticket proxy {proxy.url}: {len(proxy.deployments)} deployments open to the ticket credential")
     return 0
 
 
@@ -164,6 +180,8 @@ def _print_run(run: dict, artifacts: list[dict]) -> None:
 
 
 def cmd_ticket(args) -> int:
+    import httpx
+
     from deployments.server import apply_environment
     from deployments.tickets import (
         FINAL_STATES,
@@ -177,6 +195,8 @@ def cmd_ticket(args) -> int:
     )
 
     apply_environment()
+    if args.ticket_command == "proxy":
+        return _ticket_proxy(args.action)
     try:
         if args.ticket_command == "status":
             run = read_run(args.run_id)
@@ -199,9 +219,42 @@ def cmd_ticket(args) -> int:
     except TicketError as exc:
         print(exc, file=sys.stderr)
         return 2
+    except httpx.TransportError as exc:
+        from deployments.tickets import api_url
+
+        print(f"cannot reach the ticket proxy at {api_url()}: {exc}", file=sys.stderr)
+        return 2
     except TimeoutError as exc:
         print(exc, file=sys.stderr)
         return 3
+
+
+def _ticket_proxy(action: str) -> int:
+    """The ticket proxy in front of PREFECT_API_URL (the local server, or a site's own)."""
+    from urllib.parse import urlsplit
+
+    from deployments import ticket_proxy
+    from deployments.server import (
+        DEFAULT_PORT,
+        api_url,
+        client_auth_string,
+        prefect_home,
+    )
+
+    port = urlsplit(api_url()).port or DEFAULT_PORT
+    if action == "stop":
+        print("ticket proxy stopped" if ticket_proxy.stop(prefect_home()) else "no ticket proxy of ours was running")
+        return 0
+    auth = client_auth_string()
+    if not auth:
+        print("no admin auth string: set PREFECT_API_AUTH_STRING or start the server with `bouwsteen server start`",
+              file=sys.stderr)
+        return 2
+    handle = ticket_proxy.ensure_running(prefect_home(), upstream=api_url(), admin_auth=auth,
+                                         listen=ticket_proxy.listen_address(port))
+    print(f"ticket proxy {handle.url} (pid {handle.pid}): {len(handle.deployments)} deployments open to the ticket "
+          f"credential in {prefect_home() / 'auth' / 'ticket-auth'}")
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -264,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     ticket_run.add_argument("--timeout", type=float, default=3600, help="seconds --wait waits")
     ticket_status = ticket_sub.add_parser("status", help="state and artifacts of a flow run")
     ticket_status.add_argument("run_id")
+    ticket_proxy = ticket_sub.add_parser("proxy", help="the ticket proxy, the only API entry of the ticket credential "
+                                                       "(`bouwsteen server start` starts it beside the server)")
+    ticket_proxy.add_argument("action", choices=["start", "stop"])
     ticket.set_defaults(handler=cmd_ticket)
 
     demo = sub.add_parser("demo", help="lab up, Prefect server, blocks, then every lifecycle flow")

@@ -70,6 +70,7 @@ def run_demo(skip: set[str] | None = None) -> int:
 
     print("== 2/4 Prefect server, blocks, deployments and a worker", flush=True)
     start_server()
+    print(f"   Prefect UI {ui_url()}: {login_hint()}", flush=True)
     from blocks.register import ClusterFiles, register_cluster
 
     register_cluster(ClusterFiles.for_lab(lab.paths.lab))
@@ -127,12 +128,19 @@ def run_demo(skip: set[str] | None = None) -> int:
             break
 
     print("== 4/4 summary", flush=True)
+    from deployments.credentials import TICKET_FILE, auth_dir
+    from deployments.server import prefect_home
+    from deployments.ticket_proxy import ticket_url
+
     width = max(len(r.flow) for r in rows) if rows else 10
     print(f"   {'flow':{width}s}  {'state':10s} {'seconds':>8s}  key figure")
     for r in rows:
         print(f"   {r.flow:{width}s}  {r.state:10s} {r.seconds:8.1f}  {r.figure}")
     print(f"   total {time.monotonic() - started:.0f}s")
     print(f"\nPrefect UI: {ui_url()}  (flow runs, logs, artifacts: plans, topology, backups, drills)")
+    print(f"  log in: {login_hint()}")
+    print(f"Tickets: {ticket_url()} with the ticket credential in {auth_dir(prefect_home()) / TICKET_FILE} "
+          "(deployments/TICKETS.md)")
     print(f"Lab: `.venv/bin/bouwsteen lab status`; inventory {lab.paths.inventory}")
     return 1 if failed else 0
 
@@ -155,6 +163,14 @@ def _write_through_primary_port(host: str) -> str:
         pg.query("insert into public.bouwsteen_demo_writes default values")
         _, address = pg.serving()
     return f"a write via {host}:{endpoint.port} landed on {names.get(address, address)}"
+
+
+def login_hint() -> str:
+    from deployments.credentials import ADMIN_FILE, auth_dir
+    from deployments.server import prefect_home
+
+    return (f"paste the whole line of {auth_dir(prefect_home()) / ADMIN_FILE} (admin:…) into the login field "
+            "(`cat` it as root)")
 
 
 def _start_probe():

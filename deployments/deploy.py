@@ -61,6 +61,7 @@ class DeployResult:
     work_pool: str
     automation_id: UUID
     notify_url: str
+    ticket_proxy: object | None = None  # ticket_proxy.ProxyHandle once its allow-list is rendered; None: none runs
 
 
 def entrypoint(flow_name: str) -> str:
@@ -187,4 +188,15 @@ def deploy_all(cluster: str = "lab", *, notify_url: str | None = None, schedules
     ids = {f"{name}/{cluster}": deploy_flow(name, cluster, schedules_active=schedules_active)
            for name in (flows or FLOWS)}
     automation_id = ensure_automation(ensure_notification_block(url))
-    return DeployResult(deployments=ids, work_pool=WORK_POOL, automation_id=automation_id, notify_url=url)
+    return DeployResult(deployments=ids, work_pool=WORK_POOL, automation_id=automation_id, notify_url=url,
+                        ticket_proxy=refresh_ticket_proxy())
+
+
+def refresh_ticket_proxy():
+    """The ticket proxy's allow-list rendered from every deployment on the server (all clusters),
+    nginx reloaded; None when no proxy runs beside this PREFECT_HOME."""
+    from deployments import ticket_proxy
+    from deployments.server import client_auth_string, prefect_home
+
+    auth = client_auth_string()
+    return ticket_proxy.refresh(prefect_home(), auth) if auth else None

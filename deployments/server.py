@@ -1,6 +1,15 @@
 """Start, find and stop the local Prefect server (and workers) the demo and tests use.
 
-Production points PREFECT_API_URL at the site's Prefect server instead; nothing else changes.
+The server requires its admin auth string (HTTP Basic, `PREFECT_SERVER_API_AUTH_STRING`) on every
+call but `/api/health`, and encrypts block documents with a key kept outside its database
+(`PREFECT_SERVER_ENCRYPTION_KEY`); both come from files in `<PREFECT_HOME>/auth/`
+(deployments/credentials.py) and reach the server through its environment only. Every client
+process of bouwsteen gets the auth string as `PREFECT_API_AUTH_STRING` (`base_environment`).
+Beside the server runs the ticket proxy (deployments/ticket_proxy.py), the only entry for
+ticketing systems.
+
+Production points PREFECT_API_URL (and PREFECT_API_AUTH_STRING) at the site's Prefect server
+instead; nothing else changes.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from bouwsteen.home import bouwsteen_home
+from deployments import credentials
 from tasks.errors import ServiceDidNotStart
 
 DEFAULT_PORT = 4200
@@ -30,10 +40,24 @@ def api_url(port: int = DEFAULT_PORT) -> str:
     return os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{port}/api"
 
 
+def client_auth_string() -> str | None:
+    """PREFECT_API_AUTH_STRING if set (a site's own server), else the local server's admin auth
+    string (created on first use); None for a user who may not read the root-only file."""
+    explicit = os.environ.get("PREFECT_API_AUTH_STRING")
+    if explicit:
+        return explicit
+    try:
+        return credentials.admin_auth_string(prefect_home())
+    except PermissionError:
+        return None
+
+
 def base_environment(port: int = DEFAULT_PORT) -> dict[str, str]:
     """Settings for every Prefect process of bouwsteen (server, worker, CLI)."""
     home = prefect_home()
+    auth = client_auth_string()
     return {
+        **({"PREFECT_API_AUTH_STRING": auth} if auth else {}),
         "PREFECT_HOME": str(home),
         "PREFECT_API_URL": api_url(port),
         # Nothing leaves this machine: no analytics, no update checks.
@@ -70,14 +94,40 @@ def _prefect_bin() -> str:
     return str(candidate) if candidate.exists() else "prefect"
 
 
-def start_server(port: int = DEFAULT_PORT, *, database_url: str | None = None, timeout: float = 90) -> ServerHandle:
-    """Start `prefect server start` detached unless one already answers. Idempotent."""
+def auth_check(url: str, auth_string: str, timeout: float = 5.0) -> str:
+    """How a running server treats credentials: "ok" (refuses anonymous calls, takes ours),
+    "open" (answers without any: started without an auth string) or "other" (refuses ours)."""
+    probe = f"{url}/admin/version"
+    if httpx.get(probe, timeout=timeout).status_code != 401:
+        return "open"
+    user, _, password = auth_string.partition(":")
+    return "ok" if httpx.get(probe, auth=(user, password), timeout=timeout).status_code == 200 else "other"
+
+
+def start_server(port: int = DEFAULT_PORT, *, database_url: str | None = None, timeout: float = 90,
+                 ticket_proxy: bool = True) -> ServerHandle:
+    """Start `prefect server start` detached unless one already answers, then the ticket proxy
+    in front of it (`ticket_proxy=False`: none). Idempotent.
+
+    A server of ours still running without authentication (started before bouwsteen required
+    it) or with another auth string is restarted; anyone else's is refused."""
     url = f"http://127.0.0.1:{port}/api"
-    if is_healthy(url):
-        return ServerHandle(url=url, pid=_read_pid(port), started=False)
     home = prefect_home()
     home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **base_environment(port), "PREFECT_API_URL": url}
+    admin = credentials.admin_auth_string(home)
+    if is_healthy(url):
+        verdict = auth_check(url, admin)
+        if verdict == "ok":
+            if ticket_proxy:
+                _start_ticket_proxy(url, admin, port)
+            return ServerHandle(url=url, pid=_read_pid(port), started=False)
+        if _read_pid(port) is None or not stop_server(port):
+            what = "without authentication" if verdict == "open" else "with another auth string"
+            raise ServiceDidNotStart(f"a Prefect server that is not ours answers on port {port} {what}; stop it first")
+    key = credentials.ensure_encryption_key(home, database_url)
+    env = {**os.environ, **base_environment(port), "PREFECT_API_URL": url, "PREFECT_API_AUTH_STRING": admin,
+           # Only the server process gets these two, and only through its environment.
+           "PREFECT_SERVER_API_AUTH_STRING": admin, "PREFECT_SERVER_ENCRYPTION_KEY": key}
     if database_url:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     log = open(home / f"server-{port}.log", "ab")
@@ -93,7 +143,16 @@ def start_server(port: int = DEFAULT_PORT, *, database_url: str | None = None, t
         if time.monotonic() > deadline:
             raise ServiceDidNotStart(f"prefect server did not answer within {timeout:.0f}s; see {home / f'server-{port}.log'}")
         time.sleep(0.5)
+    if ticket_proxy:
+        _start_ticket_proxy(url, admin, port)
     return ServerHandle(url=url, pid=proc.pid, started=True)
+
+
+def _start_ticket_proxy(url: str, admin: str, port: int) -> None:
+    from deployments import ticket_proxy
+
+    ticket_proxy.ensure_running(prefect_home(), upstream=url, admin_auth=admin,
+                                listen=ticket_proxy.listen_address(port))
 
 
 def _read_pid(port: int) -> int | None:
@@ -105,6 +164,10 @@ def _read_pid(port: int) -> int | None:
 
 
 def stop_server(port: int = DEFAULT_PORT, timeout: float = 20) -> bool:
+    """Stop our server on `port` and the ticket proxy in front of it."""
+    from deployments import ticket_proxy
+
+    ticket_proxy.stop(prefect_home(), upstream_port=port)
     pid = _read_pid(port)
     if pid is None:
         return False

@@ -2,6 +2,9 @@
 
 Kept deliberately thin: every function is one documented call of deployments/TICKETS.md, so the
 CLI (`bouwsteen ticket ...`) and the tests exercise exactly the contract a ticket system uses.
+They go to the ticket proxy (deployments/ticket_proxy.py) with the ticket credential, as a ticket
+system does: $BOUWSTEEN_TICKET_URL and $BOUWSTEEN_TICKET_AUTH (`user:password`), else this
+controller's proxy and `<PREFECT_HOME>/auth/ticket-auth`.
 """
 
 from __future__ import annotations
@@ -22,13 +25,32 @@ class TicketError(BouwsteenError):
 
 
 def api_url() -> str:
-    from deployments.server import api_url as default_api_url
+    from deployments.ticket_proxy import ticket_url
 
-    return (os.environ.get("PREFECT_API_URL") or default_api_url()).rstrip("/")
+    return ticket_url()
 
 
-def _client(base_url: str | None = None, timeout: float = 30) -> httpx.Client:
-    return httpx.Client(base_url=base_url or api_url(), timeout=timeout)
+def ticket_auth() -> str:
+    """The ticket credential, `user:password`."""
+    explicit = os.environ.get("BOUWSTEEN_TICKET_AUTH")
+    if explicit:
+        return explicit
+    from deployments.credentials import ticket_auth_string
+    from deployments.server import prefect_home
+
+    try:
+        found = ticket_auth_string(prefect_home(), create=False)
+    except PermissionError:
+        found = None
+    if not found:
+        raise TicketError(f"no ticket credential: set BOUWSTEEN_TICKET_AUTH=user:password, or run as a user who may "
+                          f"read {prefect_home() / 'auth' / 'ticket-auth'}")
+    return found
+
+
+def _client(base_url: str | None = None, auth: str | None = None, timeout: float = 30) -> httpx.Client:
+    user, _, password = (auth or ticket_auth()).partition(":")
+    return httpx.Client(base_url=base_url or api_url(), auth=(user, password), timeout=timeout)
 
 
 # Prefect answers 503 for errors it calls retryable (a busy database); gateways add 502/504, and a
@@ -66,9 +88,9 @@ def ticket_tag(ticket: str) -> str:
     return f"ticket:{ticket}"
 
 
-def find_deployment(flow: str, deployment: str, *, base_url: str | None = None) -> dict:
+def find_deployment(flow: str, deployment: str, *, base_url: str | None = None, auth: str | None = None) -> dict:
     """GET /api/deployments/name/{flow}/{deployment}"""
-    with _client(base_url) as http:
+    with _client(base_url, auth) as http:
         return _check(_request(http, "GET", f"/deployments/name/{flow}/{deployment}"), f"deployment {flow}/{deployment}")
 
 
@@ -82,26 +104,27 @@ class CreatedRun:
 
 
 def create_run(deployment_id: str, ticket: str, parameters: dict | None = None, *,
-               base_url: str | None = None) -> CreatedRun:
+               base_url: str | None = None, auth: str | None = None) -> CreatedRun:
     """POST /api/deployments/{id}/create_flow_run, the ticket id as tag and idempotency key."""
     payload = {"parameters": parameters or {}, "tags": [ticket_tag(ticket)], "idempotency_key": ticket}
-    with _client(base_url) as http:
+    with _client(base_url, auth) as http:
         response = _request(http, "POST", f"/deployments/{deployment_id}/create_flow_run", json=payload)
     body = _check(response, f"create run for ticket {ticket}")
     return CreatedRun(id=body["id"], name=body["name"], state=body["state"]["type"],
                       created=response.status_code == 201, body=body)
 
 
-def read_run(run_id: str, *, base_url: str | None = None) -> dict:
+def read_run(run_id: str, *, base_url: str | None = None, auth: str | None = None) -> dict:
     """GET /api/flow_runs/{id}"""
-    with _client(base_url) as http:
+    with _client(base_url, auth) as http:
         return _check(_request(http, "GET", f"/flow_runs/{run_id}"), f"flow run {run_id}")
 
 
-def wait_for_run(run_id: str, *, timeout: float = 900, poll: float = 2, base_url: str | None = None) -> dict:
+def wait_for_run(run_id: str, *, timeout: float = 900, poll: float = 2, base_url: str | None = None,
+                 auth: str | None = None) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        run = read_run(run_id, base_url=base_url)
+        run = read_run(run_id, base_url=base_url, auth=auth)
         if run["state"] and run["state"]["type"] in FINAL_STATES:
             return run
         if time.monotonic() > deadline:
@@ -109,14 +132,15 @@ def wait_for_run(run_id: str, *, timeout: float = 900, poll: float = 2, base_url
         time.sleep(poll)
 
 
-def read_artifacts(run_id: str, *, base_url: str | None = None) -> list[dict]:
+def read_artifacts(run_id: str, *, base_url: str | None = None, auth: str | None = None) -> list[dict]:
     """POST /api/artifacts/filter for the run's artifacts (the report tables), oldest first."""
     payload = {"artifacts": {"flow_run_id": {"any_": [run_id]}}, "sort": "CREATED_DESC"}
-    with _client(base_url) as http:
+    with _client(base_url, auth) as http:
         newest_first = _check(_request(http, "POST", "/artifacts/filter", json=payload), f"artifacts of flow run {run_id}")
     return list(reversed(newest_first))
 
 
 def unknown_parameters(deployment: dict, parameters: dict) -> set[str]:
-    """The server checks types but accepts names the flow does not take (the run would then crash)."""
+    """The server checks types but accepts names the flow does not take (the run would then crash);
+    the ticket proxy refuses them (422), and `bouwsteen ticket run` before it sends anything."""
     return set(parameters) - set((deployment.get("parameter_openapi_schema") or {}).get("properties", {}))

@@ -2,7 +2,9 @@
 
 A worker runs every flow run in a fresh Python process from the repository checkout (the
 deployments' pull step changes into it), with the same environment as the server, so flows
-see the same PREFECT_HOME, API URL and no-analytics settings as a `bouwsteen run`.
+see the same PREFECT_HOME, API URL, admin auth string (PREFECT_API_AUTH_STRING) and no-analytics
+settings as a `bouwsteen run`. The server's own secrets (its auth string setting and encryption
+key) are never in a worker's or a flow run's environment.
 """
 
 from __future__ import annotations
@@ -69,16 +71,31 @@ def running_worker(name: str = DEFAULT_WORKER) -> int | None:
     return pid if _is_our_worker(pid) else None
 
 
+def environment_of(pid: int) -> dict[str, str] | None:
+    """A process's environment as it was started (root reads any; None when unreadable)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
 def start_worker(name: str = DEFAULT_WORKER, *, pool: str = WORK_POOL, limit: int | None = None,
                  query_seconds: float | None = None, timeout: float = 60) -> WorkerHandle:
-    """Start `prefect worker start --type process` detached unless this named worker runs. Idempotent."""
+    """Start `prefect worker start --type process` detached unless this named worker runs. Idempotent.
+
+    A running worker that was started with another API auth string (or none: before the server
+    required one) could not reach the server any more; it is restarted."""
     home = prefect_home()
     home.mkdir(parents=True, exist_ok=True)
     log_path = worker_log(name)
+    env = {**os.environ, **base_environment()}
     pid = running_worker(name)
     if pid is not None:
-        return WorkerHandle(name=name, pid=pid, started=False, log=log_path)
-    env = {**os.environ, **base_environment()}
+        started_with = environment_of(pid)
+        if started_with is None or started_with.get("PREFECT_API_AUTH_STRING") == env.get("PREFECT_API_AUTH_STRING"):
+            return WorkerHandle(name=name, pid=pid, started=False, log=log_path)
+        stop_worker(name)
     if query_seconds is not None:
         # Tests poll faster than the 10 s default so a run starts within a couple of seconds.
         env["PREFECT_WORKER_QUERY_SECONDS"] = str(query_seconds)

@@ -1,8 +1,9 @@
 """Integration tests run the flows against the lab through a real Prefect server.
 
 The session starts from bare hosts (`lab down`, then `lab up`), starts its own Prefect server on
-a port of its own, registers the lab's blocks, and leaves the lab up for the next module; the
-last module (test_99) takes it down and checks nothing is left behind.
+a port of its own (with its admin auth string and encryption key from `<its PREFECT_HOME>/auth/`,
+and the ticket proxy on the next port), registers the lab's blocks, and leaves the lab up for the
+next module; the last module (test_99) takes it down and checks nothing is left behind.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from bouwsteen.home import bouwsteen_home
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_PORT = 4210
+TICKET_PORT = TEST_PORT + 1  # the ticket proxy start_server puts in front of it
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,7 +32,15 @@ def prefect_server():
     home = bouwsteen_home() / "prefect-test"
     os.environ["BOUWSTEEN_PREFECT_HOME"] = str(home)
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{TEST_PORT}/api"
+    os.environ["BOUWSTEEN_TICKET_URL"] = f"http://127.0.0.1:{TICKET_PORT}/api"
+    os.environ.pop("BOUWSTEEN_TICKET_LISTEN", None)
+    os.environ.pop("BOUWSTEEN_TICKET_AUTH", None)
+    from deployments.credentials import admin_auth_string
     from deployments.server import apply_environment, start_server, stop_server
+
+    # Every client of this session (Prefect, the CLI it starts, workers, flow runs) uses the test
+    # server's own admin auth string; set before Prefect is imported, which reads it once.
+    os.environ["PREFECT_API_AUTH_STRING"] = admin_auth_string(home)
 
     stop_server(TEST_PORT)
     apply_environment(TEST_PORT)

@@ -1,11 +1,14 @@
-"""Deployments, worker, failure automation, the ticket REST contract, lock durability, scale-out.
+"""Deployments, worker, failure automation, the ticket REST contract and credential, lock durability,
+scale-out.
 
 Only check_hosts and tab_job ever run here (read-only, or refused before touching anything), so
 this module is safe on a lab that holds a built cluster. Schedules are registered paused: a
 worker left running must never start a nightly backup in the middle of a test session.
 
 Prefect is imported inside fixtures and tests only: the session fixtures point PREFECT_API_URL
-at the test server first, and Prefect reads its settings once, at import.
+(and PREFECT_API_AUTH_STRING) at the test server first, and Prefect reads its settings once, at
+import. Direct calls to the server carry the admin auth string (`ADMIN`); ticket calls go to the
+ticket proxy (BOUWSTEEN_TICKET_URL) with the ticket credential, as a ticket system's do.
 """
 
 from __future__ import annotations
@@ -108,8 +111,24 @@ def worker(deployed):
     stop_worker(WORKER)
 
 
+def _admin() -> tuple[str, str]:
+    user, _, password = os.environ["PREFECT_API_AUTH_STRING"].partition(":")
+    return user, password
+
+
+def _ticket() -> tuple[str, str]:
+    from deployments.tickets import ticket_auth
+
+    user, _, password = ticket_auth().partition(":")
+    return user, password
+
+
 def _get(url: str, path: str) -> httpx.Response:
-    return httpx.get(f"{url}{path}", timeout=30)
+    return httpx.get(f"{url}{path}", auth=_admin(), timeout=30)
+
+
+def _post(url: str, path: str, body: dict, auth=None) -> httpx.Response:
+    return httpx.post(f"{url}{path}", json=body, auth=auth or _admin(), timeout=30)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,10 +173,9 @@ def test_deploy_is_idempotent(deployed, receiver):
     after = {f: _get(url, f"/deployments/name/{f}/lab").json() for f in FLOWS}
     assert {f: d["id"] for f, d in after.items()} == before
     assert len(after["tab_job"]["schedules"]) == 1
-    automations = httpx.post(f"{url}/automations/filter", json={}, timeout=30).json()
+    automations = _post(url, "/automations/filter", {}).json()
     assert [a["name"] for a in automations].count("bouwsteen: failed or crashed run") == 1
-    assert len(httpx.post(f"{url}/work_pools/filter", json={"work_pools": {"name": {"any_": ["bouwsteen"]}}},
-                          timeout=30).json()) == 1
+    assert len(_post(url, "/work_pools/filter", {"work_pools": {"name": {"any_": ["bouwsteen"]}}}).json()) == 1
 
 
 def test_bad_parameter_values_are_refused_by_the_server(deployed):
@@ -171,17 +189,15 @@ def test_bad_parameter_values_are_refused_by_the_server(deployed):
         (check, {"cluster": 42}),
         (check, {"cluster": ["lab"]}),
     ]:
-        response = httpx.post(f"{url}/deployments/{deployment['id']}/create_flow_run",
-                              json={"parameters": params, "tags": [tag]}, timeout=30)
+        response = _post(url, f"/deployments/{deployment['id']}/create_flow_run", {"parameters": params, "tags": [tag]})
         assert response.status_code in (409, 422), f"{params}: {response.status_code} {response.text}"
         assert "Validation failed" in response.text or "validation" in response.text.lower()
     # The server checks types, not names; the CLI wrapper refuses unknown names before any run exists.
     result = bouwsteen("ticket", "run", "check_hosts", "--deployment", "lab", "--ticket", tag,
                        "--param", "clustr=lab")
     assert result.returncode == 2 and "no parameter(s) clustr" in result.stderr, result.stderr
-    runs = httpx.post(f"{url}/flow_runs/filter", json={"flow_runs": {"tags": {"all_": [tag]}}}, timeout=30).json()
-    runs += httpx.post(f"{url}/flow_runs/filter", json={"flow_runs": {"tags": {"all_": [f"ticket:{tag}"]}}},
-                       timeout=30).json()
+    runs = _post(url, "/flow_runs/filter", {"flow_runs": {"tags": {"all_": [tag]}}}).json()
+    runs += _post(url, "/flow_runs/filter", {"flow_runs": {"tags": {"all_": [f"ticket:{tag}"]}}}).json()
     assert runs == []
 
 
@@ -192,7 +208,7 @@ def test_bad_parameter_values_are_refused_by_the_server(deployed):
 def test_same_ticket_twice_makes_one_run_that_completes_with_a_readable_report(worker, deployed):
     from deployments import tickets
 
-    url = deployed
+    url = os.environ["BOUWSTEEN_TICKET_URL"]  # the ticket proxy, with the ticket credential
     ticket = f"T60-{uuid.uuid4().hex[:8]}"
     deployment = tickets.find_deployment("check_hosts", "lab", base_url=url)
     first = tickets.create_run(deployment["id"], ticket, {"cluster": "lab"}, base_url=url)
@@ -202,8 +218,8 @@ def test_same_ticket_twice_makes_one_run_that_completes_with_a_readable_report(w
     # ... and the CLI, a third retry of the same webhook, lands on the same run.
     result = bouwsteen("ticket", "run", "check_hosts", "--deployment", "lab", "--ticket", ticket)
     assert result.returncode == 0 and f"already had flow run {first.id}" in result.stdout, result.stdout + result.stderr
-    by_tag = httpx.post(f"{url}/flow_runs/filter", json={"flow_runs": {"tags": {"all_": [f"ticket:{ticket}"]}}},
-                        timeout=30).json()
+    by_tag = _post(url, "/flow_runs/filter", {"flow_runs": {"tags": {"all_": [f"ticket:{ticket}"]}}},
+                   auth=_ticket()).json()
     assert [r["id"] for r in by_tag] == [first.id]
 
     run = tickets.wait_for_run(first.id, timeout=150, base_url=url)
@@ -226,7 +242,7 @@ def test_same_ticket_twice_makes_one_run_that_completes_with_a_readable_report(w
 def test_failed_run_notifies_through_the_automation(worker, deployed, receiver):
     from deployments import tickets
 
-    url = deployed
+    url = os.environ["BOUWSTEEN_TICKET_URL"]
     ticket = f"T60-fail-{uuid.uuid4().hex[:8]}"
     deployment = tickets.find_deployment("tab_job", "lab", base_url=url)
     run = tickets.create_run(deployment["id"], ticket, {"job": "no_such_job"}, base_url=url)
@@ -242,6 +258,80 @@ def test_failed_run_notifies_through_the_automation(worker, deployed, receiver):
     assert body["subject"] == "bouwsteen: tab_job/lab Failed"
     assert "no_such_job" in body["body"]
     assert len(messages) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 3b. API access: the server wants its admin auth string; the ticket credential can only start and
+#     follow allow-listed runbooks, through the ticket proxy
+
+
+def test_ticket_credential_can_only_start_and_follow_allow_listed_runbooks(deployed):
+    server, proxy = deployed, os.environ["BOUWSTEEN_TICKET_URL"]
+    admin, ticket = _admin(), _ticket()
+    everything = {"include_secrets": True}
+
+    # The server itself: nothing without the admin auth string, not even with the ticket credential.
+    assert httpx.post(f"{server}/block_documents/filter", json=everything, timeout=30).status_code == 401
+    assert _post(server, "/block_documents/filter", everything, auth=ticket).status_code == 401
+    assert _post(server, "/block_documents/filter", everything).status_code == 200
+    assert httpx.get(f"{server}/health", timeout=30).status_code == 200
+    # The proxy: the ticket credential only (the admin's is not taken there either).
+    for auth in (None, admin, (ticket[0], "wrong")):
+        assert httpx.get(f"{proxy}/deployments/name/check_hosts/lab", auth=auth, timeout=30).status_code == 401
+
+    def call(method: str, path: str, body: dict | None = None) -> httpx.Response:
+        return httpx.request(method, f"{proxy}{path}", json=body, auth=ticket, timeout=30)
+
+    # What a ticket may start: the allow-list rendered after `bouwsteen deploy`.
+    allowed = httpx.get(f"{proxy.removesuffix('/api')}/bouwsteen/allow-list", auth=ticket, timeout=30).json()
+    assert {f"{f}/lab" for f in ("check_hosts", "switchover", "tab_job")} <= set(allowed["names"])
+    check = call("GET", "/deployments/name/check_hosts/lab")
+    assert check.status_code == 200, check.text
+    switchover = call("GET", "/deployments/name/switchover/lab").json()
+    assert call("GET", "/deployments/name/check_hosts/nosuchcluster").status_code == 403
+
+    tag = f"T60-gate-{uuid.uuid4().hex[:8]}"
+    run = call("POST", f"/deployments/{check.json()['id']}/create_flow_run",
+               {"parameters": {"cluster": "lab"}, "tags": [f"ticket:{tag}"], "idempotency_key": tag})
+    assert run.status_code == 201, run.text
+    again = call("POST", f"/deployments/{check.json()['id']}/create_flow_run",
+                 {"parameters": {}, "tags": [f"ticket:{tag}"], "idempotency_key": tag})
+    assert again.status_code == 200 and again.json()["id"] == run.json()["id"]
+
+    refused_runs = {
+        "unknown parameter": ({"parameters": {"clustr": "lab"}}, 422, "clustr"),
+        "other cluster": ({"parameters": {"cluster": "prod"}}, 403, "parameters.cluster"),
+        "job variables": ({"parameters": {}, "job_variables": {"command": "id"}}, 403, "job_variables"),
+        "schema check off": ({"enforce_parameter_schema": False}, 403, "enforce_parameter_schema"),
+        "foreign tag": ({"tags": ["cluster:prod"]}, 422, "ticket:"),
+    }
+    for what, (body, status, named) in refused_runs.items():
+        response = call("POST", f"/deployments/{switchover['id']}/create_flow_run",
+                        {"tags": [f"ticket:{tag}-refused"], **body})
+        assert response.status_code == status and named in response.json()["detail"], f"{what}: {response.text}"
+    assert _post(server, "/flow_runs/filter", {"flow_runs": {"tags": {"all_": [f"ticket:{tag}-refused"]}}}).json() == []
+
+    refused = [
+        ("POST", "/block_documents/filter", everything), ("POST", "/block_documents/filter", {}),
+        ("GET", "/block_types/slug/bouwsteen-ssh-credentials/block_documents/name/lab?include_secrets=true", None),
+        ("POST", "/variables/filter", {}), ("POST", "/variables/", {"name": "x", "value": "y"}),
+        ("PATCH", f"/deployments/{switchover['id']}", {"paused": True}),
+        ("DELETE", f"/deployments/{switchover['id']}", None),
+        ("POST", "/deployments/", {"name": "x", "flow_id": switchover["flow_id"]}),
+        ("POST", f"/flow_runs/{run.json()['id']}/set_state", {"state": {"type": "CANCELLED"}}),
+        ("DELETE", f"/flow_runs/{run.json()['id']}", None),
+        ("GET", "/deployments/name/check_hosts%2Flab", None),  # not what the gate would have matched
+    ]
+    for method, path, body in refused:
+        response = call(method, path, body)
+        assert response.status_code == 403, f"{method} {path}: {response.status_code} {response.text}"
+    assert _get(server, f"/deployments/{switchover['id']}").json()["paused"] is False
+
+    # Following the run: read it, find it by ticket, read its artifacts.
+    assert call("GET", f"/flow_runs/{run.json()['id']}").json()["idempotency_key"] == tag
+    found = call("POST", "/flow_runs/filter", {"flow_runs": {"tags": {"all_": [f"ticket:{tag}"]}}})
+    assert [r["id"] for r in found.json()] == [run.json()["id"]]
+    assert call("POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run.json()["id"]]}}}).status_code == 200
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +463,7 @@ class ThrowawayPostgres:
 @pytest.mark.timeout(300)
 def test_scale_out_server_on_postgresql_with_two_workers(registered, monkeypatch):
     from deployments import tickets
+    from deployments.credentials import admin_auth_string
     from deployments.server import start_server, stop_server
     from deployments.worker import start_worker, stop_worker, worker_log
 
@@ -387,10 +478,13 @@ def test_scale_out_server_on_postgresql_with_two_workers(registered, monkeypatch
     monkeypatch.setenv("BOUWSTEEN_PREFECT_HOME", str(home))
     monkeypatch.setenv("PREFECT_API_URL", url)
     monkeypatch.setenv("PREFECT_UI_API_URL", url)
+    # ... and its own admin auth string (its tickets go straight to it with that; no ticket proxy).
+    admin = admin_auth_string(home)
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", admin)
     workers = ["scale-a", "scale-b"]
     try:
         pg.start()
-        start_server(port, database_url=pg.url, timeout=150)
+        start_server(port, database_url=pg.url, timeout=150, ticket_proxy=False)
         assert pg.query("select count(*) from information_schema.tables where table_name = 'flow_run'")[0][0] == 1
 
         for args in (("blocks", "register", "--lab"), ("deploy", "--cluster", "lab", "--paused-schedules")):
@@ -400,11 +494,11 @@ def test_scale_out_server_on_postgresql_with_two_workers(registered, monkeypatch
         for name in workers:
             start_worker(name, limit=1, query_seconds=2)
 
-        deployment = tickets.find_deployment("check_hosts", "lab", base_url=url)
-        run_ids = [tickets.create_run(deployment["id"], f"scale-{uuid.uuid4().hex[:8]}", base_url=url).id
+        deployment = tickets.find_deployment("check_hosts", "lab", base_url=url, auth=admin)
+        run_ids = [tickets.create_run(deployment["id"], f"scale-{uuid.uuid4().hex[:8]}", base_url=url, auth=admin).id
                    for _ in range(4)]
         deadline = time.monotonic() + 180
-        finals = [tickets.wait_for_run(r, timeout=max(deadline - time.monotonic(), 1), base_url=url)
+        finals = [tickets.wait_for_run(r, timeout=max(deadline - time.monotonic(), 1), base_url=url, auth=admin)
                   for r in run_ids]
         assert [f["state"]["type"] for f in finals] == ["COMPLETED"] * 4, [f["state"] for f in finals]
 

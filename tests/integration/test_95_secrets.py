@@ -1,10 +1,14 @@
-"""After the whole suite: no secret in Prefect logs or artifacts, none readable on the hosts."""
+"""After the whole suite: no secret in Prefect logs or artifacts, none readable on the hosts; the
+Prefect server's own secrets outside its database."""
 
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
+import stat
 import subprocess
+from pathlib import Path
 
 import pytest
 from labtools import lab_ssh
@@ -188,3 +192,31 @@ def test_the_restore_hosts_key_cannot_write(lab, registered):
             restore_key.put(store.bucket, "lab/.restore-key-write-probe", b"must not be written\n")
         with pytest.raises(ObjectStoreError, match="AccessDenied"):
             restore_key.delete(store.bucket, "lab/.bouwsteen-prefix")
+
+
+def test_the_servers_own_secrets_are_private_files_outside_its_database(prefect_server):
+    from deployments.server import prefect_home
+
+    home = prefect_home()
+    auth, proxy = home / "auth", home / "ticket-proxy"
+    assert stat.S_IMODE(auth.stat().st_mode) == stat.S_IMODE(proxy.stat().st_mode) == 0o700
+    for path in (auth / "admin-auth", auth / "ticket-auth", auth / "encryption.key", proxy / "nginx.conf",
+                 proxy / "ticket_gate.js"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    # Prefect keeps no key of its own in the database (PREFECT_SERVER_ENCRYPTION_KEY is set).
+    with sqlite3.connect(home / "prefect.db") as db:
+        assert db.execute("select count(*) from configuration where key = 'ENCRYPTION_KEY'").fetchone() == (0,)
+    values = {name: (auth / name).read_text().strip() for name in ("admin-auth", "ticket-auth", "encryption.key")}
+    passwords = [values["admin-auth"].partition(":")[2], values["ticket-auth"].partition(":")[2],
+                 values["encryption.key"]]
+    # The ticket password is nowhere on disk but its own file: the proxy holds a salted hash.
+    for path in proxy.glob("*"):
+        if path.is_file():
+            assert passwords[1] not in path.read_text(errors="replace"), path
+    # None of them on a command line of the controller (server, proxy, worker, flow runs, lab).
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        assert not any(p in text for p in passwords), f"a server secret on the command line of {cmdline.parent.name}"

@@ -43,6 +43,8 @@ def test_schedules_are_amsterdam_wall_clock_and_tab_jobs_carry_their_job():
     ["worker", "stop", "--all"],
     ["ticket", "run", "switchover", "--deployment", "lab", "--ticket", "CHG-1", "--param", "candidate=pg2", "--wait"],
     ["ticket", "status", "6f1c0000-0000-0000-0000-000000000000"],
+    ["ticket", "proxy", "start"],
+    ["ticket", "proxy", "stop"],
 ])
 def test_cli_parses_the_deployment_subcommands(argv):
     from bouwsteen.cli import build_parser
