@@ -60,6 +60,9 @@ def base_environment(port: int = DEFAULT_PORT) -> dict[str, str]:
         **({"PREFECT_API_AUTH_STRING": auth} if auth else {}),
         "PREFECT_HOME": str(home),
         "PREFECT_API_URL": api_url(port),
+        # A client that somehow has no API URL fails instead of starting an ephemeral server on
+        # the same database, which would have neither the server's auth string nor its key.
+        "PREFECT_SERVER_EPHEMERAL_ENABLED": "false",
         # Nothing leaves this machine: no analytics, no update checks.
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",

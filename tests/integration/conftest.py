@@ -21,6 +21,30 @@ TEST_PORT = 4210
 TICKET_PORT = TEST_PORT + 1  # the ticket proxy start_server puts in front of it
 
 
+def _point_prefect_at_the_test_server() -> Path:
+    """Before any test module imports Prefect (they do at collection): Prefect reads its settings
+    once, at import. Set later, an in-process client would find no API URL and quietly start an
+    ephemeral server on the same database, without the server's encryption key or auth string.
+    Without an API URL Prefect must fail instead of starting one."""
+    home = bouwsteen_home() / "prefect-test"
+    os.environ["BOUWSTEEN_PREFECT_HOME"] = str(home)
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{TEST_PORT}/api"
+    os.environ["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "false"
+    os.environ["BOUWSTEEN_TICKET_URL"] = f"http://127.0.0.1:{TICKET_PORT}/api"
+    os.environ.pop("BOUWSTEEN_TICKET_LISTEN", None)
+    os.environ.pop("BOUWSTEEN_TICKET_AUTH", None)
+    from deployments.credentials import admin_auth_string
+
+    # Every client of this session (Prefect, the CLI it starts, workers, flow runs) uses the test
+    # server's own admin auth string.
+    os.environ["PREFECT_API_AUTH_STRING"] = admin_auth_string(home)
+    return home
+
+
+TEST_HOME = _point_prefect_at_the_test_server()
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "integration" in str(item.fspath):
@@ -29,18 +53,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def prefect_server():
-    home = bouwsteen_home() / "prefect-test"
-    os.environ["BOUWSTEEN_PREFECT_HOME"] = str(home)
-    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{TEST_PORT}/api"
-    os.environ["BOUWSTEEN_TICKET_URL"] = f"http://127.0.0.1:{TICKET_PORT}/api"
-    os.environ.pop("BOUWSTEEN_TICKET_LISTEN", None)
-    os.environ.pop("BOUWSTEEN_TICKET_AUTH", None)
-    from deployments.credentials import admin_auth_string
+    home = TEST_HOME
     from deployments.server import apply_environment, start_server, stop_server
-
-    # Every client of this session (Prefect, the CLI it starts, workers, flow runs) uses the test
-    # server's own admin auth string; set before Prefect is imported, which reads it once.
-    os.environ["PREFECT_API_AUTH_STRING"] = admin_auth_string(home)
 
     stop_server(TEST_PORT)
     apply_environment(TEST_PORT)
