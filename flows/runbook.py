@@ -32,7 +32,9 @@ class Policy:
     "required" refuses (LockUnavailable), since the Prefect lock alone does not exclude runs that
     bypass Prefect; "once_up" is for the runbook that builds etcd: it holds the Prefect lock alone
     until it has brought etcd up, then takes the etcd lock (`hold.take_etcd_lock()`) before it
-    changes anything else.
+    changes anything else; "if_up" takes the etcd lock when etcd answers and goes on with the
+    Prefect lock alone when it does not, for a runbook that changes no host of the cluster's etcd
+    (the backup server's rollout, which a site runs before its first build).
     """
 
     lock: Literal["cluster", "pgquartz", "none"]
@@ -44,12 +46,14 @@ class Policy:
 # Role changes refuse at once when the cluster is busy (a DBA retries knowingly); builds and
 # rollouts wait out a killed run's lease (one minute); the nightly backup and the weekly drill
 # wait out each other. Only build_cluster may start without etcd: on bare hosts there is none yet;
-# it takes the etcd lock once etcd is up, before PostgreSQL and the HA manager are touched.
+# it takes the etcd lock once etcd is up, before PostgreSQL and the HA manager are touched. The
+# backup server's rollout changes only the backup server, which a site sets up first: it takes the
+# etcd lock when there is an etcd to take it in.
 POLICIES: dict[str, Policy] = {
     "check_hosts": Policy("none", changes=False),
     "build_cluster": Policy("cluster", wait_seconds=120, etcd="once_up"),
     "add_standby": Policy("cluster", wait_seconds=120),
-    "backup_server_rollout": Policy("cluster", wait_seconds=120),
+    "backup_server_rollout": Policy("cluster", wait_seconds=120, etcd="if_up"),
     "routing_rollout": Policy("cluster", wait_seconds=120),
     "scheduled_basebackup": Policy("cluster", wait_seconds=900),
     "restore_drill": Policy("cluster", wait_seconds=900),

@@ -63,7 +63,10 @@ def etcd_lock_prefix(cluster: str) -> str:
 # How the cluster lock treats an etcd that does not answer when it is taken: "required" refuses
 # (LockUnavailable); "once_up" holds the Prefect lock alone until the runbook has brought etcd up
 # and calls `take_etcd_lock()` (build_cluster: the lock lives in the etcd it is building).
-EtcdPolicy = Literal["required", "once_up"]
+# "if_up" takes the etcd lock when etcd answers and goes on without it otherwise: for a runbook
+# that only changes hosts outside the cluster's etcd (the backup server), which a site sets up
+# before its first build_cluster.
+EtcdPolicy = Literal["required", "once_up", "if_up"]
 
 
 class ClusterHold:
@@ -143,10 +146,15 @@ def cluster_lock(cluster: str, runbook: str, *, wait_seconds: float = 0,
             try:
                 hold.mutex = hold._acquire(refusing=True)
             except LockUnavailable:
-                if etcd != "once_up":
+                if etcd == "required":
                     raise
-                logger.warning("etcd does not answer yet; holding only the Prefect lock for cluster %s until %s "
-                               "has brought etcd up (its policy: the etcd lock once etcd is up).", cluster, runbook)
+                if etcd == "once_up":
+                    logger.warning("etcd does not answer yet; holding only the Prefect lock for cluster %s until %s "
+                                   "has brought etcd up (its policy: the etcd lock once etcd is up).", cluster, runbook)
+                else:
+                    logger.warning("etcd does not answer; holding only the Prefect lock for cluster %s: %s changes no "
+                                   "host of the cluster's etcd (its policy: the etcd lock when etcd answers).",
+                                   cluster, runbook)
             try:
                 logger.info("Holding the lock on cluster %s for %s.", cluster, runbook)
                 with _loud_on_loss(cluster, hold):

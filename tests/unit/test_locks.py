@@ -738,9 +738,16 @@ CLUSTER_LOCK_CASES = {
     "etcd up, bootstrap policy": ({}, 120, "once_up", (True, None, None, True)),
     "etcd lock held outside Prefect, bootstrap policy": ({"etcd_holder": "someone"}, 0, "once_up",
                                                          (False, locks.ClusterBusy, "cluster lab is busy: lock", False)),
+    # The backup server's rollout on a new site: no etcd yet, the Prefect lock alone; etcd up, both.
+    "etcd down, when-up policy": ({"etcd_down": {"lease grant"}}, 120, "if_up", (True, None, None, False)),
+    "etcd up, when-up policy": ({}, 120, "if_up", (True, None, None, True)),
+    "etcd lock held outside Prefect, when-up policy": ({"etcd_holder": "someone"}, 0, "if_up",
+                                                       (False, locks.ClusterBusy, "cluster lab is busy: lock", False)),
 }
 BOOTSTRAP_WARNING = ("etcd does not answer yet; holding only the Prefect lock for cluster lab until build_cluster has "
                      "brought etcd up (its policy: the etcd lock once etcd is up).")
+WHEN_UP_WARNING = ("etcd does not answer; holding only the Prefect lock for cluster lab: backup_server_rollout changes "
+                   "no host of the cluster's etcd (its policy: the etcd lock when etcd answers).")
 
 
 @pytest.mark.parametrize(("world", "wait_seconds", "etcd", "expected"), CLUSTER_LOCK_CASES.values(),
@@ -749,7 +756,7 @@ def test_cluster_lock(harness: Harness, world: dict[str, Any], wait_seconds: flo
                       expected: tuple[bool, type[BaseException] | None, str | None, bool],
                       caplog: pytest.LogCaptureFixture) -> None:
     ran, error, message, etcd_held = expected
-    runbook = "build_cluster" if etcd == "once_up" else "switchover"
+    runbook = {"once_up": "build_cluster", "if_up": "backup_server_rollout"}.get(etcd, "switchover")
     harness.limit_busy = world.get("limit_busy", False)
     harness.limit_times_out = world.get("limit_times_out", False)
     harness.etcd_down |= world.get("etcd_down", set())
@@ -776,7 +783,8 @@ def test_cluster_lock(harness: Harness, world: dict[str, Any], wait_seconds: flo
     if ran:
         assert seen == {"in_limit": True, "etcd_held": etcd_held}
         assert f"Holding the lock on cluster lab for {runbook}." in caplog.messages
-    assert (BOOTSTRAP_WARNING in caplog.messages) is (ran and not etcd_held)
+    assert (BOOTSTRAP_WARNING in caplog.messages) is (ran and not etcd_held and etcd == "once_up")
+    assert (WHEN_UP_WARNING in caplog.messages) is (ran and not etcd_held and etcd == "if_up")
     # Whatever happened, nothing of ours is left in etcd, the Prefect slot is given back, and the
     # steps have no lock left to check.
     assert [k for k in harness.server.keys if k != PREFIX + "ffff"] == []

@@ -43,9 +43,11 @@ def test_the_declared_lock_is_the_one_taken(name):
         assert "pgquartz_lock(" in source
 
 
-def test_only_the_build_may_start_without_etcd():
-    # Bare hosts have no etcd for the lock to live in; every other runbook refuses without it.
-    assert {n for n, p in POLICIES.items() if p.etcd != "required"} == {"build_cluster"}
+def test_only_the_build_and_the_backup_server_may_start_without_etcd():
+    # Bare hosts have no etcd for the lock to live in; the build brings it up, the backup server's
+    # rollout (run first on a new site) touches none of its hosts. Every other runbook refuses.
+    assert {n: p.etcd for n, p in POLICIES.items() if p.etcd != "required"} == {
+        "build_cluster": "once_up", "backup_server_rollout": "if_up"}
     assert all(p.lock == "cluster" for p in POLICIES.values() if p.etcd == "once_up")
 
 
