@@ -520,7 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     previous = json.loads((OUT / "report.json").read_text()) if (OUT / "report.json").exists() else {}
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     # A partial run (--only) keeps the other groups' figures from their own run, dated as such.
+    earlier = previous.get("measured_at", "unknown")
     results: dict = {**previous, "measured_at": started,
+                     **{f"measured_at_{group}": previous.get(f"measured_at_{group}", earlier)
+                        for group in set(FIGURE_OF.values()) - only},
                      **{f"measured_at_{group}": started for group in only}}
     traces: dict = {}
     setup_prefect()
