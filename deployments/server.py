@@ -116,7 +116,10 @@ def start_server(port: int = DEFAULT_PORT, *, database_url: str | None = None, t
     it) or with another auth string is restarted; anyone else's is refused."""
     url = f"http://127.0.0.1:{port}/api"
     home = prefect_home()
-    home.mkdir(parents=True, exist_ok=True)
+    # The home holds the database, the logs and the persisted task results (plans, error texts,
+    # host names): root's alone, whoever created or loosened it.
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(home, 0o700)
     admin = credentials.admin_auth_string(home)
     if is_healthy(url):
         verdict = auth_check(url, admin)
