@@ -21,6 +21,7 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parent
 PORT = 4220
 HARD_FAILOVERS = 3  # the primary's host killed this many times; the median gap is reported
+TLS_ROUNDS = 3  # switchovers and hard failovers per side of the TLS comparison
 ROUNDS = 5  # interleaved backup/restore rounds; medians are compared
 COMMAND = ".venv/bin/python -m benchmarks.run"
 VIP = "172.29.66.100"
@@ -192,12 +193,12 @@ def wait_streaming(timeout: float = 300) -> None:
     wait_until_replicas_streaming.fn("lab", timeout=timeout)
 
 
-def bench_switchovers(results: dict, traces: dict) -> None:
+def bench_switchovers(results: dict, traces: dict, rounds: int = 5) -> None:
     from flows.switchover import switchover
 
     gaps: dict[str, list[float]] = {name: [] for name in CLIENTS}
     lost = dict.fromkeys(CLIENTS, 0)
-    for i in range(5):
+    for i in range(rounds):
         probes = client_probes(primary())
         for p in probes.values():
             p.start()
@@ -220,14 +221,14 @@ def bench_switchovers(results: dict, traces: dict) -> None:
         results[f"switchover_{name}_lost_writes"] = lost[name]
 
 
-def bench_hard_failover(lab, results: dict, traces: dict) -> None:
+def bench_hard_failover(lab, results: dict, traces: dict, rounds: int = 0) -> None:
     """Median of HARD_FAILOVERS: where the old leader's key stands in its renewal cycle varies the gap by seconds."""
     from tasks.roles import wait_until_primary_is
 
     gaps: dict[str, list[float]] = {name: [] for name in CLIENTS}
     lost = dict.fromkeys(CLIENTS, 0)
     moves = []
-    for _ in range(HARD_FAILOVERS):
+    for _ in range(rounds or HARD_FAILOVERS):
         old = primary()
         probes = client_probes(old)
         for p in probes.values():
@@ -254,6 +255,31 @@ def bench_hard_failover(lab, results: dict, traces: dict) -> None:
         results[f"hard_failover_{name}_gaps_s"] = gaps[name]
         results[f"hard_failover_{name}_gap_s"] = round(statistics.median(gaps[name]), 2)
         results[f"hard_failover_{name}_lost_writes"] = lost[name]
+
+
+def bench_tls(results: dict) -> None:
+    """Switchover and hard-failover write gaps with TLS off and on, each on a lab built fresh that
+    way, in this one run: what TLS (PostgreSQL, etcd, Patroni's REST API) costs a role change."""
+    from lab.manager import Lab
+
+    for tls in (False, True):
+        lab = Lab(tls=tls)
+        fresh_lab(lab)
+        setup_rest(results)
+        enable_sync(True)
+        figures: dict = {}
+        bench_switchovers(figures, {}, rounds=TLS_ROUNDS)
+        bench_hard_failover(lab, figures, {}, rounds=TLS_ROUNDS)
+        enable_sync(False)
+        side = "on" if tls else "off"
+        for key in ("switchover_gap_median_s", "switchover_lost_writes", "switchover_gaps_s", "hard_failover_gap_s",
+                    "hard_failover_lost_writes", "hard_failover_gaps_s"):
+            results[f"tls_{side}_{key}"] = figures[key]
+        log(f"TLS {side}: switchover median {figures['switchover_gap_median_s']}s, hard failover median "
+            f"{figures['hard_failover_gap_s']}s")
+    for event, key in (("switchover", "switchover_gap_median_s"), ("hard_failover", "hard_failover_gap_s")):
+        off, on = results[f"tls_off_{key}"], results[f"tls_on_{key}"]
+        results[f"tls_{event}_gap_ratio"] = round(on / off, 2) if off else None
 
 
 def bench_router_failover(lab, results: dict) -> None:
@@ -420,6 +446,16 @@ REPORT_ROWS = [
     ("  the same failovers, a client on the multi-host URI", "hard_failover_multihost_gap_s", "s", "—"),
     ("  lost by that client", "hard_failover_multihost_lost_writes", "", "0"),
     ("router failover write gap (VIP holder powered off)", "router_failover_gap_s", "s", "≤ 3 s"),
+    ("switchover write gap, TLS off, median of 3 (a lab built without TLS)", "tls_off_switchover_gap_median_s", "s",
+     "—"),
+    ("  the same, TLS on (PostgreSQL, etcd, Patroni's REST API), same run", "tls_on_switchover_gap_median_s", "s",
+     "—"),
+    ("  TLS on ÷ TLS off", "tls_switchover_gap_ratio", "×", "≤ 1.2"),
+    ("hard failover write gap, TLS off, median of 3", "tls_off_hard_failover_gap_s", "s", "—"),
+    ("  the same, TLS on, same run", "tls_on_hard_failover_gap_s", "s", "—"),
+    ("  TLS on ÷ TLS off", "tls_hard_failover_gap_ratio", "×", "≤ 1.1"),
+    ("acknowledged writes lost in those switchovers, TLS off", "tls_off_switchover_lost_writes", "", "0"),
+    ("  the same, TLS on", "tls_on_switchover_lost_writes", "", "0"),
     ("basebackup throughput ÷ raw pg_basebackup", "backup_throughput_ratio", "×", "≥ 0.8"),
     ("  of which the copy phase alone ÷ raw pg_basebackup", "copy_phase_ratio", "×", "—"),
     ("restore-drill ready time ÷ raw restore + recovery", "restore_ready_ratio", "×", "≤ 1.2"),
@@ -502,18 +538,22 @@ FIGURE_OF = {
     **{f"{event}_{client}_{figure}": "roles" for event in ("switchover", "hard_failover")
        for client in ("port", "multihost") for figure in ("gap_median_s", "gap_s", "lost_writes")},
     "backup_throughput_ratio": "backup", "restore_ready_ratio": "backup", "copy_phase_ratio": "backup",
+    **{f"tls_{side}_{key}": "tls" for side in ("on", "off")
+       for key in ("switchover_gap_median_s", "switchover_lost_writes", "hard_failover_gap_s",
+                   "hard_failover_lost_writes")},
+    "tls_switchover_gap_ratio": "tls", "tls_hard_failover_gap_ratio": "tls",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", action="append", choices=["image", "lab", "build", "roles", "backup"])
+    parser.add_argument("--only", action="append", choices=["image", "lab", "build", "roles", "backup", "tls"])
     parser.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from report.json")
     args = parser.parse_args(argv)
     if args.report_only:
         write_report(json.loads((OUT / "report.json").read_text()))
         return 0
-    only = set(args.only or ["image", "lab", "build", "roles", "backup"])
+    only = set(args.only or ["image", "lab", "build", "roles", "backup", "tls"])
     from lab.manager import Lab
 
     lab = Lab()
@@ -546,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
         plot(traces, OUT / "writes.png")
     if "backup" in only:
         bench_backup_and_restore(lab, results)
+    if "tls" in only:
+        bench_tls(results)
     write_report(results)
     log(f"wrote {OUT / 'REPORT.md'}")
     return 0

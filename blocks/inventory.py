@@ -157,6 +157,30 @@ class StolonSpec(Strict):
     cluster_spec: dict[str, Any] = Field(default_factory=dict)
 
 
+class TlsSpec(Strict):
+    """PostgreSQL over TLS only, with certificates from the cluster's CA (block
+    `bouwsteen-certificate-authority`, named after the cluster); see `tasks/adapters/pki.py`."""
+
+    enabled: bool = False
+    lifetime_days: int = Field(default=365, ge=7, le=825)
+    # A certificate is replaced this long before it expires (every run after that installs the next).
+    renew_within_days: int = Field(default=30, ge=1, le=365)
+    # check_hosts fails when a certificate in use has fewer days left than this.
+    alarm_within_days: int = Field(default=21, ge=1, le=365)
+    # Bump to replace every key and certificate at once (a forced rotation).
+    generation: int = Field(default=0, ge=0, le=10_000)
+
+    @model_validator(mode="after")
+    def _windows(self) -> "TlsSpec":
+        if self.renew_within_days >= self.lifetime_days:
+            raise ValueError(f"renew_within_days ({self.renew_within_days}) must be less than lifetime_days "
+                             f"({self.lifetime_days})")
+        if self.alarm_within_days > self.renew_within_days:
+            raise ValueError(f"alarm_within_days ({self.alarm_within_days}) must not exceed renew_within_days "
+                             f"({self.renew_within_days}): the alarm would ring before renewal is due")
+        return self
+
+
 class PatroniSpec(Strict):
     rest_port: int = Field(default=8008, ge=1, le=65535)
     # HAProxy on every database host leads this port to the primary (stolon-proxy's contract).
@@ -451,6 +475,7 @@ class ClusterSpec(Strict):
     backup_tool: BackupTool = BackupTool.pgbackrest
     etcd: EtcdSpec = Field(default_factory=EtcdSpec)
     patroni: PatroniSpec = Field(default_factory=PatroniSpec)
+    tls: TlsSpec = Field(default_factory=TlsSpec)
     stolon: StolonSpec = Field(default_factory=StolonSpec)
     object_store: ObjectStoreSpec | None = None
     routing: RoutingSpec | None = None

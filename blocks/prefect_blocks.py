@@ -174,8 +174,28 @@ class RoutingCredentials(Block):
     _vrrp_pass = field_validator("vrrp_password")(_vrrp)
 
 
+class CertificateAuthority(Block):
+    """The cluster's issuing CA from the site's PKI: every certificate of the cluster is issued
+    from it (`tasks/adapters/pki.py`). During a CA roll-over the old CA stays in `also_trusted`."""
+
+    _block_type_name = "Bouwsteen Certificate Authority"
+    _block_type_slug = "bouwsteen-certificate-authority"
+
+    certificate: Pem = Field(description="PEM certificate of the issuing CA (EC P-256/P-384 key, CA:TRUE)")
+    private_key: SecretStr = Field(description="PEM private key of the issuing CA (unencrypted PKCS#8 or SEC1)")
+    also_trusted: str = Field(default="", description="PEM certificates still trusted beside it (a CA roll-over)")
+
+    _private_key_text = field_validator("private_key")(_text_secret)
+
+    @field_validator("also_trusted")
+    @classmethod
+    def _pem_or_empty(cls, value: str) -> str:
+        return value if not value.strip() else _pem(value)
+
+
 ALL_BLOCKS: tuple[type[Block], ...] = (
     ClusterInventory, SshCredentials, DatabaseCredentials, ObjectStoreCredentials, RoutingCredentials,
+    CertificateAuthority,
 )
 
 

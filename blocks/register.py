@@ -12,12 +12,14 @@ from pydantic import SecretStr
 from blocks.inventory import Inventory, InventoryError, load_inventory
 from blocks.prefect_blocks import (
     ALL_BLOCKS,
+    CertificateAuthority,
     ClusterInventory,
     DatabaseCredentials,
     ObjectStoreCredentials,
     RoutingCredentials,
     SshCredentials,
 )
+from tasks.adapters.pki import ClusterCA
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class ClusterFiles:
     ca_certificate: Path | None = None
     store_certificate: Path | None = None
     store_private_key: Path | None = None
+    # The cluster's issuing CA (cluster.tls): its certificate is `ca_certificate`.
+    ca_private_key: Path | None = None
 
     @classmethod
     def for_lab(cls, lab_dir: Path) -> "ClusterFiles":
@@ -42,6 +46,7 @@ class ClusterFiles:
             ca_certificate=lab_dir / "pki" / "ca.crt",
             store_certificate=lab_dir / "pki" / "backup1.crt",
             store_private_key=lab_dir / "pki" / "backup1.key",
+            ca_private_key=lab_dir / "pki" / "ca.key",
         )
 
 
@@ -134,6 +139,15 @@ def register_cluster(files: ClusterFiles) -> Inventory:
                                            if secrets.get("s3_restore_secret_access_key") else None),
             )
         )
+    if inventory.cluster.tls.enabled:
+        if not (files.ca_certificate and files.ca_private_key):
+            raise ValueError(f"{files.inventory}: cluster.tls.enabled needs the cluster's issuing CA "
+                             "(its certificate and private key files)")
+        authority = CertificateAuthority(certificate=files.ca_certificate.read_text(),
+                                         private_key=SecretStr(files.ca_private_key.read_text()))
+        # Refused here, before any block is saved, rather than by the first flow.
+        ClusterCA(authority.certificate, authority.private_key.get_secret_value(), authority.also_trusted)
+        blocks.append(authority)
     if inventory.cluster.routing is not None and secrets.get("vrrp_password"):
         blocks.append(RoutingCredentials(vrrp_password=SecretStr(secrets["vrrp_password"])))
     register_block_types()

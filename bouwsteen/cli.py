@@ -111,10 +111,11 @@ def cmd_blocks(args) -> int:
             ca_certificate=Path(args.ca_cert) if args.ca_cert else None,
             store_certificate=Path(args.store_cert) if args.store_cert else None,
             store_private_key=Path(args.store_key) if args.store_key else None,
+            ca_private_key=Path(args.ca_key) if args.ca_key else None,
         )
     try:
         inventory = register_cluster(files)
-    except InventoryError as exc:
+    except (InventoryError, ValueError) as exc:
         print(PreflightRefused(str(exc), nothing="saved"), file=sys.stderr)
         return 2
     print(f"blocks for cluster {inventory.cluster.name!r} registered (secrets stored as SecretStr)")
@@ -287,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     blocks.add_argument("--known-hosts")
     blocks.add_argument("--secrets", help="JSON file with the passwords (root-only)")
     blocks.add_argument("--ca-cert")
+    blocks.add_argument("--ca-key", help="the cluster's issuing CA key (cluster.tls); --ca-cert is its certificate")
     blocks.add_argument("--store-cert")
     blocks.add_argument("--store-key")
     blocks.set_defaults(handler=cmd_blocks)

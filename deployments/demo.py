@@ -49,6 +49,8 @@ def _figure(flow: str, result) -> str:
     if flow == "switchover":
         return (f"{result.get('old_primary')}→{result.get('new_primary')}, {result.get('write_gap', '')}; "
                 f"{result.get('via_port', '')}")
+    if flow == "rotate_certificates":
+        return f"{result.get('replaced', 0)} certificates replaced on {result.get('hosts', 0)} hosts (new keys)"
     if flow == "tab_job":
         checks = result.get("checks", [])
         return f"{sum(c['passed'] for c in checks)}/{len(checks)} checks passed on {', '.join(result.get('nodes', []))}"
@@ -94,6 +96,7 @@ def run_demo(skip: set[str] | None = None) -> int:
         ("restore_drill", {}),
         ("switchover", {}),
         ("tab_job", {"job": "purge_audit_log"}),
+        ("rotate_certificates", {"force": True}),
     ]
     rows: list[Row] = []
     failed = False

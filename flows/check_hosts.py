@@ -8,6 +8,7 @@ from prefect.artifacts import create_table_artifact
 from tasks.context import context_for
 from tasks.errors import BouwsteenError, VerifyFailed
 from tasks.hosts import HostFacts, is_host_reachable
+from tasks.tls import is_certificate_far_from_expiry
 
 
 @flow(name="check_hosts", persist_result=True)
@@ -45,5 +46,21 @@ def check_hosts(cluster: str = "lab") -> list[dict]:
     )
     if unreachable:
         raise VerifyFailed(f"{len(unreachable)} host(s) unreachable: {', '.join(unreachable)}")
-    logger.info("3. Done: all %d hosts answered.", len(rows))
+
+    # With TLS on, an expiring certificate fails the nightly run weeks before it would stop a service.
+    if ctx.inventory.cluster.tls.enabled:
+        logger.info("3. Certificates: days to expiry of every certificate on every host.")
+        checks = [f.result() for f in [is_certificate_far_from_expiry.submit(cluster, n) for n in hosts]]
+        cert_rows = [r.row() for check in checks for r in check.rows]
+        failing = [r for check in checks for r in check.failing]
+        create_table_artifact(
+            key=f"certificates-{cluster}", table=cert_rows,
+            description=f"Certificates of {cluster}: {len(failing)} of {len(cert_rows)} below "
+                        f"{ctx.inventory.cluster.tls.alarm_within_days} days",
+        )
+        if failing:
+            raise VerifyFailed("certificates expiring: " + ", ".join(
+                f"{r.host}:{r.path} ({r.days_left:.1f} days left)" for r in failing))
+    logger.info("Done: all %d hosts answered%s.", len(rows),
+                ", every certificate far from expiry" if ctx.inventory.cluster.tls.enabled else "")
     return rows

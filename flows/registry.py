@@ -16,6 +16,7 @@ FLOWS = {
     "switchover": "flows.switchover:switchover",
     "failover": "flows.switchover:failover",
     "tab_job": "flows.tab_job:tab_job",
+    "rotate_certificates": "flows.rotate_certificates:rotate_certificates",
 }
 
 

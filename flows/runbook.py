@@ -60,6 +60,7 @@ POLICIES: dict[str, Policy] = {
     "switchover": Policy("cluster"),
     "failover": Policy("cluster"),
     "tab_job": Policy("pgquartz"),
+    "rotate_certificates": Policy("cluster", wait_seconds=120),
 }
 
 

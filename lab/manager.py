@@ -52,9 +52,11 @@ class HostStatus:
 
 
 class Lab:
-    def __init__(self, paths: LabPaths | None = None, hosts: tuple[LabHost, ...] = DEFAULT_HOSTS):
+    def __init__(self, paths: LabPaths | None = None, hosts: tuple[LabHost, ...] = DEFAULT_HOSTS, *,
+                 tls: bool = True):
         self.paths = paths or LabPaths.default()
         self.hosts = hosts
+        self.tls = tls  # False only for the benchmark's TLS-off baseline
 
     # ------------------------------------------------------------ helpers
 
@@ -310,6 +312,8 @@ class Lab:
                 },
                 "routing": {"vip": str(VIP)},
                 "admin_networks": [f"{CONTROLLER_ADDRESS}/32"],
+                # Certificates from the lab's CA, registered as the cluster's issuing CA.
+                "tls": {"enabled": self.tls},
             },
             "ssh": {
                 "user": "root",

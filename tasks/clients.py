@@ -41,9 +41,11 @@ class ClientConnections:
     primary_port: int  # on every database host: leads to the primary (stolon-proxy / HAProxy)
     vip_rw: Endpoint | None = None
     vip_ro: Endpoint | None = None
+    # TLS on: clients verify the server (verify-full) against the cluster's CA bundle, kept here.
+    rootcert: str | None = None
 
     @classmethod
-    def of(cls, inv: Inventory, user: str) -> "ClientConnections":
+    def of(cls, inv: Inventory, user: str, rootcert: str | None = None) -> "ClientConnections":
         routing = inv.cluster.routing
         vip = {}
         if routing is not None:
@@ -53,7 +55,7 @@ class ClientConnections:
             cluster=inv.cluster.name, user=user, dbname=inv.cluster.postgres.application_database,
             postgres_port=inv.cluster.postgres.port,
             database_hosts=tuple((h.name, str(h.address)) for h in inv.db_hosts),
-            primary_port=ha_driver(inv).rw_port(inv), **vip,
+            primary_port=ha_driver(inv).rw_port(inv), rootcert=rootcert, **vip,
         )
 
     @property
@@ -66,8 +68,9 @@ class ClientConnections:
 
     def libpq_uri(self, target_session_attrs: str) -> str:
         """Client-side failover: libpq tries the hosts in order until one has the session kind asked for."""
+        tls = f"&sslmode=verify-full&sslrootcert={self.rootcert}" if self.rootcert else ""
         return (f"postgresql://{self.user}@{self._hosts()}/{self.dbname}"
-                f"?target_session_attrs={target_session_attrs}&connect_timeout={CONNECT_TIMEOUT_SECONDS}")
+                f"?target_session_attrs={target_session_attrs}&connect_timeout={CONNECT_TIMEOUT_SECONDS}{tls}")
 
     @property
     def rw_uri(self) -> str:
@@ -80,18 +83,25 @@ class ClientConnections:
     @property
     def jdbc_url(self) -> str:
         return (f"jdbc:postgresql://{self._hosts()}/{self.dbname}"
-                f"?targetServerType=primary&connectTimeout={CONNECT_TIMEOUT_SECONDS}")
+                f"?targetServerType=primary&connectTimeout={CONNECT_TIMEOUT_SECONDS}{self._jdbc_tls}")
+
+    @property
+    def _jdbc_tls(self) -> str:
+        return f"&sslmode=verify-full&sslrootcert={self.rootcert}" if self.rootcert else ""
 
     @property
     def jdbc_ro_url(self) -> str:
         return (f"jdbc:postgresql://{self._hosts()}/{self.dbname}"
-                f"?targetServerType=preferSecondary&loadBalanceHosts=true&connectTimeout={CONNECT_TIMEOUT_SECONDS}")
+                f"?targetServerType=preferSecondary&loadBalanceHosts=true&connectTimeout={CONNECT_TIMEOUT_SECONDS}"
+                f"{self._jdbc_tls}")
 
     def pg_service_conf(self) -> str:
         """Sections a client names with `service=<cluster>` (PGSERVICEFILE or ~/.pg_service.conf)."""
         addresses = ",".join(address for _, address in self.database_hosts)
         common = [f"port={self.postgres_port}", f"dbname={self.dbname}", f"user={self.user}",
                   f"connect_timeout={CONNECT_TIMEOUT_SECONDS}"]
+        if self.rootcert:
+            common += ["sslmode=verify-full", f"sslrootcert={self.rootcert}"]
         sections = [
             [f"[{self.cluster}]", f"host={addresses}", *common, "target_session_attrs=read-write"],
             [f"[{self.cluster}-ro]", f"host={addresses}", *common, "target_session_attrs=prefer-standby"],
@@ -154,7 +164,8 @@ def ensure_client_connection_report(cluster: str) -> ClientConnections:
     """The cluster's client connection facts as an artifact, and as a pg_service.conf on the controller."""
     ctx = context_for(cluster)
     user = ctx.db_secrets.application_user
-    facts = ClientConnections.of(ctx.inventory, user)
+    tls = ctx.client_tls()
+    facts = ClientConnections.of(ctx.inventory, user, rootcert=tls.rootcert if tls else None)
     path = service_file(cluster)
     text = facts.pg_service_conf()
     if not path.exists() or path.read_text() != text:

@@ -11,6 +11,7 @@ from functools import lru_cache
 
 from blocks.inventory import HostSpec, Inventory
 from blocks.prefect_blocks import (
+    CertificateAuthority,
     ClusterInventory,
     DatabaseCredentials,
     ObjectStoreCredentials,
@@ -18,9 +19,13 @@ from blocks.prefect_blocks import (
     SshCredentials,
     secret_values,
 )
+from tasks.adapters import etcd_config, pki
 from tasks.adapters.backup.base import StoreSecrets
+from tasks.adapters.client_tls import ClientTls, controller_tls_files
+from tasks.adapters.etcd import Etcd
 from tasks.adapters.ha.base import DbSecrets
 from tasks.adapters.objectstore_server import ServerSecrets
+from tasks.adapters.pki import ClusterCA
 from tasks.adapters.postgres import PgEndpoint
 from tasks.adapters.remote import Masker, RemoteHost, SshAuth, SshTarget
 from tasks.adapters.routing.config import RoutingSecrets
@@ -35,6 +40,7 @@ class ClusterContext:
     store_block: ObjectStoreCredentials | None
     masker: Masker
     routing_block: RoutingCredentials | None = None
+    ca_block: CertificateAuthority | None = None
 
     @property
     def name(self) -> str:
@@ -67,11 +73,36 @@ class ClusterContext:
             monitor_user=b.monitor_user,
         )
 
+    @property
+    def cluster_ca(self) -> ClusterCA | None:
+        """The cluster's issuing CA when TLS is on; LookupError naming the block when it is missing."""
+        if not self.inventory.cluster.tls.enabled:
+            return None
+        if self.ca_block is None:
+            raise LookupError(f"cluster.tls.enabled, but no certificate-authority block named {self.name!r}; "
+                              "register the cluster's CA with `bouwsteen blocks register`")
+        return _cluster_ca(self.ca_block.certificate, self.ca_block.private_key.get_secret_value(),
+                           self.ca_block.also_trusted)
+
+    def client_tls(self, role: str | None = None) -> ClientTls | None:
+        """What the controller's libpq needs to verify the servers (and, for `role`, to present
+        that role's client certificate); None with TLS off."""
+        ca = self.cluster_ca
+        if ca is None:
+            return None
+        return controller_tls_files(self.inventory, ca, role)
+
+    def etcd(self, endpoints: list[str] | None = None, *, timeout: float = 3) -> Etcd:
+        """The cluster's etcd (or `endpoints` of it), over TLS with the etcd client pair when TLS is on."""
+        return Etcd(endpoints or etcd_config.client_endpoints(self.inventory), timeout=timeout,
+                    tls=self.client_tls(pki.ETCD_CLIENT))
+
     def superuser_endpoint(self, host: HostSpec, *, port: int | None = None, dbname: str = "postgres") -> PgEndpoint:
         secrets = self.db_secrets
         return PgEndpoint(
             host=host.name, address=str(host.address), port=port or self.inventory.cluster.postgres.port,
             user=secrets.superuser, password=secrets.superuser_password, dbname=dbname,
+            tls=self.client_tls(secrets.superuser),
         )
 
     def application_endpoint(self, address: str, port: int, *, name: str = "vip",
@@ -85,6 +116,7 @@ class ClusterContext:
             password=self.db_blocks.application_password.get_secret_value(),
             dbname=self.inventory.cluster.postgres.application_database,
             target_session_attrs=target_session_attrs,
+            tls=self.client_tls(),
         )
 
     @property
@@ -95,6 +127,7 @@ class ClusterContext:
             vrrp_password=self.routing_block.vrrp_password.get_secret_value(),
             monitor_user=self.db_blocks.monitor_user,
             monitor_password=self.db_blocks.monitor_password.get_secret_value() if self.db_blocks.monitor_password else "",
+            ca_bundle_pem=self.cluster_ca.trust_bundle_pem if self.cluster_ca else None,
         )
 
     @property
@@ -157,15 +190,23 @@ def load_context(cluster: str) -> ClusterContext:
     db = _load_optional(DatabaseCredentials, cluster)
     store = _load_optional(ObjectStoreCredentials, cluster)
     routing = _load_optional(RoutingCredentials, cluster)
+    ca = _load_optional(CertificateAuthority, cluster)
     return ClusterContext(
         inventory=inventory_block.inventory,
         ssh_user=ssh.user,
         ssh_auth=SshAuth(private_key=ssh.private_key.get_secret_value(), known_hosts=ssh.known_hosts),
         db_blocks=db,
         store_block=store,
-        masker=Masker(secret_values(ssh, db, store, routing)),
+        masker=Masker(secret_values(ssh, db, store, routing, ca)),
         routing_block=routing,
+        ca_block=ca,
     )
+
+
+@lru_cache(maxsize=8)
+def _cluster_ca(certificate: str, private_key: str, also_trusted: str) -> ClusterCA:
+    # One object per CA: the issuing cache is keyed by it.
+    return ClusterCA(certificate, private_key, also_trusted)
 
 
 @lru_cache(maxsize=8)

@@ -42,8 +42,16 @@ def is_superuser_login_ok(cluster: str, hosts: list[str]) -> LoginCheck:
         try:
             with Postgres(ctx.superuser_endpoint(spec)) as pg:
                 pg.scalar("select 1")
+                if ctx.inventory.cluster.tls.enabled:
+                    # The login took the superuser's certificate, not the password: the block's
+                    # password must still be this cluster's (Patroni and the keeper use it).
+                    stored = pg.query_one("select rolpassword from pg_authid where rolname = current_user")
+                    if not scram_matches(stored[0] if stored else None, ctx.db_secrets.superuser_password):
+                        refusals.append(f"{name}: the superuser password in block {cluster!r} is wrong (it does "
+                                        "not match the server's SCRAM verifier)")
         except AuthenticationFailed as exc:
-            refusals.append(f"{name}: the superuser password in block {cluster!r} is wrong ({exc})")
+            what = "certificate (cluster CA)" if ctx.inventory.cluster.tls.enabled else "password"
+            refusals.append(f"{name}: the superuser {what} in block {cluster!r} is wrong ({exc})")
         except DatabaseUnavailable:
             continue  # not accepting connections yet: nothing to check
     say("Superuser login works where PostgreSQL runs." if not refusals else "; ".join(refusals))

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from blocks.inventory import HostSpec, Inventory, Role
-from tasks.adapters import etcd_config
+from tasks.adapters import etcd_config, pki
 from tasks.adapters.backup.base import StoreSecrets
 from tasks.adapters.backup.registry import backup_driver
 from tasks.adapters.commands import ManagedFile
 from tasks.adapters.ha.base import DbSecrets
 from tasks.adapters.ha.registry import ha_driver
 from tasks.adapters.objectstore_server import ServerSecrets, server_for
+from tasks.adapters.pki import ClusterCA
 from tasks.adapters.routing.config import RoutingSecrets, router_files, router_units
 from tasks.planning.build import DesiredHost, ReleaseFloor, marker_file
 
@@ -41,6 +42,7 @@ class ClusterSecrets:
     store: StoreSecrets | None  # None until the object store's credentials are registered
     server: ServerSecrets | None = None  # what the backup server itself needs (TLS key, admin key)
     routing: RoutingSecrets | None = None
+    ca: ClusterCA | None = None  # TLS on: the cluster's issuing CA
 
 
 def archive_parameters(inv: Inventory, secrets: ClusterSecrets) -> dict[str, str]:
@@ -50,12 +52,12 @@ def archive_parameters(inv: Inventory, secrets: ClusterSecrets) -> dict[str, str
     return backup_driver(inv).archive_parameters(inv)
 
 
-def etcd_member(inv: Inventory, host: HostSpec) -> DesiredHost:
+def etcd_member(inv: Inventory, host: HostSpec, ca: ClusterCA | None = None) -> DesiredHost:
     return DesiredHost(
         host=host.name,
         packages=ETCD_PACKAGES,
-        files=(marker_file(inv.cluster.name), *etcd_config.member_files(inv, host)),
-        units=tuple(etcd_config.member_units()),
+        files=(marker_file(inv.cluster.name), *etcd_config.member_files(inv, host, ca)),
+        units=tuple(etcd_config.member_units(inv)),
         ports={inv.cluster.etcd.client_port: ETCD, inv.cluster.etcd.peer_port: ETCD},
         cluster_member=True,
     )
@@ -65,6 +67,13 @@ def db_files(inv: Inventory, host: HostSpec, secrets: ClusterSecrets) -> tuple[M
     files: list[ManagedFile] = [marker_file(inv.cluster.name), etcd_config.leader_away_file()]
     if inv.cluster.object_store is not None and secrets.store is not None:
         files += backup_driver(inv).host_files(inv, host, secrets.store, db_secrets=secrets.db)
+    if inv.cluster.tls.enabled:
+        if secrets.ca is None:
+            raise LookupError("cluster.tls.enabled, but the cluster's CA is not registered")
+        # Before the HA manager's files: PostgreSQL must find its pair when it starts with ssl on.
+        files += pki.postgres_tls_files(inv, host, secrets.ca,
+                                        (secrets.db.superuser, secrets.db.replication_user, pki.ETCD_CLIENT))
+        files += ha_driver(inv).tls_files(inv, host, secrets.ca)
     files += ha_driver(inv).host_files(inv, host, secrets.db, archive_parameters(inv, secrets))
     return tuple(files)
 
@@ -104,7 +113,7 @@ def all_desired(inv: Inventory, secrets: ClusterSecrets) -> dict[str, dict[str, 
     """Per host, its layers by kind, in apply order (etcd member before database host)."""
     layers: dict[str, dict[str, DesiredHost]] = {}
     for host in inv.etcd_members:
-        layers.setdefault(host.name, {})["etcd"] = etcd_member(inv, host)
+        layers.setdefault(host.name, {})["etcd"] = etcd_member(inv, host, secrets.ca)
     for host in inv.with_role(Role.db):
         layers.setdefault(host.name, {})["db"] = db_host(inv, host, secrets)
     if inv.cluster.object_store is not None and secrets.server is not None:

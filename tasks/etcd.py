@@ -13,7 +13,7 @@ from tasks.runtime import say, step, wait_for
 
 
 def etcd_client(ctx: ClusterContext) -> Etcd:
-    return Etcd(etcd_config.client_endpoints(ctx.inventory), timeout=3)
+    return ctx.etcd()
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,15 @@ def is_etcd_ours(cluster: str) -> EtcdCheck:
     try:
         members = etcd.members()
     except EtcdUnavailable:
+        if inv.cluster.tls.enabled:
+            plain = Etcd(etcd_config.client_endpoints(inv), timeout=3).answering_endpoints()
+            if plain:
+                # Its members advertise http:// peer URLs; restarted with TLS they could not reach each
+                # other. Converting a running etcd needs a member-by-member peer URL update.
+                refusal = (f"etcd on {', '.join(plain)} answers without TLS while cluster.tls.enabled: converting a "
+                           "running etcd to TLS is not done by build_cluster (see the README)")
+                say(refusal, warning=True)
+                return EtcdCheck((refusal,))
         say("etcd does not answer yet: nothing in it to conflict with.")
         return EtcdCheck()
     refusals = []

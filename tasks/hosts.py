@@ -9,12 +9,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from blocks.inventory import HostSpec
+from tasks.adapters import pki
 from tasks.adapters.commands import cmd, script
 from tasks.adapters.ha.pgdata import pgdata
 from tasks.adapters.probe import HostSnapshot, parse_probe, probe_command
 from tasks.adapters.remote import RemoteError, RemoteHost
 from tasks.context import ClusterContext, context_for
-from tasks.desired import ClusterSecrets, all_desired, stack_packages
+from tasks.desired import ClusterSecrets, all_desired, ha_driver, stack_packages
 from tasks.errors import PreflightRefused
 from tasks.planning.build import DesiredHost, plan_host, release_problem
 from tasks.runtime import say, step
@@ -22,7 +23,8 @@ from tasks.runtime import say, step
 
 def cluster_secrets(ctx: ClusterContext) -> ClusterSecrets:
     store = ctx.store_secrets if ctx.store_block is not None else None
-    return ClusterSecrets(db=ctx.db_secrets, store=store, server=ctx.server_secrets, routing=ctx.routing_secrets)
+    return ClusterSecrets(db=ctx.db_secrets, store=store, server=ctx.server_secrets, routing=ctx.routing_secrets,
+                          ca=ctx.cluster_ca)
 
 
 def desired_layers(ctx: ClusterContext) -> dict[str, dict[str, DesiredHost]]:
@@ -175,19 +177,22 @@ def _layer(ctx: ClusterContext, host: str, kind: str) -> DesiredHost:
 
 
 @step
-def ensure_files(cluster: str, host: str, kind: str) -> list[str]:
-    """Write the layer's files that differ (content, owner or mode); returns the changed paths."""
+def ensure_files(cluster: str, host: str, kind: str, only: list[str] | None = None) -> list[str]:
+    """Write the layer's files that differ (content, owner or mode); returns the changed paths.
+    `only`: just these paths of the layer (a CA bundle trusted everywhere before anything else)."""
     ctx = context_for(cluster)
     layer = _layer(ctx, host, kind)
     changed = []
+    files = [f for f in layer.files if only is None or f.path in only]
     with ctx.remote(host) as remote:
-        for spec in layer.files:
+        for spec in files:
             if remote.ensure_file(spec):
                 changed.append(spec.path)
     if changed:
         say(f"{host}: wrote {', '.join(changed)}.")
     else:
-        say(f"{host}: all {len(layer.files)} {kind} files already as wanted; none rewritten.")
+        say(f"{host}: all {len(files)} {kind} files{' asked for' if only is not None else ''} already as wanted; "
+            "none rewritten.")
     return changed
 
 
@@ -223,5 +228,12 @@ def ensure_units(cluster: str, host: str, kind: str, changed: list[str], *, rest
             elif restart_changed and set(changed) & set(unit.reload_on):
                 remote.run(cmd("systemctl", "reload", unit.name, timeout=60))
                 actions.append(f"reloaded {unit.name}")
+        # Only after a reload: a service this run started has just read its certificate (and a
+        # signal to a starting one could end it).
+        reloaded = any(a.startswith("reloaded ") for a in actions)
+        if kind == "db" and reloaded and set(changed) & set(pki.tls_paths()):
+            for command in ha_driver(ctx.inventory).tls_reloaded_commands(ctx.inventory, ctx.inventory.host(host)):
+                remote.run(command)
+                actions.append(command.description)
     say(f"{host}: {', '.join(actions)}." if actions else f"{host}: {kind} services already running; none touched.")
     return started

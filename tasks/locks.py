@@ -25,7 +25,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 
 from tasks.adapters import etcd_config
-from tasks.adapters.etcd import Etcd, EtcdMutex, EtcdUnavailable, LockTimeout
+from tasks.adapters.etcd import EtcdMutex, EtcdUnavailable, LockTimeout
 from tasks.context import context_for
 from tasks.errors import ClusterBusy, JobFailed, LockLost, LockUnavailable
 from tasks.lockwatch import Watched, watching
@@ -101,7 +101,7 @@ class ClusterHold:
 
     def _acquire(self, *, refusing: bool) -> EtcdMutex:
         ctx = context_for(self.cluster)
-        etcd = Etcd(etcd_config.client_endpoints(ctx.inventory), timeout=3)
+        etcd = ctx.etcd()
         holder = f"{self.runbook} on {socket.gethostname()} pid {os.getpid()}"
         mutex = etcd.mutex(etcd_lock_prefix(self.cluster), ttl=LEASE_TTL, holder=holder,
                            label=f"the cluster lock of {self.cluster}")
@@ -199,7 +199,7 @@ def pgquartz_lock(cluster: str, job: Job, holder: str) -> Iterator[None]:
     pgquartz's `localhost:2379`, is the node's own member: the cluster's members at that port),
     else the cluster's etcd."""
     ctx = context_for(cluster)
-    etcd = Etcd(job.etcd_config.lock_endpoints(etcd_config.client_endpoints(ctx.inventory)), timeout=3)
+    etcd = ctx.etcd(job.etcd_config.lock_endpoints(etcd_config.client_endpoints(ctx.inventory)))
     mutex = etcd.mutex(job.lock_prefix, ttl=PGQUARTZ_LEASE_TTL,
                        holder=f"{holder} on {socket.gethostname()} pid {os.getpid()}",
                        label=f"the pgquartz lock of job {job.name}")

@@ -29,6 +29,9 @@ ISOLATION = {
     "synchronous_standby_names": "",
     "hot_standby": "on",
     "unix_socket_directories": SOCKET_DIR,
+    # The copy brings the cluster's ssl settings, but not the host's certificates (the restore host
+    # has none, and the copy is reached over its socket and localhost only).
+    "ssl": "off",
 }
 
 

@@ -115,7 +115,8 @@ def job_endpoint(ctx, node: str, job: Job, command: Command) -> tuple[PgEndpoint
         raise JobSourceError(f"the database-credentials block {ctx.name!r} has no job_password")
     host = ctx.inventory.host(node)
     endpoint = PgEndpoint(host=host.name, address=str(host.address), port=ctx.inventory.cluster.postgres.port,
-                          user=role.user, password=role.password, dbname=params.get("dbname", "postgres"))
+                          user=role.user, password=role.password, dbname=params.get("dbname", "postgres"),
+                          tls=ctx.client_tls())
     return endpoint, target
 
 

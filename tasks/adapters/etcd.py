@@ -15,9 +15,11 @@ from datetime import datetime, timezone
 from typing import Iterator
 
 import etcd3gw
+import requests
 from etcd3gw import exceptions as etcd_exc
 from etcd3gw.lease import Lease
 
+from tasks.adapters.client_tls import ClientTls
 from tasks.errors import BouwsteenError, LockLost
 
 
@@ -41,20 +43,35 @@ class EtcdMember:
 
 
 class Etcd:
-    def __init__(self, endpoints: list[str], *, timeout: float = 5.0):
-        """`endpoints`: "host:port" strings; tried in order, the first that answers is used."""
+    def __init__(self, endpoints: list[str], *, timeout: float = 5.0, tls: ClientTls | None = None):
+        """`endpoints`: "host:port" strings; tried in order, the first that answers is used.
+        `tls`: https, the members verified against its CA, its client pair presented."""
         if not endpoints:
             raise ValueError("no etcd endpoints given")
         self.endpoints = endpoints
         self.timeout = timeout
+        self.tls = tls
         self._client: etcd3gw.client.Etcd3Client | None = None
+
+    def _client_for(self, endpoint: str) -> etcd3gw.client.Etcd3Client:
+        host, _, port = endpoint.rpartition(":")
+        if self.tls is None:
+            return etcd3gw.client(host=host, port=int(port), timeout=self.timeout, api_path="/v3/")
+        # Our own session, deaf to the environment: requests lets REQUESTS_CA_BUNDLE override a
+        # session's CA (psf/requests#3829), and no proxy variable may reroute etcd traffic.
+        session = requests.Session()
+        session.trust_env = False
+        session.verify = self.tls.rootcert
+        if self.tls.cert and self.tls.key:
+            session.cert = (self.tls.cert, self.tls.key)
+        return etcd3gw.client(host=host, port=int(port), timeout=self.timeout, api_path="/v3/", protocol="https",
+                              session=session)
 
     def _clients(self) -> Iterator[etcd3gw.client.Etcd3Client]:
         if self._client is not None:
             yield self._client
         for endpoint in self.endpoints:
-            host, _, port = endpoint.rpartition(":")
-            candidate = etcd3gw.client(host=host, port=int(port), timeout=self.timeout, api_path="/v3/")
+            candidate = self._client_for(endpoint)
             if self._client is not None and candidate.base_url == self._client.base_url:
                 continue
             yield candidate
@@ -92,12 +109,22 @@ class Etcd:
             for m in raw
         ]
 
+    def answering_endpoints(self) -> list[str]:
+        """The endpoints that answer a status request at all, leader or not."""
+        answering = []
+        for endpoint in self.endpoints:
+            try:
+                self._client_for(endpoint).status()
+                answering.append(endpoint)
+            except etcd_exc.Etcd3Exception:
+                continue
+        return answering
+
     def endpoint_health(self) -> dict[str, bool]:
         """Per endpoint: does it answer a status request (a quorum read would hang without leader)."""
         health = {}
         for endpoint in self.endpoints:
-            host, _, port = endpoint.rpartition(":")
-            client = etcd3gw.client(host=host, port=int(port), timeout=self.timeout, api_path="/v3/")
+            client = self._client_for(endpoint)
             try:
                 status = client.status()
                 health[endpoint] = bool(status.get("leader"))

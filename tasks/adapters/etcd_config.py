@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from blocks.inventory import HostSpec, Inventory
+from tasks.adapters import pki
 from tasks.adapters.commands import Command, ManagedFile, Unit, cmd
 
 ENV_PATH = "/etc/default/etcd"
@@ -20,8 +21,12 @@ def client_endpoints(inv: Inventory) -> list[str]:
     return [f"{m.address}:{inv.cluster.etcd.client_port}" for m in inv.etcd_members]
 
 
+def scheme(inv: Inventory) -> str:
+    return "https" if inv.cluster.tls.enabled else "http"
+
+
 def client_urls(inv: Inventory) -> list[str]:
-    return [f"http://{endpoint}" for endpoint in client_endpoints(inv)]
+    return [f"{scheme(inv)}://{endpoint}" for endpoint in client_endpoints(inv)]
 
 
 def leader_away_file() -> ManagedFile:
@@ -31,20 +36,25 @@ def leader_away_file() -> ManagedFile:
 
 def leader_away_command(inv: Inventory, host: HostSpec) -> Command:
     """Exit 1 (a move was needed and failed) is an answer the caller reports, not a crash."""
-    return cmd("python3", LEADER_AWAY_BIN, "--member", host.name, "--endpoints", ",".join(client_urls(inv)),
+    tls: list[str] = []
+    if inv.cluster.tls.enabled:
+        crt, key = pki.pg_client_pair(pki.ETCD_CLIENT)
+        tls = ["--cacert", pki.PG_CA, "--cert", crt, "--key", key]
+    return cmd("python3", LEADER_AWAY_BIN, "--member", host.name, "--endpoints", ",".join(client_urls(inv)), *tls,
                timeout=30, ok_codes=(0, 1), description="keep the etcd leader off the primary's host")
 
 
 def render_env(inv: Inventory, host: HostSpec) -> str:
     etcd = inv.cluster.etcd
-    members = ",".join(f"{m.name}=http://{m.address}:{etcd.peer_port}" for m in inv.etcd_members)
+    web = scheme(inv)
+    members = ",".join(f"{m.name}={web}://{m.address}:{etcd.peer_port}" for m in inv.etcd_members)
     settings = {
         "ETCD_NAME": host.name,
         "ETCD_DATA_DIR": data_dir(inv),
-        "ETCD_LISTEN_PEER_URLS": f"http://{host.address}:{etcd.peer_port}",
-        "ETCD_LISTEN_CLIENT_URLS": f"http://{host.address}:{etcd.client_port},http://127.0.0.1:{etcd.client_port}",
-        "ETCD_INITIAL_ADVERTISE_PEER_URLS": f"http://{host.address}:{etcd.peer_port}",
-        "ETCD_ADVERTISE_CLIENT_URLS": f"http://{host.address}:{etcd.client_port}",
+        "ETCD_LISTEN_PEER_URLS": f"{web}://{host.address}:{etcd.peer_port}",
+        "ETCD_LISTEN_CLIENT_URLS": f"{web}://{host.address}:{etcd.client_port},{web}://127.0.0.1:{etcd.client_port}",
+        "ETCD_INITIAL_ADVERTISE_PEER_URLS": f"{web}://{host.address}:{etcd.peer_port}",
+        "ETCD_ADVERTISE_CLIENT_URLS": f"{web}://{host.address}:{etcd.client_port}",
         "ETCD_INITIAL_CLUSTER": members,
         # Only read when the data dir is empty: a rerun never re-bootstraps an existing member.
         "ETCD_INITIAL_CLUSTER_STATE": "new",
@@ -59,17 +69,34 @@ def render_env(inv: Inventory, host: HostSpec) -> str:
         # the write stall can cost the HA manager its leader key (etcd 3.5 turns this on by default).
         "ETCD_PRE_VOTE": "true",
     }
+    if inv.cluster.tls.enabled:
+        # Clients and peers alike must show a certificate of the cluster's CA: nobody else can
+        # read or write the HA manager's keys (a new archive_command in Patroni's config, say).
+        settings.update({
+            "ETCD_CERT_FILE": pki.ETCD_MEMBER_CERT, "ETCD_KEY_FILE": pki.ETCD_MEMBER_KEY,
+            "ETCD_TRUSTED_CA_FILE": pki.ETCD_CA, "ETCD_CLIENT_CERT_AUTH": "true",
+            "ETCD_PEER_CERT_FILE": pki.ETCD_MEMBER_CERT, "ETCD_PEER_KEY_FILE": pki.ETCD_MEMBER_KEY,
+            "ETCD_PEER_TRUSTED_CA_FILE": pki.ETCD_CA, "ETCD_PEER_CLIENT_CERT_AUTH": "true",
+        })
     lines = ["# Managed by bouwsteen build_cluster; local edits are overwritten."]
     lines += [f"{key}={value}" for key, value in settings.items()]
     return "\n".join(lines) + "\n"
 
 
-def member_files(inv: Inventory, host: HostSpec) -> list[ManagedFile]:
-    return [ManagedFile(ENV_PATH, render_env(inv, host), owner="root", mode=0o644)]
+def member_files(inv: Inventory, host: HostSpec, ca: pki.ClusterCA | None = None) -> list[ManagedFile]:
+    files = []
+    if inv.cluster.tls.enabled:
+        if ca is None:
+            raise LookupError("cluster.tls.enabled, but the cluster's CA is not registered")
+        # Before the env file that names them: etcd must find its pair when it starts.
+        files += pki.etcd_member_files(inv, host, ca)
+    return [*files, ManagedFile(ENV_PATH, render_env(inv, host), owner="root", mode=0o644)]
 
 
-def member_units() -> list[Unit]:
-    return [Unit("etcd.service", restart_on=(ENV_PATH,))]
+def member_units(inv: Inventory | None = None) -> list[Unit]:
+    # A changed pair or CA is only read at start: the runbooks restart members one at a time.
+    tls = pki.etcd_member_paths() if inv is not None and inv.cluster.tls.enabled else ()
+    return [Unit("etcd.service", restart_on=(ENV_PATH, *tls))]
 
 
 def foreign_clusters(keys, own_prefix: str) -> list[str]:

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import psycopg
 from psycopg import sql as pgsql
 
+from tasks.adapters.client_tls import ClientTls
 from tasks.errors import BouwsteenError
 
 __all__ = [
@@ -28,12 +29,15 @@ class PgEndpoint:
     connect_timeout: int = 5
     # With several comma-separated addresses: which session libpq keeps (client-side failover).
     target_session_attrs: str | None = None
+    # The CA to verify the server against (sslmode=verify-full) and the role's client pair, if any.
+    tls: ClientTls | None = None
 
     def __repr__(self) -> str:
         return f"PgEndpoint({self.user}@{self.host}:{self.port}/{self.dbname})"
 
     def libpq_extras(self) -> dict[str, str]:
-        return {"target_session_attrs": self.target_session_attrs} if self.target_session_attrs else {}
+        extras = {"target_session_attrs": self.target_session_attrs} if self.target_session_attrs else {}
+        return {**extras, **(self.tls.libpq() if self.tls else {})}
 
 
 class DatabaseUnavailable(BouwsteenError):
@@ -111,7 +115,8 @@ class Postgres:
             )
         except psycopg.OperationalError as exc:
             text = str(exc).replace(ep.password, "********") if ep.password else str(exc)
-            if "password authentication failed" in text or "no pg_hba.conf entry" in text:
+            if ("password authentication failed" in text or "no pg_hba.conf entry" in text
+                    or "certificate authentication failed" in text):
                 raise AuthenticationFailed(f"{ep.host}:{ep.port}: login as {ep.user} refused: {text.strip()}") from None
             raise DatabaseUnavailable(f"{ep.host}:{ep.port}: cannot connect: {text.strip()}") from None
         return self._conn

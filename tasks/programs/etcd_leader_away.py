@@ -9,7 +9,7 @@ host failure costs one of the two, never both.
 Uploaded verbatim to every database host and run there, standard library only:
 
     python3 /usr/local/lib/bouwsteen/etcd_leader_away.py --member NAME --endpoints URL[,URL...] \
-        [ACTION ROLE SCOPE]
+        [--cacert FILE --cert FILE --key FILE] [ACTION ROLE SCOPE]
 
 Patroni runs it as an `on_start` / `on_role_change` callback (it appends action, role and scope;
 any role but primary is a no-op), the flows run it on the primary after build and role changes.
@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass
 
 REQUEST_TIMEOUT_S = 3.0
+# https endpoints: verified against the cluster's CA, with this host's etcd client pair (main sets it).
+TLS_CONTEXT: ssl.SSLContext | None = None
 MOVE_DEADLINE_S = 10.0
 PRIMARY_ROLES = ("primary", "master", "promoted")
 
@@ -78,7 +81,7 @@ def _post(url: str, path: str, body: dict) -> dict:
         url.rstrip("/") + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"},
         method="POST",
     )
-    with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+    with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S, context=TLS_CONTEXT) as response:
         return json.loads(response.read() or b"{}")
 
 
@@ -155,10 +158,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Move etcd's leader off this PostgreSQL primary's host.")
     parser.add_argument("--member", required=True, help="this host's etcd member name (= inventory host name)")
     parser.add_argument("--endpoints", required=True, help="comma-separated etcd client URLs")
+    parser.add_argument("--cacert", help="CA bundle the etcd members' certificates are verified against")
+    parser.add_argument("--cert", help="client certificate etcd asks for")
+    parser.add_argument("--key", help="its private key")
     parser.add_argument("callback", nargs="*", help="Patroni's ACTION ROLE SCOPE, when run as its callback")
     args = parser.parse_args(argv)
     if len(args.callback) >= 2 and args.callback[1] not in PRIMARY_ROLES:
         return 0
+    global TLS_CONTEXT
+    if args.cacert:
+        try:
+            TLS_CONTEXT = ssl.create_default_context(cafile=args.cacert)
+            if args.cert and args.key:
+                TLS_CONTEXT.load_cert_chain(args.cert, args.key)
+        except OSError as exc:  # a missing or unreadable file (ssl.SSLError is an OSError too)
+            print(f"etcd leader placement failed: TLS files {args.cacert}, {args.cert}, {args.key}: {exc}",
+                  file=sys.stderr, flush=True)
+            return 1
     endpoints = [e for e in args.endpoints.split(",") if e]
     try:
         members, leader_id = read_cluster(endpoints)

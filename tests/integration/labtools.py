@@ -15,6 +15,11 @@ STATE_FILES = [
 ]
 
 
+# The lab's etcd wants TLS and a client certificate: a database host's etcd client pair.
+ETCDCTL = ("ETCDCTL_API=3 etcdctl --endpoints=https://127.0.0.1:2379 --cacert=/var/lib/postgresql/tls/ca.crt "
+           "--cert=/var/lib/postgresql/tls/etcd-client.crt --key=/var/lib/postgresql/tls/etcd-client.key")
+
+
 def lab_ssh(lab, host: str, command: str, check: bool = True) -> subprocess.CompletedProcess:
     from lab.topology import host_by_name
 
@@ -31,7 +36,7 @@ def etcd_leader(lab, via: str = "pg1") -> str:
 
     from lab.topology import DEFAULT_HOSTS
 
-    rows = json.loads(lab_ssh(lab, via, "etcdctl --endpoints=http://127.0.0.1:2379 endpoint status --cluster -w json").stdout)
+    rows = json.loads(lab_ssh(lab, via, f"{ETCDCTL} endpoint status --cluster -w json").stdout)
     leaders = {row["Endpoint"] for row in rows if row["Status"]["header"]["member_id"] == row["Status"]["leader"]}
     names = [h.name for h in DEFAULT_HOSTS for endpoint in leaders if f"//{h.address}:" in endpoint]
     assert len(names) == 1, f"etcd leaders: {leaders}"

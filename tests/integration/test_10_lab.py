@@ -89,8 +89,11 @@ def test_check_hosts_through_prefect(registered, prefect_server):
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
         )
-    tables = [a for a in artifacts if a.type == "table"]
-    assert len(tables) == 1 and len(json.loads(tables[0].data)) == 8
+    tables = {a.key: a for a in artifacts if a.type == "table"}
+    assert len(json.loads(tables["check-hosts-lab"].data)) == 8
+    # TLS is on in the lab: every certificate a host should have is listed, dated once installed.
+    certificates = json.loads(tables["certificates-lab"].data)
+    assert {r["host"] for r in certificates} == {"pg1", "pg2", "pg3", "router1", "router2"}
 
 
 def test_changed_or_unknown_host_key_is_refused(lab):

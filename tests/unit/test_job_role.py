@@ -211,7 +211,8 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     rec = Recorder()
     inventory = SimpleNamespace(host=lambda name: SimpleNamespace(name=name, address="10.0.0.11"),
                                 cluster=SimpleNamespace(postgres=SimpleNamespace(port=5432)))
-    monkeypatch.setattr(tab, "context_for", lambda cluster: SimpleNamespace(name="lab", inventory=inventory))
+    monkeypatch.setattr(tab, "context_for", lambda cluster: SimpleNamespace(name="lab", inventory=inventory,
+                                                                               client_tls=lambda role=None: None))
     monkeypatch.setattr(tab, "job_role_of", lambda ctx: JobRole(USER, "job-pw", ("app",)))
     monkeypatch.setattr(tab, "Postgres", rec.postgres)
     monkeypatch.setattr(tab, "get_run_logger", lambda: logging.getLogger("tests.tab"))

@@ -39,6 +39,7 @@ from blocks.inventory import parse_inventory
 from flows.runbook import POLICIES, holding
 from tasks import locks, lockwatch, runtime
 from tasks.adapters.etcd import EtcdMutex, EtcdUnavailable, LockKeyTaken, LockTimeout
+from tasks.adapters.etcd_config import client_endpoints
 from tasks.errors import LockLost, LockUnavailable
 from tasks.pgquartz import Job, JobFileError, parse_job
 from tasks.runtime import step
@@ -697,8 +698,10 @@ class Harness:
         monkeypatch.setattr(locks, "ensure_cluster_limit", self.ensured.append)
         monkeypatch.setattr(locks, "limit_in_use", lambda cluster: self.asked_in_use.append(cluster) or self.limit_busy)
         monkeypatch.setattr(locks, "concurrency", concurrency)
-        monkeypatch.setattr(locks, "context_for", lambda cluster: SimpleNamespace(inventory=INV))
-        monkeypatch.setattr(locks, "Etcd", Etcd)
+        # The context hands out the cluster's etcd client (TLS settings and all): here the fake.
+        monkeypatch.setattr(locks, "context_for", lambda cluster: SimpleNamespace(
+            inventory=INV, etcd=lambda endpoints=None, timeout=3: Etcd(endpoints or client_endpoints(INV),
+                                                                      timeout=timeout)))
 
 
 @pytest.fixture

@@ -990,7 +990,7 @@ def database(monkeypatch: pytest.MonkeyPatch) -> Callable[[list[str]], FakeDatab
         db = FakeDatabase(roles)
         inventory = SimpleNamespace(host=lambda name: SimpleNamespace(name=name, address="10.0.0.11"),
                                     cluster=SimpleNamespace(postgres=SimpleNamespace(port=5432)))
-        ctx = SimpleNamespace(name="lab", inventory=inventory)
+        ctx = SimpleNamespace(name="lab", inventory=inventory, client_tls=lambda role=None: None)
         monkeypatch.setattr(tab, "context_for", lambda cluster: ctx)
         monkeypatch.setattr(tab, "job_role_of", lambda ctx: JOB_ROLE)
         monkeypatch.setattr(tab, "Postgres", db.postgres)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import http.server
 import json
 import re
@@ -20,6 +21,7 @@ import yaml
 from blocks.inventory import Inventory, Role, parse_inventory
 from lab.manager import Lab
 from lab.paths import LabPaths
+from tasks.adapters.pki import HOST_CA
 from tasks.adapters.routing.config import (
     DETECTOR_BIN,
     DETECTOR_CFG,
@@ -46,6 +48,7 @@ from tasks.desired import ha_driver
 
 SECRETS = RoutingSecrets(vrrp_password="Vq7rXz2k", monitor_user="bouwsteen_monitor",
                          monitor_password="Mon-S3cret/pw+9")
+LAB_SECRETS = dataclasses.replace(SECRETS, ca_bundle_pem="-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
 DB = {"pg1": "10.0.0.11", "pg2": "10.0.0.12", "pg3": "10.0.0.13"}
 ROUTERS = {"router1": "10.0.0.31", "router2": "10.0.0.32"}
 
@@ -518,6 +521,8 @@ hosts:
     dbname: postgres
     connect_timeout: 2
     b64password: TW9uLVMzY3JldC9wdys5
+    sslmode: verify-full
+    sslrootcert: /etc/bouwsteen/tls/ca.crt
   pg2:
     host: 172.29.66.12
     port: 5432
@@ -525,6 +530,8 @@ hosts:
     dbname: postgres
     connect_timeout: 2
     b64password: TW9uLVMzY3JldC9wdys5
+    sslmode: verify-full
+    sslrootcert: /etc/bouwsteen/tls/ca.crt
   pg3:
     host: 172.29.66.13
     port: 5432
@@ -532,6 +539,8 @@ hosts:
     dbname: postgres
     connect_timeout: 2
     b64password: TW9uLVMzY3JldC9wdys5
+    sslmode: verify-full
+    sslrootcert: /etc/bouwsteen/tls/ca.crt
 groups:
   lab:
   - pg1
@@ -627,8 +636,9 @@ def test_lab_renders_byte_identical_router_files(tmp_path: Path) -> None:
     }
     assert [r.name for r in inv.with_role(Role.router)] == list(expected)
     for router, texts in expected.items():
-        files = router_files(inv, inv.host(router), SECRETS, ha_driver(inv).rw_port(inv))
+        files = router_files(inv, inv.host(router), LAB_SECRETS, ha_driver(inv).rw_port(inv))
         assert [(f.path, f.owner, f.mode, f.secret) for f in files] == [
+            (HOST_CA, "root", 0o644, False),  # the lab runs with TLS on: the detector verifies the servers
             (DETECTOR_BIN, "root", 0o755, False),
             (DETECTOR_CFG, "bouwsteen-detector", 0o600, True),
             (f"/etc/systemd/system/{DETECTOR_UNIT}", "root", 0o644, False),
@@ -643,8 +653,10 @@ def test_lab_renders_byte_identical_router_files(tmp_path: Path) -> None:
         assert by_path[ROUTER_CHECK] == LAB_ROUTER_CHECK
         assert by_path[f"/etc/systemd/system/{DETECTOR_UNIT}"] == LAB_DETECTOR_UNIT
         assert by_path[DETECTOR_BIN] == DETECTOR_SOURCE.read_text()  # the program, uploaded as is
-    assert router_units() == router_units(inv)
     assert [u.name for u in router_units(inv)] == [DETECTOR_UNIT, "haproxy.service", "keepalived.service"]
+    # With TLS on a new CA bundle restarts the detector too (it verifies the servers against it).
+    assert router_units(inv)[0].restart_on == (*router_units()[0].restart_on, HOST_CA)
+    assert router_units(inv)[1:] == router_units()[1:]
 
 
 def test_detector_bouwsteen_spelled_out_renders_the_same(tmp_path: Path) -> None:
@@ -653,7 +665,7 @@ def test_detector_bouwsteen_spelled_out_renders_the_same(tmp_path: Path) -> None
     explicit["cluster"]["routing"]["detector"] = "bouwsteen"
     a, b = parse_inventory(doc), parse_inventory(explicit)
     for router in ("router1", "router2"):
-        assert router_files(a, a.host(router), SECRETS, 5432) == router_files(b, b.host(router), SECRETS, 5432)
+        assert router_files(a, a.host(router), LAB_SECRETS, 5432) == router_files(b, b.host(router), LAB_SECRETS, 5432)
 
 
 # ----------------------------------------------------------------------------- detector: pgroute66

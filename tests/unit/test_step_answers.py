@@ -25,6 +25,7 @@ from tasks.ha import InitCheck
 from tasks.hosts import HostFacts
 from tasks.restore import RestoreHost, SourceMarkers
 from tasks.roles import FailoverCheck, SwitchoverCheck
+from tasks.tls import CertificateCheck, CertificateRow
 
 # Steps not yet held to the rule (none).
 PENDING: set[str] = set()
@@ -67,6 +68,10 @@ def test_an_is_step_answers_yes_or_no(path):
     assert len(fields) > 1, f"{answer.__name__} carries no evidence: return a bool"
 
 
+def _cert(days_left: float | None) -> CertificateRow:
+    return CertificateRow("pg1", "/var/lib/postgresql/tls/server.crt", "CN=pg1", "CN=lab CA", "", days_left)
+
+
 def _backup(name: str, error: bool = False) -> BackupInfo:
     moment = datetime(2026, 11, 30, 2, tzinfo=timezone.utc)
     return BackupInfo(name=name, kind="full", start_time=moment, finish_time=moment, error=error)
@@ -97,6 +102,10 @@ DERIVED = {
     "archive: OK": (ArchiveCheck(status="OK", detail="intact"), True),
     "archive: WARNING": (ArchiveCheck(status="WARNING", detail="a gap"), False),
     "archive: FAILURE": (ArchiveCheck(status="FAILURE", detail="not archived"), False),
+    "certificates: far from expiry": (CertificateCheck("pg1", 21, (_cert(90.0),)), True),
+    "certificates: one within the alarm": (CertificateCheck("pg1", 21, (_cert(90.0), _cert(20.5))), False),
+    "certificates: not installed yet": (CertificateCheck("pg1", 21, (_cert(None),)), True),
+    "certificates: TLS off, none to check": (CertificateCheck("pg1", 21), True),
 }
 
 

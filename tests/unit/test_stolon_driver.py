@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -11,10 +12,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from blocks.inventory import Inventory, parse_inventory
 from tasks.adapters.commands import Command, CommandResult, ManagedFile
-from tasks.adapters.ha.base import ClusterView, DbSecrets, HaSettings, HaSpecError, HaStatusError, Member
+from tasks.adapters.ha.base import (
+    ClusterView,
+    DbSecrets,
+    HaSettings,
+    HaSpecError,
+    HaStatusError,
+    Member,
+)
 from tasks.adapters.ha.stolon import (
     STOLON_MANAGED_PG_PARAMETERS,
     STOLONCTL,
@@ -23,6 +35,8 @@ from tasks.adapters.ha.stolon import (
     parse_go_duration,
     parse_status_text,
 )
+from tasks.adapters.pki import ClusterCA
+from tasks.desired import ClusterSecrets, db_files
 
 FIXTURES = Path(__file__).parent / "fixtures" / "stolon"
 SU_PASSWORD = "su-S3cret!with spaces inside"
@@ -853,3 +867,368 @@ def test_parse_config_rejects_non_specs(result: CommandResult) -> None:
 def test_rejoin_is_stolons_job() -> None:
     view = view_of("status_healthy.json", "clusterdata_healthy.json")
     assert driver.rejoin_commands(INV, view, "db-1") == []
+
+
+# ---------------------------------------------------------------- TLS (issue 15)
+# What the pgvillage fork's keeper does with it (cmd/keeper/cmd/keeper.go, v0.18.0 to v0.19.5):
+# --pg-{su,repl}-connection-type and --pg-{su,repl}-auth-method shape its own pg_hba lines, `cert`
+# becomes `peer` on the socket, and no flag names a client certificate (libpq's environment does).
+
+TLS_INV = make_inventory(tls={"enabled": True})
+KEEPER_ENV = "/etc/sysconfig/stolon-stkeeper-pg-prod"
+KEEPER_UNIT = "/etc/systemd/system/stolon-keeper-pg-prod.service"
+TLS_NAMES = ["ssl", "ssl_cert_file", "ssl_key_file", "ssl_ca_file", "ssl_min_protocol_version"]
+
+HBA_TLS_OFF = [
+    "host replication all 10.0.0.11/32 md5",
+    "host replication all 10.0.0.12/32 md5",
+    "host replication all 10.0.0.13/32 md5",
+    "host all all 10.0.0.11/32 md5",
+    "host all all 10.0.0.12/32 md5",
+    "host all all 10.0.0.13/32 md5",
+    "host all all 10.0.0.21/32 md5",
+    "host all all 10.0.9.0/24 md5",
+]
+HBA_TLS_ON = [
+    "hostssl replication all 10.0.0.11/32 cert",
+    "hostssl replication all 10.0.0.12/32 cert",
+    "hostssl replication all 10.0.0.13/32 cert",
+    "hostssl all postgres 10.0.0.11/32 cert",
+    "hostssl all all 10.0.0.11/32 scram-sha-256",
+    "hostssl all postgres 10.0.0.12/32 cert",
+    "hostssl all all 10.0.0.12/32 scram-sha-256",
+    "hostssl all postgres 10.0.0.13/32 cert",
+    "hostssl all all 10.0.0.13/32 scram-sha-256",
+    "hostssl all postgres 10.0.0.21/32 cert",  # router
+    "hostssl all all 10.0.0.21/32 scram-sha-256",
+    "hostssl all postgres 10.0.9.0/24 cert",  # admin network
+    "hostssl all all 10.0.9.0/24 scram-sha-256",
+]
+TLS_PARAMETERS = {
+    "ssl": "on",
+    "ssl_cert_file": "/var/lib/postgresql/tls/server.crt",
+    "ssl_key_file": "/var/lib/postgresql/tls/server.key",
+    "ssl_ca_file": "/var/lib/postgresql/tls/ca.crt",
+    "ssl_min_protocol_version": "TLSv1.2",
+}
+TLS_KEEPER_ENV = {
+    "STKEEPER_PG_SU_CONNECTION_TYPE": "hostssl",
+    "STKEEPER_PG_REPL_CONNECTION_TYPE": "hostssl",
+    "STKEEPER_PG_SU_AUTH_METHOD": "cert",
+    "STKEEPER_PG_REPL_AUTH_METHOD": "cert",
+    "STKEEPER_PG_REPL_SSL_MODE": "verify-full",
+    # One client identity for all the keeper's connections, and `peer` on its socket: the superuser.
+    "STKEEPER_PG_REPL_USERNAME": "postgres",
+    "STKEEPER_PG_REPL_PASSWORDFILE": "/etc/stolon/pg-prod/pg-su-password",
+    # etcd over TLS (store_tls tables below).
+    "STKEEPER_STORE_ENDPOINTS": "https://10.0.0.11:2379,https://10.0.0.12:2379,https://10.0.0.13:2379",
+    "STKEEPER_STORE_CERT_FILE": "/var/lib/postgresql/tls/etcd-client.crt",
+    "STKEEPER_STORE_KEY": "/var/lib/postgresql/tls/etcd-client.key",
+    "STKEEPER_STORE_CA_FILE": "/var/lib/postgresql/tls/ca.crt",
+}
+TLS_UNIT_LINES = [
+    "Environment=PGSSLCERT=/var/lib/postgresql/tls/postgres.crt",
+    "Environment=PGSSLKEY=/var/lib/postgresql/tls/postgres.key",
+    "Environment=PGSSLROOTCERT=/var/lib/postgresql/tls/ca.crt",
+    "ExecReload=-/usr/lib/postgresql/15/bin/pg_ctl reload -D /var/lib/stolon/pg-prod/postgres",
+]
+TLS_FILES = ("/var/lib/postgresql/tls/ca.crt", "/var/lib/postgresql/tls/server.crt", "/var/lib/postgresql/tls/server.key")
+# What stolon's store client loads once at start: the etcd client pair and the CA.
+STORE_TLS_FILES = ("/var/lib/postgresql/tls/etcd-client.crt", "/var/lib/postgresql/tls/etcd-client.key",
+                   "/var/lib/postgresql/tls/ca.crt")
+
+
+@pytest.mark.parametrize(("inv", "expected"), [(INV, HBA_TLS_OFF), (TLS_INV, HBA_TLS_ON)], ids=["tls off", "tls on"])
+def test_pg_hba_lines(inv: Inventory, expected: list[str]) -> None:
+    assert driver.cluster_spec(inv, {})["pgHBA"] == expected
+    (update,) = driver.spec_update_commands(inv, ARCHIVE_PARAMETERS)
+    assert json.loads(update.argv[-1])["pgHBA"] == expected
+
+
+def test_tls_pg_hba_is_hostssl_only_and_the_superuser_never_uses_a_password() -> None:
+    lines = [line.split() for line in driver.cluster_spec(TLS_INV, {})["pgHBA"]]
+    assert {words[0] for words in lines} == {"hostssl"}
+    for kind, database, user, _address, method in lines:
+        if database == "replication" or user == "postgres":
+            assert method == "cert"
+        else:
+            assert method == "scram-sha-256"
+
+
+@pytest.mark.parametrize(("inv", "tls"), [(INV, False), (TLS_INV, True)], ids=["tls off", "tls on"])
+def test_tls_parameters_reach_every_way_into_the_spec(inv: Inventory, tls: bool) -> None:
+    expected = TLS_PARAMETERS if tls else {}
+    spec = json.loads(files_by_path(inv)["/etc/stolon/pg-prod/cluster-spec.json"].content)
+    (update,) = driver.spec_update_commands(inv, ARCHIVE_PARAMETERS)
+    for parameters in (spec["pgParameters"], json.loads(update.argv[-1])["pgParameters"]):
+        assert {k: v for k, v in parameters.items() if k.startswith("ssl")} == expected
+        assert parameters["archive_command"] == ARCHIVE_PARAMETERS["archive_command"]
+
+
+def test_turning_tls_on_drifts_to_the_tls_parameters_and_applies_them() -> None:
+    running = driver.parse_config(ok("spec_running.json"))
+    drift = driver.settings_drift(TLS_INV, running, ARCHIVE_PARAMETERS)
+    assert {k: v for k, v in drift.postgres_parameters.items() if k.startswith("ssl")} == TLS_PARAMETERS
+    (patch,) = driver.settings_commands(TLS_INV, drift)
+    assert json.loads(patch.argv[-1])["pgParameters"]["ssl_cert_file"] == TLS_PARAMETERS["ssl_cert_file"]
+
+
+@pytest.mark.parametrize(("inv", "expected"), [(INV, {}), (TLS_INV, TLS_KEEPER_ENV)], ids=["tls off", "tls on"])
+def test_tls_keeper_flags(inv: Inventory, expected: dict[str, str]) -> None:
+    env = env_values(files_by_path(inv)[KEEPER_ENV].content)
+    off = env_values(files_by_path(INV)[KEEPER_ENV].content)
+    assert env == {**off, **expected}
+
+
+@pytest.mark.parametrize(("inv", "expected"), [(INV, []), (TLS_INV, TLS_UNIT_LINES)], ids=["tls off", "tls on"])
+def test_tls_keeper_unit(inv: Inventory, expected: list[str]) -> None:
+    lines = files_by_path(inv)[KEEPER_UNIT].content.splitlines()
+    off = files_by_path(INV)[KEEPER_UNIT].content.splitlines()
+    assert [line for line in lines if line not in off] == expected
+    assert set(off) <= set(lines)
+    assert not any(line.startswith(("Environment=PGSSL", "ExecReload=")) for line in off)
+
+
+@pytest.mark.parametrize(("inv", "reload_on"), [(INV, ()), (TLS_INV, TLS_FILES)], ids=["tls off", "tls on"])
+def test_tls_keeper_reloads_on_the_certificate_files(inv: Inventory, reload_on: tuple[str, ...]) -> None:
+    units = {u.name: u for u in driver.host_units(inv, inv.host("db-1"))}
+    assert set(units["stolon-keeper-pg-prod.service"].reload_on) == set(reload_on)
+    # A reload that only restarts the keeper would not be one: the restart inputs are unchanged,
+    # but for the store client's files (it loads them once, at start).
+    store_tls = STORE_TLS_FILES if inv.cluster.tls.enabled else ()
+    assert units["stolon-keeper-pg-prod.service"].restart_on == (
+        *driver.host_units(INV, INV.host("db-1"))[0].restart_on, *store_tls)
+    assert all(u.reload_on == () for name, u in units.items() if name != "stolon-keeper-pg-prod.service")
+
+
+@pytest.mark.parametrize(("inv", "needs"), [(INV, True), (TLS_INV, False)], ids=["tls off", "tls on"])
+def test_socket_login_follows_the_keepers_local_line(inv: Inventory, needs: bool) -> None:
+    assert driver.socket_needs_password(inv) is needs
+
+
+TLS_REFUSALS = [
+    *[({"pgParameters": {name: "x"}}, {}, f"{P}.pgParameters.{name}: set by bouwsteen while cluster.tls.enabled")
+      for name in TLS_NAMES],
+    ({"pgParameters": {"SSL": "off"}}, {}, f"{P}.pgParameters.SSL: set by bouwsteen"),
+    ({"pgParameters": {"ssl": None}}, {}, f"{P}.pgParameters.ssl: set by bouwsteen"),
+    ({"pgParameters": None}, {}, f"{P}.pgParameters: null would drop the TLS parameters"),
+    ({"pgHBA": ["hostssl all all 10.0.8.0/24 scram-sha-256", "host all all 10.0.7.0/24 md5"]}, {},
+     f"{P}.pgHBA[1]: a 'host' entry while cluster.tls.enabled is true"),
+    ({"pgHBA": ["hostnossl all all 10.0.7.0/24 md5"]}, {}, f"{P}.pgHBA[0]: a 'hostnossl' entry"),
+    ({}, {"ssl_ca_file": "/etc/other-ca.crt"}, "cluster.postgres.parameters.ssl_ca_file: set by bouwsteen"),
+]
+
+
+@pytest.mark.parametrize(("cluster_spec", "parameters", "message"), TLS_REFUSALS)
+def test_tls_overrides_are_refused_naming_the_field(cluster_spec: dict[str, Any], parameters: dict[str, str],
+                                                    message: str) -> None:
+    tls_on = make_inventory(cluster_spec, tls={"enabled": True},
+                            postgres={"version": 15, "parameters": {"max_connections": "200", **parameters}})
+    with pytest.raises(HaSpecError) as raised:
+        driver.validate(tls_on)
+    assert message in str(raised.value)
+    for render in (
+        lambda: driver.host_files(tls_on, tls_on.host("db-1"), SECRETS, ARCHIVE_PARAMETERS),
+        lambda: driver.spec_update_commands(tls_on, ARCHIVE_PARAMETERS),
+    ):
+        with pytest.raises(HaSpecError):
+            render()
+    # With TLS off they are the user's own settings, as before.
+    driver.validate(make_inventory(cluster_spec, postgres={"version": 15, "parameters": {"max_connections": "200",
+                                                                                         **parameters}}))
+
+
+@pytest.mark.parametrize(
+    ("settings", "refused"),
+    [
+        (HaSettings(postgres_parameters={"ssl": "off"}), "settings.postgres_parameters.ssl: 'off'"),
+        (HaSettings(postgres_parameters={"ssl_key_file": "/tmp/k"}), "settings.postgres_parameters.ssl_key_file"),
+        (HaSettings(postgres_parameters={"ssl": "true", "ssl_ca_file": TLS_PARAMETERS["ssl_ca_file"]}), None),
+    ],
+)
+def test_tls_settings_cannot_undo_tls(settings: HaSettings, refused: str | None) -> None:
+    if refused is None:
+        assert driver.settings_commands(TLS_INV, settings)
+    else:
+        with pytest.raises(HaSpecError, match=refused):
+            driver.settings_commands(TLS_INV, settings)
+    assert driver.settings_commands(INV, settings)  # TLS off: the user's own settings
+
+
+def test_tls_archive_parameters_cannot_carry_tls_settings() -> None:
+    with pytest.raises(HaSpecError, match=r"archive_parameters\.ssl: set by bouwsteen"):
+        driver.cluster_spec(TLS_INV, {**ARCHIVE_PARAMETERS, "ssl": "off"})
+
+
+@pytest.mark.parametrize(("inv", "refused"), [(INV, False), (TLS_INV, True)], ids=["tls off", "tls on"])
+def test_tls_needs_the_superuser_to_be_the_os_user(inv: Inventory, refused: bool) -> None:
+    other = DbSecrets(superuser="dba", superuser_password=SU_PASSWORD,
+                      replication_user="replicator", replication_password=REPL_PASSWORD)
+    renders = (lambda: driver.host_files(inv, inv.host("db-1"), other, ARCHIVE_PARAMETERS),
+               lambda: driver.bootstrap_commands(inv, other, ARCHIVE_PARAMETERS))
+    for render in renders:
+        if refused:
+            with pytest.raises(HaSpecError, match=r"secrets\.superuser: must be 'postgres' while cluster\.tls\.enabled"):
+                render()
+        else:
+            assert render()
+
+
+def _test_ca() -> ClusterCA:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pg-prod test CA")])
+    now = dt.datetime.now(dt.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return ClusterCA(certificate.public_bytes(serialization.Encoding.PEM).decode(),
+                     key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()).decode())
+
+
+# ---------------------------------------------------------------- etcd over TLS
+# stolon's common flags (cmd/common.go, v0.17.0, master and the pgvillage fork): --store-endpoints
+# (an https:// scheme turns TLS on), --store-cert-file, --store-key (no -file), --store-ca-file; the
+# env form is <PREFIX>_<FLAG upper-cased, '-' -> '_'> (internal/flagutil/env.go).
+
+HTTP_ENDPOINTS = "http://10.0.0.11:2379,http://10.0.0.12:2379,http://10.0.0.13:2379"
+HTTPS_ENDPOINTS = "https://10.0.0.11:2379,https://10.0.0.12:2379,https://10.0.0.13:2379"
+STORE_TLS_ENV = {
+    "STORE_CERT_FILE": "/var/lib/postgresql/tls/etcd-client.crt",
+    "STORE_KEY": "/var/lib/postgresql/tls/etcd-client.key",
+    "STORE_CA_FILE": "/var/lib/postgresql/tls/ca.crt",
+}
+STORE_TLS_ARGV = (
+    "--store-cert-file", "/var/lib/postgresql/tls/etcd-client.crt",
+    "--store-key", "/var/lib/postgresql/tls/etcd-client.key",
+    "--store-ca-file", "/var/lib/postgresql/tls/ca.crt",
+)
+ENV_FILES = [
+    ("STKEEPER", "/etc/sysconfig/stolon-stkeeper-pg-prod"),
+    ("STSENTINEL", "/etc/sysconfig/stolon-stsentinel-pg-prod"),
+    ("STPROXY", "/etc/sysconfig/stolon-stproxy-pg-prod"),
+]
+UNITS = ["stolon-keeper-pg-prod.service", "stolon-sentinel-pg-prod.service", "stolon-proxy-pg-prod.service"]
+
+
+def every_stolonctl_command(inv: Inventory) -> dict[str, Command]:
+    """Every stolonctl command the driver returns, by what it does."""
+    view = view_of("status_healthy.json", "clusterdata_healthy.json")
+    status, clusterdata = driver.status_commands(inv)
+    (bootstrap,) = driver.bootstrap_commands(inv, SECRETS, ARCHIVE_PARAMETERS)
+    (switchover,) = driver.switchover_commands(inv, view, "db-2")
+    (failover,) = driver.failover_commands(inv, view, "db-2")
+    (settings,) = driver.settings_commands(inv, HaSettings(postgres_parameters={"work_mem": "8MB"}))
+    (spec_update,) = driver.spec_update_commands(inv, ARCHIVE_PARAMETERS)
+    (membership,) = driver.membership_commands(inv, ARCHIVE_PARAMETERS)
+    return {
+        "status": status, "clusterdata read": clusterdata, "init": bootstrap, "failkeeper (switchover)": switchover,
+        "failkeeper (failover)": failover, "update (settings)": settings, "update (spec)": spec_update,
+        "update (membership)": membership, "spec": driver.show_config_command(inv),
+    }
+
+
+def stolonctl_root_flags(command: Command) -> tuple[str, ...]:
+    """The root flags of a stolonctl command: what follows the binary up to the subcommand."""
+    argv = command.argv[command.argv.index(STOLONCTL) + 1:]
+    # init's script gets the bare root flags as its last arguments.
+    end = next((i for i in range(0, len(argv), 2) if not argv[i].startswith("--")), len(argv))
+    return argv[:end]
+
+
+@pytest.mark.parametrize(("prefix", "path"), ENV_FILES, ids=[p for p, _ in ENV_FILES])
+@pytest.mark.parametrize(("inv", "endpoints", "tls_env"), [(INV, HTTP_ENDPOINTS, {}), (TLS_INV, HTTPS_ENDPOINTS, STORE_TLS_ENV)],
+                         ids=["tls off", "tls on"])
+def test_store_tls_in_every_env_file(inv: Inventory, endpoints: str, tls_env: dict[str, str], prefix: str,
+                                     path: str) -> None:
+    env = env_values(files_by_path(inv)[path].content)
+    assert env[f"{prefix}_STORE_ENDPOINTS"] == endpoints
+    assert {k: v for k, v in env.items() if k.startswith(f"{prefix}_STORE_") and k.endswith(("_FILE", "_KEY"))} == {
+        f"{prefix}_{name}": value for name, value in tls_env.items()}
+    if prefix != "STKEEPER":  # the keeper's other TLS flags: test_tls_keeper_flags
+        off = env_values(files_by_path(INV)[path].content)
+        assert env == {**off, f"{prefix}_STORE_ENDPOINTS": endpoints, **{f"{prefix}_{k}": v for k, v in tls_env.items()}}
+
+
+def test_store_tls_off_leaves_the_env_files_as_they_were() -> None:
+    for _, path in ENV_FILES:
+        assert "STORE_CERT_FILE" not in files_by_path(INV)[path].content
+        assert "https://" not in files_by_path(INV)[path].content
+
+
+@pytest.mark.parametrize("what", list(every_stolonctl_command(INV)))
+@pytest.mark.parametrize(("inv", "endpoints", "tls_argv"), [(INV, HTTP_ENDPOINTS, ()), (TLS_INV, HTTPS_ENDPOINTS, STORE_TLS_ARGV)],
+                         ids=["tls off", "tls on"])
+def test_store_tls_in_every_stolonctl_command(inv: Inventory, endpoints: str, tls_argv: tuple[str, ...],
+                                              what: str) -> None:
+    command = every_stolonctl_command(inv)[what]
+    # stolonctl takes only root flags from its environment: the command line carries them all.
+    assert stolonctl_root_flags(command) == (
+        "--cluster-name", "pg-prod", "--store-backend", "etcdv3", "--store-endpoints", endpoints,
+        "--store-prefix", "stolon/cluster", *tls_argv,
+    )
+    assert command.env == ()
+    # Run as the session's root, which can read the postgres-owned 0600 key.
+    assert command.user is None
+    # Otherwise the command is the TLS-off one (a spec patch with TLS on also carries the ssl
+    # parameters and hostssl lines: tested above, so the patch document is left out here).
+    off = every_stolonctl_command(INV)[what]
+    patch = slice(None, -1) if what in ("update (spec)", "update (membership)") else slice(None)
+    stripped = [a.replace("https://", "http://") for a in command.argv if a not in STORE_TLS_ARGV]
+    assert stripped[patch] == list(off.argv)[patch]
+
+
+def test_store_tls_off_commands_keep_their_root_flags() -> None:
+    for command in every_stolonctl_command(INV).values():
+        assert ROOT_FLAGS in command.render()
+        assert "--store-cert-file" not in command.argv and "--store-key" not in command.argv
+
+
+def test_store_tls_init_script_passes_the_flags_to_both_stolonctl_calls() -> None:
+    # The script runs `"$@" clusterdata read` and `exec "$@" init ...`: both take the flags from its args.
+    (bootstrap,) = driver.bootstrap_commands(TLS_INV, SECRETS, ARCHIVE_PARAMETERS)
+    script_text = bootstrap.argv[bootstrap.argv.index("-c") + 1]
+    assert script_text.count('"$@"') == 2
+    assert bootstrap.argv[-len(STORE_TLS_ARGV):] == STORE_TLS_ARGV
+
+
+@pytest.mark.parametrize("unit", UNITS)
+@pytest.mark.parametrize(("inv", "store_tls"), [(INV, ()), (TLS_INV, STORE_TLS_FILES)], ids=["tls off", "tls on"])
+def test_store_tls_units_restart_on_the_etcd_client_pair_and_ca(inv: Inventory, store_tls: tuple[str, ...],
+                                                                 unit: str) -> None:
+    units = {u.name: u for u in driver.host_units(inv, inv.host("db-1"))}
+    off = {u.name: u for u in driver.host_units(INV, INV.host("db-1"))}
+    # Loaded once when the store client is made: a restart, never only a reload.
+    assert units[unit].restart_on == (*off[unit].restart_on, *store_tls)
+    expected_reload = TLS_FILES if inv.cluster.tls.enabled and unit.startswith("stolon-keeper") else ()
+    assert set(units[unit].reload_on) == set(expected_reload)
+
+
+def test_store_tls_files_are_installed_and_readable_by_every_component() -> None:
+    """The units run as postgres; the pair the flags name is on every database host, postgres's."""
+    for name in ("db-1", "db-2", "db-3"):
+        host = TLS_INV.host(name)
+        files = {f.path: f for f in db_files(TLS_INV, host, ClusterSecrets(db=SECRETS, store=None, ca=_test_ca()))}
+        for unit in driver.host_units(TLS_INV, host):
+            assert set(unit.restart_on + unit.reload_on) <= set(files), unit.name
+        for path in STORE_TLS_FILES:
+            assert files[path].owner == "postgres"
+        assert files["/var/lib/postgresql/tls/etcd-client.key"].mode == 0o600
+        for component in ("keeper", "sentinel", "proxy"):
+            assert "User=postgres" in files[driver.unit_path(TLS_INV, component)].content.splitlines()
+
+
+def test_tls_keeper_points_at_files_its_layer_writes() -> None:
+    """As test_driver_parity's unit check, with TLS on: what the keeper reloads on and what its
+    environment names are files the database host's layer installs."""
+    host = TLS_INV.host("db-2")
+    files = {f.path: f for f in db_files(TLS_INV, host, ClusterSecrets(db=SECRETS, store=None, ca=_test_ca()))}
+    keeper = {u.name: u for u in driver.host_units(TLS_INV, host)}["stolon-keeper-pg-prod.service"]
+    assert set(keeper.restart_on + keeper.reload_on) <= set(files)
+    named = [line.split("=", 2)[2] for line in files[KEEPER_UNIT].content.splitlines()
+             if line.startswith("Environment=PGSSL")]
+    assert len(named) == 3 and set(named) <= set(files)
+    assert files["/var/lib/postgresql/tls/postgres.key"].mode == 0o600  # libpq refuses a readable key

@@ -107,6 +107,15 @@ class HaDriver(ABC):
         """Config, env and unit files for one database host. `extra_parameters` carries the
         backup driver's archive settings (the hook where archiving is configured)."""
 
+    def tls_reloaded_commands(self, inv: Inventory, host: HostSpec) -> list[Command]:
+        """Run on a database host after its units were reloaded for a new certificate: what makes
+        sure every service of the HA manager presents it (empty: the reload is enough)."""
+        return []
+
+    def tls_files(self, inv: Inventory, host: HostSpec, ca) -> list[ManagedFile]:
+        """With TLS on, the HA manager's own certificate files beside PostgreSQL's (pki's layout)."""
+        return []
+
     @abstractmethod
     def host_units(self, inv: Inventory, host: HostSpec) -> list[Unit]:
         """systemd units to enable and keep running on a database host, in start order."""

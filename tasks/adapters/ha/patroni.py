@@ -8,8 +8,15 @@ import shlex
 import yaml
 
 from blocks.inventory import HostSpec, Inventory, Role
-from tasks.adapters import etcd_config, haproxy
-from tasks.adapters.commands import Command, CommandResult, ManagedFile, Unit, cmd
+from tasks.adapters import etcd_config, haproxy, pki
+from tasks.adapters.commands import (
+    Command,
+    CommandResult,
+    ManagedFile,
+    Unit,
+    cmd,
+    script,
+)
 from tasks.adapters.ha.base import (
     ClusterView,
     DbSecrets,
@@ -23,6 +30,9 @@ from tasks.adapters.ha.base import (
 CONFIG_PATH = "/etc/patroni/config.yml"
 PGPASS_PATH = "/var/lib/postgresql/.pgpass_patroni"
 REST_USER = "patroni"
+# HAProxy's client pair for its health checks of the REST API (one PEM: certificate, then key).
+REST_CHECK_PEM = "/etc/haproxy/bouwsteen-check.pem"
+REST_CHECK_CLIENT = "haproxy-check"
 
 # Parameters that need a restart: set once at bootstrap so later runs never restart PostgreSQL.
 BASE_PARAMETERS = {
@@ -99,35 +109,68 @@ class PatroniDriver(HaDriver):
         }
 
     def pg_hba(self, inv: Inventory, secrets: DbSecrets) -> list[str]:
-        """Scoped to the cluster's own addresses: nothing else may even try to log in."""
+        """Scoped to the cluster's own addresses: nothing else may even try to log in. With TLS on,
+        TCP lines are `hostssl` only, and the superuser and replication roles log in with their
+        client certificate (`cert`: verified, common name = role), never a password."""
         db = inv.db_hosts
         routers = inv.with_role(Role.router)
         restore = inv.with_role(Role.restore)
         app_db = inv.cluster.postgres.application_database
+        tls = inv.cluster.tls.enabled
+        tcp = "hostssl" if tls else "host"
+        strong = "cert" if tls else "scram-sha-256"
+        scram = "scram-sha-256"
         lines = [
             "local all postgres peer",
             "local replication postgres peer",
             # Patroni asks its own PostgreSQL for timeline and LSN over a replication connection to
             # localhost when it races for leadership; without this line no node can win a failover.
-            f"host replication {secrets.replication_user} 127.0.0.1/32 scram-sha-256",
+            f"{tcp} replication {secrets.replication_user} 127.0.0.1/32 {strong}",
         ]
         for host in db:
-            lines.append(f"host replication {secrets.replication_user} {host.address}/32 scram-sha-256")
+            lines.append(f"{tcp} replication {secrets.replication_user} {host.address}/32 {strong}")
             # pg_rewind and pgBackRest's backup-from-standby connect as the superuser from peers.
-            lines.append(f"host all {secrets.superuser} {host.address}/32 scram-sha-256")
-            lines.append(f"host {app_db} all {host.address}/32 scram-sha-256")
+            lines.append(f"{tcp} all {secrets.superuser} {host.address}/32 {strong}")
+            lines.append(f"{tcp} {app_db} all {host.address}/32 {scram}")
         for host in restore:
-            lines.append(f"host all {secrets.superuser} {host.address}/32 scram-sha-256")
+            lines.append(f"{tcp} all {secrets.superuser} {host.address}/32 {strong}")
         for net in inv.cluster.admin_networks:
-            lines.append(f"host all {secrets.superuser} {net} scram-sha-256")
-            lines.append(f"host {app_db} all {net} scram-sha-256")
-            lines.append(f"host postgres all {net} scram-sha-256")
+            lines.append(f"{tcp} all {secrets.superuser} {net} {strong}")
+            lines.append(f"{tcp} {app_db} all {net} {scram}")
+            lines.append(f"{tcp} postgres all {net} {scram}")
         # A router relays the application's clients and runs the primary detector: those two roles
         # only, so the superuser is never reachable through the VIP.
         for host in routers:
-            lines.append(f"host {app_db} {secrets.application_user} {host.address}/32 scram-sha-256")
-            lines.append(f"host postgres {secrets.monitor_user} {host.address}/32 scram-sha-256")
+            lines.append(f"{tcp} {app_db} {secrets.application_user} {host.address}/32 {scram}")
+            lines.append(f"{tcp} postgres {secrets.monitor_user} {host.address}/32 {scram}")
         return lines
+
+    def _authentication(self, inv: Inventory, secrets: DbSecrets) -> dict:
+        roles = {"superuser": (secrets.superuser, secrets.superuser_password),
+                 "replication": (secrets.replication_user, secrets.replication_password)}
+        auth = {}
+        for kind, (user, password) in roles.items():
+            entry = {"username": user, "password": password}
+            if inv.cluster.tls.enabled:
+                crt, key = pki.pg_client_pair(user)
+                entry.update(sslmode="verify-full", sslrootcert=pki.PG_CA, sslcert=crt, sslkey=key)
+            auth[kind] = entry
+        return auth
+
+    def _etcd(self, inv: Inventory, hosts: list[str]) -> dict:
+        if not inv.cluster.tls.enabled:
+            return {"hosts": hosts, "protocol": "http"}
+        crt, key = pki.pg_client_pair(pki.ETCD_CLIENT)
+        return {"hosts": hosts, "protocol": "https", "cacert": pki.PG_CA, "cert": crt, "key": key}
+
+    def _local_parameters(self, inv: Inventory) -> dict:
+        parameters = {"unix_socket_directories": "/var/run/postgresql"}
+        if inv.cluster.tls.enabled:
+            # Local (not DCS-wide) settings: the paths are the same everywhere, but a member
+            # without its certificate must not be told to use one. A reload picks up new files.
+            parameters.update(ssl="on", ssl_cert_file=pki.PG_SERVER_CERT, ssl_key_file=pki.PG_SERVER_KEY,
+                              ssl_ca_file=pki.PG_CA, ssl_min_protocol_version="TLSv1.2")
+        return parameters
 
     def render_config(self, inv: Inventory, host: HostSpec, secrets: DbSecrets, extra_parameters: dict[str, str]) -> str:
         pg = inv.cluster.postgres
@@ -142,7 +185,7 @@ class PatroniDriver(HaDriver):
                 "listen": f"{host.address}:{rest_port}",
                 "connect_address": f"{host.address}:{rest_port}",
             },
-            "etcd3": {"hosts": etcd_hosts, "protocol": "http"},
+            "etcd3": self._etcd(inv, etcd_hosts),
             "bootstrap": {
                 "dcs": self.dynamic_configuration(inv, extra_parameters),
                 "initdb": [{"encoding": "UTF8"}, {"locale": "C.UTF-8"}, "data-checksums"],
@@ -156,11 +199,8 @@ class PatroniDriver(HaDriver):
                 # Local connections go through the socket with peer auth: no password over TCP.
                 "use_unix_socket": True,
                 "use_unix_socket_repl": False,
-                "authentication": {
-                    "superuser": {"username": secrets.superuser, "password": secrets.superuser_password},
-                    "replication": {"username": secrets.replication_user, "password": secrets.replication_password},
-                },
-                "parameters": {"unix_socket_directories": "/var/run/postgresql"},
+                "authentication": self._authentication(inv, secrets),
+                "parameters": self._local_parameters(inv),
                 "pg_hba": self.pg_hba(inv, secrets),
                 "create_replica_methods": ["basebackup"],
                 "basebackup": [{"checkpoint": "fast"}],
@@ -175,6 +215,13 @@ class PatroniDriver(HaDriver):
         if secrets.rest_api_password:
             config["restapi"]["authentication"] = {"username": REST_USER, "password": secrets.rest_api_password}
             config["ctl"] = {"insecure": False}
+        if inv.cluster.tls.enabled:
+            # Every caller shows a certificate of the cluster's CA, reads included (the health checks,
+            # patronictl, the other members); Patroni presents its server pair to its peers too.
+            config["restapi"].update(certfile=pki.PG_SERVER_CERT, keyfile=pki.PG_SERVER_KEY, cafile=pki.PG_CA,
+                                     verify_client="required")
+            config["ctl"] = {"insecure": False, "cacert": pki.PG_CA, "certfile": pki.PG_SERVER_CERT,
+                             "keyfile": pki.PG_SERVER_KEY}
         header = "# Managed by bouwsteen (build_cluster / add_standby). Local edits are overwritten.\n"
         return header + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
 
@@ -182,7 +229,12 @@ class PatroniDriver(HaDriver):
         """stolon-proxy's contract with HAProxy: the proxy port of every database host leads to
         the primary, and to nothing when there is none or there are two."""
         spec = inv.cluster.patroni
-        servers = [f"    server {h.name} {h.address}:{inv.cluster.postgres.port}" for h in inv.db_hosts]
+        tls = inv.cluster.tls.enabled
+        # The checks ask Patroni's REST API over TLS with the check's client pair (Patroni wants one);
+        # each server's certificate must name it.
+        check_tls = f" check-ssl verify required ca-file {pki.PG_CA} crt {REST_CHECK_PEM}" if tls else ""
+        servers = [f"    server {h.name} {h.address}:{inv.cluster.postgres.port}"
+                   + (f" verifyhost {h.name}" if tls else "") for h in inv.db_hosts]
         lines = haproxy.preamble(f"Managed by bouwsteen (build_cluster / add_standby): port {spec.proxy_port} "
                                  "leads to the primary. Local edits are overwritten.")
         lines += [
@@ -203,7 +255,7 @@ class PatroniDriver(HaDriver):
             f"    http-check expect rstring {PRIMARY_ROLE_BODY}",
             # stolon-proxy closes its clients' connections when the master moves; so does this.
             "    default-server inter 1s fastinter 500ms downinter 500ms fall 2 rise 1 "
-            f"on-marked-down shutdown-sessions check port {spec.rest_port} maxconn 1000",
+            f"on-marked-down shutdown-sessions check port {spec.rest_port}{check_tls} maxconn 1000",
             *servers,
             "",
             "backend out_of_recovery",
@@ -212,7 +264,7 @@ class PatroniDriver(HaDriver):
             "    option httpchk",
             "    http-check send meth GET uri /health",
             f"    http-check expect rstring {PRIMARY_ROLE_BODY}",
-            f"    default-server inter 1s fall 1 rise 1 check port {spec.rest_port}",
+            f"    default-server inter 1s fall 1 rise 1 check port {spec.rest_port}{check_tls}",
             *servers,
             "",
         ]
@@ -232,8 +284,37 @@ class PatroniDriver(HaDriver):
     def host_units(self, inv: Inventory, host: HostSpec) -> list[Unit]:
         # Patroni re-reads its file on SIGHUP (ExecReload) and applies pg_hba/parameters itself.
         # Debian's HAProxy unit checks the file (`haproxy -c`) before it reloads: a bad one is never live.
-        return [Unit("patroni.service", reload_on=(CONFIG_PATH,)),
-                Unit(haproxy.HAPROXY_UNIT, reload_on=(haproxy.HAPROXY_CFG,))]
+        # Patroni reloads PostgreSQL on every SIGHUP: that is how a new server certificate is taken.
+        tls = pki.tls_paths() if inv.cluster.tls.enabled else ()
+        check = (REST_CHECK_PEM, pki.PG_CA) if inv.cluster.tls.enabled else ()
+        return [Unit("patroni.service", reload_on=(CONFIG_PATH, *tls)),
+                Unit(haproxy.HAPROXY_UNIT, reload_on=(haproxy.HAPROXY_CFG, *check))]
+
+    def tls_reloaded_commands(self, inv: Inventory, host: HostSpec) -> list[Command]:
+        """Patroni re-reads its REST API's certificate only on a SIGHUP that finds its config file
+        unchanged (patroni/__main__.py: a changed local config skips the certificate check), so a
+        reload that took a new pg_hba and a new certificate together leaves the old one served.
+        Reload again until the API presents the file's serial: bounded, and every try is checked."""
+        address = f"{host.address}:{inv.cluster.patroni.rest_port}"
+        return [script(
+            'want=$(openssl x509 -noout -serial -in "$1")\n'
+            'for try in $(seq 1 30); do\n'
+            # Right after a reload the API may be re-opening its socket: no answer is a "not yet".
+            '  got=$(timeout 5 openssl s_client -connect "$4" -CAfile "$3" -cert "$1" -key "$2" </dev/null 2>/dev/null'
+            ' | openssl x509 -noout -serial 2>/dev/null) || got=""\n'
+            '  [ "$got" = "$want" ] && exit 0\n'
+            '  systemctl reload patroni.service; sleep 2\n'
+            'done\n'
+            'echo "the REST API on $4 still presents ${got:-nothing} instead of $want" >&2; exit 1',
+            args=[pki.PG_SERVER_CERT, pki.PG_SERVER_KEY, pki.PG_CA, address], timeout=240,
+            description=f"the REST API on {address} presents the new certificate",
+        )]
+
+    def tls_files(self, inv: Inventory, host: HostSpec, ca: pki.ClusterCA) -> list[ManagedFile]:
+        issued = ca.issue(pki.Identity(REST_CHECK_CLIENT, server=False), pki.current_period(inv),
+                          inv.cluster.tls.generation)
+        return [ManagedFile(REST_CHECK_PEM, issued.certificate_pem + issued.private_key_pem, owner="root", mode=0o600,
+                            secret=True)]
 
     def bootstrap_commands(self, inv: Inventory, secrets: DbSecrets, extra_parameters: dict[str, str]) -> list[Command]:
         return []  # the first Patroni to take the initialize key runs initdb itself

@@ -22,6 +22,19 @@ Contract: /work/shared/reference/stolon.md. Things this driver relies on that ar
 - The cluster spec file is read once, by `stolonctl init`. Later changes go through
   `stolonctl update --patch` (`settings_commands`, `spec_update_commands`), never by re-init:
   `init -y` creates a new cluster uid and keepers then discard their data.
+- With `cluster.tls.enabled` the keeper needs the pgvillage fork's flags (v0.18.0 or later):
+  `--pg-{su,repl}-connection-type hostssl` and `--pg-{su,repl}-auth-method cert`. The fork has no
+  flag for a client certificate: its connections to a peer (walreceiver, pg_basebackup, pg_rewind)
+  take libpq's PGSSLCERT/PGSSLKEY/PGSSLROOTCERT from the keeper's environment, which postgres
+  inherits. That is one identity for every connection, and the fork turns `cert` into `peer` on
+  the socket, where the keeper also logs in as its replication user; so with TLS on the keeper
+  replicates as the superuser, which must be the OS user postgres (as PgVillage deploys it).
+- With `cluster.tls.enabled` etcd takes https only and wants a client certificate of the cluster's
+  CA. Every component and every stolonctl command then gets https store endpoints (the scheme
+  alone turns TLS on, and all endpoints must share it) and stolon's common flags
+  `--store-cert-file`, `--store-key` (no `-file`) and `--store-ca-file` with the database host's
+  etcd client pair (cmd/common.go, v0.17.0, master and the fork). The units run as User=postgres,
+  which owns the key (0600); stolonctl runs as the session's root, which can read it as well.
 
 Production installs the `stolon` RPM/deb from the site's repository (binaries in
 /usr/local/bin, as PgVillage's package does); no public registry carries it.
@@ -38,6 +51,7 @@ from dataclasses import replace
 from typing import Any, Literal
 
 from blocks.inventory import HostSpec, Inventory, Role
+from tasks.adapters import etcd_config, pki
 from tasks.adapters.commands import (
     Command,
     CommandResult,
@@ -67,6 +81,21 @@ SPEC_FIELD_PREFIX = "cluster.stolon.cluster_spec"
 # password is SCRAM), so roles hashed either way can log in; it matches the keeper's own
 # default --pg-{su,repl}-auth-method.
 HBA_AUTH_METHOD = "md5"
+
+# With cluster.tls.enabled, as the Patroni driver sets them. Cluster-wide here (pgParameters is one
+# map in the spec): desired.db_files installs the files on every database host before the keeper's.
+TLS_PG_PARAMETERS: dict[str, str] = {
+    "ssl": "on",
+    "ssl_cert_file": pki.PG_SERVER_CERT,
+    "ssl_key_file": pki.PG_SERVER_KEY,
+    "ssl_ca_file": pki.PG_CA,
+    "ssl_min_protocol_version": "TLSv1.2",
+}
+# The fork maps `cert` to `peer` for the keeper's own socket lines (`local postgres <su> peer`,
+# `local replication <repl> peer`), and the keeper runs as this OS user.
+TLS_SUPERUSER = OS_USER
+# pg_hba connection types that let a TCP client in without TLS.
+_NON_TLS_HBA_TYPES = frozenset({"host", "hostnossl", "hostgssenc", "hostnogssenc"})
 
 STATUS_TIMEOUT = 30.0
 INIT_TIMEOUT = 120.0
@@ -332,6 +361,29 @@ def _managed_parameter_problems(parameters: Mapping[str, Any], where: str) -> li
     return problems
 
 
+def _tls_parameter_problems(parameters: Mapping[str, Any], where: str) -> list[str]:
+    """With TLS on: the parameters bouwsteen sets for it, one message per name found. A `null`
+    (merge-patch removal) is refused too: dropping `ssl` would turn TLS off behind the inventory."""
+    return [
+        f"{where}.{name}: set by bouwsteen while cluster.tls.enabled is true (to the cluster CA's files in "
+        f"{pki.PG_TLS_DIR}); remove it"
+        for name in parameters
+        if str(name).lower() in TLS_PG_PARAMETERS
+    ]
+
+
+def _tls_hba_problems(pg_hba: Any, where: str) -> list[str]:
+    """With TLS on: pgHBA entries that would let a TCP client in without TLS."""
+    problems: list[str] = []
+    for index, line in enumerate(pg_hba if isinstance(pg_hba, list) else []):
+        words = str(line).split()
+        if words and words[0].lower() in _NON_TLS_HBA_TYPES:
+            problems.append(
+                f"{where}[{index}]: a {words[0]!r} entry while cluster.tls.enabled is true; TCP entries must be hostssl"
+            )
+    return problems
+
+
 # ------------------------------------------------------------------ status text (fallback)
 
 
@@ -453,8 +505,23 @@ class StolonDriver(HaDriver):
 
     @staticmethod
     def store_endpoints(inv: Inventory) -> str:
-        port = inv.cluster.etcd.client_port
-        return ",".join(f"http://{host.address}:{port}" for host in inv.etcd_members)
+        # https:// with TLS on: stolon's store client dials TLS when the endpoints' scheme is https.
+        return ",".join(etcd_config.client_urls(inv))
+
+    @staticmethod
+    def store_tls_flags(inv: Inventory) -> dict[str, str]:
+        """stolon's common store flags (name without `--`) for the etcd client pair; {} with TLS off."""
+        if not inv.cluster.tls.enabled:
+            return {}
+        crt, key = pki.pg_client_pair(pki.ETCD_CLIENT)
+        return {"store-cert-file": crt, "store-key": key, "store-ca-file": pki.PG_CA}
+
+    @staticmethod
+    def store_tls_paths(inv: Inventory) -> tuple[str, ...]:
+        """The files the store client reads (the etcd client pair and the CA); () with TLS off."""
+        if not inv.cluster.tls.enabled:
+            return ()
+        return (*pki.pg_client_pair(pki.ETCD_CLIENT), pki.PG_CA)
 
     def _keeper_to_host(self, inv: Inventory) -> dict[str, str]:
         # All hosts, not only db hosts: a standby being added has its keeper running before the
@@ -495,6 +562,14 @@ class StolonDriver(HaDriver):
         # Both end up in the spec's pgParameters (_render_spec), so both are checked.
         problems += _managed_parameter_problems(inv.cluster.postgres.parameters, "cluster.postgres.parameters")
         problems += _managed_parameter_problems(overrides.get("pgParameters") or {}, f"{SPEC_FIELD_PREFIX}.pgParameters")
+        if inv.cluster.tls.enabled:
+            problems += _tls_parameter_problems(inv.cluster.postgres.parameters, "cluster.postgres.parameters")
+            if "pgParameters" in overrides and overrides["pgParameters"] is None:
+                problems.append(
+                    f"{SPEC_FIELD_PREFIX}.pgParameters: null would drop the TLS parameters while cluster.tls.enabled is true"
+                )
+            problems += _tls_parameter_problems(overrides.get("pgParameters") or {}, f"{SPEC_FIELD_PREFIX}.pgParameters")
+            problems += _tls_hba_problems(overrides.get("pgHBA"), f"{SPEC_FIELD_PREFIX}.pgHBA")
         for index, slot in enumerate(overrides.get("additionalMasterReplicationSlots") or []):
             if not _REPLICATION_SLOT.match(slot):
                 problems.append(
@@ -581,12 +656,15 @@ class StolonDriver(HaDriver):
     def _render_spec(self, inv: Inventory, extra_parameters: Mapping[str, str]) -> dict[str, Any]:
         postgres = inv.cluster.postgres
         # validate() checked the inventory's parameters; these come from the backup driver.
+        tls = inv.cluster.tls.enabled
         problems = _managed_parameter_problems(extra_parameters, "archive_parameters")
+        if tls:
+            problems += _tls_parameter_problems(extra_parameters, "archive_parameters")
         if problems:
             raise HaSpecError("\n".join(problems))
         # The backup driver's archive settings win over the inventory's generic parameters:
         # without them WAL archiving, and so every backup, silently breaks.
-        parameters = {**postgres.parameters, **extra_parameters}
+        parameters = {**postgres.parameters, **extra_parameters, **(TLS_PG_PARAMETERS if tls else {})}
         base: dict[str, Any] = {
             "initMode": "new",
             "synchronousReplication": postgres.synchronous_replication,
@@ -604,24 +682,34 @@ class StolonDriver(HaDriver):
         # Setting pgHBA replaces stolon's default "host all all 0.0.0.0/0 md5"; these lines scope
         # TCP access to the cluster's own hosts and the admin networks.
         # `all` rather than the replication user's name: the spec is rendered without secrets,
-        # and a replication connection still needs the REPLICATION attribute and a password.
+        # and a replication connection still needs the REPLICATION attribute and a password (TLS
+        # on: a certificate from the cluster CA whose common name is the role).
+        # TLS on: hostssl only, and the superuser logs in with its certificate alone, as under
+        # Patroni; TLS on requires it to be TLS_SUPERUSER, so the spec can name it.
+        tls = inv.cluster.tls.enabled
+        tcp = "hostssl" if tls else "host"
+        cert = "cert" if tls else HBA_AUTH_METHOD
+        password = "scram-sha-256" if tls else HBA_AUTH_METHOD
         lines: list[str] = []
         db_addresses = [f"{host.address}/32" for host in inv.db_hosts]
         for address in db_addresses:
-            lines.append(f"host replication all {address} {HBA_AUTH_METHOD}")
+            lines.append(f"{tcp} replication all {address} {cert}")
         # stolon-proxy relays clients from the db host it runs on, so the master sees those addresses.
-        for address in db_addresses:
-            lines.append(f"host all all {address} {HBA_AUTH_METHOD}")
-        for host in inv.with_role(Role.router):
-            lines.append(f"host all all {host.address}/32 {HBA_AUTH_METHOD}")
-        for network in inv.cluster.admin_networks:
-            lines.append(f"host all all {network} {HBA_AUTH_METHOD}")
+        client_addresses = [
+            *db_addresses,
+            *(f"{host.address}/32" for host in inv.with_role(Role.router)),
+            *(str(network) for network in inv.cluster.admin_networks),
+        ]
+        for address in client_addresses:
+            if tls:
+                lines.append(f"hostssl all {TLS_SUPERUSER} {address} cert")
+            lines.append(f"{tcp} all all {address} {password}")
         return lines
 
     def host_files(
         self, inv: Inventory, host: HostSpec, secrets: DbSecrets, extra_parameters: dict[str, str]
     ) -> list[ManagedFile]:
-        self._check_secrets(secrets)
+        self._check_secrets(secrets, inv)
         spec = self.cluster_spec(inv, extra_parameters)
         store = self._store_settings(inv)
         keeper_env = {
@@ -636,6 +724,8 @@ class StolonDriver(HaDriver):
             "PG_REPL_USERNAME": secrets.replication_user,
             "PG_REPL_PASSWORDFILE": self.repl_password_path(inv),
         }
+        if inv.cluster.tls.enabled:
+            keeper_env.update(self._tls_keeper_settings(inv, secrets))
         proxy_env = {**store, "LISTEN_ADDRESS": PROXY_LISTEN_ADDRESS, "PORT": str(inv.cluster.stolon.proxy_port)}
         return [
             self._secret_file(self.su_password_path(inv), secrets.superuser_password),
@@ -649,9 +739,33 @@ class StolonDriver(HaDriver):
             ManagedFile(self.unit_path(inv, "proxy"), self._unit(inv, "proxy", "stolon-proxy")),
         ]
 
+    def _tls_keeper_settings(self, inv: Inventory, secrets: DbSecrets) -> dict[str, str]:
+        """The fork's keeper flags for TLS (cmd/keeper/cmd/keeper.go, v0.18.0 to v0.19.5)."""
+        return {
+            "PG_SU_CONNECTION_TYPE": "hostssl",
+            "PG_REPL_CONNECTION_TYPE": "hostssl",
+            "PG_SU_AUTH_METHOD": "cert",
+            "PG_REPL_AUTH_METHOD": "cert",
+            # Only pg_rewind's connection takes it; the keeper writes sslmode=prefer into
+            # primary_conninfo and pg_basebackup's conninfo whatever the flags say. With
+            # PGSSLROOTCERT set, libpq verifies the server's chain in prefer mode too, and a
+            # failed handshake falls back to no TLS, which hostssl refuses.
+            "PG_REPL_SSL_MODE": "verify-full",
+            # One client certificate for every keeper connection (see the module docstring), and
+            # the keeper's socket login as its replication user is `peer`: so the superuser. It has
+            # REPLICATION; the keeper accepts the same name for both with the same auth method.
+            "PG_REPL_USERNAME": secrets.superuser,
+            "PG_REPL_PASSWORDFILE": self.su_password_path(inv),
+        }
+
     @staticmethod
-    def _check_secrets(secrets: DbSecrets) -> None:
+    def _check_secrets(secrets: DbSecrets, inv: Inventory | None = None) -> None:
         # Messages name the field, never the value.
+        if inv is not None and inv.cluster.tls.enabled and secrets.superuser != TLS_SUPERUSER:
+            raise HaSpecError(
+                f"secrets.superuser: must be {TLS_SUPERUSER!r} while cluster.tls.enabled is true; the stolon keeper "
+                f"then logs in over the socket with peer authentication, as the OS user {OS_USER}"
+            )
         for field in ("superuser_password", "replication_password"):
             password = getattr(secrets, field)
             if not password:
@@ -682,6 +796,8 @@ class StolonDriver(HaDriver):
             "STORE_BACKEND": STORE_BACKEND,
             "STORE_ENDPOINTS": self.store_endpoints(inv),
             "STORE_PREFIX": inv.cluster.stolon.store_prefix,
+            # <PREFIX>_STORE_CERT_FILE, _STORE_KEY, _STORE_CA_FILE (flagutil: upper case, '-' -> '_').
+            **{flag.upper().replace("-", "_"): value for flag, value in self.store_tls_flags(inv).items()},
         }
 
     def _unit(self, inv: Inventory, component: str, binary: str, extra_service_lines: tuple[str, ...] = ()) -> str:
@@ -712,9 +828,31 @@ class StolonDriver(HaDriver):
 
     def _keeper_unit(self, inv: Inventory) -> str:
         data_dir = self.keeper_data_dir(inv)  # validate() vetted its characters
+        environment: tuple[str, ...] = ()
+        reload: tuple[str, ...] = ()
+        if inv.cluster.tls.enabled:
+            crt, key = pki.pg_client_pair(TLS_SUPERUSER)
+            environment = (
+                # libpq's defaults for every TCP connection the keeper and its postgres make (the
+                # fork has no flag for them). No PGSSLMODE: the keeper writes sslmode into each
+                # conninfo, which beats the environment. postgres_fdw and dblink refuse
+                # non-superusers a connection that used no password, so no other role borrows the key.
+                f"Environment=PGSSLCERT={crt}",
+                f"Environment=PGSSLKEY={key}",
+                f"Environment=PGSSLROOTCERT={pki.PG_CA}",
+            )
+            reload = (
+                # The keeper handles only SIGINT and SIGTERM, so a SIGHUP would end it (Go's
+                # default), and it never reloads PostgreSQL because a file changed. A reload is
+                # PostgreSQL's alone: it rereads its certificate files. One that is not running (a
+                # standby cloning) reads them when the keeper starts it, hence '-'.
+                f"ExecReload=-{inv.cluster.postgres.bin_dir}/pg_ctl reload -D {self.pgdata(inv)}",
+            )
         return self._unit(inv, "keeper", "stolon-keeper", (
+            *environment,
             # '+' runs as root: postgres cannot create its own directory under /var/lib/stolon.
             f"ExecStartPre=+/usr/bin/install -d -o {OS_USER} -g {OS_USER} -m 0700 {data_dir}",
+            *reload,
             # SIGTERM to the keeper alone makes it stop PostgreSQL cleanly; with the default
             # control-group mode postmaster and backends would get SIGTERM behind its back.
             # Whatever is left after the timeout is SIGKILLed, so no orphan postmaster survives.
@@ -727,23 +865,40 @@ class StolonDriver(HaDriver):
             self.env_file_path(inv, "keeper"), self.unit_path(inv, "keeper"),
             self.su_password_path(inv), self.repl_password_path(inv),
         )
+        # A new server pair or CA needs only PostgreSQL to reread it (the unit's ExecReload).
+        # libpq's client pair (PGSSLCERT/PGSSLKEY) is read at each new connection: nothing to do.
+        tls = pki.tls_paths() if inv.cluster.tls.enabled else ()
+        # The etcd client pair and the CA are loaded once, when the component creates its store
+        # client at start (internal/common/tls.go NewTLSConfig: tls.LoadX509KeyPair and RootCAs,
+        # no reload hook), so every unit restarts when they change. The CA is in the keeper's
+        # reload_on as well; a restart wins. A keeper restart stops and starts PostgreSQL, a proxy
+        # restart drops the clients relayed through it: rotate_certificates applies the database
+        # hosts one after another, so the keepers restart one at a time (build_cluster, which
+        # ensures the database hosts' units in parallel, is not the way to roll certificates).
+        store_tls = self.store_tls_paths(inv)
         # The spec file is not an input of any unit: only `stolonctl init` reads it.
         return [
-            Unit(self.unit_name(inv, "keeper"), restart_on=keeper_inputs),
-            Unit(self.unit_name(inv, "sentinel"), restart_on=(self.env_file_path(inv, "sentinel"), self.unit_path(inv, "sentinel"))),
-            Unit(self.unit_name(inv, "proxy"), restart_on=(self.env_file_path(inv, "proxy"), self.unit_path(inv, "proxy"))),
+            Unit(self.unit_name(inv, "keeper"), restart_on=(*keeper_inputs, *store_tls), reload_on=tls),
+            Unit(self.unit_name(inv, "sentinel"),
+                 restart_on=(self.env_file_path(inv, "sentinel"), self.unit_path(inv, "sentinel"), *store_tls)),
+            Unit(self.unit_name(inv, "proxy"),
+                 restart_on=(self.env_file_path(inv, "proxy"), self.unit_path(inv, "proxy"), *store_tls)),
         ]
 
     # -------------------------------------------------------------- commands
 
     def stolonctl_argv(self, inv: Inventory, *subcommand: str) -> list[str]:
-        """stolonctl with every root flag explicit (it reads only root flags from env anyway)."""
+        """stolonctl with every root flag explicit (it reads only root flags from env anyway).
+
+        Runs as the session's user, root (directly or through sudo): it can read the postgres-owned
+        etcd client key that the TLS flags name."""
         return [
             STOLONCTL,
             "--cluster-name", inv.cluster.name,
             "--store-backend", STORE_BACKEND,
             "--store-endpoints", self.store_endpoints(inv),
             "--store-prefix", inv.cluster.stolon.store_prefix,
+            *(item for flag, value in self.store_tls_flags(inv).items() for item in (f"--{flag}", value)),
             *subcommand,
         ]
 
@@ -755,7 +910,7 @@ class StolonDriver(HaDriver):
         be read, and (for initMode new) when this host already has a PGDATA from an earlier
         cluster, as the building block's `PG_VERSION` check does.
         """
-        self._check_secrets(secrets)
+        self._check_secrets(secrets, inv)
         spec = self.cluster_spec(inv, extra_parameters)
         guard_pgdata = "yes" if spec.get("initMode") == "new" else "no"
         text = (
@@ -840,6 +995,15 @@ class StolonDriver(HaDriver):
         problems: list[str] = []
         _check_against_schema(patch, CLUSTER_SPEC_SCHEMA, "settings", problems)
         problems += _managed_parameter_problems(settings.postgres_parameters, "settings.postgres_parameters")
+        if inv.cluster.tls.enabled:
+            # settings_drift hands on the TLS parameters themselves; anything else would undo TLS.
+            problems += [
+                f"settings.postgres_parameters.{name}: {value!r} while cluster.tls.enabled is true needs "
+                f"{TLS_PG_PARAMETERS[str(name).lower()]!r}"
+                for name, value in settings.postgres_parameters.items()
+                if str(name).lower() in TLS_PG_PARAMETERS
+                and _normalised_setting(value) != _normalised_setting(TLS_PG_PARAMETERS[str(name).lower()])
+            ]
         if problems:
             raise HaSpecError("\n".join(problems))
         return [self._update_patch(inv, patch)]
@@ -885,7 +1049,9 @@ class StolonDriver(HaDriver):
         return "/tmp"  # the keeper always sets unix_socket_directories
 
     def socket_needs_password(self, inv: Inventory) -> bool:
-        return True  # the keeper's generateHBA: `local postgres <superuser> md5`
+        # The keeper's generateHBA: `local postgres <superuser> md5`, or with TLS on (auth method
+        # cert, which the fork turns into peer on the socket) `local postgres postgres peer`.
+        return not inv.cluster.tls.enabled
 
     def rw_port(self, inv: Inventory) -> int:
         # stolon-proxy forwards to the master wherever it is, and cuts clients off when it moves.

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from blocks.inventory import HostSpec, Inventory, Pgroute66Spec, Role
-from tasks.adapters import haproxy
+from tasks.adapters import haproxy, pki
 from tasks.adapters.commands import ManagedFile, Unit
 from tasks.adapters.haproxy import HAPROXY_CFG, HAPROXY_UNIT
 from tasks.errors import BouwsteenError
@@ -53,6 +53,8 @@ class RoutingSecrets:
     vrrp_password: str  # VRRP PASS authentication: at most 8 characters
     monitor_user: str
     monitor_password: str
+    # TLS on: the cluster's CA bundle, which the detector verifies the database hosts against.
+    ca_bundle_pem: str | None = None
 
     def check(self, *, detector: bool = True) -> None:
         """`detector`: the project's detector runs (it logs in as the monitor user; pgroute66 has its own)."""
@@ -224,6 +226,7 @@ def render_detector_config(inv: Inventory, secrets: RoutingSecrets) -> str:
         h.name: {
             "host": str(h.address), "port": inv.cluster.postgres.port, "user": secrets.monitor_user,
             "dbname": "postgres", "connect_timeout": 2, "b64password": password,
+            **({"sslmode": "verify-full", "sslrootcert": pki.HOST_CA} if inv.cluster.tls.enabled else {}),
         }
         for h in inv.db_hosts
     }
@@ -356,6 +359,10 @@ def router_files(inv: Inventory, router: HostSpec, secrets: RoutingSecrets, rw_p
                         secret=True),
             ManagedFile(f"/etc/systemd/system/{DETECTOR_UNIT}", DETECTOR_UNIT_TEXT, owner="root", mode=0o644),
         ]
+    if inv.cluster.tls.enabled:
+        if not secrets.ca_bundle_pem:
+            raise RoutingSpecError("cluster.tls.enabled, but the cluster's CA is not registered")
+        detector = [ManagedFile(pki.HOST_CA, secrets.ca_bundle_pem, owner="root", mode=0o644), *detector]
     return detector + [
         ManagedFile(HAPROXY_CFG, render_haproxy(inv, router, rw_port), owner="root", mode=0o644),
         ManagedFile(ROUTER_CHECK, render_router_check(inv), owner="root", mode=0o755),
@@ -365,8 +372,9 @@ def router_files(inv: Inventory, router: HostSpec, secrets: RoutingSecrets, rw_p
 
 def router_units(inv: Inventory | None = None) -> list[Unit]:
     """The routers' units; the detector's only with the project's detector (also when `inv` is left out)."""
+    tls = (pki.HOST_CA,) if inv is not None and inv.cluster.tls.enabled else ()
     units = [] if _uses_pgroute66(inv) else [
-        Unit(DETECTOR_UNIT, restart_on=(DETECTOR_BIN, DETECTOR_CFG, f"/etc/systemd/system/{DETECTOR_UNIT}")),
+        Unit(DETECTOR_UNIT, restart_on=(DETECTOR_BIN, DETECTOR_CFG, f"/etc/systemd/system/{DETECTOR_UNIT}", *tls)),
     ]
     # External check scripts are exec'd afresh on every check: changing one needs no reload.
     return units + [
