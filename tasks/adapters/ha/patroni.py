@@ -69,7 +69,9 @@ class PatroniDriver(HaDriver):
     name = "patroni"
 
     def packages(self, inv: Inventory) -> list[str]:
-        return [inv.cluster.postgres.package, "postgresql-contrib", "patroni", "haproxy"]
+        # openssl: tls_reloaded_commands asks the REST API which certificate it presents.
+        tls = ["openssl"] if inv.cluster.tls.enabled else []
+        return [inv.cluster.postgres.package, "postgresql-contrib", "patroni", "haproxy", *tls]
 
     def release_floors(self) -> list[tuple[str, str, str]]:
         # Seen in the lab with Debian 12's 3.0.2: a primary cut off from etcd took longer to demote
