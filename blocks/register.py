@@ -35,6 +35,8 @@ class ClusterFiles:
     store_private_key: Path | None = None
     # The cluster's issuing CA (cluster.tls): its certificate is `ca_certificate`.
     ca_private_key: Path | None = None
+    # CA certificates trusted beside it during a roll-over (README: three runs of rotate_certificates).
+    ca_also_trusted: Path | None = None
 
     @classmethod
     def for_lab(cls, lab_dir: Path) -> "ClusterFiles":
@@ -144,7 +146,8 @@ def register_cluster(files: ClusterFiles) -> Inventory:
             raise ValueError(f"{files.inventory}: cluster.tls.enabled needs the cluster's issuing CA "
                              "(its certificate and private key files)")
         authority = CertificateAuthority(certificate=files.ca_certificate.read_text(),
-                                         private_key=SecretStr(files.ca_private_key.read_text()))
+                                         private_key=SecretStr(files.ca_private_key.read_text()),
+                                         also_trusted=files.ca_also_trusted.read_text() if files.ca_also_trusted else "")
         # Refused here, before any block is saved, rather than by the first flow.
         ClusterCA(authority.certificate, authority.private_key.get_secret_value(), authority.also_trusted)
         blocks.append(authority)

@@ -112,6 +112,7 @@ def cmd_blocks(args) -> int:
             store_certificate=Path(args.store_cert) if args.store_cert else None,
             store_private_key=Path(args.store_key) if args.store_key else None,
             ca_private_key=Path(args.ca_key) if args.ca_key else None,
+            ca_also_trusted=Path(args.ca_also_trusted) if args.ca_also_trusted else None,
         )
     try:
         inventory = register_cluster(files)
@@ -289,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     blocks.add_argument("--secrets", help="JSON file with the passwords (root-only)")
     blocks.add_argument("--ca-cert")
     blocks.add_argument("--ca-key", help="the cluster's issuing CA key (cluster.tls); --ca-cert is its certificate")
+    blocks.add_argument("--ca-also-trusted", help="PEM CA certificates trusted beside the issuing CA (a roll-over)")
     blocks.add_argument("--store-cert")
     blocks.add_argument("--store-key")
     blocks.set_defaults(handler=cmd_blocks)

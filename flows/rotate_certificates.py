@@ -21,6 +21,7 @@ from tasks.tls import (
     ensure_certificates_presented,
     is_certificate_current,
     needs_new_generation,
+    untrusted_issuer,
 )
 
 
@@ -52,7 +53,8 @@ def _apply(cluster: str, layers: dict[str, list[str]], only: list[str] | None) -
 def rotate_certificates(cluster: str = "lab", force: bool = False, within_days: int = 30,
                         dry_run: bool = False) -> dict:
     """1. Pre-flight: every certificate's issuer and expiry on every host, against what the CA issues now.
-    2. Plan: what is renewed (a new period, a new CA, new names; `force` or an early expiry: new keys).
+    2. Plan: what is renewed (a new period, a new CA, new names; `force` or an early expiry: new keys);
+       refused when the issuing CA is not trusted everywhere yet (a roll-over's first run trusts it).
     3. Act: CA bundles everywhere first, then the pairs; reloads, etcd one member at a time.
     4. Verify: every service presents its new certificate; replication, etcd and routing still verify."""
     logger = get_run_logger()
@@ -67,6 +69,7 @@ def rotate_certificates(cluster: str = "lab", force: bool = False, within_days: 
     # ------------------------------------------------------------------ 1. pre-flight
     logger.info("1. Pre-flight (read-only): the certificates on %s.", ", ".join(hosts))
     current = _read_all(cluster, hosts)
+    untrusted = untrusted_issuer(current, ctx.cluster_ca.fingerprint)
     reason = needs_new_generation(current, force=force, within_days=within_days)
     target = None
     if reason is not None:
@@ -76,7 +79,8 @@ def rotate_certificates(cluster: str = "lab", force: bool = False, within_days: 
 
     # ------------------------------------------------------------------ 2. plan
     plan = RotationPlan(files=tuple(f for h in current for f in h.files),
-                        new_generation=inv.cluster.tls.generation + 1 if reason else None, generation_reason=reason)
+                        new_generation=inv.cluster.tls.generation + 1 if reason else None, generation_reason=reason,
+                        refusals=(untrusted,) if untrusted else ())
     publish_plan("rotate_certificates", cluster, plan, dry_run=dry_run)
     if dry_run or plan.is_noop:
         return {"plan": plan.rows(), "changed": False, "replaced": 0, "hosts": 0}

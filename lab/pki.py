@@ -38,8 +38,9 @@ def _write_private(path: Path, text: str) -> None:
 
 
 class LabCA:
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, common_name: str = "bouwsteen lab CA"):
         self.directory = directory
+        self.common_name = common_name
         self.cert_path = directory / "ca.crt"
         self.key_path = directory / "ca.key"
 
@@ -48,7 +49,7 @@ class LabCA:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bouwsteen lab CA")])
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.common_name)])
         now = dt.datetime.now(dt.timezone.utc)
         cert = (
             x509.CertificateBuilder()

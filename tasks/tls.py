@@ -173,6 +173,24 @@ def needs_new_generation(hosts: list[HostCertificates], *, force: bool, within_d
     return None
 
 
+def untrusted_issuer(hosts: list[HostCertificates], issuing_fingerprint: str) -> str | None:
+    """Why the CA that issues now cannot be rolled out by this run, or None: an installed trust
+    bundle without it. The controller's own client pairs come from the issuing CA at once, and a
+    service that does not trust it yet refuses them (the etcd lock first); so a new CA is trusted
+    beside the old one by a run of its own before it issues."""
+    lacking = [f"{h.host}:{f.path}" for h in hosts for f in h.files
+               if f.path in TRUST_BUNDLES and f.installed_fingerprint is not None
+               and issuing_fingerprint not in f.installed_fingerprint.split(",")]
+    if not lacking:
+        return None
+    return (f"the issuing CA (sha256 {issuing_fingerprint[:16]}…) is not trusted yet by {', '.join(lacking[:4])}"
+            + (f" and {len(lacking) - 4} more" if len(lacking) > 4 else "")
+            + ": a CA roll-over takes three runs. 1. Keep the old CA in the block's certificate/private_key, "
+            "put the new CA's certificate in also_trusted, run rotate_certificates (every host trusts both). "
+            "2. Put the new CA in certificate/private_key and the old one in also_trusted, run it (new "
+            "certificates). 3. Empty also_trusted, run it (the old CA is no longer trusted)")
+
+
 @dataclass(frozen=True)
 class RotationPlan:
     """rotate_certificates' plan: the certificate files to install, trust bundles first."""

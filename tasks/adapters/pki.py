@@ -128,8 +128,18 @@ class ClusterCA:
 
     @property
     def trust_bundle_pem(self) -> str:
-        """What every client and server trusts: this CA, then any still trusted beside it."""
-        return self.certificate_pem + (self.also_trusted_pem + "\n" if self.also_trusted_pem else "")
+        """What every client and server trusts: this CA and any still trusted beside it, each once,
+        in fingerprint order. The order does not follow which one issues: a roll-over's second
+        step (the new CA issues, the old one is trusted beside it) leaves every bundle as it is,
+        so no service reloads for it."""
+        certificates = [self.certificate, *(x509.load_pem_x509_certificates(self.also_trusted_pem.encode())
+                                           if self.also_trusted_pem else [])]
+        unique = {c.fingerprint(hashes.SHA256()): c for c in certificates}
+        return "".join(unique[f].public_bytes(serialization.Encoding.PEM).decode() for f in sorted(unique))
+
+    @property
+    def fingerprint(self) -> str:
+        return self.certificate.fingerprint(hashes.SHA256()).hex()
 
     @staticmethod
     def _material(identity: Identity, period: Period, generation: int) -> bytes:

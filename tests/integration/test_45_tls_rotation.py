@@ -100,3 +100,84 @@ def test_rotating_every_certificate_keeps_every_write_and_the_primary(lab, route
 
     again = rotate_certificates(cluster="lab")
     assert again["changed"] is False and again["plan"] == [], again
+
+
+def _issuers(lab, host: str, *paths: str) -> list[str]:
+    script = "; ".join(f"openssl crl2pkcs7 -nocrl -certfile {p} | openssl pkcs7 -print_certs -noout | grep '^subject'"
+                       if p.endswith("ca.crt") else f"openssl x509 -noout -issuer -in {p}" for p in paths)
+    return lab_ssh(lab, host, script).stdout.split("\n")[:-1]
+
+
+def test_a_ca_roll_over_takes_three_runs_and_keeps_every_write(lab, routed, tmp_path):
+    """Forward to a new CA (trust it, issue from it), then back (issue from the old one, retire
+    the new one): the lab ends on its own CA for the tests after this one, and the four runs cover
+    each step of a roll-over once, in both of its kinds of run (bundles only, pairs only)."""
+    from pydantic import SecretStr
+
+    from blocks.inventory import Role
+    from blocks.prefect_blocks import CertificateAuthority
+    from flows.check_hosts import check_hosts
+    from flows.rotate_certificates import rotate_certificates
+    from lab.avprobe import AvailabilityProbe
+    from lab.pki import LabCA
+    from tasks.adapters import pki
+    from tasks.context import context_for
+    from tasks.tls import TRUST_BUNDLES
+
+    original = CertificateAuthority.load("lab")
+    old_cert, old_key = original.certificate, original.private_key.get_secret_value()
+    new = LabCA(tmp_path / "new-ca", common_name="bouwsteen lab CA 2")
+    new.ensure()
+    new_cert, new_key = new.certificate_pem, new.key_path.read_text()
+    inv = context_for("lab", fresh=True).inventory
+    bundles = len(inv.db_hosts) + len(inv.etcd_members) + len(inv.with_role(Role.router))
+    pairs = 4 * len(inv.db_hosts) + len(inv.etcd_members)
+
+    def run_with(certificate: str, key: str, also_trusted: str, **kwargs):
+        CertificateAuthority(certificate=certificate, private_key=SecretStr(key),
+                             also_trusted=also_trusted).save("lab", overwrite=True)
+        return rotate_certificates(cluster="lab", return_state=True, **kwargs)
+
+    def paths(result: dict) -> set[str]:
+        return {row["plan"].split(" ", 1)[1] for row in result["plan"]}
+
+    before = _issuers(lab, "pg1", pki.PG_SERVER_CERT)
+    try:
+        # In one run it cannot work (the controller's own pairs would come from a CA nobody trusts):
+        # refused before anything changes, naming the steps.
+        refused = run_with(new_cert, new_key, old_cert, dry_run=True)
+        assert refused.is_failed() and "three runs" in refused.message, refused.message
+        assert _issuers(lab, "pg1", pki.PG_SERVER_CERT) == before
+
+        # 1. Trust the new CA beside the old: the bundles, nothing else.
+        one = run_with(old_cert, old_key, new_cert)
+        assert one.is_completed(), one.message
+        assert paths(one.result()) <= set(TRUST_BUNDLES) and one.result()["replaced"] == bundles, one.result()
+        assert sorted(_issuers(lab, inv.etcd_members[0].name, pki.ETCD_CA)) == sorted(
+            ["subject=CN = bouwsteen lab CA", "subject=CN = bouwsteen lab CA 2"])
+
+        # 2. The new CA issues, under the writer through the VIP: every pair, no bundle.
+        probe = AvailabilityProbe(context_for("lab", fresh=True).application_endpoint(str(VIP), 5432),
+                                  max_seconds=400).start()
+        time.sleep(2)
+        two = run_with(new_cert, new_key, old_cert)
+        time.sleep(2)
+        probe.stop()
+        assert two.is_completed(), two.message
+        assert not paths(two.result()) & set(TRUST_BUNDLES) and two.result()["replaced"] == pairs, two.result()
+        assert probe.missing_acknowledged() == []
+        etcd_host = inv.etcd_members[0].name
+        assert set(_issuers(lab, "pg1", pki.PG_SERVER_CERT) + _issuers(lab, etcd_host, pki.ETCD_MEMBER_CERT)) == {
+            "issuer=CN = bouwsteen lab CA 2"}
+        assert check_hosts(cluster="lab", return_state=True).is_completed()
+        assert rotate_certificates(cluster="lab")["changed"] is False, "a rerun of step 2 changed something"
+    finally:
+        # Back: the old CA issues again (step 2 the other way), then the new one is retired (step 3).
+        back = run_with(old_cert, old_key, new_cert)
+        retired = run_with(old_cert, old_key, "")
+    assert back.is_completed(), back.message
+    assert retired.is_completed(), retired.message
+    assert paths(retired.result()) <= set(TRUST_BUNDLES) and retired.result()["replaced"] == bundles, retired.result()
+    assert _issuers(lab, "pg1", pki.PG_SERVER_CERT, pki.PG_CA) == [
+        "issuer=CN = bouwsteen lab CA", "subject=CN = bouwsteen lab CA"]
+    assert check_hosts(cluster="lab", return_state=True).is_completed()

@@ -47,7 +47,15 @@ from tasks.adapters.pki import (
 )
 from tasks.adapters.routing.config import RoutingSecrets
 from tasks.desired import ClusterSecrets, all_desired
-from tasks.tls import CertificateCheck, CertificateRow, certificate_rows
+from tasks.tls import (
+    CertificateCheck,
+    CertificateFile,
+    CertificateRow,
+    HostCertificates,
+    certificate_rows,
+    needs_new_generation,
+    untrusted_issuer,
+)
 
 UTC = dt.timezone.utc
 DAY = dt.timedelta(days=1)
@@ -381,14 +389,32 @@ def test_cluster_ca_refuses(case: str, message: str) -> None:
     assert isinstance(info.value, ValueError)  # what the inventory and block validation catch
 
 
+def _ca_pems(cn: str) -> tuple[str, str]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return cert_pem(self_signed(key, cn=cn)), key_pem(key)
+
+
 def test_trust_bundle_during_a_roll_over(ca: ClusterCA, lab_ca: LabCA) -> None:
     old = make_ca(cn="old CA")
     rolled = ClusterCA(lab_ca.certificate_pem, lab_ca.key_path.read_text(), "\n" + old.certificate_pem + "\n\n")
     assert ca.trust_bundle_pem == ca.certificate_pem
-    assert rolled.trust_bundle_pem == ca.certificate_pem + old.certificate_pem
-    assert [f.subject for f in bundle_facts(rolled.trust_bundle_pem)] == ["CN=bouwsteen lab CA", "CN=old CA"]
+    assert sorted(f.subject for f in bundle_facts(rolled.trust_bundle_pem)) == ["CN=bouwsteen lab CA", "CN=old CA"]
     # Issuing does not depend on what else is trusted.
     assert rolled.issue(SERVER, PERIOD) == ca.issue(SERVER, PERIOD)
+
+
+def test_a_roll_over_changes_the_bundle_in_its_first_and_last_step_only() -> None:
+    old_cert, old_key = _ca_pems("old CA")
+    new_cert, new_key = _ca_pems("new CA")
+    steps = [ClusterCA(old_cert, old_key), ClusterCA(old_cert, old_key, new_cert),
+             ClusterCA(new_cert, new_key, old_cert), ClusterCA(new_cert, new_key)]
+    bundles = [step.trust_bundle_pem for step in steps]
+    assert [sorted(f.subject for f in bundle_facts(b)) for b in bundles] == [
+        ["CN=old CA"], ["CN=new CA", "CN=old CA"], ["CN=new CA", "CN=old CA"], ["CN=new CA"]]
+    assert bundles[1] == bundles[2], "swapping which CA issues rewrote the bundles"
+    # Trusting a CA twice (it issues and is in also_trusted) puts it in the bundle once.
+    assert ClusterCA(new_cert, new_key, old_cert + new_cert).trust_bundle_pem == bundles[2]
+    assert steps[2].fingerprint == facts(new_cert).fingerprint
 
 
 def test_facts(ca: ClusterCA) -> None:
@@ -781,3 +807,50 @@ def test_ip_sans_are_addresses(ca: ClusterCA) -> None:
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.11"),
                                                         ipaddress.ip_address("127.0.0.1")]
+
+
+# ---------------------------------------------------------------------------------------------
+# rotate_certificates' decisions over what is installed.
+
+def _host(name: str, *files: tuple[str, str | None, float | None], wanted: str = "w") -> HostCertificates:
+    """files: (path, installed fingerprints or None, days left)."""
+    return HostCertificates(name, tuple(CertificateFile(name, path, wanted, "2027-01-01T00:00", installed,
+                                                        installed and "2027-01-01T00:00", days)
+                                        for path, installed, days in files))
+
+
+UNTRUSTED = {
+    "bundles hold the issuer": ([_host("pg1", (pki.PG_CA, "old,new", 300.0), (pki.PG_SERVER_CERT, "x", 300.0))],
+                                None),
+    "nothing installed yet": ([_host("pg1", (pki.PG_CA, None, None))], None),
+    "a pair's fingerprint is not a bundle": ([_host("pg1", (pki.PG_SERVER_CERT, "old", 300.0))], None),
+    "one host lacks it": ([_host("pg1", (pki.PG_CA, "new", 300.0)), _host("etcd1", (pki.ETCD_CA, "old", 300.0))],
+                          "etcd1:" + pki.ETCD_CA),
+    "a router lacks it": ([_host("router1", (pki.HOST_CA, "old", 300.0))], "router1:" + pki.HOST_CA),
+    "a prefix of another fingerprint is not it": ([_host("pg1", (pki.PG_CA, "newer", 300.0))], "pg1:" + pki.PG_CA),
+}
+
+
+@pytest.mark.parametrize(("hosts", "lacking"), UNTRUSTED.values(), ids=UNTRUSTED.keys())
+def test_untrusted_issuer(hosts: list[HostCertificates], lacking: str | None) -> None:
+    reason = untrusted_issuer(hosts, "new")
+    if lacking is None:
+        assert reason is None
+    else:
+        assert reason is not None and lacking in reason and "three runs" in reason and "also_trusted" in reason
+
+
+GENERATION = {
+    "all current and far": (False, [(pki.PG_SERVER_CERT, "w", 300.0)], None),
+    "force": (True, [(pki.PG_SERVER_CERT, "w", 300.0)], "force"),
+    "current but short": (False, [(pki.PG_SERVER_CERT, "w", 10.0)], "expire within 30 days"),
+    "short but being renewed anyway": (False, [(pki.PG_SERVER_CERT, "old", 10.0)], None),
+    "a short CA bundle is the CA's business": (False, [(pki.PG_CA, "w", 10.0)], None),
+    "not installed": (False, [(pki.PG_SERVER_CERT, None, None)], None),
+}
+
+
+@pytest.mark.parametrize(("force", "files", "reason"), GENERATION.values(), ids=GENERATION.keys())
+def test_needs_new_generation(force: bool, files: list, reason: str | None) -> None:
+    answer = needs_new_generation([_host("pg1", *files)], force=force, within_days=30)
+    assert (answer is None) if reason is None else (answer is not None and reason in answer)
