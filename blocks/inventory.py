@@ -632,6 +632,32 @@ class Inventory(Strict):
             hosts.append(h.model_copy(update={"roles": roles}))
         return Inventory.model_validate({**self.model_dump(mode="json"), "hosts": [h.model_dump(mode="json") for h in hosts]})
 
+    def without_member(self, name: str) -> "Inventory":
+        """The same inventory with `name` no longer a database host nor an etcd member (after
+        remove_member). The host stays listed, with its other roles, so its data directory and
+        keys are still found; the other etcd members are pinned first, as in `with_db_host`."""
+        return self._moved(name, None)
+
+    def replacing(self, dead: str, new: str) -> "Inventory":
+        """`new` takes `dead`'s place (after replace_member): the database role, and the etcd
+        role when `dead` had one."""
+        return self._moved(dead, new)
+
+    def _moved(self, leaving: str, joining: str | None) -> "Inventory":
+        current_etcd = {h.name for h in self.etcd_members}
+        hosts = []
+        for h in self.hosts:
+            roles = [r for r in h.roles if r is not Role.etcd or h.name != leaving]
+            if h.name in current_etcd and h.name != leaving and Role.etcd not in roles:
+                roles.append(Role.etcd)
+            if h.name == leaving:
+                roles = [r for r in roles if r is not Role.db]
+            if h.name == joining:
+                roles += [r for r in (Role.db, Role.etcd if leaving in current_etcd else None)
+                          if r is not None and r not in roles]
+            hosts.append(h.model_copy(update={"roles": roles}))
+        return Inventory.model_validate({**self.model_dump(mode="json"), "hosts": [h.model_dump(mode="json") for h in hosts]})
+
 
 class UnknownHostError(BouwsteenError, ValueError):
     pass

@@ -35,6 +35,12 @@ def _figure(flow: str, result) -> str:
                 if topo else "")
     if flow == "add_standby":
         return "pg4 streaming" + (" (no change)" if not result.get("changed") else "")
+    if flow == "remove_member":
+        topo = result.get("topology", [])
+        if not result.get("changed") or not topo:
+            return "pg4 no member (no change)"
+        return (f"pg4 removed{' and wiped' if result.get('wiped') else ''}; primary {topo[0]['host']}, "
+                f"{len(topo) - 1} streaming")
     if flow == "backup_server_rollout":
         return f"S3 round trip {result.get('round_trip_seconds', 0):.2f}s"
     if flow == "routing_rollout":
@@ -97,6 +103,9 @@ def run_demo(skip: set[str] | None = None) -> int:
         ("switchover", {}),
         ("tab_job", {"job": "purge_audit_log"}),
         ("rotate_certificates", {"force": True}),
+        # Day 2: a standby leaves for good (its data wiped) and is added back as a fresh one.
+        ("remove_member", {"host": "pg4", "wipe": True, "confirm": "pg4"}),
+        ("add_standby", {"host": "pg4"}),
     ]
     rows: list[Row] = []
     failed = False

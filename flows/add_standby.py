@@ -8,18 +8,17 @@ from prefect.artifacts import create_table_artifact
 from blocks.inventory import Role, UnknownHostError
 from blocks.register import save_inventory
 from flows.runbook import holding, publish_plan, snapshot_hosts
-from tasks.backup import ensure_backup_hook
 from tasks.clients import ensure_client_connection_report
 from tasks.context import context_for
 from tasks.desired import ha_driver
 from tasks.errors import PreflightRefused, VerifyFailed
 from tasks.ha import (
-    ensure_membership,
     is_cluster_initialized,
     wait_until_primary_port_routes,
     wait_until_replicas_streaming,
 )
-from tasks.hosts import desired_layers, ensure_files, ensure_packages, ensure_units
+from tasks.hosts import desired_layers, ensure_packages
+from tasks.members import cluster_follows_membership
 from tasks.planning.build import plan_build
 
 
@@ -80,14 +79,9 @@ def add_standby(cluster: str = "lab", host: str = "pg4", max_lag_bytes: int = 16
             context_for(cluster, fresh=True)
             logger.info("3. Act: inventory block of %s now lists %s as a database host.", cluster, host)
         ensure_packages(cluster, host, list(wanted[names.index(host)].packages))
-        # Existing members first: their pg_hba must admit the newcomer before it asks to replicate.
-        for name in names:
-            if name == host:
-                continue
-            ensure_units(cluster, name, "db", ensure_files(cluster, name, "db"))
-        ensure_membership(cluster)
-        ensure_units(cluster, host, "db", ensure_files(cluster, host, "db"))
-        ensure_backup_hook(cluster)
+        # Existing members first: their pg_hba must admit the newcomer before it asks to replicate;
+        # then the routers' read-only servers and the backup-peer trust name it too.
+        cluster_follows_membership(cluster, joining=host)
 
         # ------------------------------------------------------------------ 4. verify
         logger.info("4. Verify: %s streams with lag under %d bytes; its port to the primary leads there.",

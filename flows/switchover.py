@@ -17,10 +17,10 @@ from tasks.desired import ha_driver
 from tasks.errors import DeadlineExceeded, PreflightRefused, VerifyFailed
 from tasks.etcd import ensure_etcd_leader_off_primary
 from tasks.ha import wait_until_primary_port_routes, wait_until_replicas_streaming
+from tasks.members import ensure_standby_reinitialized
 from tasks.planning.roles import failover_action_plan, switchover_action_plan
 from tasks.roles import (
     ensure_failover,
-    ensure_rejoined,
     ensure_switchover,
     is_decided_candidate_fit,
     is_failover_needed,
@@ -63,9 +63,9 @@ def _verify(cluster: str, new_primary: str, old_primary: str | None, timeline: T
     except DeadlineExceeded:
         if old_primary is None:
             raise
-        logger.warning("%s does not stream yet; asking the HA manager to rejoin it.", old_primary)
-        timeline(f"rejoin {old_primary}")
-        ensure_rejoined(cluster, old_primary)
+        logger.warning("%s does not stream yet (pg_rewind could not bring it back): re-cloning it.", old_primary)
+        timeline(f"re-clone {old_primary}")
+        ensure_standby_reinitialized(cluster, old_primary)
         rows = wait_until_replicas_streaming(cluster, timeout=300)
     timeline("every standby streaming" + (f", {old_primary} included" if old_primary else ""))
     ports = wait_until_primary_port_routes(cluster)

@@ -13,7 +13,7 @@ from tasks.adapters import pki
 from tasks.adapters.commands import cmd, script
 from tasks.adapters.ha.pgdata import pgdata
 from tasks.adapters.probe import HostSnapshot, parse_probe, probe_command
-from tasks.adapters.remote import RemoteError, RemoteHost
+from tasks.adapters.remote import RemoteError, RemoteHost, RemoteUnreachable
 from tasks.context import ClusterContext, context_for
 from tasks.desired import ClusterSecrets, all_desired, ha_driver, stack_packages
 from tasks.errors import PreflightRefused
@@ -95,6 +95,21 @@ class HostFacts:
     def row(self) -> dict:
         """The artifact's and the flow result's row: `ok` is the column `reachable`."""
         return {("reachable" if key == "ok" else key): value for key, value in asdict(self).items()}
+
+
+@step(retries=0)
+def is_host_answering(cluster: str, host: str) -> bool:
+    """One SSH attempt (host key verified) at a host said to be gone: does it answer at all? Not
+    answering is the expected answer here, not a failure to retry."""
+    ctx = context_for(cluster)
+    try:
+        with ctx.remote(host) as remote:
+            remote.run(cmd("true", timeout=10))
+    except RemoteUnreachable as exc:
+        say(f"{host} does not answer over SSH ({str(exc).splitlines()[0][:160]}).")
+        return False
+    say(f"{host} answers over SSH.")
+    return True
 
 
 @step(retries=2)

@@ -193,19 +193,5 @@ def wait_until_primary_is(cluster: str, expected: str | None, not_host: str | No
     return leader
 
 
-@once
-def ensure_rejoined(cluster: str, host: str) -> str:
-    """Re-clone a former primary that cannot stream (pg_rewind failed); never retried."""
-    ctx = context_for(cluster)
-    inv = ctx.inventory
-    driver = ha_driver(inv)
-    view = read_view(ctx)
-    commands = driver.rejoin_commands(inv, view, host)
-    with ctx.remote(host) as remote:
-        for command in commands:
-            remote.run(command)
-    return say(f"{host}: rejoined ({'; '.join(str(c) for c in commands) or 'the HA manager resyncs by itself'}).")
-
-
 def now() -> float:
     return time.time()

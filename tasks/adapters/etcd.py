@@ -37,9 +37,10 @@ class LockKeyTaken(BouwsteenError):
 
 @dataclass(frozen=True)
 class EtcdMember:
-    name: str
+    name: str  # empty for a member added but not started yet
     peer_urls: tuple[str, ...]
     client_urls: tuple[str, ...]
+    id: int = 0
 
 
 class Etcd:
@@ -105,9 +106,24 @@ class Etcd:
     def members(self) -> list[EtcdMember]:
         raw = self._call("member list", lambda c: c.members())
         return [
-            EtcdMember(m.get("name", ""), tuple(m.get("peerURLs", [])), tuple(m.get("clientURLs", [])))
+            EtcdMember(m.get("name", ""), tuple(m.get("peerURLs", [])), tuple(m.get("clientURLs", [])),
+                       int(m.get("ID", 0)))
             for m in raw
         ]
+
+    # ---------------------------------------------------------------- membership
+    # etcd3gw has no call for these; its own request path (`post`) keeps the verified session.
+    # The gRPC gateway takes uint64 IDs as JSON strings, the way it prints them.
+
+    def member_remove(self, member_id: int) -> None:
+        self._call("member remove", lambda c: c.post(c.get_url("/cluster/member/remove"), json={"ID": str(member_id)}))
+
+    def member_add(self, peer_urls: list[str]) -> EtcdMember:
+        """Announce a member before it starts (it then starts with the existing cluster state)."""
+        raw = self._call("member add", lambda c: c.post(c.get_url("/cluster/member/add"), json={"peerURLs": peer_urls}))
+        m = raw.get("member", {})
+        return EtcdMember(m.get("name", ""), tuple(m.get("peerURLs", [])), tuple(m.get("clientURLs", [])),
+                          int(m.get("ID", 0)))
 
     def answering_endpoints(self) -> list[str]:
         """The endpoints that answer a status request at all, leader or not."""

@@ -44,20 +44,24 @@ def leader_away_command(inv: Inventory, host: HostSpec) -> Command:
                timeout=30, ok_codes=(0, 1), description="keep the etcd leader off the primary's host")
 
 
-def render_env(inv: Inventory, host: HostSpec) -> str:
+def render_env(inv: Inventory, host: HostSpec, *, initial_state: str = "new") -> str:
+    """`initial_state`: "existing" only for the first start of a member that `member add` announced
+    (replace_member); the file then goes back to the desired "new", which etcd no longer reads."""
+    if initial_state not in ("new", "existing"):
+        raise ValueError(f"initial_state: {initial_state!r} is neither 'new' nor 'existing'")
     etcd = inv.cluster.etcd
     web = scheme(inv)
-    members = ",".join(f"{m.name}={web}://{m.address}:{etcd.peer_port}" for m in inv.etcd_members)
+    members = ",".join(f"{m.name}={peer_url(inv, m)}" for m in inv.etcd_members)
     settings = {
         "ETCD_NAME": host.name,
         "ETCD_DATA_DIR": data_dir(inv),
         "ETCD_LISTEN_PEER_URLS": f"{web}://{host.address}:{etcd.peer_port}",
         "ETCD_LISTEN_CLIENT_URLS": f"{web}://{host.address}:{etcd.client_port},{web}://127.0.0.1:{etcd.client_port}",
-        "ETCD_INITIAL_ADVERTISE_PEER_URLS": f"{web}://{host.address}:{etcd.peer_port}",
+        "ETCD_INITIAL_ADVERTISE_PEER_URLS": peer_url(inv, host),
         "ETCD_ADVERTISE_CLIENT_URLS": f"{web}://{host.address}:{etcd.client_port}",
         "ETCD_INITIAL_CLUSTER": members,
         # Only read when the data dir is empty: a rerun never re-bootstraps an existing member.
-        "ETCD_INITIAL_CLUSTER_STATE": "new",
+        "ETCD_INITIAL_CLUSTER_STATE": initial_state,
         "ETCD_INITIAL_CLUSTER_TOKEN": f"bouwsteen-{inv.cluster.name}",
         # Patroni/stolon rewrite their keys every few seconds; without compaction the DB grows forever.
         "ETCD_AUTO_COMPACTION_MODE": "periodic",
@@ -81,6 +85,10 @@ def render_env(inv: Inventory, host: HostSpec) -> str:
     lines = ["# Managed by bouwsteen build_cluster; local edits are overwritten."]
     lines += [f"{key}={value}" for key, value in settings.items()]
     return "\n".join(lines) + "\n"
+
+
+def peer_url(inv: Inventory, host: HostSpec) -> str:
+    return f"{scheme(inv)}://{host.address}:{inv.cluster.etcd.peer_port}"
 
 
 def member_files(inv: Inventory, host: HostSpec, ca: pki.ClusterCA | None = None) -> list[ManagedFile]:

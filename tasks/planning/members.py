@@ -113,8 +113,12 @@ def plan_replacement(before: Inventory, dead: str, new: str, snap: MemberSnapsho
         refusals.append(f"new: {new} has role(s) {', '.join(busy)}; a member needs a host of its own")
     if new_spec.has(Role.db) or new in etcd_names:
         refusals.append(f"new: {new} already is a member; remove it first or pick an unused host")
+    dead_member = snap.view.member(dead)
     if snap.view.leader == dead:
         refusals.append(f"dead: {dead} is still the primary as the HA manager sees it: fail over first")
+    elif dead_member is not None and dead_member.healthy:
+        refusals.append(f"dead: the HA manager still counts {dead} healthy; a member that answers is removed with "
+                        "remove_member (or wait until its HA key has expired)")
     elif snap.view.leader is None:
         refusals.append(f"cluster {before.cluster.name} has no primary to clone {new} from")
     if refusals:

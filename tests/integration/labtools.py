@@ -62,3 +62,15 @@ def host_state_digest(lab, host: str, data_dir: str = "/var/lib/postgresql/15/ma
 
 def cluster_state_digest(lab, hosts=("pg1", "pg2", "pg3", "pg4")) -> dict[str, str]:
     return {h: host_state_digest(lab, h) for h in hosts}
+
+
+def refused(state, *needles: str) -> None:
+    """A flow run refused: failed, and its exception's whole text names every needle."""
+    assert state.is_failed(), "expected a refusal"
+    message = state.message or ""
+    try:
+        state.result()
+    except Exception as exc:  # the flow's own exception carries the whole text
+        message = str(exc)
+    for needle in needles:
+        assert needle in message, message

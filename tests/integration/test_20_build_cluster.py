@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from labtools import REPO, cluster_state_digest, etcd_leader, lab_ssh
+from labtools import REPO, cluster_state_digest, etcd_leader, lab_ssh, refused
 
 DB = ["pg1", "pg2", "pg3"]
 
@@ -118,22 +118,11 @@ def test_second_build_changes_nothing_and_keeps_pids(lab, cluster):
 # ----------------------------------------------------------------------------- bad input
 
 
-def _refused(state, *needles: str) -> None:
-    assert state.is_failed(), "expected a refusal"
-    message = state.message or ""
-    try:
-        state.result()
-    except Exception as exc:  # the flow's own exception carries the whole text
-        message = str(exc)
-    for needle in needles:
-        assert needle in message, message
-
-
 def test_unknown_host_is_refused(lab, registered):
     from flows.add_standby import add_standby
 
     before = cluster_state_digest(lab)
-    _refused(add_standby(cluster="lab", host="pg9", return_state=True), "unknown host 'pg9'")
+    refused(add_standby(cluster="lab", host="pg9", return_state=True), "unknown host 'pg9'")
     assert cluster_state_digest(lab) == before
 
 
@@ -143,7 +132,7 @@ def test_host_of_another_cluster_is_refused(lab, cluster):
     lab_ssh(lab, "pg4", "mkdir -p /etc/bouwsteen && echo '{\"cluster\": \"other\"}' > /etc/bouwsteen/cluster.json")
     try:
         before = cluster_state_digest(lab)
-        _refused(add_standby(cluster="lab", host="pg4", return_state=True),
+        refused(add_standby(cluster="lab", host="pg4", return_state=True),
                  "pg4: already belongs to cluster 'other'")
         assert cluster_state_digest(lab) == before
     finally:
@@ -156,7 +145,7 @@ def test_unreachable_host_is_refused(lab, cluster):
     before = cluster_state_digest(lab, DB)
     lab.isolate("pg4")
     try:
-        _refused(add_standby(cluster="lab", host="pg4", return_state=True), "pg4: unreachable")
+        refused(add_standby(cluster="lab", host="pg4", return_state=True), "pg4: unreachable")
     finally:
         lab.heal("pg4")
     assert cluster_state_digest(lab, DB) == before
@@ -173,7 +162,7 @@ def test_wrong_superuser_password_is_refused(lab, cluster):
     wrong.save("lab", overwrite=True)
     try:
         before = cluster_state_digest(lab, DB)
-        _refused(build_cluster(cluster="lab", return_state=True), "superuser password in block 'lab' is wrong")
+        refused(build_cluster(cluster="lab", return_state=True), "superuser password in block 'lab' is wrong")
         assert cluster_state_digest(lab, DB) == before
     finally:
         good.save("lab", overwrite=True)
@@ -198,7 +187,7 @@ def test_invalid_stolon_spec_field_is_refused(lab, registered):
     SshCredentials.load("lab").save("lab-stolon", overwrite=True)
     DatabaseCredentials.load("lab").save("lab-stolon", overwrite=True)
     before = cluster_state_digest(lab, DB)
-    _refused(build_cluster(cluster="lab-stolon", return_state=True), "failIntervall")
+    refused(build_cluster(cluster="lab-stolon", return_state=True), "failIntervall")
     assert cluster_state_digest(lab, DB) == before
 
 

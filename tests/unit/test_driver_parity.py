@@ -252,7 +252,11 @@ HA_STEPS = [
          lambda s: s.ha.settings_commands(s.inv, HaSettings(postgres_parameters={"work_mem": "8MB"}))),
     Step("show_config_command", "show_config_command", lambda s: s.ha.show_config_command(s.inv)),
     Step("membership_commands", "membership_commands", lambda s: s.ha.membership_commands(s.inv, s.archive)),
-    Step("rejoin_commands", "rejoin_commands", lambda s: s.ha.rejoin_commands(s.inv, s.view("healthy"), OTHER_STANDBY)),
+    Step("reinit_commands", "reinit_commands", lambda s: s.ha.reinit_commands(s.inv, s.view("healthy"), OTHER_STANDBY)),
+    Step("slot_retention_commands", "slot_retention_commands",
+         lambda s: [c for pair in s.ha.slot_retention_commands(s.inv, {}) for c in pair]),
+    Step("member_removed_commands", "member_removed_commands",
+         lambda s: s.ha.member_removed_commands(s.inv, OTHER_STANDBY)),
     Step("tls_files", "tls_files", lambda s: s.ha.tls_files(s.inv, s.host(STANDBY), _test_ca())),
     Step("tls_reloaded_commands", "tls_reloaded_commands", lambda s: s.ha.tls_reloaded_commands(s.inv, s.host(STANDBY))),
 ]
@@ -314,6 +318,9 @@ NOT_STEPS = {
         "settings_drift": "turns parse_config into HaSettings; test_settings_drift_round_trip",
         "socket_needs_password": "a yes/no the backup driver asks (False is an answer, not a missing step); "
                                  "test_walg_driver.py's login tests cover both",
+        "member_data_paths": "paths, not commands: PGDATA (Patroni) or the keeper's data dir (stolon); the "
+                             "driver tests name both",
+        "member_slot": "a slot name or None (stolon's master keeper drops its own); the driver tests name both",
     },
     BackupDriver: {
         "parse_list": "a parser of list_command's output, on recorded output in test_walg_driver.py and "
@@ -376,8 +383,12 @@ def _stolon_tls_is_postgres_own(s: Stack) -> None:
     assert {pki.PG_SERVER_CERT, pki.PG_SERVER_KEY, pki.PG_CA} <= {f.path for f in files}
 
 
-def _stolon_keeper_rewinds(s: Stack) -> None:
-    assert s.ha.cluster_spec(s.inv, s.archive)["usePgrewind"] is True
+def _stolon_master_drops_slots(s: Stack) -> None:
+    assert s.ha.member_slot(s.inv, OTHER_STANDBY) is None
+
+
+def _patroni_slot_named_after_member(s: Stack) -> None:
+    assert s.ha.member_slot(s.inv, OTHER_STANDBY) == OTHER_STANDBY.replace("-", "_")
 
 
 def _stolon_no_master_registered(s: Stack) -> None:
@@ -400,10 +411,15 @@ ALLOWED_EMPTY: dict[tuple[str, str, str], Allowance] = {
         "(HaDriver.membership_commands: 'empty where the per-host files already say it all'); stolon keeps "
         "pgHBA in the cluster spec in etcd, hence `stolonctl update --patch`.",
         _patroni_files_admit_every_member),
-    ("ha", "stolon", "rejoin_commands"): Allowance(
-        "the keeper of a diverged former master pg_rewinds (usePgrewind) and falls back to a full resync by "
-        "itself (StolonDriver.rejoin_commands; reference/stolon.md: usePgrewind false = fully resynced).",
-        _stolon_keeper_rewinds),
+    ("ha", "patroni", "member_removed_commands"): Allowance(
+        "a stopped Patroni's member key expires with its TTL and nothing else names the member "
+        "(PatroniDriver.member_removed_commands); its replication slot is dropped by name (member_slot). "
+        "stolon keeps the keeper and its db in clusterdata until `stolonctl removekeeper`.",
+        _patroni_slot_named_after_member),
+    ("ha", "stolon", "slot_retention_commands"): Allowance(
+        "stolon's master keeper drops the slot of a db removekeeper removed (StolonDriver.member_slot is None); "
+        "Patroni 4 retains an absent member's slot for member_slots_ttl and recreates it when dropped by hand.",
+        _stolon_master_drops_slots),
     ("ha", "stolon", "failover_commands (no primary registered)"): Allowance(
         "with no master keeper registered there is nothing to fail: the sentinel elects a new master on its "
         "own (StolonDriver.failover_commands).",

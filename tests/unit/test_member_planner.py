@@ -6,7 +6,12 @@ import pytest
 
 from blocks.inventory import Inventory, parse_inventory
 from tasks.adapters.ha.base import ClusterView, Member
-from tasks.planning.members import MemberSnapshot, plan_reinit, plan_removal, plan_replacement
+from tasks.planning.members import (
+    MemberSnapshot,
+    plan_reinit,
+    plan_removal,
+    plan_replacement,
+)
 
 
 def inventory(roles: dict[str, list[str]], *, sync: bool = False) -> Inventory:
@@ -21,9 +26,9 @@ SPARE = {"pg1": ["db", "etcd"], "pg2": ["db", "etcd"], "pg3": ["db", "etcd"], "p
 
 
 def snap(leader: str | None = "pg1", members=("pg1", "pg2", "pg3", "pg4"), etcd=("pg1", "pg2", "pg3"),
-         streaming=("pg2", "pg3", "pg4")) -> MemberSnapshot:
+         streaming=("pg2", "pg3", "pg4"), down=()) -> MemberSnapshot:
     view = ClusterView(initialized=True, leader=leader, members=tuple(
-        Member(m, "", "primary" if m == leader else "replica", True) for m in members))
+        Member(m, "", "primary" if m == leader else "replica", m not in down) for m in members))
     return MemberSnapshot(view, tuple(etcd), tuple(streaming))
 
 
@@ -66,7 +71,9 @@ def test_reinit_refusals(host, state, force, refused) -> None:
 
 
 @pytest.mark.parametrize("dead, new, state, refused", [
-    ("pg3", "pg4", snap(members=("pg1", "pg2", "pg3")), None),
+    ("pg3", "pg4", snap(members=("pg1", "pg2", "pg3"), down=("pg3",)), None),
+    ("pg3", "pg4", snap(members=("pg1", "pg2")), None),
+    ("pg3", "pg4", snap(members=("pg1", "pg2", "pg3")), "still counts pg3 healthy"),
     ("pg3", "pg3", snap(), "another host"),
     ("pg1", "pg4", snap(), "fail over first"),
     ("pg3", "pg9", snap(), "new: 'pg9'"),
@@ -82,3 +89,31 @@ def test_replacement_refusals(dead, new, state, refused) -> None:
 def test_replacing_a_member_with_a_member_is_refused() -> None:
     plan = plan_replacement(inventory(FOUR), "pg3", "pg4", snap())
     assert any("already is a member" in r for r in plan.refusals)
+
+
+# ----------------------------------------------------------------------------- the inventory written back
+
+def _roles(inv: Inventory) -> dict[str, list[str]]:
+    return {h.name: sorted(r.value for r in h.roles) for h in inv.hosts}
+
+
+@pytest.mark.parametrize("roles, change, expected", [
+    (FOUR, lambda inv: inv.without_member("pg4"), {**FOUR, "pg4": []}),
+    # Implicit etcd members (every db host) are pinned before one of them leaves the db role.
+    ({"pg1": ["db"], "pg2": ["db"], "pg3": ["db"], "pg4": ["db", "etcd"], "pg5": ["etcd"], "pg6": ["etcd"]},
+     lambda inv: inv.without_member("pg1"),
+     {"pg1": [], "pg2": ["db"], "pg3": ["db"], "pg4": ["db", "etcd"], "pg5": ["etcd"], "pg6": ["etcd"]}),
+    (SPARE, lambda inv: inv.replacing("pg3", "pg4"),
+     {"pg1": ["db", "etcd"], "pg2": ["db", "etcd"], "pg3": [], "pg4": ["db", "etcd"]}),
+    ({**SPARE, "pg5": ["db"]}, lambda inv: inv.replacing("pg5", "pg4"), {**SPARE, "pg4": ["db"], "pg5": []}),
+    ({"pg1": ["db"], "pg2": ["db"], "pg3": ["db"], "pg4": []}, lambda inv: inv.replacing("pg3", "pg4"),
+     {"pg1": ["db", "etcd"], "pg2": ["db", "etcd"], "pg3": [], "pg4": ["db", "etcd"]}),
+])
+def test_membership_changes_keep_the_host_and_pin_etcd(roles, change, expected) -> None:
+    after = change(inventory(roles))
+    assert _roles(after) == {name: sorted(r) for name, r in expected.items()}
+
+
+def test_removing_an_etcd_member_the_quorum_needs_is_refused_by_the_inventory_too() -> None:
+    with pytest.raises(ValueError, match="at least 3 are needed"):
+        inventory(FOUR).without_member("pg3")

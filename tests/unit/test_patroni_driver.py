@@ -444,13 +444,33 @@ def test_switchover_without_leader_refused() -> None:
         driver.switchover_commands(INV, view, "pg2")
 
 
-def test_failover_and_rejoin_commands() -> None:
+def test_failover_and_reinit_commands() -> None:
     view = status([REAL_LIST[1], REAL_LIST[2]])
     (failover,) = driver.failover_commands(INV, view, "pg3")
     assert failover.argv[3:] == ("failover", "--candidate", "pg3", "--force", "lab")
-    (rejoin,) = driver.rejoin_commands(INV, view, "pg1")
+    (rejoin,) = driver.reinit_commands(INV, view, "pg1")
     assert rejoin.argv[3:] == ("reinit", "--force", "--wait", "lab", "pg1")
     assert rejoin.timeout == 600
+
+
+@pytest.mark.parametrize(("member", "slot"), [("pg4", "pg4"), ("db-4", "db_4"), ("Node.A", "node_a")])
+def test_removed_member_slot_follows_patronis_naming(member: str, slot: str) -> None:
+    assert driver.member_removed_commands(INV, member) == []
+    assert driver.member_slot(INV, member) == slot
+    assert driver.member_data_paths(INV) == [driver.pgdata(INV)]
+
+
+@pytest.mark.parametrize(("current", "restored"), [({}, "null"), ({"member_slots_ttl": "30min"}, "30min"),
+                                                   ({"member_slots_ttl": 600}, "600")])
+def test_slot_retention_goes_to_zero_and_back(current: dict, restored: str) -> None:
+    (off,), (back,) = driver.slot_retention_commands(INV, current)
+    assert off.argv[3:] == ("edit-config", "--force", "--quiet", "-s", "member_slots_ttl=0", "lab")
+    assert back.argv[3:] == ("edit-config", "--force", "--quiet", "-s", f"member_slots_ttl={restored}", "lab")
+
+
+def test_slot_retention_refuses_a_setting_it_cannot_put_back() -> None:
+    with pytest.raises(HaStatusError, match="member_slots_ttl"):
+        driver.slot_retention_commands(INV, {"member_slots_ttl": "1h; rm -rf /"})
 
 
 # ------------------------------------------------------------------------------ settings

@@ -864,9 +864,24 @@ def test_parse_config_rejects_non_specs(result: CommandResult) -> None:
         driver.parse_config(result)
 
 
-def test_rejoin_is_stolons_job() -> None:
+def test_reinit_is_upstreams_broken_keeper_recipe() -> None:
+    """stop, removekeeper, data gone, start: the sentinel gives the keeper a new db to resync."""
     view = view_of("status_healthy.json", "clusterdata_healthy.json")
-    assert driver.rejoin_commands(INV, view, "db-1") == []
+    (reinit,) = driver.reinit_commands(INV, view, "db-1")
+    keeper, data, *removekeeper = reinit.argv[-(len(driver.stolonctl_argv(INV, "removekeeper", "db_1")) + 2):]
+    assert keeper == driver.unit_name(INV, "keeper")
+    assert data == driver.keeper_data_dir(INV)
+    assert removekeeper == driver.stolonctl_argv(INV, "removekeeper", "db_1")
+    text = reinit.argv[reinit.argv.index("bouwsteen") - 1]
+    assert text.index("systemctl stop") < text.index('"$@"') < text.index("rm -rf") < text.index("systemctl start")
+    assert '"$data/postgres" "$data/dbstate"' in text, "the keeper's own state (its uid) must stay"
+
+
+def test_removed_member_is_removekeeper_and_its_slot_is_the_masters_job() -> None:
+    (remove,) = driver.member_removed_commands(INV, "db-2")
+    assert list(remove.argv) == driver.stolonctl_argv(INV, "removekeeper", "db_2")
+    assert driver.member_slot(INV, "db-2") is None
+    assert driver.member_data_paths(INV) == [driver.keeper_data_dir(INV)]
 
 
 # ---------------------------------------------------------------- TLS (issue 15)

@@ -192,6 +192,27 @@ class HaDriver(ABC):
         removed), so the HA manager admits exactly them. Empty where the per-host files already
         say it all (they are rewritten by the same runbook)."""
 
-    def rejoin_commands(self, inv: Inventory, view: ClusterView, host: str) -> list[Command]:
-        """Bring a diverged former primary back as a replica (pg_rewind or re-clone)."""
-        return []
+    @abstractmethod
+    def reinit_commands(self, inv: Inventory, view: ClusterView, host: str) -> list[Command]:
+        """Run on `host`, a standby (a former primary that pg_rewind could not bring back, too):
+        wipe its data directory and clone it again from the primary through the HA manager."""
+
+    @abstractmethod
+    def member_removed_commands(self, inv: Inventory, host: str) -> list[Command]:
+        """Run on the primary once `host`'s units are stopped: the HA manager forgets it."""
+
+    def member_data_paths(self, inv: Inventory) -> list[str]:
+        """What `remove_member(wipe=True)` deletes: everything that would make the host come back
+        as its old self when it is added again."""
+        return [self.pgdata(inv)]
+
+    def member_slot(self, inv: Inventory, host: str) -> str | None:
+        """The physical replication slot the primary keeps for `host` that the HA manager may
+        retain after the member left (None: the HA manager drops it with the member)."""
+        return None
+
+    def slot_retention_commands(self, inv: Inventory, current: dict) -> tuple[list[Command], list[Command]]:
+        """Run on the primary around the wait for a left member's slot to go, given the HA
+        manager's settings (`parse_config`): commands that stop retaining slots of absent members,
+        and the commands that restore the setting as it was."""
+        return [], []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 
 import yaml
@@ -433,10 +434,31 @@ class PatroniDriver(HaDriver):
             sync = wanted["synchronous_mode"]
         return HaSettings(synchronous_replication=sync, postgres_parameters=changed)
 
-    def rejoin_commands(self, inv: Inventory, view: ClusterView, host: str) -> list[Command]:
+    def reinit_commands(self, inv: Inventory, view: ClusterView, host: str) -> list[Command]:
         # --wait: without it patronictl returns at once, and a member seen streaming a moment later
-        # may be the one about to be wiped, so "rejoined" would be declared too early.
+        # may be the one about to be wiped, so "re-cloned" would be declared too early.
         return [patronictl("reinit", "--force", "--wait", inv.cluster.name, host, timeout=600)]
+
+    def member_removed_commands(self, inv: Inventory, host: str) -> list[Command]:
+        # A stopped member's key expires with its TTL; nothing else names it.
+        return []
+
+    def member_slot(self, inv: Inventory, host: str) -> str | None:
+        # Patroni's slot_name_from_member_name: lower case, anything outside [a-z0-9_] becomes '_'.
+        return re.sub(r"[^a-z0-9_]", "_", host.lower())[:63]
+
+    def slot_retention_commands(self, inv: Inventory, current: dict) -> tuple[list[Command], list[Command]]:
+        """Patroni 3 drops a member's slot once its key is gone. From 4.0 the leader keeps it
+        member_slots_ttl (default 30 min) and recreates a slot dropped by hand (dcs
+        `_build_retain_slots`), holding WAL for a member removed for good. A leader cycle with the
+        setting at 0 forgets every absent member's slot; then the setting goes back."""
+        previous = current.get("member_slots_ttl")
+        if previous is not None and not re.fullmatch(r"[0-9]+[a-z]*", str(previous)):
+            raise HaStatusError(f"patronictl show-config: member_slots_ttl {previous!r} is no duration")
+        restore = "null" if previous is None else str(previous)
+        edit = ("edit-config", "--force", "--quiet", "-s")
+        return ([patronictl(*edit, "member_slots_ttl=0", inv.cluster.name)],
+                [patronictl(*edit, f"member_slots_ttl={restore}", inv.cluster.name)])
 
 
 def _norm(value) -> str | None:

@@ -1094,9 +1094,36 @@ class StolonDriver(HaDriver):
         sync = wanted_sync if bool(current.get("synchronousReplication", False)) != wanted_sync else None
         return HaSettings(synchronous_replication=sync, postgres_parameters=changed)
 
-    def rejoin_commands(self, inv: Inventory, view: ClusterView, host: str) -> list[Command]:
-        # The keeper of a diverged old master pg_rewinds (usePgrewind) or re-clones by itself.
-        return []
+    def reinit_commands(self, inv: Inventory, view: ClusterView, host: str) -> list[Command]:
+        """Upstream's recipe for a broken keeper: stop it, `removekeeper` (the sentinel forgets its
+        db), and start it on an empty data directory; the sentinel then gives the keeper a new db
+        to resync from the master. The keeper's own state file (its uid and cluster uid) stays;
+        a keeper with the same uid but another data directory is what upstream warns against."""
+        uid = self.keeper_uid(host)
+        keeper = self.unit_name(inv, "keeper")
+        removekeeper = self.stolonctl_argv(inv, "removekeeper", uid)
+        text = (
+            'keeper=$1 data=$2\n'
+            'shift 2\n'
+            'systemctl stop "$keeper"\n'
+            '"$@"\n'
+            'rm -rf -- "$data/postgres" "$data/dbstate"\n'
+            'systemctl start "$keeper"\n'
+        )
+        return [script(text, args=(keeper, self.keeper_data_dir(inv), *removekeeper), timeout=180,
+                       description=f"stolon keeper {uid} re-cloned (removekeeper, data removed)")]
+
+    def member_data_paths(self, inv: Inventory) -> list[str]:
+        # The keeper's state file names its uid and the cluster uid next to PGDATA: a keeper added
+        # again must start as a new one, as upstream asks of a changed data directory.
+        return [self.keeper_data_dir(inv)]
+
+    def member_removed_commands(self, inv: Inventory, host: str) -> list[Command]:
+        # removekeeper drops the keeper and its db from clusterdata; the master's keeper then drops
+        # the db's slot itself. It refuses the master, which pre-flight already refused.
+        uid = self.keeper_uid(host)
+        return [cmd(*self.stolonctl_argv(inv, "removekeeper", uid), timeout=FAILKEEPER_TIMEOUT,
+                    description=f"stolonctl removekeeper {uid} (cluster {inv.cluster.name})")]
 
     # -------------------------------------------------------------- status
 
