@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from blocks.inventory import Inventory, Role
 from tasks.adapters.backup.base import BackupInfo
 from tasks.errors import BouwsteenError
 from tasks.planning.plan import Action, ActionPlan
@@ -141,6 +142,101 @@ def drill_plan(chosen: BackupInfo | None, restore_host: str, target: datetime | 
     return ActionPlan((Action(restore_host, f"restore {chosen.name} (finished {chosen.finish_time.isoformat(timespec='seconds')}), "
                                             f"recover to {recover_to} in isolation, verify, "
                                             f"{'keep it running' if keep else 'then tear it down'}"),))
+
+
+# ----------------------------------------------------------------------------- restore for real (issue 17)
+
+DRILL_RECENT = timedelta(days=8)
+
+
+@dataclass(frozen=True)
+class DrillRecord:
+    """One restore_drill run as the Prefect server recorded it."""
+
+    backup: str | None  # None: the run failed before it chose a backup
+    finished: datetime
+    passed: bool
+
+
+def drill_verdict(records: Sequence[DrillRecord], backup_name: str, now: datetime,
+                  recent: timedelta = DRILL_RECENT) -> tuple[str | None, str | None]:
+    """(refusal, warning) for restoring `backup_name` over a live cluster: refused when the last
+    drill of that backup failed, since it is known not to restore; a warning, not a refusal, when
+    no drill of it passed lately (the day it is needed is no day to wait a week for one)."""
+    own = sorted((r for r in records if r.backup == backup_name), key=lambda r: r.finished)
+    if own and not own[-1].passed:
+        return (f"backup: the last restore drill of {backup_name} ({own[-1].finished.isoformat(timespec='minutes')}) "
+                "failed; drill it again or name another backup", None)
+    if not any(r.passed and r.finished >= now - recent for r in own):
+        return None, (f"no restore drill of {backup_name} passed in the last {recent.days} days: it is restored "
+                      "without that evidence")
+    return None, None
+
+
+def confirmation_refusal(cluster: str, target: str, confirm_cluster: str, confirm_target: str) -> str | None:
+    """The guard against an accident: the cluster's name and the target, typed back exactly."""
+    wrong = [field for field, given, wanted in (("confirm_cluster", confirm_cluster, cluster),
+                                                ("confirm_target", confirm_target, target)) if given != wanted]
+    if not wrong:
+        return None
+    return (f"{' and '.join(wrong)}: restore_cluster replaces every member's data; type the cluster name "
+            f"{cluster!r} and the target {target!r} back to go ahead")
+
+
+def plan_cluster_restore(cluster: str, members: Sequence[str], primary: str, chosen: BackupInfo,
+                         target: datetime | None, now: datetime, *, keep_aside: bool,
+                         refusals: Sequence[str] = ()) -> ActionPlan:
+    """restore_cluster's plan: what happens on which member, and, first among the notes, what is
+    lost. `keep_aside`: the primary's disk has room to keep its data directory until verified."""
+    if refusals:
+        return ActionPlan(refusals=tuple(refusals))
+    if primary not in members:
+        raise ValueError(f"plan_cluster_restore: primary {primary!r} is not among the members {list(members)}")
+    standbys = [m for m in members if m != primary]
+    recover_to = target.isoformat() if target else "the end of the archive"
+    lost = (f"Lost: every change committed on {', '.join(members)} after {target.isoformat()} "
+            f"({_hours(now - target)} of writes up to now)." if target else
+            "Lost: changes committed after the last archived WAL segment (none when archiving keeps up).")
+    actions = [Action(m, "stop the HA manager and PostgreSQL") for m in members]
+    actions.append(Action(primary, f"keep {'the data directory aside (renamed) until verified' if keep_aside else 'nothing: no room to keep the data directory aside'}; "
+                                   f"restore {chosen.name} (finished {chosen.finish_time.isoformat(timespec='seconds')}) "
+                                   f"and recover to {recover_to}; the HA manager's state started afresh from it"))
+    actions += [Action(m, f"cloned again from {primary}") for m in standbys]
+    actions.append(Action("cluster", "routing follows the primary; a fresh full backup of the new timeline"))
+    notes = [lost]
+    if not keep_aside:
+        notes.append(f"{primary}'s current data directory is overwritten, not kept aside: its disk has no room for both.")
+    return ActionPlan(tuple(actions), notes=tuple(notes))
+
+
+def clone_refusals(source: Inventory, target: Inventory) -> list[str]:
+    """clone_cluster restores `source`'s backup onto `target`'s hosts: a cluster of its own that
+    can read the source's backups and shares nothing the source writes to. Both clusters' names
+    set their etcd and bucket prefixes, so a distinct name keeps those apart."""
+    refusals = []
+    src, dst = source.cluster, target.cluster
+    if dst.name == src.name:
+        refusals.append(f"target_cluster: {dst.name!r} is the source cluster itself; restore_cluster restores in place")
+    used = {h.name: h for h in source.hosts if h.roles}
+    addresses = {str(h.address): h.name for h in source.hosts if h.roles}
+    for host in target.hosts:
+        if not host.roles:
+            continue
+        if host.name in used or str(host.address) in addresses:
+            owner = host.name if host.name in used else addresses[str(host.address)]
+            if not (host.has(Role.backup) and used.get(owner) is not None and used[owner].has(Role.backup)):
+                refusals.append(f"target_cluster: host {host.name} ({host.address}) is also {owner} of cluster "
+                                f"{src.name}: a clone gets hosts of its own")
+    if dst.postgres.version != src.postgres.version:
+        refusals.append(f"target_cluster: PostgreSQL {dst.postgres.version} cannot restore a backup of "
+                        f"PostgreSQL {src.postgres.version}")
+    if dst.backup_tool != src.backup_tool:
+        refusals.append(f"target_cluster: {dst.backup_tool.value} cannot read {src.name}'s {src.backup_tool.value} backups")
+    if src.object_store is None:
+        refusals.append(f"source: cluster {src.name} has no object store, so no backup to clone from")
+    elif dst.object_store is None:
+        refusals.append(f"target_cluster: {dst.name} has no object store to archive its own timeline to")
+    return refusals
 
 
 def _hours(delta: timedelta) -> str:

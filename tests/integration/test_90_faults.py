@@ -151,7 +151,7 @@ def test_partitioned_primary_is_replaced_and_never_two_primaries_reach_haproxy(l
     # Back on the network the old primary rewinds and streams; a member that cannot (diverged
     # too far, WAL gone) gets the runbook's answer: re-clone it.
     from tasks.ha import replication_rows
-    from tasks.roles import ensure_rejoined
+    from tasks.members import ensure_standby_reinitialized
 
     deadline = time.monotonic() + 120
     while True:
@@ -163,7 +163,7 @@ def test_partitioned_primary_is_replaced_and_never_two_primaries_reach_haproxy(l
             print(f"not streaming 120 s after the partition healed: {rows}")
             print_patroni_journals(lab, skip="")
             for host in stuck:
-                ensure_rejoined.fn("lab", host)
+                ensure_standby_reinitialized.fn("lab", host)
             break
         time.sleep(2)
     wait_healthy(600)

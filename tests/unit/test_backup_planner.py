@@ -10,14 +10,19 @@ from tasks.adapters.backup.base import BackupInfo
 from tasks.planning.backup import (
     BackupDecision,
     BackupPlanError,
+    DrillRecord,
     SourceCandidate,
     choose_source,
+    clone_refusals,
+    confirmation_refusal,
     decide_backup,
+    drill_verdict,
     expected_after_retention,
     freshness_problem,
     newest_good,
     parse_target,
     pick_restore_backup,
+    plan_cluster_restore,
 )
 
 UTC = timezone.utc
@@ -263,3 +268,90 @@ def test_pick_restore_backup_refused(backups: list[BackupInfo], target: datetime
     with pytest.raises(BackupPlanError) as info:
         pick_restore_backup(backups, target, named)
     assert str(info.value) == message
+
+
+# ----------------------------------------------------------------------------- restore_cluster (issue 17)
+
+def drill(name: str | None, days_ago: float, passed: bool = True) -> DrillRecord:
+    return DrillRecord(name, NOW - timedelta(days=days_ago), passed)
+
+
+@pytest.mark.parametrize("records, refused, warned", [
+    ([drill("b1", 1)], None, None),
+    ([drill("b1", 2), drill("b1", 1, passed=False)], "failed", None),
+    ([drill("b1", 2, passed=False), drill("b1", 1)], None, None),
+    ([drill("b1", 9)], None, "last 8 days"),
+    ([drill("b2", 1)], None, "no restore drill of b1"),
+    ([drill(None, 1, passed=False)], None, "no restore drill of b1"),
+    ([], None, "no restore drill of b1"),
+])
+def test_drill_verdict(records, refused, warned) -> None:
+    refusal, warning = drill_verdict(records, "b1", NOW)
+    assert (refusal is None) == (refused is None) and (refused is None or refused in refusal), refusal
+    assert (warning is None) == (warned is None) and (warned is None or warned in warning), warning
+
+
+@pytest.mark.parametrize("given_cluster, given_target, wrong", [
+    ("prod", "2026-03-10T11:02:00+00:00", None),
+    ("", "", "confirm_cluster and confirm_target"),
+    ("prod", "2026-03-10T11:02:00Z", "confirm_target"),
+    ("Prod", "2026-03-10T11:02:00+00:00", "confirm_cluster"),
+])
+def test_confirmation_is_typed_back_exactly(given_cluster, given_target, wrong) -> None:
+    refusal = confirmation_refusal("prod", "2026-03-10T11:02:00+00:00", given_cluster, given_target)
+    assert (refusal is None) == (wrong is None)
+    assert wrong is None or refusal.startswith(wrong + ":"), refusal
+
+
+def test_cluster_restore_plan_says_first_what_is_lost() -> None:
+    target = NOW - timedelta(minutes=58)
+    plan = plan_cluster_restore("prod", ["pg1", "pg2", "pg3"], "pg2", backup("b1", 5), target, NOW, keep_aside=True)
+    assert plan.remarks()[0].startswith("Lost: every change committed on pg1, pg2, pg3 after ")
+    assert "1.0 h" in plan.remarks()[0]
+    hosts = [a.host for a in plan.actions]
+    assert hosts == ["pg1", "pg2", "pg3", "pg2", "pg1", "pg3", "cluster"], hosts
+    assert "aside (renamed)" in plan.actions[3].plan and "b1" in plan.actions[3].plan
+
+
+def test_cluster_restore_plan_without_room_to_keep_the_data_says_so() -> None:
+    plan = plan_cluster_restore("prod", ["pg1", "pg2"], "pg1", backup("b1", 5), None, NOW, keep_aside=False)
+    assert any("overwritten, not kept aside" in n for n in plan.remarks())
+    assert "end of the archive" in plan.actions[2].plan
+
+
+def test_cluster_restore_plan_refused_has_no_actions() -> None:
+    plan = plan_cluster_restore("prod", ["pg1"], "pg1", backup("b1", 5), None, NOW, keep_aside=True,
+                                refusals=("backup: nope",))
+    assert plan.refusals == ("backup: nope",) and not plan.actions
+
+
+def _inventory(name: str, hosts: dict[str, tuple[str, list[str]]], *, version: int = 15, tool: str = "pgbackrest"):
+    from blocks.inventory import parse_inventory
+
+    return parse_inventory({
+        "cluster": {"name": name, "network": "172.29.66.0/24", "postgres": {"version": version}, "backup_tool": tool,
+                    "object_store": {"host": "backup1", "endpoint": "https://backup1.lab:9000", "bucket": "pgbackups"}},
+        "hosts": [{"name": h, "address": a, "roles": r} for h, (a, r) in hosts.items()]})
+
+
+SOURCE = {"pg1": ("172.29.66.11", ["db"]), "pg2": ("172.29.66.12", ["db"]), "pg3": ("172.29.66.13", ["db"]),
+          "backup1": ("172.29.66.20", ["backup"])}
+CLONE = {"ac1": ("172.29.66.31", ["db"]), "ac2": ("172.29.66.32", ["db"]), "ac3": ("172.29.66.33", ["db"]),
+         "backup1": ("172.29.66.20", ["backup"])}
+
+
+@pytest.mark.parametrize("target, refused", [
+    (_inventory("acc", CLONE), None),
+    (_inventory("prod", CLONE), "is the source cluster itself"),
+    (_inventory("acc", {**CLONE, "ac3": ("172.29.66.13", ["db"])}), "host ac3 (172.29.66.13) is also pg3"),
+    (_inventory("acc", {**{k: v for k, v in CLONE.items() if k != "ac3"}, "pg3": ("172.29.66.13", ["db"])}),
+     "host pg3 (172.29.66.13) is also pg3"),
+    (_inventory("acc", CLONE, version=16), "PostgreSQL 16 cannot restore a backup of PostgreSQL 15"),
+    (_inventory("acc", CLONE, tool="walg"), "walg cannot read prod's pgbackrest backups"),
+])
+def test_a_clone_shares_nothing_the_source_writes_to(target, refused) -> None:
+    refusals = clone_refusals(_inventory("prod", SOURCE), target)
+    if refused is None:
+        assert refusals == []
+    else:
+        assert any(refused in r for r in refusals), refusals

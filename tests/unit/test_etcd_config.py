@@ -144,3 +144,13 @@ def test_foreign_clusters(keys, foreign):
     from tasks.adapters.etcd_config import foreign_clusters
 
     assert foreign_clusters(keys, "/bouwsteen/patroni/lab/") == foreign
+
+
+def test_a_member_announced_by_member_add_starts_with_the_existing_state() -> None:
+    """replace_member's first start of the new member; everything else is the desired file."""
+    desired = render_env(INV, INV.host("pg3"))
+    joining = render_env(INV, INV.host("pg3"), initial_state="existing")
+    assert "ETCD_INITIAL_CLUSTER_STATE=new\n" in desired
+    assert joining == desired.replace("ETCD_INITIAL_CLUSTER_STATE=new\n", "ETCD_INITIAL_CLUSTER_STATE=existing\n")
+    with pytest.raises(ValueError, match="initial_state"):
+        render_env(INV, INV.host("pg3"), initial_state="existing\nETCD_NAME=x")
