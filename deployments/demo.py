@@ -41,6 +41,9 @@ def _figure(flow: str, result) -> str:
             return "pg4 no member (no change)"
         return (f"pg4 removed{' and wiped' if result.get('wiped') else ''}; primary {topo[0]['host']}, "
                 f"{len(topo) - 1} streaming")
+    if flow == "reinit_standby":
+        row = next((r for r in result.get("topology", []) if r["host"] == "pg4"), None)
+        return f"pg4 cloned again, {row['state']}" if row else ""
     if flow == "backup_server_rollout":
         return f"S3 round trip {result.get('round_trip_seconds', 0):.2f}s"
     if flow == "routing_rollout":
@@ -106,6 +109,8 @@ def run_demo(skip: set[str] | None = None) -> int:
         # Day 2: a standby leaves for good (its data wiped) and is added back as a fresh one.
         ("remove_member", {"host": "pg4", "wipe": True, "confirm": "pg4"}),
         ("add_standby", {"host": "pg4"}),
+        # A standby cloned again through the HA manager, as for one that cannot stream.
+        ("reinit_standby", {"host": "pg4", "force": True, "confirm": "pg4"}),
     ]
     rows: list[Row] = []
     failed = False
