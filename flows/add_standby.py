@@ -11,9 +11,10 @@ from flows.runbook import holding, publish_plan, snapshot_hosts
 from tasks.clients import ensure_client_connection_report
 from tasks.context import context_for
 from tasks.desired import ha_driver
-from tasks.errors import PreflightRefused, VerifyFailed
+from tasks.errors import PreflightRefused
 from tasks.ha import (
     is_cluster_initialized,
+    streaming_row,
     wait_until_primary_port_routes,
     wait_until_replicas_streaming,
 )
@@ -88,9 +89,7 @@ def add_standby(cluster: str = "lab", host: str = "pg4", max_lag_bytes: int = 16
                     host, max_lag_bytes)
         rows = wait_until_replicas_streaming(cluster, max_lag_bytes=max_lag_bytes, timeout=timeout_seconds)
         wait_until_primary_port_routes(cluster)
-    new_row = next((r for r in rows if r["host"] == host), None)
-    if new_row is None or not str(new_row["state"]).startswith("streaming"):
-        raise VerifyFailed(f"{host} is not streaming: {new_row}")
+    new_row = streaming_row(rows, host)
     create_table_artifact(key=f"topology-{cluster}", table=rows, description=f"Topology after add_standby {host}")
     ensure_client_connection_report(cluster)
     changed = not plan.is_noop or not spec.has(Role.db)

@@ -18,6 +18,7 @@ from tasks.desired import ha_driver
 from tasks.errors import BouwsteenError, PreflightRefused, VerifyFailed
 from tasks.etcd import wait_until_etcd_healthy
 from tasks.ha import (
+    streaming_row,
     wait_until_primary_port_routes,
     wait_until_replicas_streaming,
 )
@@ -138,9 +139,7 @@ def reinit_standby(cluster: str = "lab", host: str = "pg4", force: bool = False,
         # ------------------------------------------------------------------ 4. verify
         logger.info("4. Verify: %s streams with lag under %d bytes.", host, max_lag_bytes)
         rows = wait_until_replicas_streaming(cluster, max_lag_bytes=max_lag_bytes, timeout=timeout_seconds)
-    row = next((r for r in rows if r["host"] == host), None)
-    if row is None or not str(row["state"]).startswith("streaming"):
-        raise VerifyFailed(f"{host} is not streaming after the re-clone: {row}")
+    row = streaming_row(rows, host)
     create_table_artifact(key=f"topology-{cluster}", table=rows, description=f"Topology after reinit_standby {host}")
     logger.info("Done: %s was cloned again and streams from %s (lag %s bytes).", host, rows[0]["host"],
                 row["lag_bytes"])
@@ -200,9 +199,7 @@ def replace_member(cluster: str = "lab", dead: str = "pg3", new: str = "pg4", ti
         rows = wait_until_replicas_streaming(cluster, timeout=timeout_seconds)
         wait_until_etcd_healthy(cluster)
         wait_until_primary_port_routes(cluster)
-    row = next((r for r in rows if r["host"] == new), None)
-    if row is None or not str(row["state"]).startswith("streaming"):
-        raise VerifyFailed(f"{new} is not streaming: {row}")
+    streaming_row(rows, new)
     create_table_artifact(key=f"topology-{cluster}", table=rows, description=f"Topology after replace_member {dead}")
     ensure_client_connection_report(cluster)
     logger.info("Done: %s took %s's place and streams from %s; etcd has %d healthy members.", new, dead,

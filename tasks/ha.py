@@ -18,7 +18,7 @@ from tasks.adapters.postgres import (
 from tasks.adapters.remote import RemoteError
 from tasks.context import ClusterContext, context_for
 from tasks.desired import archive_parameters, ha_driver
-from tasks.errors import NoPrimary, NotYet
+from tasks.errors import NoPrimary, NotYet, VerifyFailed
 from tasks.hosts import cluster_secrets
 from tasks.runtime import say, step, wait_for
 
@@ -186,6 +186,15 @@ def replication_rows(ctx: ClusterContext, view: ClusterView | None = None) -> tu
             "lag_bytes": link.lag_bytes if link else None,
         })
     return primary.name, rows
+
+
+def streaming_row(rows: list[dict], host: str) -> dict:
+    """`host`'s row of the topology `wait_until_replicas_streaming` returned; VerifyFailed when it
+    is missing or not streaming (a runbook's last word on the member it worked on)."""
+    row = next((r for r in rows if r["host"] == host), None)
+    if row is None or not str(row["state"]).startswith("streaming"):
+        raise VerifyFailed(f"{host} is not streaming: {row}")
+    return row
 
 
 @step(retries=0)

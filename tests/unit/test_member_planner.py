@@ -117,3 +117,19 @@ def test_membership_changes_keep_the_host_and_pin_etcd(roles, change, expected) 
 def test_removing_an_etcd_member_the_quorum_needs_is_refused_by_the_inventory_too() -> None:
     with pytest.raises(ValueError, match="at least 3 are needed"):
         inventory(FOUR).without_member("pg3")
+
+
+@pytest.mark.parametrize("rows, host, ok", [
+    ([{"host": "pg1", "state": "accepting writes"}, {"host": "pg4", "state": "streaming (async)"}], "pg4", True),
+    ([{"host": "pg1", "state": "accepting writes"}, {"host": "pg4", "state": "not streaming"}], "pg4", False),
+    ([{"host": "pg1", "state": "accepting writes"}], "pg4", False),
+])
+def test_a_runbooks_last_word_is_its_members_streaming_row(rows, host, ok) -> None:
+    from tasks.errors import VerifyFailed
+    from tasks.ha import streaming_row
+
+    if ok:
+        assert streaming_row(rows, host)["host"] == host
+    else:
+        with pytest.raises(VerifyFailed, match=f"{host} is not streaming"):
+            streaming_row(rows, host)
