@@ -185,6 +185,7 @@ class EtcdMutex:
         self.loss: LockLost | None = None
         self._lease: Lease | None = None
         self._key: str | None = None
+        self._held = False  # first in line: only then is a key ahead of ours a loss
         self._expires = 0.0  # monotonic: the lease's end as last confirmed by etcd
         self._keepalive: threading.Thread | None = None
         self._stop = threading.Event()
@@ -213,6 +214,7 @@ class EtcdMutex:
     def acquire(self, timeout: float) -> None:
         self.lost.clear()
         self.loss = None
+        self._held = False
         granted = time.monotonic()
         lease = self.etcd._call("lease grant", lambda c: c.lease(self.ttl))
         self._lease = lease
@@ -228,6 +230,7 @@ class EtcdMutex:
                 current = self.holders()
                 if current and current[0][0] == self._key:
                     self.require()  # a lease that ran out while we waited owns nothing
+                    self._held = True
                     return
                 if all(key != self._key for key, _ in current):
                     self._lose(f"its key disappeared while waiting for the lock (lease {lease.id:x} expired "
@@ -288,7 +291,9 @@ class EtcdMutex:
         if mine is None:
             return f"its key {self._key} is gone from etcd" + (
                 f" (now held by {_named(current[0])})" if current else "")
-        if current[0][0] != self._key:
+        if current[0][0] != self._key and self._held:
+            # While waiting in line the keep-alive runs too (a wait may outlast the lease); a
+            # holder ahead of us is then the reason we wait, not a loss.
             return f"{_named(current[0])} is ahead of its key {self._key}"
         if mine[1] != self.holder.encode():
             return f"its key {self._key} was overwritten: it says {mine[1].decode(errors='replace')!r}"
@@ -335,6 +340,7 @@ class EtcdMutex:
                 pass  # the lease expires by itself after ttl
         self._lease = None
         self._key = None
+        self._held = False
 
     def __enter__(self) -> "EtcdMutex":
         return self

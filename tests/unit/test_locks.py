@@ -304,6 +304,23 @@ def test_a_waiter_takes_the_lock_when_the_holder_lets_go(server: FakeServer, fak
         mutex.release()
 
 
+def test_a_keepalive_round_while_waiting_in_line_is_no_loss(server: FakeServer, fake_time: FakeTime) -> None:
+    # A run killed mid-job leaves its key until its lease ends (≤ 60 s); the rerun waits behind it
+    # longer than one keep-alive interval (ttl/3), and that renewal must not call the wait a loss.
+    earlier = server.holder(PREFIX + "ffff", "tab_job killed on w1 pid 7")
+    mutex = FakeEtcd(server).mutex(PREFIX, holder="tab_job rerun")
+    fake_time.on_sleep[1] = mutex.renew
+    fake_time.on_sleep[3] = earlier.revoke
+    mutex.acquire(timeout=60)
+    try:
+        assert ours(server, mutex)
+        mutex.require()
+        mutex.renew()  # once held, the ordinary round finds it ours
+        assert not mutex.lost.is_set()
+    finally:
+        mutex.release()
+
+
 @pytest.mark.parametrize(
     ("holder_value", "named"),
     [
