@@ -1,4 +1,4 @@
-"""Register bouwsteen's deployments, work pool, failure notification and automation. Idempotent.
+"""Register bouwsteen's deployments, work pool, failure notification and automations. Idempotent.
 
 Naming: one deployment per flow and cluster, named after the cluster, so the full name is
 `<flow>/<cluster>` (`check_hosts/lab`, `switchover/prod`). Its `cluster` parameter defaults to
@@ -24,6 +24,15 @@ TIMEZONE = "Europe/Amsterdam"
 DEPLOYMENT_TAG = "bouwsteen"
 NOTIFY_BLOCK = "bouwsteen-failed-runs"
 AUTOMATION_NAME = "bouwsteen: failed or crashed run"
+# Runs the scheduler created carry this tag and no others do: an automation that reacts only to them
+# can start a run without that run ever triggering it again (server/models/deployments.py).
+AUTO_SCHEDULED_TAG = "auto-scheduled"
+# After either, the cluster is on a new timeline or restored data: a new full backup at once, and a
+# drill that proves it restores, instead of waiting for the nightly and the Sunday drill.
+RECOVERY_FLOWS = ("failover", "restore_cluster")
+# How Prefect's flow engine words the Failed state of a flow that raised (flow_engine.py,
+# states.py format_exception); the flow raises BackupTooOld only when nothing else failed first.
+FAILED_BY = "Flow run encountered an exception: {error}: "
 # Nothing listens here by default; a site points it at its chat or ticket webhook.
 DEFAULT_NOTIFY_URL = "http://127.0.0.1:9099/bouwsteen/failed-run"
 
@@ -64,6 +73,7 @@ class DeployResult:
     automation_id: UUID
     notify_url: str
     ticket_proxy: object | None = None  # ticket_proxy.ProxyHandle once its allow-list is rendered; None: none runs
+    cluster_automations: dict[str, UUID] = field(default_factory=dict)  # name -> id
 
 
 def entrypoint(flow_name: str) -> str:
@@ -135,7 +145,6 @@ def ensure_notification_block(url: str) -> UUID:
 
 def ensure_automation(block_document_id: UUID) -> UUID:
     """One automation for every deployment tagged `bouwsteen`: updated in place when it exists."""
-    from prefect.client.orchestration import get_client
     from prefect.events.actions import SendNotification
     from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 
@@ -154,15 +163,82 @@ def ensure_automation(block_document_id: UUID) -> UUID:
         ),
         actions=[SendNotification(block_document_id=block_document_id, subject=NOTIFY_SUBJECT, body=NOTIFY_BODY)],
     )
+    return ensure_automations([automation])[AUTOMATION_NAME]
+
+
+def _runs_of(*deployment_ids: UUID) -> dict:
+    # The related resource the server attaches to every state event of a run of a deployment
+    # (server/models/events.py, _flow_run_related_resources_from_orm); a list matches any of them.
+    return {"prefect.resource.role": "deployment",
+            "prefect.resource.id": [f"prefect.deployment.{d}" for d in deployment_ids]}
+
+
+def _each_run_entering(state: str, related, *, message: str | None = None):
+    """Fires once per flow run whose state event is `prefect.flow-run.<state>` with `related`."""
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    match = {"prefect.resource.id": "prefect.flow-run.*"}
+    if message is not None:
+        match["prefect.state-message"] = message
+    return EventTrigger(expect={f"prefect.flow-run.{state}"}, match=match, match_related=related,
+                        for_each={"prefect.resource.id"}, posture=Posture.Reactive, threshold=1, within=0)
+
+
+def cluster_automations(cluster: str, deployments: dict[str, UUID]) -> list:
+    """The automations that start `scheduled_basebackup/<cluster>` by themselves, for those of
+    their deployments in `deployments` ("<flow>/<cluster>" -> id); none without the backup's."""
+    from prefect.events.actions import RunDeployment
+    from prefect.events.schemas.automations import AutomationCore
+
+    from tasks.errors import BackupTooOld
+
+    backup = deployments.get(f"scheduled_basebackup/{cluster}")
+    if backup is None:
+        return []
+    automations = []
+    recovery = [deployments[f"{name}/{cluster}"] for name in RECOVERY_FLOWS if f"{name}/{cluster}" in deployments]
+    if recovery:
+        automations.append(AutomationCore(
+            name=f"bouwsteen: {cluster}: backup and drill after failover or restore",
+            description=f"A forced base backup of {cluster}, then a restore drill, when a failover or "
+                        f"restore_cluster run of {cluster} completes.",
+            enabled=True,
+            trigger=_each_run_entering("Completed", _runs_of(*recovery)),
+            actions=[RunDeployment(deployment_id=backup,
+                                   parameters={"cluster": cluster, "force": True, "then_drill": True})],
+        ))
+    automations.append(AutomationCore(
+        name=f"bouwsteen: {cluster}: forced backup after a freshness alarm",
+        description=f"One forced base backup of {cluster} when its nightly backup run fails the freshness "
+                    f"check; the failure is paged as well.",
+        enabled=True,
+        # Parameters are not in the event: the nightly tag stands for "not forced", and the forced
+        # run this starts lacks it, so its own failure cannot start another.
+        trigger=_each_run_entering("Failed", [_runs_of(backup), {"prefect.resource.role": "tag",
+                                                               "prefect.resource.id": f"prefect.tag.{AUTO_SCHEDULED_TAG}"}],
+                                   message=FAILED_BY.format(error=BackupTooOld.__name__) + "*"),
+        actions=[RunDeployment(deployment_id=backup, parameters={"cluster": cluster, "force": True})],
+    ))
+    return automations
+
+
+def ensure_automations(automations: list) -> dict[str, UUID]:
+    """Each automation by its name: created, or updated in place (name -> id)."""
+    from prefect.client.orchestration import get_client
+
+    ids = {}
     with get_client(sync_client=True) as client:
-        existing = client.read_automations_by_name(AUTOMATION_NAME)
-        if not existing:
-            return client.create_automation(automation)
-        keep, *duplicates = existing
-        client.update_automation(keep.id, automation)
-        for extra in duplicates:  # from a race between two deploys; one notification per failure
-            client.delete_automation(extra.id)
-        return keep.id
+        for automation in automations:
+            existing = client.read_automations_by_name(automation.name)
+            if not existing:
+                ids[automation.name] = client.create_automation(automation)
+                continue
+            keep, *duplicates = existing
+            client.update_automation(keep.id, automation)
+            for extra in duplicates:  # from a race between two deploys; one action per event
+                client.delete_automation(extra.id)
+            ids[automation.name] = keep.id
+    return ids
 
 
 def deploy_flow(flow_name: str, cluster: str, *, schedules_active: bool = True) -> UUID:
@@ -182,7 +258,7 @@ def deploy_flow(flow_name: str, cluster: str, *, schedules_active: bool = True) 
 
 def deploy_all(cluster: str = "lab", *, notify_url: str | None = None, schedules_active: bool = True,
                flows: list[str] | None = None) -> DeployResult:
-    """Work pool, one deployment per flow for `cluster`, notification block, automation."""
+    """Work pool, one deployment per flow for `cluster`, notification block, automations."""
     from flows.registry import FLOWS
 
     url = notify_url or os.environ.get("BOUWSTEEN_NOTIFY_URL") or DEFAULT_NOTIFY_URL
@@ -190,8 +266,9 @@ def deploy_all(cluster: str = "lab", *, notify_url: str | None = None, schedules
     ids = {f"{name}/{cluster}": deploy_flow(name, cluster, schedules_active=schedules_active)
            for name in (flows or FLOWS)}
     automation_id = ensure_automation(ensure_notification_block(url))
+    automations = ensure_automations(cluster_automations(cluster, ids))
     return DeployResult(deployments=ids, work_pool=WORK_POOL, automation_id=automation_id, notify_url=url,
-                        ticket_proxy=refresh_ticket_proxy())
+                        ticket_proxy=refresh_ticket_proxy(), cluster_automations=automations)
 
 
 def refresh_ticket_proxy():

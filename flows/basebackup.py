@@ -24,7 +24,7 @@ from tasks.planning.backup import decide_backup, freshness_problem, newest_good
 @flow(name="scheduled_basebackup", persist_result=True)
 def scheduled_basebackup(cluster: str = "lab", force: bool = False, skip_window_hours: float = 23,
                          freshness_limit_hours: float = 26, keep_full: int | None = None,
-                         dry_run: bool = False) -> dict:
+                         then_drill: bool = False, dry_run: bool = False) -> dict:
     """1. Pre-flight (source, existing backups)  2. Plan (skip or run; dry_run stops here)
     3. Act (backup, retention)  4. Verify (listed, WAL archived)  — and always: fail loudly when the
     newest good backup is stale."""
@@ -90,5 +90,25 @@ def scheduled_basebackup(cluster: str = "lab", force: bool = False, skip_window_
     newest = newest_good(final)
     report["newest_good"] = newest.name if newest else None
     report["kept"] = [b.name for b in final]
+    if then_drill and report["ran"]:
+        report["drill"] = _drill_started(cluster, logger)
     logger.info("Done: newest good backup %s; %d in the repository.", report["newest_good"], len(final))
     return report
+
+
+
+def _drill_started(cluster: str, logger) -> str:
+    """A new timeline's first base backup (after a failover or restore_cluster, started by their
+    automation) is drilled at once rather than at the next weekly drill. Started, not awaited: the
+    drill takes the cluster lock this run has just released, and reports on its own."""
+    from prefect.deployments import run_deployment
+
+    try:
+        run = run_deployment(name=f"restore_drill/{cluster}", parameters={"cluster": cluster}, timeout=0,
+                             as_subflow=False)
+    except Exception as exc:  # no deployment (a run outside `bouwsteen deploy`): the backup still stands
+        logger.warning("then_drill: restore_drill/%s could not be started (%s); run it by hand.", cluster,
+                       str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return f"not started: {type(exc).__name__}"
+    logger.info("then_drill: restore_drill/%s started as flow run %s.", cluster, run.name)
+    return f"started: {run.id}"

@@ -15,6 +15,7 @@ FLOWS = {
     "backup_server_rollout": "flows.backup_server:backup_server_rollout",
     "scheduled_basebackup": "flows.basebackup:scheduled_basebackup",
     "restore_drill": "flows.restore_drill:restore_drill",
+    "restore_cluster": "flows.restore_cluster:restore_cluster",
     "routing_rollout": "flows.routing:routing_rollout",
     "switchover": "flows.switchover:switchover",
     "failover": "flows.switchover:failover",

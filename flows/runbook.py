@@ -60,6 +60,7 @@ POLICIES: dict[str, Policy] = {
     "routing_rollout": Policy("cluster", wait_seconds=120),
     "scheduled_basebackup": Policy("cluster", wait_seconds=900),
     "restore_drill": Policy("cluster", wait_seconds=900),
+    "restore_cluster": Policy("cluster", wait_seconds=900),
     "switchover": Policy("cluster"),
     "failover": Policy("cluster"),
     "tab_job": Policy("pgquartz"),
@@ -128,3 +129,31 @@ def publish_plan(runbook: str, cluster: str, plan: Plan, *, dry_run: bool) -> No
             logger.info("2. Plan: %s: %s", row["host"], row["plan"])
     if dry_run:
         logger.info("dry_run: stopping after the plan; nothing was changed.")
+
+
+def tag_run(tag: str) -> None:
+    """Add `tag` to the running flow run: what later runs filter the server's records by (a
+    restore_drill's `backup:<name>`, which restore_cluster reads as that backup's evidence)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return
+    with get_client(sync_client=True) as client:
+        tags = client.read_flow_run(run_id).tags
+        if tag not in tags:
+            client.update_flow_run(run_id, tags=[*tags, tag])
+
+
+# The name of a dry run's final state. Its type is COMPLETED (the run did all it was asked), but
+# its state event is `prefect.flow-run.DryRun`, so automations that follow a completed role change
+# or restore (deployments/deploy.py) never take a plan for the act.
+DRY_RUN_STATE = "DryRun"
+
+
+def dry_run_done(result: dict):
+    """What a changing runbook returns after its plan when `dry_run` was asked."""
+    from prefect.states import Completed
+
+    return Completed(name=DRY_RUN_STATE, message="dry run: nothing changed", data=result)

@@ -11,7 +11,7 @@ from prefect.input import RunInput
 from pydantic import Field
 
 from blocks.inventory import HOSTNAME
-from flows.runbook import holding, publish_plan
+from flows.runbook import dry_run_done, holding, publish_plan
 from tasks.context import context_for
 from tasks.desired import ha_driver
 from tasks.errors import DeadlineExceeded, PreflightRefused, VerifyFailed
@@ -133,7 +133,7 @@ def failover(cluster: str = "lab", force: bool = False, max_data_loss_bytes: int
         publish_plan("failover", cluster, failover_action_plan(check.primary, candidate, check.refusals,
                                                                check.reason, check.needs_human), dry_run=dry_run)
         if dry_run:
-            return {"old_primary": check.primary, "new_primary": candidate, "dry_run": True}
+            return dry_run_done({"old_primary": check.primary, "new_primary": candidate, "dry_run": True})
         timeline(f"pre-flight: {check.reason}")
         if check.needs_human:
             logger.warning("2. Plan: %s. Pausing for a decision in the Prefect UI.", check.reason)

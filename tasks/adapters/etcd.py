@@ -103,6 +103,15 @@ class Etcd:
     def put(self, key: str, value: str) -> None:
         self._call("put", lambda c: c.put(key, value))
 
+    def delete_prefix(self, prefix: str) -> int:
+        """Every key under `prefix` deleted; how many there were."""
+        if not prefix.endswith("/") or prefix.count("/") < 3:
+            # A short prefix would take other clusters' state (or pgquartz's locks) with it.
+            raise ValueError(f"etcd delete_prefix: {prefix!r} is not a cluster's own prefix")
+        present = len(self.get_prefix(prefix))
+        self._call("delete", lambda c: c.delete_prefix(prefix))
+        return present
+
     def members(self) -> list[EtcdMember]:
         raw = self._call("member list", lambda c: c.members())
         return [

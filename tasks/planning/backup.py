@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from blocks.inventory import Inventory, Role
 from tasks.adapters.backup.base import BackupInfo
-from tasks.errors import BouwsteenError
+from tasks.errors import BouwsteenError, DrillFailed
 from tasks.planning.plan import Action, ActionPlan
+
+if TYPE_CHECKING:
+    from tasks.restore import Marker
 
 
 class BackupPlanError(BouwsteenError, ValueError):
@@ -144,6 +148,33 @@ def drill_plan(chosen: BackupInfo | None, restore_host: str, target: datetime | 
                                             f"{'keep it running' if keep else 'then tear it down'}"),))
 
 
+def compare_markers(source: list[list[str]], restored: list[list[str]], target: datetime | None,
+                     marker: "Marker | None") -> str:
+    """The restored copy (a drill's, or the live cluster after restore_cluster) must hold exactly
+    the source's markers up to what it replayed: DrillFailed naming the rows when it does not."""
+    restored_ids = {r[0] for r in restored}
+    if target is None:
+        if marker and str(marker.id) not in restored_ids:
+            raise DrillFailed(f"marker {marker.id} written before the drill is missing: recovery stopped early")
+        missing = [r[0] for r in source if r[0] not in restored_ids and (not marker or int(r[0]) <= int(marker.id))]
+    else:
+        cutoff = target.isoformat()
+        after = [r for r in restored if datetime.fromisoformat(r[1]) > target]
+        if after:
+            raise DrillFailed(f"markers written after the target {cutoff} are present: {[r[0] for r in after]}")
+        missing = [r[0] for r in source if datetime.fromisoformat(r[1]) <= target and r[0] not in restored_ids]
+    if missing:
+        raise DrillFailed(f"markers {missing} exist on the source before the target but not in the restored copy")
+    # A row the source does not have, or has with another time, came from writes the source no
+    # longer holds: the backup belongs to another history (a timeline abandoned by a failover).
+    written = {r[0]: datetime.fromisoformat(r[1]) for r in source}
+    foreign = [r[0] for r in restored if r[0] not in written or datetime.fromisoformat(r[1]) != written[r[0]]]
+    if foreign:
+        raise DrillFailed(f"markers {foreign} in the restored copy are not the source's (absent there, or written "
+                          "at another time): the backup holds a history the source does not")
+    return f"{len(restored)} marker row(s) match the source up to the target"
+
+
 # ----------------------------------------------------------------------------- restore for real (issue 17)
 
 DRILL_RECENT = timedelta(days=8)
@@ -195,7 +226,7 @@ def plan_cluster_restore(cluster: str, members: Sequence[str], primary: str, cho
     standbys = [m for m in members if m != primary]
     recover_to = target.isoformat() if target else "the end of the archive"
     lost = (f"Lost: every change committed on {', '.join(members)} after {target.isoformat()} "
-            f"({_hours(now - target)} of writes up to now)." if target else
+            f"({_span(now - target)} of writes up to now)." if target else
             "Lost: changes committed after the last archived WAL segment (none when archiving keeps up).")
     actions = [Action(m, "stop the HA manager and PostgreSQL") for m in members]
     actions.append(Action(primary, f"keep {'the data directory aside (renamed) until verified' if keep_aside else 'nothing: no room to keep the data directory aside'}; "
@@ -241,3 +272,21 @@ def clone_refusals(source: Inventory, target: Inventory) -> list[str]:
 
 def _hours(delta: timedelta) -> str:
     return f"{delta.total_seconds() / 3600:.1f} h"
+
+
+# Room the restored copy needs beside the kept-aside one, over the backup's own size: WAL fetched
+# for replay, and the new timeline's first segments before they are archived.
+RESTORE_HEADROOM = (0.10, 256 * 2**20)
+
+
+def room_to_keep_aside(free_bytes: int, restored_bytes: int) -> bool:
+    """Renaming the primary's data directory costs nothing; restoring beside it needs the whole
+    restored copy on the same filesystem, with headroom."""
+    share, floor = RESTORE_HEADROOM
+    return free_bytes >= restored_bytes + max(int(restored_bytes * share), floor)
+
+
+def _span(delta: timedelta) -> str:
+    """A restore's loss in the unit a DBA weighs it in: minutes for the usual ticket, hours beyond."""
+    minutes = delta.total_seconds() / 60
+    return f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"

@@ -23,6 +23,7 @@ from tasks.planning.backup import (
     parse_target,
     pick_restore_backup,
     plan_cluster_restore,
+    room_to_keep_aside,
 )
 
 UTC = timezone.utc
@@ -303,11 +304,18 @@ def test_confirmation_is_typed_back_exactly(given_cluster, given_target, wrong) 
     assert wrong is None or refusal.startswith(wrong + ":"), refusal
 
 
+@pytest.mark.parametrize(("ago", "said"), [(timedelta(seconds=20), "0 min"), (timedelta(minutes=119), "119 min"),
+                                           (timedelta(hours=2), "2.0 h"), (timedelta(hours=30), "30.0 h")])
+def test_the_loss_is_said_in_minutes_then_hours(ago: timedelta, said: str) -> None:
+    plan = plan_cluster_restore("prod", ["pg1"], "pg1", backup("b1", 40), NOW - ago, NOW, keep_aside=True)
+    assert f"({said} of writes up to now)" in plan.remarks()[0]
+
+
 def test_cluster_restore_plan_says_first_what_is_lost() -> None:
     target = NOW - timedelta(minutes=58)
     plan = plan_cluster_restore("prod", ["pg1", "pg2", "pg3"], "pg2", backup("b1", 5), target, NOW, keep_aside=True)
     assert plan.remarks()[0].startswith("Lost: every change committed on pg1, pg2, pg3 after ")
-    assert "1.0 h" in plan.remarks()[0]
+    assert "(58 min of writes up to now)" in plan.remarks()[0]
     hosts = [a.host for a in plan.actions]
     assert hosts == ["pg1", "pg2", "pg3", "pg2", "pg1", "pg3", "cluster"], hosts
     assert "aside (renamed)" in plan.actions[3].plan and "b1" in plan.actions[3].plan
@@ -355,3 +363,16 @@ def test_a_clone_shares_nothing_the_source_writes_to(target, refused) -> None:
         assert refusals == []
     else:
         assert any(refused in r for r in refusals), refusals
+
+
+@pytest.mark.parametrize(("free", "restored", "keeps"), [
+    (10 * 2**30, 2**30, True),  # plenty
+    (2**30 + 256 * 2**20, 2**30, True),  # the floor, exactly
+    (2**30 + 256 * 2**20 - 1, 2**30, False),
+    (110 * 2**30, 100 * 2**30, True),  # 10 % over the floor at this size
+    (110 * 2**30 - 1, 100 * 2**30, False),
+    (0, 0, False),  # an empty filesystem still needs the floor for WAL
+])
+def test_the_primary_is_kept_aside_only_where_the_restored_copy_fits_beside_it(free: int, restored: int,
+                                                                                  keeps: bool) -> None:
+    assert room_to_keep_aside(free, restored) is keeps

@@ -1,4 +1,4 @@
-"""flows/restore_drill.py _compare_markers: the restored copy's marker rows against the source's.
+"""tasks/planning/backup.py compare_markers: the restored copy's marker rows against the source's.
 
 Rows are [id, written_at] as psql prints `id::text, written_at::text` (timestamptz, PostgreSQL's
 text form: a space, trailing zeros of the fraction dropped, "+00" style offsets). "latest" drills
@@ -11,9 +11,9 @@ from datetime import datetime
 
 import pytest
 
-from flows.restore_drill import _compare_markers
-from tasks.restore import Marker
 from tasks.errors import DrillFailed
+from tasks.planning.backup import compare_markers
+from tasks.restore import Marker
 
 
 def row(marker_id: int, written_at: str) -> list[str]:
@@ -113,8 +113,8 @@ def check(source: list[list[str]], restored: list[list[str]], target: datetime |
           outcome: str | DrillFailed) -> None:
     if isinstance(outcome, DrillFailed):
         with pytest.raises(DrillFailed) as raised:
-            _compare_markers(source, restored, target, marker)
+            compare_markers(source, restored, target, marker)
         assert str(outcome) in str(raised.value)
     else:
-        assert _compare_markers(source, restored, target, marker) == (
+        assert compare_markers(source, restored, target, marker) == (
             f"{outcome} match the source up to the target")

@@ -259,6 +259,7 @@ HA_STEPS = [
          lambda s: s.ha.member_removed_commands(s.inv, OTHER_STANDBY)),
     Step("tls_files", "tls_files", lambda s: s.ha.tls_files(s.inv, s.host(STANDBY), _test_ca())),
     Step("tls_reloaded_commands", "tls_reloaded_commands", lambda s: s.ha.tls_reloaded_commands(s.inv, s.host(STANDBY))),
+    Step("restore_stopped_units", "restore_stopped_units", lambda s: s.ha.restore_stopped_units(s.inv, s.host(STANDBY))),
 ]
 
 BACKUP_STEPS = [
@@ -281,6 +282,11 @@ BACKUP_STEPS = [
          lambda s: s.backup.restore_commands(s.inv, _restore_dir(s), s.backup_name, RESTORE_TIME)),
     Step("verify_archive_command", "verify_archive_command",
          lambda s: s.backup.verify_archive_command(s.inv, db_secrets=DB)),
+    # restore_cluster: onto the primary, archiving its new timeline (Patroni) ...
+    Step("restore_commands (in place, archiving)", "restore_commands",
+         lambda s: s.backup.restore_commands(s.inv, s.ha.pgdata(s.inv), s.backup_name, RESTORE_TIME, archive=True)),
+    # ... or run by the HA manager itself (stolon's pitr).
+    Step("ha_restore_commands", "ha_restore_commands", lambda s: s.backup.ha_restore_commands(s.inv, s.backup_name)),
 ]
 
 
@@ -321,6 +327,9 @@ NOT_STEPS = {
         "member_data_paths": "paths, not commands: PGDATA (Patroni) or the keeper's data dir (stolon); the "
                              "driver tests name both",
         "member_slot": "a slot name or None (stolon's master keeper drops its own); the driver tests name both",
+        "pitr_init_commands": "only where restores_itself (stolon's initMode pitr; test_stolon_driver_pitr.py); "
+                              "under Patroni restore_cluster restores with restore_commands(archive=True) and "
+                              "deletes Patroni's state in etcd; test_only_the_driver_that_restores_itself_inits_pitr",
     },
     BackupDriver: {
         "parse_list": "a parser of list_command's output, on recorded output in test_walg_driver.py and "
@@ -524,6 +533,16 @@ def test_every_interface_method_is_in_a_table(interface: type, steps: list[Step]
     assert excused <= methods, f"NOT_STEPS names {excused - methods}, not methods of {interface.__name__}"
     assert not covered & excused
     assert methods - covered - excused == set(), f"{interface.__name__} methods without a parity row"
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_only_the_driver_that_restores_itself_inits_pitr(stack: Stack) -> None:
+    if stack.ha.restores_itself:
+        data, wal = stack.backup.ha_restore_commands(stack.inv, stack.backup_name)
+        assert stack.ha.pitr_init_commands(stack.inv, data, wal, RESTORE_TIME)
+    else:
+        with pytest.raises(NotImplementedError):
+            stack.ha.pitr_init_commands(stack.inv, "fetch %d", "fetch %f %p", RESTORE_TIME)
 
 
 # ----------------------------------------------------------------------------- commands: timeouts and secrets

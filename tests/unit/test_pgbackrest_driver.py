@@ -413,6 +413,13 @@ def test_restore_commands(backup: str | None, target_time: datetime | None, tail
         assert shlex.split(line).count(tail[-2]) == 1
 
 
+@pytest.mark.parametrize(("archive", "mode"), [(False, "--archive-mode=off"), (True, "--archive-mode=preserve")],
+                         ids=["drill", "in-place"])
+def test_only_a_restore_in_place_archives(archive: bool, mode: str) -> None:
+    (c,) = driver.restore_commands(INV, TARGET, None, None, archive=archive)
+    assert [a for a in c.argv if a.startswith("--archive-mode")] == [mode]
+
+
 def test_restore_naive_datetime_refused() -> None:
     with pytest.raises(BackupInputError, match="target_time: needs a time zone"):
         driver.restore_commands(INV, TARGET, None, datetime(2026, 11, 27, 10, 30))
@@ -487,3 +494,41 @@ def test_validate_backup_name_rejects(name: str) -> None:
     with pytest.raises(BackupInputError) as info:
         driver.validate_backup_name(name)
     assert str(info.value) == f"backup: {name!r} is not a pgBackRest backup label (like 20261127-010000F)"
+
+
+# ------------------------------------------------------------------------------ stolon's pitr init (restore_cluster)
+
+
+@pytest.mark.parametrize(
+    ("backup", "data"),
+    [
+        (None, '/usr/bin/timeout 21600 pgbackrest --stanza=lab --pg1-path="%d" --type=none restore'),
+        ("20261127-010000F",
+         '/usr/bin/timeout 21600 pgbackrest --stanza=lab --pg1-path="%d" --set=20261127-010000F --type=none restore'),
+        ("20261127-010000F_20261128-010000I",
+         '/usr/bin/timeout 21600 pgbackrest --stanza=lab --pg1-path="%d" --set=20261127-010000F_20261128-010000I '
+         "--type=none restore"),
+    ],
+    ids=["latest", "full", "incr"],
+)
+def test_ha_restore_commands(backup: str | None, data: str) -> None:
+    assert driver.ha_restore_commands(INV, backup) == (data, 'pgbackrest --stanza=lab archive-get %f "%p"')
+
+
+def test_ha_restore_leaves_recovery_and_archiving_to_the_ha_manager() -> None:
+    data, _ = driver.ha_restore_commands(INV, None)
+    # No recovery settings of its own (the keeper writes them), and the restored cluster archives.
+    assert "--type=none" in data
+    assert "--archive-mode" not in data and "--target" not in data
+
+
+def test_ha_restore_commands_carry_no_secret() -> None:
+    for text in driver.ha_restore_commands(INV, "20261127-010000F"):
+        assert SECRET_KEY not in text and ACCESS_KEY not in text and "repo1-s3-key" not in text
+
+
+@pytest.mark.parametrize("name", ["", "latest", "LATEST", "base_000000010000000000000004", "20261127-010000F %d"])
+def test_ha_restore_commands_refuse_bad_backup_names(name: str) -> None:
+    with pytest.raises(BackupInputError) as info:
+        driver.ha_restore_commands(INV, name)
+    assert str(info.value).startswith(f"backup: {name!r} is not a pgBackRest backup label")

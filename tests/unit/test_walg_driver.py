@@ -683,6 +683,13 @@ def _settings(command: Command) -> list[str]:
     return list(command.argv[8:])
 
 
+def test_only_a_restore_in_place_archives() -> None:
+    _, drill = driver.restore_commands(INV, "/srv/restore/data", None, None)
+    _, in_place = driver.restore_commands(INV, "/srv/restore/data", None, None, archive=True)
+    assert "archive_mode = 'off'" in _settings(drill)
+    assert not any(s.startswith("archive_mode") for s in _settings(in_place))
+
+
 def test_restore_latest_to_end_of_archive() -> None:
     fetch, configure = driver.restore_commands(INV, "/srv/restore/data", None, None)
     assert list(fetch.argv) == [*WALG, "backup-fetch", "/srv/restore/data", "LATEST"]
@@ -801,3 +808,61 @@ def test_restore_script_refuses_dir_without_backup(tmp_path: Path) -> None:
 def test_driver_metadata() -> None:
     assert driver.name == "walg"
     assert driver.packages(INV) == ["wal-g-pg"]
+
+
+# ---------------------------------------------------------------------- stolon's pitr init (restore_cluster)
+
+FETCH = "/usr/bin/timeout 21600 /usr/local/bin/wal-g-pg --config /etc/wal-g/bouw.json backup-fetch"
+WAL_FETCH = '/usr/local/bin/wal-g-pg --config /etc/wal-g/bouw.json wal-fetch "%f" "%p"'
+
+
+@pytest.mark.parametrize(
+    ("backup", "data"),
+    [
+        (None, f'{FETCH} "%d" LATEST'),
+        ("base_000000010000000000000004", f'{FETCH} "%d" base_000000010000000000000004'),
+        ("base_000000020000000100000090_D_000000020000000100000072",
+         f'{FETCH} "%d" base_000000020000000100000090_D_000000020000000100000072'),
+    ],
+    ids=["latest", "full", "delta"],
+)
+def test_ha_restore_commands(backup: str | None, data: str) -> None:
+    inv = make_inventory(ha_manager="stolon")
+    assert driver.ha_restore_commands(inv, backup) == (data, WAL_FETCH)
+
+
+def test_ha_restore_fetches_wal_as_restore_commands_does() -> None:
+    _, configure = driver.restore_commands(INV, "/srv/restore/data", None, None)
+    assert f"restore_command = '{driver.ha_restore_commands(INV, None)[1]}'" in _settings(configure)
+
+
+def test_ha_restore_commands_carry_no_secret() -> None:
+    for text in driver.ha_restore_commands(make_inventory(ha_manager="stolon"), None):
+        assert SECRET_KEY not in text and ACCESS_KEY not in text
+        assert "AWS_" not in text and "--config /etc/wal-g/bouw.json" in text
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["latest", "", "base_1", "base_000000010000000000000004; rm -rf /", "base_000000010000000000000004 %d",
+     "20260501-200000F"],
+)
+def test_ha_restore_commands_refuse_bad_backup_names(name: str) -> None:
+    with pytest.raises(BackupInputError) as info:
+        driver.ha_restore_commands(INV, name)
+    assert str(info.value).startswith(f"backup: {name!r} is not a WAL-G backup name")
+
+
+def test_ha_restore_commands_need_the_object_store() -> None:
+    inv = make_inventory(object_store=None)
+    with pytest.raises(BackupInputError, match="cluster.object_store"):
+        driver.ha_restore_commands(inv, None)
+
+
+@pytest.mark.parametrize("ha_manager", ["stolon", "patroni"])
+def test_wal_overwrite_is_prevented_on_every_database_host(ha_manager: str) -> None:
+    # A cluster restored in place archives its new timeline into the same prefix: WAL under a
+    # name already there but with other contents must fail, not replace the old history.
+    inv = make_inventory(ha_manager=ha_manager)
+    config = json.loads(driver.host_files(inv, inv.host("db1"), SECRETS, db_secrets=DB_SECRETS)[0].content)
+    assert config["WALG_PREVENT_WAL_OVERWRITE"] == "true"

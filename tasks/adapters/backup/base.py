@@ -117,10 +117,19 @@ class BackupDriver(ABC):
         target_dir: str,
         backup: str | None,
         target_time: datetime | None,
+        *,
+        archive: bool = False,
     ) -> list[Command]:
         """Fetch a backup into `target_dir` (empty, owned by postgres) and configure recovery to
-        `target_time` (None = end of the archive), promoting when reached. Never writes to the
-        repository: a restored instance must not archive into the cluster's bucket."""
+        `target_time` (None = end of the archive), promoting when reached. `archive=False` (a
+        drill): the restored instance never archives into the cluster's bucket. True (the cluster
+        restored in place): it archives its new timeline, as the cluster's primary does."""
+
+    def ha_restore_commands(self, inv: Inventory, backup: str | None) -> tuple[str, str]:
+        """For an HA manager that restores itself (stolon's pitr): (the command that fetches
+        `backup` (None: the newest) into `%d`, the data directory; the restore_command that
+        fetches WAL segment `%f` to `%p`). One line each, run by the HA manager as postgres."""
+        raise NotImplementedError(f"{type(self).__name__} has no restore commands for an HA manager")
 
     @abstractmethod
     def verify_archive_command(self, inv: Inventory, *, db_secrets: DbSecrets | None = None) -> Command:

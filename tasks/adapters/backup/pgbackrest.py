@@ -191,12 +191,14 @@ class PgBackRestDriver(BackupDriver):
             raise BackupInputError(f"keep_full: must be an integer ≥ 1, got {keep_full!r}")
         return [pgbackrest(inv, f"--repo1-retention-full={keep_full}", "expire", timeout=1800)]
 
-    def restore_commands(self, inv: Inventory, target_dir: str, backup: str | None, target_time: datetime | None) -> list[Command]:
+    def restore_commands(self, inv: Inventory, target_dir: str, backup: str | None, target_time: datetime | None,
+                         *, archive: bool = False) -> list[Command]:
         if backup is not None:
             self.validate_backup_name(backup)
         if not target_dir.startswith("/"):
             raise BackupInputError(f"target_dir: must be absolute, got {target_dir!r}")
-        args = [f"--pg1-path={target_dir}", "--archive-mode=off"]
+        # preserve (the default) keeps the backed-up archive_mode: the cluster's own, which archives.
+        args = [f"--pg1-path={target_dir}", "--archive-mode=preserve" if archive else "--archive-mode=off"]
         if backup:
             args.append(f"--set={backup}")
         if target_time is not None:
@@ -210,6 +212,20 @@ class PgBackRestDriver(BackupDriver):
         else:
             args += ["--type=default"]
         return [pgbackrest(inv, *args, "restore", timeout=6 * 3600)]
+
+    def ha_restore_commands(self, inv: Inventory, backup: str | None) -> tuple[str, str]:
+        """stolon's pitrConfig: the keeper runs the restore into `%d` with `/bin/sh -c` and its
+        PostgreSQL the archive-get, both as postgres, with the credentials in pgbackrest.conf."""
+        if backup is not None:
+            self.validate_backup_name(backup)
+        # --type=none: pgBackRest writes no recovery settings and no recovery.signal (and comments
+        # out old recovery targets in postgresql.auto.conf); the keeper writes its own. Its warning
+        # against `none` (no new timeline) does not apply: the keeper recovers from the archive and
+        # promotes. No --archive-mode=off: this is the cluster itself, which must archive again.
+        data = (f"/usr/bin/timeout {6 * 3600} pgbackrest --stanza={inv.cluster.name} --pg1-path=\"%d\""
+                + (f" --set={backup}" if backup is not None else "") + " --type=none restore")
+        # No `timeout` wrapper: its exit 124 would read as "no such segment" and end recovery early.
+        return data, f"pgbackrest --stanza={inv.cluster.name} archive-get %f \"%p\""
 
     def verify_archive_command(self, inv: Inventory, *, db_secrets: DbSecrets | None = None) -> Command:
         # `check` forces a WAL switch and waits until that segment is in the repository (archiving

@@ -317,6 +317,8 @@ class WalgDriver(BackupDriver):
         target_dir: str,
         backup: str | None,
         target_time: datetime | None,
+        *,
+        archive: bool = False,
     ) -> list[Command]:
         _store(inv)
         if not target_dir.startswith("/") or "\n" in target_dir or target_dir.rstrip("/") == "":
@@ -324,13 +326,15 @@ class WalgDriver(BackupDriver):
         name = "LATEST" if backup is None else backup
         self.validate_backup_name(name)
         settings = [
-            "# bouwsteen restore (WAL-G): replay from the cluster's archive; never archive into it.",
+            "# bouwsteen restore (WAL-G): replay from the cluster's archive"
+            + ("." if archive else "; never archive into it."),
             # No `timeout` wrapper here: its exit 124 would read as "segment not archived" and end
             # recovery early at the wrong point; wal-fetch's own 74 is the real "not there".
             _pg_setting("restore_command", " ".join(self._walg(inv, "wal-fetch", '"%f"', '"%p"'))),
-            # A restored copy that archived would push a new timeline into the cluster's prefix.
-            _pg_setting("archive_mode", "off"),
         ]
+        if not archive:
+            # A restored copy that archived would push a new timeline into the cluster's prefix.
+            settings.append(_pg_setting("archive_mode", "off"))
         if target_time is not None:
             settings += [
                 _pg_setting("recovery_target_time", _pg_timestamp(target_time)),
@@ -351,6 +355,23 @@ class WalgDriver(BackupDriver):
                 description=f"wal-g: fetch backup {name} into {target_dir}"),
             configure,
         ]
+
+    def ha_restore_commands(self, inv: Inventory, backup: str | None) -> tuple[str, str]:
+        """stolon's pitrConfig: the keeper runs the fetch into `%d` with `/bin/sh -c` and its
+        PostgreSQL the wal-fetch, both as postgres, reading the credentials from the config file
+        as every other wal-g call does."""
+        _store(inv)
+        name = "LATEST" if backup is None else backup
+        try:
+            self.validate_backup_name(name)
+        except BackupInputError as exc:
+            raise BackupInputError(f"backup: {exc}") from None
+        # The keeper waits for a fetch without a limit; after a failed one it empties the
+        # directory and tries again.
+        data = " ".join(["/usr/bin/timeout", f"{FETCH_TIMEOUT:g}", *self._walg(inv, "backup-fetch", '"%d"', name)])
+        # No `timeout` wrapper, as in restore_commands: its exit 124 would end recovery early.
+        wal = " ".join(self._walg(inv, "wal-fetch", '"%f"', '"%p"'))
+        return data, wal
 
     def verify_archive_command(self, inv: Inventory, *, db_secrets: DbSecrets | None = None) -> Command:
         """wal-verify only reads the repository: on an idle primary whose archive_command broke it

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Literal
 
 from blocks.inventory import HostSpec, Inventory
@@ -83,6 +84,11 @@ class HaDriver(ABC):
     # The HA manager promotes the standby a role change names. False: it elects one itself (stolon's
     # sentinel after `failkeeper`), so a runbook waits for any new primary, not the one it planned.
     targets_candidate: bool = True
+    # Who restores the cluster in place (restore_cluster). False: bouwsteen, onto the primary's
+    # data directory, and the HA manager then starts afresh from it (Patroni, once its state in
+    # etcd is gone). True: the HA manager itself, from the backup tool's commands (stolon's
+    # `initMode: pitr`), with `pitr_init_commands`.
+    restores_itself: bool = False
 
     @abstractmethod
     def packages(self, inv: Inventory) -> list[str]:
@@ -216,3 +222,16 @@ class HaDriver(ABC):
         manager's settings (`parse_config`): commands that stop retaining slots of absent members,
         and the commands that restore the setting as it was."""
         return [], []
+
+    def restore_stopped_units(self, inv: Inventory, host: HostSpec) -> list[str]:
+        """Units restore_cluster stops on every member before the restore, in start order (it
+        stops them in reverse and starts them in this order afterwards). PostgreSQL stops with them."""
+        return [u.name for u in self.host_units(inv, host)]
+
+    def pitr_init_commands(self, inv: Inventory, data_restore_command: str, wal_restore_command: str,
+                           target_time: datetime | None) -> list[Command]:
+        """Where `restores_itself`: run on one member while the members' `restore_stopped_units`
+        are stopped: the HA manager starts the cluster afresh from the backup
+        (`data_restore_command`, `%d` standing for the data directory), replaying WAL with
+        `wal_restore_command` (`%f`, `%p`) to `target_time` (None: the end of the archive)."""
+        raise NotImplementedError(f"{self.name} does not restore the cluster itself")

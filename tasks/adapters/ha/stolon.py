@@ -48,6 +48,7 @@ import posixpath
 import re
 from collections.abc import Mapping
 from dataclasses import replace
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 from blocks.inventory import HostSpec, Inventory, Role
@@ -106,6 +107,18 @@ UPDATE_TIMEOUT = 60.0
 KEEPER_STOP_TIMEOUT_SECONDS = 180
 
 NIL_CLUSTER_DATA = "nil cluster data"
+
+# pitr_init_commands' program, run on the host by its python3: the spec file host_files wrote
+# with the pitr fields on top, as stolonctl's argument. The fields replace whole blocks, so a
+# pitrConfig the inventory carries (an old target) never reaches this restore.
+_PITR_INIT = (
+    "import json, os, sys\n"
+    "spec_path, pitr, *stolonctl = sys.argv[1:]\n"
+    "with open(spec_path) as spec_file:\n"
+    "    spec = json.load(spec_file)\n"
+    "spec.update(json.loads(pitr))\n"
+    "os.execv(stolonctl[0], [*stolonctl, 'init', '-y', json.dumps(spec, sort_keys=True)])\n"
+)
 
 # ------------------------------------------------------------------ cluster spec schema
 
@@ -463,6 +476,8 @@ class StolonDriver(HaDriver):
     name = "stolon"
     # `failkeeper` marks the master failed; the sentinel then elects the best standby itself.
     targets_candidate = False
+    # `initMode: pitr`: one keeper restores the backup and recovers, the others resync from it.
+    restores_itself = True
 
     # -------------------------------------------------------------- names and paths
 
@@ -937,6 +952,33 @@ class StolonDriver(HaDriver):
             description=f"stolonctl init -y -f {self.cluster_spec_path(inv)} (cluster {inv.cluster.name})",
         )]
 
+    def restore_stopped_units(self, inv: Inventory, host: HostSpec) -> list[str]:
+        # The sentinel must stay up to drive the pitr init; the proxies route nowhere while no
+        # keeper is master.
+        return [self.unit_name(inv, "keeper")]
+
+    def pitr_init_commands(self, inv: Inventory, data_restore_command: str, wal_restore_command: str,
+                           target_time: datetime | None) -> list[Command]:
+        """`stolonctl init -y` with the spec bootstrap_commands initialises with (the file
+        host_files wrote) plus `initMode: pitr`. The sentinel hands the init to a registered keeper
+        picked at random, so every member must be able to run the restore commands; the others
+        resync from it. Neither the sentinel nor (with syncTimeout unset) the keeper gives up on a
+        pitr init, and the keeper retries a failed restore: whoever waits needs its own deadline.
+
+        The spec is read on the host because its pgParameters carry the backup driver's archive
+        settings, which this method is not given: without them the restored cluster would not
+        archive. It holds no secret, so it travels as an argument, as in upstream's doc/pitr.md."""
+        self.validate(inv)
+        config = _pitr_config(data_restore_command, wal_restore_command, target_time)
+        target = config.get("recoveryTargetSettings", {}).get("recoveryTargetTime")
+        document = json.dumps({"initMode": "pitr", "pitrConfig": config}, sort_keys=True, separators=(",", ":"))
+        return [cmd(
+            "python3", "-c", _PITR_INIT, self.cluster_spec_path(inv), document, *self.stolonctl_argv(inv),
+            timeout=INIT_TIMEOUT,
+            description=f"stolonctl init -y (cluster {inv.cluster.name}: {self.cluster_spec_path(inv)} with initMode "
+                        f"pitr, to {target or 'the end of the archive'})",
+        )]
+
     def status_commands(self, inv: Inventory) -> list[Command]:
         # --format is a subcommand flag: env cannot set it.
         return [
@@ -1269,6 +1311,41 @@ class StolonDriver(HaDriver):
             timeline=timeline if isinstance(timeline, int) and not isinstance(timeline, bool) and timeline > 0 else None,
             lag_bytes=lag,
         )
+
+
+# ------------------------------------------------------------------ pitr
+
+
+def _pitr_config(data_restore_command: str, wal_restore_command: str, target_time: datetime | None) -> dict[str, Any]:
+    """pitrConfig (internal/cluster/cluster.go PITRConfig); HaSpecError naming the argument."""
+    problems: list[str] = []
+    if not data_restore_command.strip() or "\n" in data_restore_command or "\r" in data_restore_command:
+        problems.append("data_restore_command: must be one non-empty line")
+    elif "%d" not in data_restore_command:
+        problems.append("data_restore_command: has no %d, where the keeper puts the data directory to restore into")
+    if not wal_restore_command.strip() or "\n" in wal_restore_command or "\r" in wal_restore_command:
+        problems.append("wal_restore_command: must be one non-empty line")
+    elif "%f" not in wal_restore_command or "%p" not in wal_restore_command:
+        problems.append("wal_restore_command: needs %f and %p, the WAL file PostgreSQL asks for and where it goes")
+    if "'" in wal_restore_command:
+        # The keeper writes recovery settings as name = '<value>' without doubling quotes.
+        problems.append("wal_restore_command: holds a single quote, which would end the restore_command setting "
+                        "the keeper writes")
+    if target_time is not None and target_time.utcoffset() is None:
+        problems.append("target_time: has no time zone; PostgreSQL would read it in the server's")
+    if problems:
+        raise HaSpecError("\n".join(problems))
+    pitr: dict[str, Any] = {
+        "dataRestoreCommand": data_restore_command,
+        "archiveRecoverySettings": {"restoreCommand": wal_restore_command},
+    }
+    if target_time is not None:
+        # PostgreSQL reads recovery_target_time as a timestamptz; an explicit UTC offset leaves
+        # nothing to the server's time zone.
+        pitr["recoveryTargetSettings"] = {
+            "recoveryTargetTime": target_time.astimezone(timezone.utc).isoformat(sep=" "),
+        }
+    return pitr
 
 
 # ------------------------------------------------------------------ parsing helpers
