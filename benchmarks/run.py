@@ -396,13 +396,15 @@ def bench_restore_cluster(lab, results: dict) -> None:
 
 
 def raw_restore(lab, backup: str) -> float:
-    """pgBackRest restore + recovery to the end of the archive, by hand, in one shell on restore1."""
+    """pgBackRest restore + recovery to the end of the archive, by hand, in one shell on restore1.
+    ssl off as in the drill: the backup carries the cluster's TLS settings, not the restore host
+    the certificates they name."""
     settle()
     # set -e: a failed restore must fail the benchmark, not time an empty directory.
     out = ssh(lab, "restore1",
               "set -e; d=/var/lib/postgresql/15/main; rm -rf $d; install -d -o postgres -m 0700 $d; s=$(date +%s.%N); "
               f"runuser -u postgres -- pgbackrest --stanza=lab --pg1-path=$d --set={backup} --archive-mode=off "
-              "--type=default restore; printf \"listen_addresses='localhost'\\narchive_mode=off\\n\" >> $d/postgresql.auto.conf; "
+              "--type=default restore; printf \"listen_addresses='localhost'\\narchive_mode=off\\nssl=off\\n\" >> $d/postgresql.auto.conf; "
               "runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_ctl -D $d -l /var/tmp/raw.log -w -t 1800 start >/dev/null; "
               "until [ \"$(runuser -u postgres -- psql -XAt -h /var/run/postgresql -c 'select pg_is_in_recovery()')\" = f ]; do sleep 0.2; done; "
               "e=$(date +%s.%N); python3 -c \"print($e - $s)\"; runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_ctl -D $d -m fast stop >/dev/null; rm -rf $d")
