@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import time
 
-from tasks import db_roles, etcd, ha, hosts
-from tasks.backup import ensure_backup_peer_trust, ensure_backup_repository, is_object_store_reachable
+from tasks import db_roles, etcd, ha, hosts, settings
+from tasks.backup import (
+    ensure_backup_peer_trust,
+    ensure_backup_repository,
+    is_object_store_reachable,
+)
 from tasks.context import context_for
 
 
@@ -43,7 +47,7 @@ def plain_build(cluster: str) -> float:
         hosts.ensure_units.fn(cluster, name, "db", db_changes[name],
                               already_started=started_units if name == bootstrap else None)
     ha.wait_until_primary_accepts_writes.fn(cluster)
-    ha.ensure_ha_settings.fn(cluster)
+    settings.ensure_ha_settings.fn(cluster)
     db_roles.ensure_roles.fn(cluster)
     if inv.cluster.object_store is not None and ctx.store_block is not None:
         ensure_backup_peer_trust.fn(cluster)

@@ -61,6 +61,9 @@ def _figure(flow: str, result) -> str:
     if flow == "switchover":
         return (f"{result.get('old_primary')}→{result.get('new_primary')}, {result.get('write_gap', '')}; "
                 f"{result.get('via_port', '')}")
+    if flow == "change_settings":
+        changed = ", ".join(f"{c['name']} {c['old']}→{c['new']}" for c in result.get("changes", []))
+        return f"{changed}; restarted {', '.join(result.get('restarted', [])) or 'none'}, switchover to {result.get('switchover')}"
     if flow == "rotate_certificates":
         return f"{result.get('replaced', 0)} certificates replaced on {result.get('hosts', 0)} hosts (new keys)"
     if flow == "tab_job":
@@ -109,6 +112,9 @@ def run_demo(skip: set[str] | None = None) -> int:
         ("switchover", {}),
         ("tab_job", {"job": "purge_audit_log"}),
         ("rotate_certificates", {"force": True}),
+        # A reload-only parameter and one that needs a restart: rolled member by member with one
+        # switchover.
+        ("change_settings", {"parameters": {"work_mem": "32MB", "shared_buffers": "144MB"}}),
         # Day 2: a standby leaves for good (its data wiped) and is added back as a fresh one.
         ("remove_member", {"host": "pg4", "wipe": True, "confirm": "pg4"}),
         ("add_standby", {"host": "pg4"}),

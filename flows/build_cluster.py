@@ -20,7 +20,6 @@ from tasks.etcd import (
 )
 from tasks.ha import (
     ensure_cluster_initialized,
-    ensure_ha_settings,
     is_cluster_initialized,
     is_replication_working,
     wait_until_primary_accepts_writes,
@@ -29,6 +28,7 @@ from tasks.ha import (
 )
 from tasks.hosts import desired_layers, ensure_files, ensure_packages, ensure_units
 from tasks.planning.build import plan_build
+from tasks.settings import ensure_ha_settings
 
 
 @flow(name="build_cluster", persist_result=True)

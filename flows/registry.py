@@ -21,6 +21,7 @@ FLOWS = {
     "failover": "flows.switchover:failover",
     "tab_job": "flows.tab_job:tab_job",
     "rotate_certificates": "flows.rotate_certificates:rotate_certificates",
+    "change_settings": "flows.settings:change_settings",
 }
 
 

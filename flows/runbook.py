@@ -65,6 +65,7 @@ POLICIES: dict[str, Policy] = {
     "failover": Policy("cluster"),
     "tab_job": Policy("pgquartz"),
     "rotate_certificates": Policy("cluster", wait_seconds=120),
+    "change_settings": Policy("cluster", wait_seconds=120),
 }
 
 

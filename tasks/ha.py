@@ -1,5 +1,5 @@
 """Runbook steps through the HA manager: its view of the cluster, the primary, initialisation,
-membership, cluster-wide settings, and the waits that prove replication works."""
+membership, and the waits that prove replication works (PostgreSQL settings: tasks/settings.py)."""
 
 from __future__ import annotations
 
@@ -133,27 +133,6 @@ def ensure_membership(cluster: str) -> str:
         for command in commands:
             remote.run(command)
     return say(f"{driver.name} now admits exactly {', '.join(h.name for h in inv.db_hosts)}.")
-
-
-@step
-def ensure_ha_settings(cluster: str) -> str:
-    """Cluster-wide settings (DCS) equal to the inventory; only differences are applied."""
-    ctx = context_for(cluster)
-    inv = ctx.inventory
-    driver = ha_driver(inv)
-    primary = require_primary(ctx, "to read the cluster configuration from")
-    with ctx.remote(primary) as remote:
-        current = driver.parse_config(remote.run(driver.show_config_command(inv), check=False))
-        drift = driver.settings_drift(inv, current, archive_parameters(inv, cluster_secrets(ctx)))
-        commands = driver.settings_commands(inv, drift)
-        for command in commands:
-            remote.run(command)
-    if not commands:
-        return say("Cluster-wide settings already match the inventory; nothing changed.")
-    changed = list(drift.postgres_parameters)
-    if drift.synchronous_replication is not None:
-        changed.append(f"synchronous_mode={drift.synchronous_replication}")
-    return say(f"Applied cluster-wide settings: {', '.join(changed)}.")
 
 
 def replication_rows(ctx: ClusterContext, view: ClusterView | None = None) -> tuple[str, list[dict]]:

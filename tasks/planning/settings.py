@@ -18,7 +18,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
 from tasks.adapters.ha.base import ClusterView, Member
@@ -429,6 +429,127 @@ def plan_settings(requested: Mapping[str, str], rows: Mapping[str, SettingRow]) 
     return changes
 
 
+_NEEDS_RANK = {"nothing": 0, "reload": 1, "restart": 2}
+
+
+def plan_cluster_settings(requested: Mapping[str, str], rows_by_member: Mapping[str, Mapping[str, SettingRow]],
+                          primary: str) -> list[SettingChange]:
+    """`plan_settings` over every member: the old values are the primary's, and a change needs
+    what the member furthest behind needs. A run cut short leaves the new value in the HA
+    manager's configuration and some members still on the old one: the rerun finishes their part
+    (the standbys already restarted are then skipped by `member_needs_restart`)."""
+    changes = plan_settings(requested, rows_by_member[primary])
+    for member, rows in rows_by_member.items():
+        if member == primary:
+            continue
+        for i, theirs in enumerate(plan_settings(requested, rows)):
+            if _NEEDS_RANK[theirs.needs] > _NEEDS_RANK[changes[i].needs]:
+                changes[i] = replace(changes[i], needs=theirs.needs)
+    return changes
+
+
+def member_needs_restart(requested: Mapping[str, str], rows: Mapping[str, SettingRow]) -> list[str]:
+    """The requested parameters this member must restart to take: a postmaster parameter whose
+    running value is not the requested one, or that pg_settings marks pending_restart. Empty: the
+    member already runs every new value and its restart is skipped."""
+    by_name = _lookup(rows)
+    behind = []
+    for name, value in requested.items():
+        row = by_name.get(_fold(name))
+        if row is None or row.context != "postmaster":
+            continue
+        try:
+            same = _same(row, _parsed(value, row))
+        except _Refused:
+            same = False
+        if not same or row.pending_restart:
+            behind.append(row.name)
+    return behind
+
+
+def _requested_rows(requested: Mapping[str, str], rows: Mapping[str, SettingRow]):
+    by_name = _lookup(rows)
+    for name, value in requested.items():
+        row = by_name.get(_fold(name))
+        if row is None:
+            continue
+        try:
+            same = _same(row, _parsed(value, row))
+        except _Refused:
+            same = False
+        yield row, same
+
+
+def not_yet_reloaded(requested: Mapping[str, str], rows: Mapping[str, SettingRow], *, ha_pending: bool) -> list[str]:
+    """The requested parameters a member has not reloaded yet: one that a reload brings and it
+    does not run, a postmaster one it neither runs nor marks pending (pg_settings, or
+    `ha_pending`, the HA manager's flag for the parameters it passes on the command line), and
+    one it runs while another value still waits in its file (a reload drops that)."""
+    behind = []
+    for row, same in _requested_rows(requested, rows):
+        if same:
+            if row.pending_restart:
+                behind.append(row.name)
+        elif row.context != "postmaster" or not (row.pending_restart or ha_pending):
+            behind.append(row.name)
+    return behind
+
+
+def not_yet_in_effect(requested: Mapping[str, str], rows: Mapping[str, SettingRow], *, ha_pending: bool) -> list[str]:
+    """What keeps a member from counting as done: a requested parameter it does not run or
+    marks pending_restart, and, where a requested parameter needs a restart, the HA manager's
+    own pending-restart flag."""
+    behind = []
+    restart = False
+    for row, same in _requested_rows(requested, rows):
+        restart |= row.context == "postmaster"
+        if not same:
+            behind.append(f"{row.name} is {show(row)}")
+        elif row.pending_restart:
+            behind.append(f"{row.name} pending a restart")
+    if restart and ha_pending:
+        behind.append("the HA manager reports a restart pending")
+    return behind
+
+
+def ownership_refusals(requested: Mapping[str, str], rows: Mapping[str, SettingRow],
+                       managed: Mapping[str, str | None], inventory: Mapping[str, str]) -> list[str]:
+    """Parameters the building block sets itself (the HA driver's `managed_parameters`), asked
+    for with another value: the next build_cluster, or the HA manager at once, would put its own
+    back. `inventory` is cluster.postgres.parameters: a parameter the inventory sets may be rolled
+    out with the inventory's value (edit the inventory, then change_settings with that value)."""
+    by_name = _lookup(rows)
+    inventory_by_name = {_fold(k): (k, v) for k, v in inventory.items()}
+    refusals = []
+    for name, value in requested.items():
+        folded = _fold(name)
+        if folded not in managed:
+            continue
+        if managed[folded] is None:
+            refusals.append(f"parameters.{name}: set by the HA manager itself on every start; it cannot be "
+                            "changed here")
+            continue
+        row = by_name.get(folded)
+        if row is None or _equal_values(row, value, str(managed[folded])):
+            continue
+        if folded in inventory_by_name:
+            key, pinned = inventory_by_name[folded]
+            refusals.append(f"parameters.{name}: the inventory sets it to {pinned!r} "
+                            f"(cluster.postgres.parameters.{key}) and build_cluster would put that back; change "
+                            "the inventory first, then run change_settings with the same value")
+        else:
+            refusals.append(f"parameters.{name}: bouwsteen sets it to {managed[folded]!r} for replication, "
+                            "archiving or TLS; set it in cluster.postgres.parameters if it must differ")
+    return refusals
+
+
+def _equal_values(row: SettingRow, a: str, b: str) -> bool:
+    try:
+        return _same(replace(row, setting=b), _parsed(a, row)) if row.vartype != "string" else a == b
+    except _Refused:
+        return False
+
+
 def needs_restart(changes: Sequence[SettingChange]) -> bool:
     return any(c.needs == "restart" for c in changes)
 
@@ -517,9 +638,12 @@ def settings_plan(changes: Sequence[SettingChange], order: Sequence[RestartStep]
         for i, step in enumerate(steps):
             if step.action == "switchover":
                 actions.append(Action(step.host, f"switchover from {old_primary}: becomes the primary"))
+            elif i > switch:
+                # Demoted, the HA manager starts it again as a standby, with the new values.
+                actions.append(Action(step.host, "the former primary, restarted by its demotion: restart it "
+                                                 "through the HA manager only if it still runs an old value"))
             else:
-                role = "the former primary, now a standby" if i > switch else "standby"
-                actions.append(Action(step.host, f"restart PostgreSQL through the HA manager ({role}); "
+                actions.append(Action(step.host, "restart PostgreSQL through the HA manager (standby); "
                                                  "wait until it streams again"))
     notes = [f"{c.name}: {_shown(c.old)} → {_shown(c.new)} ({c.needs})" for c in todo]
     notes += [f"{c.name}: the configuration held another value waiting for a restart; writing {c.new} back "

@@ -260,6 +260,9 @@ HA_STEPS = [
     Step("tls_files", "tls_files", lambda s: s.ha.tls_files(s.inv, s.host(STANDBY), _test_ca())),
     Step("tls_reloaded_commands", "tls_reloaded_commands", lambda s: s.ha.tls_reloaded_commands(s.inv, s.host(STANDBY))),
     Step("restore_stopped_units", "restore_stopped_units", lambda s: s.ha.restore_stopped_units(s.inv, s.host(STANDBY))),
+    Step("restart_commands", "restart_commands", lambda s: s.ha.restart_commands(s.inv, STANDBY)),
+    # Names only: a None value is the HA manager's own parameter, which no value may set.
+    Step("managed_parameters", "managed_parameters", lambda s: sorted(s.ha.managed_parameters(s.inv, s.archive))),
 ]
 
 BACKUP_STEPS = [

@@ -376,9 +376,13 @@ def row(**changes: Any) -> dict:
         ({"Role": "Uninitialized", "State": "running"},
          Member("pg2", "172.29.66.12", "unknown", False, "running", 1, 0)),
         ({"Host": "172.29.66.12:5432"}, Member("pg2", "172.29.66.12", "replica", True, "streaming", 1, 0)),
+        # patronictl list adds the column once any member is pending: '*' or ''.
+        ({"Pending restart": "*"},
+         Member("pg2", "172.29.66.12", "replica", True, "streaming", 1, 0, pending_restart=True)),
+        ({"Pending restart": ""}, Member("pg2", "172.29.66.12", "replica", True, "streaming", 1, 0)),
     ],
     ids=["lag-1.5MB", "lag-16MB", "lag-unknown", "replica-running", "stopped", "starting", "quorum", "standby-leader",
-         "unknown-role", "host-with-port"],
+         "unknown-role", "host-with-port", "pending-restart", "not-pending"],
 )
 def test_parse_status_member_variants(changes: dict, expected: Member) -> None:
     view = status([REAL_LIST[0], row(**changes), REAL_LIST[2]])
@@ -553,11 +557,14 @@ def test_parse_config_empty_is_empty_mapping() -> None:
         (HaSettings(synchronous_replication=True), ["-s", "synchronous_mode=true"]),
         (HaSettings(synchronous_replication=False), ["-s", "synchronous_mode=false"]),
         (HaSettings(postgres_parameters={"work_mem": "64MB", "max_connections": "200"}),
-         ["-p", "max_connections=200", "-p", "work_mem=64MB"]),
+         ["-p", 'max_connections="200"', "-p", 'work_mem="64MB"']),
         (HaSettings(True, {"archive_command": "pgbackrest --stanza=lab archive-push %p"}),
-         ["-s", "synchronous_mode=true", "-p", "archive_command=pgbackrest --stanza=lab archive-push %p"]),
+         ["-s", "synchronous_mode=true", "-p", 'archive_command="pgbackrest --stanza=lab archive-push %p"']),
+        # YAML would read these unquoted as a Boolean, a list and a directive.
+        (HaSettings(postgres_parameters={"jit": "on", "search_path": "[a, b]", "log_line_prefix": "%m [%p] "}),
+         ["-p", 'jit="on"', "-p", 'log_line_prefix="%m [%p] "', "-p", 'search_path="[a, b]"']),
     ],
-    ids=["nothing", "sync-on", "sync-off", "params-sorted", "both-with-spaces"],
+    ids=["nothing", "sync-on", "sync-off", "params-sorted", "both-with-spaces", "yaml-lookalikes"],
 )
 def test_settings_commands(settings: HaSettings, tail: list[str] | None) -> None:
     commands = driver.settings_commands(INV, settings)
@@ -568,13 +575,16 @@ def test_settings_commands(settings: HaSettings, tail: list[str] | None) -> None
     assert list(c.argv) == ["patronictl", "-c", CONFIG_PATH, "edit-config", "--force", "--quiet", *tail, "lab"]
     assert c.user == "postgres"
     assert shlex.split(c.render())[8:] == list(c.argv)
+    # What patronictl's apply_config_changes stores: each value read as YAML, the very text.
+    pairs = [c.argv[i + 1] for i, a in enumerate(c.argv) if a == "-p"]
+    assert {k: yaml.safe_load(v) for k, _, v in (p.partition("=") for p in pairs)} == settings.postgres_parameters
 
 
 def test_drift_round_trips_into_settings_commands() -> None:
     drift = driver.settings_drift(make_inventory(postgres={"synchronous_replication": True}), current(max_wal_senders=5),
                                   ARCHIVE)
     (c,) = driver.settings_commands(INV, drift)
-    assert c.argv[6:] == ("-s", "synchronous_mode=true", "-p", "max_wal_senders=10", "lab")
+    assert c.argv[6:] == ("-s", "synchronous_mode=true", "-p", 'max_wal_senders="10"', "lab")
 
 
 # ------------------------------------------------------------------------------ validate
@@ -607,3 +617,37 @@ def test_validate_other_parameters(postgres: dict, error: str | None) -> None:
         with pytest.raises(HaSpecError) as info:
             driver.validate(inv)
         assert str(info.value) == error
+
+
+# ------------------------------------------------------------------------------ change_settings
+
+
+@pytest.mark.parametrize(("printed", "status", "ok"), [
+    ("Success: restart on member pg2", 0, True),
+    # patronictl exits 0 on these too: the API's answer is in the text only.
+    ("Failed: restart for member pg2, status code=503, (restart failed)", 0, False),
+    ("Failed: another restart is already scheduled on member pg2", 0, False),
+    ("Error: 'Can not find member pg9'", 1, False),
+], ids=["success", "failed", "scheduled", "unknown-member"])
+def test_restart_counts_only_patronictls_success_line(printed: str, status: int, ok: bool) -> None:
+    import subprocess
+
+    (c,) = driver.restart_commands(INV, "pg2")
+    assert c.user == "postgres"
+    assert list(c.argv[c.argv.index("bouwsteen") + 1:]) == ["patronictl", "-c", CONFIG_PATH, "restart", "--force",
+                                                           "lab", "pg2"]
+    script_text = c.argv[c.argv.index("bouwsteen") - 1]
+    fake = ["bash", "-c", f"printf '%s\\n' {shlex.quote(printed)}; exit {status}"]
+    done = subprocess.run(["bash", "-c", script_text, "bouwsteen", *fake], capture_output=True, text=True, timeout=10)
+    assert (done.returncode == 0) is ok
+    assert printed in done.stdout
+
+
+def test_managed_parameters_are_what_bouwsteen_and_patroni_set() -> None:
+    managed = driver.managed_parameters(make_inventory(postgres={"parameters": {"Work_Mem": "16MB"}}), ARCHIVE)
+    assert managed["work_mem"] == "16MB" and managed["wal_level"] == "replica"
+    assert managed["port"] is None and managed["primary_conninfo"] is None
+    assert "statement_timeout" not in managed
+    assert "synchronous_standby_names" not in managed
+    sync = driver.managed_parameters(make_inventory(postgres={"synchronous_replication": True}), ARCHIVE)
+    assert sync["synchronous_standby_names"] is None

@@ -11,8 +11,13 @@ from tasks.planning.settings import (
     SettingChange,
     SettingRow,
     SettingsPlanError,
+    member_needs_restart,
     needs_restart,
+    not_yet_in_effect,
+    not_yet_reloaded,
+    ownership_refusals,
     parse_bool,
+    plan_cluster_settings,
     plan_settings,
     restart_order,
     settings_plan,
@@ -455,7 +460,8 @@ def test_restart_plan_is_one_action_per_step() -> None:
         ("pg3", "restart PostgreSQL through the HA manager (standby)"),
         ("pg2", "restart PostgreSQL through the HA manager (standby)"),
         ("pg2", "switchover from pg1: becomes the primary"),
-        ("pg1", "restart PostgreSQL through the HA manager (the former primary, now a standby)"),
+        ("pg1", "the former primary, restarted by its demotion: restart it through the HA manager only if it "
+                "still runs an old value"),
     ]
     assert plan.remarks()[:2] == ["shared_buffers: 128MB → 1GB (restart)", "work_mem: 4MB → 8MB (reload)"]
 
@@ -500,3 +506,99 @@ def test_writing_the_running_value_back_is_noted() -> None:
 def test_an_empty_string_is_shown_quoted() -> None:
     changes = [SettingChange("search_path", '"$user", public', "", "", "reload", "user")]
     assert settings_plan(changes).remarks()[0] == "search_path: \"$user\", public → '' (reload)"
+
+
+# --- over every member (change_settings' rerun, reload and verify) ---------------------------------
+
+def member(**changed) -> dict[str, SettingRow]:
+    """ROWS as one member runs them: `name=(setting, pending_restart)`."""
+    rows = dict(ROWS)
+    for name, (setting, pending) in changed.items():
+        rows[name] = SettingRow(**{**vars(ROWS[name]), "setting": setting, "pending_restart": pending})
+    return rows
+
+
+@pytest.mark.parametrize(("members", "needs"), [
+    # Nobody runs it yet: what the primary needs.
+    ({"pg1": member(), "pg2": member()}, ["restart"]),
+    # A rerun after the primary and one standby took it: the other standby still needs a restart.
+    ({"pg1": member(shared_buffers=("32768", False)), "pg2": member(shared_buffers=("16384", True))}, ["restart"]),
+    # The switchover came, the old primary (now pg2) was not restarted yet.
+    ({"pg1": member(shared_buffers=("32768", False)), "pg2": member()}, ["restart"]),
+    ({"pg1": member(shared_buffers=("32768", False)), "pg2": member(shared_buffers=("32768", False))}, ["nothing"]),
+], ids=["none-yet", "standby-pending", "old-primary-behind", "done"])
+def test_a_change_needs_what_the_member_furthest_behind_needs(members, needs) -> None:
+    changes = plan_cluster_settings({"shared_buffers": "256MB"}, members, "pg1")
+    assert [c.needs for c in changes] == needs
+    assert changes[0].old == show(members["pg1"]["shared_buffers"])
+
+
+def test_a_standby_that_has_not_reloaded_makes_a_reload_due() -> None:
+    members = {"pg1": member(work_mem=("65536", False)), "pg2": member()}
+    assert [c.needs for c in plan_cluster_settings({"work_mem": "64MB"}, members, "pg1")] == ["reload"]
+
+
+@pytest.mark.parametrize(("rows", "requested", "behind"), [
+    (member(), {"shared_buffers": "256MB"}, ["shared_buffers"]),
+    (member(shared_buffers=("16384", True)), {"shared_buffers": "256MB"}, ["shared_buffers"]),
+    (member(shared_buffers=("32768", False)), {"shared_buffers": "256MB"}, []),
+    # Running the new value while the file holds yet another: the restart would bring that in.
+    (member(shared_buffers=("32768", True)), {"shared_buffers": "256MB"}, ["shared_buffers"]),
+    # A reload brings these: never a reason to restart.
+    (member(), {"work_mem": "64MB", "log_rotation_size": "20MB"}, []),
+    (member(), {"work_mem": "64MB", "max_connections": "200"}, ["max_connections"]),
+], ids=["old", "pending", "done", "done-but-pending-again", "reload-only", "mixed"])
+def test_member_needs_restart(rows, requested, behind) -> None:
+    assert member_needs_restart(requested, rows) == behind
+
+
+@pytest.mark.parametrize(("rows", "ha_pending", "behind"), [
+    (member(), False, ["work_mem", "shared_buffers"]),
+    (member(work_mem=("65536", False)), False, ["shared_buffers"]),
+    (member(work_mem=("65536", False), shared_buffers=("16384", True)), False, []),
+    # Patroni passes max_connections on the command line: only its own flag says it is pending.
+    (member(work_mem=("65536", False)), True, []),
+    (member(work_mem=("4096", True)), True, ["work_mem"]),
+], ids=["nothing-yet", "reloaded-not-pending", "reloaded", "ha-flag", "reload-still-due"])
+def test_not_yet_reloaded(rows, ha_pending, behind) -> None:
+    assert not_yet_reloaded({"work_mem": "64MB", "shared_buffers": "256MB"}, rows, ha_pending=ha_pending) == behind
+
+
+@pytest.mark.parametrize(("requested", "rows", "ha_pending", "behind"), [
+    ({"shared_buffers": "256MB"}, member(shared_buffers=("32768", False)), False, []),
+    ({"shared_buffers": "256MB"}, member(shared_buffers=("32768", True)), False, ["shared_buffers pending a restart"]),
+    ({"shared_buffers": "256MB"}, member(), False, ["shared_buffers is 128MB"]),
+    ({"shared_buffers": "256MB"}, member(shared_buffers=("32768", False)), True,
+     ["the HA manager reports a restart pending"]),
+    # A reload-only change is not held up by a restart someone else left pending.
+    ({"work_mem": "64MB"}, member(work_mem=("65536", False)), True, []),
+], ids=["done", "pending", "old", "ha-pending", "reload-only-ignores-ha-flag"])
+def test_not_yet_in_effect(requested, rows, ha_pending, behind) -> None:
+    assert not_yet_in_effect(requested, rows, ha_pending=ha_pending) == behind
+
+
+MANAGED = {"wal_level": "replica", "max_wal_senders": "10", "shared_preload_libraries": "pg_stat_statements",
+           "work_mem": "16MB", "port": None}
+
+
+@pytest.mark.parametrize(("requested", "inventory", "refused"), [
+    ({"statement_timeout": "30s"}, {}, []),
+    ({"port": "6543"}, {}, ["parameters.port: set by the HA manager itself on every start; it cannot be changed here"]),
+    ({"wal_level": "logical"}, {}, ["parameters.wal_level: bouwsteen sets it to 'replica' for replication, archiving "
+                                    "or TLS; set it in cluster.postgres.parameters if it must differ"]),
+    # The same value, spelled another way, is no change of ownership.
+    ({"WAL_LEVEL": "Replica", "max_wal_senders": "0xa"}, {}, []),
+    ({"work_mem": "32MB"}, {"work_mem": "16MB"},
+     ["parameters.work_mem: the inventory sets it to '16MB' (cluster.postgres.parameters.work_mem) and build_cluster "
+      "would put that back; change the inventory first, then run change_settings with the same value"]),
+    # Rolling out what the inventory now says: allowed.
+    ({"work_mem": "16384kB"}, {"work_mem": "16MB"}, []),
+    ({"shared_preload_libraries": "pg_stat_statements"}, {}, []),
+    ({"shared_preload_libraries": "pg_stat_statements,auto_explain"}, {}, [
+        "parameters.shared_preload_libraries: bouwsteen sets it to 'pg_stat_statements' for replication, archiving "
+        "or TLS; set it in cluster.postgres.parameters if it must differ"]),
+], ids=["free", "ha-owned", "bouwsteen-owned", "same-value-other-spelling", "inventory-pinned", "inventory-value",
+        "string-same", "string-differs"])
+def test_ownership_refusals(requested, inventory, refused) -> None:
+    rows = {**ROWS, "port": row("port", "5432", min_val="1", max_val="65535", context="postmaster")}
+    assert ownership_refusals(requested, rows, MANAGED, inventory) == refused

@@ -1247,3 +1247,17 @@ def test_tls_keeper_points_at_files_its_layer_writes() -> None:
              if line.startswith("Environment=PGSSL")]
     assert len(named) == 3 and set(named) <= set(files)
     assert files["/var/lib/postgresql/tls/postgres.key"].mode == 0o600  # libpq refuses a readable key
+
+
+def test_restart_is_the_keepers_unit_restarted() -> None:
+    (restart,) = driver.restart_commands(INV, "db-2")
+    assert restart.argv == ("systemctl", "restart", driver.unit_name(INV, "keeper"))
+    assert restart.timeout >= 60
+
+
+def test_managed_parameters_name_the_keepers_own_and_the_spec_values() -> None:
+    managed = driver.managed_parameters(INV, {"archive_mode": "on"})
+    assert managed["archive_mode"] == "on"
+    # The keeper's own: no value may be given at all.
+    assert managed["listen_addresses"] is None and managed["max_wal_senders"] is None
+    assert "work_mem" not in managed

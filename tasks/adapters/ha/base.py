@@ -49,6 +49,10 @@ class Member:
     # The HA manager has recorded this standby as synchronous, so it may promote it without
     # losing a commit. pg_stat_replication says 'sync' a moment before the record is written.
     synchronous: bool = False
+    # The HA manager's own flag that PostgreSQL runs with a value it must restart to take: beside
+    # pg_settings.pending_restart, Patroni counts the parameters it passes on the postmaster's
+    # command line (max_connections, ...), which pg_settings never marks.
+    pending_restart: bool = False
 
 
 @dataclass(frozen=True)
@@ -222,6 +226,18 @@ class HaDriver(ABC):
         manager's settings (`parse_config`): commands that stop retaining slots of absent members,
         and the commands that restore the setting as it was."""
         return [], []
+
+    @abstractmethod
+    def restart_commands(self, inv: Inventory, host: str) -> list[Command]:
+        """Run on `host`, a standby: PostgreSQL restarted through the HA manager, so it does not
+        count the member as failed, and returns once PostgreSQL runs again (or fails)."""
+
+    @abstractmethod
+    def managed_parameters(self, inv: Inventory, extra_parameters: dict[str, str]) -> dict[str, str | None]:
+        """PostgreSQL parameters (names in lower case) that the building block sets itself, with
+        the value it sets (from the inventory, bouwsteen's defaults, archiving, TLS); None where
+        the HA manager owns the parameter outright and no value may be given. change_settings
+        refuses to set one of them to anything else: the next build_cluster would put it back."""
 
     def restore_stopped_units(self, inv: Inventory, host: HostSpec) -> list[str]:
         """Units restore_cluster stops on every member before the restore, in start order (it

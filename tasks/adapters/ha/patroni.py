@@ -50,6 +50,14 @@ BASE_PARAMETERS = {
     "shared_preload_libraries": "pg_stat_statements",
 }
 
+# Set by Patroni itself on every start (postgresql/config.py, CMDLINE_OPTIONS and the recovery
+# parameters): a value in the dynamic configuration would be ignored or fight Patroni.
+PATRONI_OWNED_PARAMETERS = ("listen_addresses", "port", "cluster_name", "data_directory", "config_file",
+                            "hba_file", "ident_file", "primary_conninfo", "primary_slot_name", "restore_command",
+                            "recovery_target", "recovery_target_lsn", "recovery_target_name",
+                            "recovery_target_time", "recovery_target_xid", "recovery_target_timeline",
+                            "recovery_target_action", "recovery_target_inclusive")
+
 # Patroni's health JSON (json.dumps) says "role": "primary" once PostgreSQL is out of recovery.
 PRIMARY_ROLE_BODY = "'\"role\": *\"primary\"'"
 
@@ -360,6 +368,7 @@ class PatroniDriver(HaDriver):
                     state=state if role_text != "sync standby" else f"{state} (sync)",
                     timeline=row.get("TL") if isinstance(row.get("TL"), int) else None, lag_bytes=lag_bytes,
                     synchronous=role_text == "sync standby",
+                    pending_restart=bool(row.get("Pending restart")),
                 )
             )
         leaders = [m.name for m in members if m.role == "primary"]
@@ -384,13 +393,33 @@ class PatroniDriver(HaDriver):
         if settings.synchronous_replication is not None:
             args += ["-s", f"synchronous_mode={'true' if settings.synchronous_replication else 'false'}"]
         for key, value in sorted(settings.postgres_parameters.items()):
-            args += ["-p", f"{key}={value}"]
+            # patronictl reads each value as YAML: unquoted, `on` would become a Boolean, `%m [%p]`
+            # a syntax error and `[a, b]` a list. A JSON string is a YAML string, kept as typed.
+            args += ["-p", f"{key}={json.dumps(str(value))}"]
         if not args:
             return []
         return [patronictl("edit-config", "--force", "--quiet", *args, inv.cluster.name)]
 
     def show_config_command(self, inv: Inventory) -> Command:
         return patronictl("show-config", inv.cluster.name, timeout=20)
+
+    def restart_commands(self, inv: Inventory, host: str) -> list[Command]:
+        # patronictl exits 0 when the REST API answers "Failed: restart for member ..." too: only
+        # its "Success" line says PostgreSQL came back. The REST call returns once it has.
+        argv = patronictl("restart", "--force", inv.cluster.name, host, timeout=300).argv
+        text = ('out=$("$@" 2>&1); status=$?\n'
+                'printf "%s\\n" "$out"\n'
+                'case $out in *"Success: restart on member"*) exit "$status" ;; esac\n'
+                'exit 1\n')
+        return [script(text, args=argv, user="postgres", timeout=300,
+                       description=f"patronictl restart {inv.cluster.name} {host}")]
+
+    def managed_parameters(self, inv: Inventory, extra_parameters: dict[str, str]) -> dict[str, str | None]:
+        owned: dict[str, str | None] = dict.fromkeys(PATRONI_OWNED_PARAMETERS)
+        if inv.cluster.postgres.synchronous_replication:
+            owned["synchronous_standby_names"] = None
+        dynamic = self.dynamic_configuration(inv, extra_parameters)["postgresql"]["parameters"]
+        return {**{k.lower(): str(v) for k, v in {**dynamic, **self._local_parameters(inv)}.items()}, **owned}
 
     def listeners(self, inv: Inventory) -> dict[int, frozenset[str]]:
         # Debian's Patroni runs as `patroni`; one from PyPI in a venv shows as python3.

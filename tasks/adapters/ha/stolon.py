@@ -1075,6 +1075,19 @@ class StolonDriver(HaDriver):
             patch["pgParameters"] = {**patch["pgParameters"], **dict.fromkeys(removed_parameters)}
         return [self._update_patch(inv, patch)]
 
+    def restart_commands(self, inv: Inventory, host: str) -> list[Command]:
+        # The keeper starts PostgreSQL with the spec's current pgParameters, and SIGTERM makes it
+        # stop PostgreSQL cleanly first (the unit's KillMode=mixed). A standby only: the sentinel
+        # fails a master whose keeper is gone longer than failInterval.
+        unit = self.unit_name(inv, "keeper")
+        return [cmd("systemctl", "restart", unit, timeout=180,
+                    description=f"stolon keeper {self.keeper_uid(host)} restarted ({unit})")]
+
+    def managed_parameters(self, inv: Inventory, extra_parameters: dict[str, str]) -> dict[str, str | None]:
+        spec = self.cluster_spec(inv, extra_parameters)
+        parameters = {str(k).lower(): str(v) for k, v in (spec.get("pgParameters") or {}).items() if v is not None}
+        return {**parameters, **dict.fromkeys(STOLON_MANAGED_PG_PARAMETERS)}
+
     def _update_patch(self, inv: Inventory, patch: Mapping[str, Any]) -> Command:
         # The patch holds no secrets, so it travels as an argument instead of a temporary file.
         document = json.dumps(patch, sort_keys=True, separators=(",", ":"))

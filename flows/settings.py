@@ -1,0 +1,96 @@
+"""change_settings: PostgreSQL parameters changed on a running cluster through the HA manager,
+reloaded, and where a parameter needs it restarted member by member with one switchover."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from flows.runbook import dry_run_done, holding, publish_plan
+from flows.switchover import Timeline
+from tasks.errors import PreflightRefused
+from tasks.etcd import ensure_etcd_leader_off_primary
+from tasks.ha import wait_until_replicas_streaming
+from tasks.roles import ensure_switchover, is_switchover_safe, wait_until_primary_is
+from tasks.settings import (
+    ensure_member_restarted,
+    ensure_parameters_configured,
+    is_primary_behind,
+    is_settings_change_valid,
+    wait_until_settings_in_effect,
+    wait_until_settings_reloaded,
+)
+
+
+def _switch(cluster: str, primary: str, candidate: str, max_lag_bytes: int, max_transaction_age_seconds: float,
+            timeline: Timeline) -> str:
+    """One planned switchover, checked afresh just before (lag and open transactions)."""
+    check = is_switchover_safe(cluster, candidate, max_lag_bytes, max_transaction_age_seconds)
+    if check.already_done:
+        return candidate
+    if not check:
+        raise PreflightRefused(*check.refusals)
+    ensure_switchover(cluster, primary, candidate)
+    new = wait_until_primary_is(cluster, candidate, not_host=primary)
+    timeline(f"switchover {primary} → {new}")
+    timeline(ensure_etcd_leader_off_primary(cluster))
+    # The old primary shuts down and rejoins as a standby: restarted before it streams, it would
+    # be restarted mid-rejoin (or not be reachable to read at all).
+    wait_until_replicas_streaming(cluster, max_lag_bytes=max_lag_bytes, hosts=[primary], timeout=300)
+    timeline(f"{primary} streams from {new}")
+    return new
+
+
+@flow(name="change_settings", persist_result=True)
+def change_settings(cluster: str = "lab", parameters: dict[str, str] | None = None, switch_back: bool = False,
+                    max_lag_bytes: int = 1024 * 1024, max_transaction_age_seconds: float = 300,
+                    dry_run: bool = False) -> dict:
+    """1. Pre-flight (read-only)  2. Plan (dry_run stops here)  3. Act through the HA manager  4. Verify.
+
+    `parameters`: {"work_mem": "64MB", ...}, values as in postgresql.conf. `switch_back`: after a
+    rolling restart, the original primary becomes the primary again (one more switchover)."""
+    logger = get_run_logger()
+    timeline = Timeline()
+    parameters = dict(parameters or {})
+    logger.info("1. Pre-flight (read-only): every name and value against pg_settings on every member.")
+    with holding(cluster, "change_settings", dry_run=dry_run):
+        check = is_settings_change_valid(cluster, parameters, max_lag_bytes)
+        publish_plan("change_settings", cluster, check.plan, dry_run=dry_run)
+        todo = {c.name: c.value for c in check.changes if c.needs != "nothing"}
+        summary = {"changes": [asdict(c) for c in check.changes], "primary": check.primary}
+        if dry_run:
+            return dry_run_done({**summary, "dry_run": True, "changed": False})
+        if check.plan.is_noop:
+            return {**summary, "changed": False, "restarted": [], "switchover": None}
+        logger.info("3. Act: the values into the HA manager's configuration; every member reloads.")
+        timeline(ensure_parameters_configured(cluster, todo))
+        timeline(wait_until_settings_reloaded(cluster, todo))
+        restarted: list[str] = []
+        switched: str | None = None
+        original = check.primary
+        for action, host in check.order:
+            if action == "switchover":
+                if not is_primary_behind(cluster, todo):
+                    timeline("the primary already runs the new values: no switchover")
+                    break
+                switched = _switch(cluster, original, host, max_lag_bytes, max_transaction_age_seconds, timeline)
+                continue
+            outcome = ensure_member_restarted(cluster, host, todo)
+            timeline(outcome)
+            if "not restarted" not in outcome:
+                restarted.append(host)
+            wait_until_replicas_streaming(cluster, max_lag_bytes=max_lag_bytes, hosts=[host], timeout=300)
+            timeline(f"{host} streams again")
+        if switch_back and switched and original:
+            _switch(cluster, switched, original, max_lag_bytes, max_transaction_age_seconds, timeline)
+        logger.info("4. Verify: every member runs the new values, none pending a restart.")
+        table = wait_until_settings_in_effect(cluster, todo)
+        rows = wait_until_replicas_streaming(cluster, max_lag_bytes=max_lag_bytes)
+    create_table_artifact(key=f"change-settings-{cluster}", table=timeline.rows,
+                          description=f"change_settings on {cluster}")
+    create_table_artifact(key=f"settings-{cluster}", table=table, description=f"Values per member on {cluster}")
+    logger.info("Done: %s in effect on every member.", ", ".join(todo))
+    return {**summary, "changed": True, "restarted": restarted, "switchover": switched,
+            "timeline": timeline.rows, "members": table, "topology": rows}
