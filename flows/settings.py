@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows.runbook import dry_run_done, holding, publish_plan
-from flows.switchover import Timeline
+from flows.switchover import Timeline, _expected
 from tasks.errors import PreflightRefused
 from tasks.etcd import ensure_etcd_leader_off_primary
 from tasks.ha import wait_until_replicas_streaming
@@ -33,7 +33,8 @@ def _switch(cluster: str, primary: str, candidate: str, max_lag_bytes: int, max_
     if not check:
         raise PreflightRefused(*check.refusals)
     ensure_switchover(cluster, primary, candidate)
-    new = wait_until_primary_is(cluster, candidate, not_host=primary)
+    # stolon's sentinel elects the new master itself: any member but the old primary will do.
+    new = wait_until_primary_is(cluster, _expected(cluster, candidate, primary), not_host=primary)
     timeline(f"switchover {primary} → {new}")
     timeline(ensure_etcd_leader_off_primary(cluster))
     # The old primary shuts down and rejoins as a standby: restarted before it streams, it would
