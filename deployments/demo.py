@@ -64,6 +64,8 @@ def _figure(flow: str, result) -> str:
     if flow == "change_settings":
         changed = ", ".join(f"{c['name']} {c['old']}→{c['new']}" for c in result.get("changes", []))
         return f"{changed}; restarted {', '.join(result.get('restarted', [])) or 'none'}, switchover to {result.get('switchover')}"
+    if flow in ("pause_ha", "resume_ha"):
+        return f"paused: {result.get('paused')}, changed: {result.get('changed')}"
     if flow == "rotate_certificates":
         return f"{result.get('replaced', 0)} certificates replaced on {result.get('hosts', 0)} hosts (new keys)"
     if flow == "tab_job":
@@ -115,6 +117,9 @@ def run_demo(skip: set[str] | None = None) -> int:
         # A reload-only parameter and one that needs a restart: rolled member by member with one
         # switchover.
         ("change_settings", {"parameters": {"work_mem": "32MB", "shared_buffers": "144MB"}}),
+        # Maintenance mode around work on the hosts: automatic failover off, then on again.
+        ("pause_ha", {}),
+        ("resume_ha", {}),
         # Day 2: a standby leaves for good (its data wiped) and is added back as a fresh one.
         ("remove_member", {"host": "pg4", "wipe": True, "confirm": "pg4"}),
         ("add_standby", {"host": "pg4"}),

@@ -22,6 +22,8 @@ FLOWS = {
     "tab_job": "flows.tab_job:tab_job",
     "rotate_certificates": "flows.rotate_certificates:rotate_certificates",
     "change_settings": "flows.settings:change_settings",
+    "pause_ha": "flows.maintenance:pause_ha",
+    "resume_ha": "flows.maintenance:resume_ha",
 }
 
 

@@ -25,9 +25,10 @@ from tasks.settings import (
 
 
 def _switch(cluster: str, primary: str, candidate: str, max_lag_bytes: int, max_transaction_age_seconds: float,
-            timeline: Timeline) -> str:
-    """One planned switchover, checked afresh just before (lag and open transactions)."""
-    check = is_switchover_safe(cluster, candidate, max_lag_bytes, max_transaction_age_seconds)
+            while_paused: bool, timeline: Timeline) -> str:
+    """One planned switchover, checked afresh just before (lag, open transactions, a pause)."""
+    check = is_switchover_safe(cluster, candidate, max_lag_bytes, max_transaction_age_seconds, while_paused,
+                               runbook="change_settings")
     if check.already_done:
         return candidate
     if not check:
@@ -47,17 +48,19 @@ def _switch(cluster: str, primary: str, candidate: str, max_lag_bytes: int, max_
 @flow(name="change_settings", persist_result=True)
 def change_settings(cluster: str = "lab", parameters: dict[str, str] | None = None, switch_back: bool = False,
                     max_lag_bytes: int = 1024 * 1024, max_transaction_age_seconds: float = 300,
-                    dry_run: bool = False) -> dict:
+                    while_paused: bool = False, dry_run: bool = False) -> dict:
     """1. Pre-flight (read-only)  2. Plan (dry_run stops here)  3. Act through the HA manager  4. Verify.
 
     `parameters`: {"work_mem": "64MB", ...}, values as in postgresql.conf. `switch_back`: after a
-    rolling restart, the original primary becomes the primary again (one more switchover)."""
+    rolling restart, the original primary becomes the primary again (one more switchover).
+    `while_paused`: roll a restart through although the HA manager is paused (pause_ha), which
+    is refused otherwise; a reload-only change needs no such word."""
     logger = get_run_logger()
     timeline = Timeline()
     parameters = dict(parameters or {})
     logger.info("1. Pre-flight (read-only): every name and value against pg_settings on every member.")
     with holding(cluster, "change_settings", dry_run=dry_run):
-        check = is_settings_change_valid(cluster, parameters, max_lag_bytes)
+        check = is_settings_change_valid(cluster, parameters, max_lag_bytes, while_paused)
         publish_plan("change_settings", cluster, check.plan, dry_run=dry_run)
         todo = {c.name: c.value for c in check.changes if c.needs != "nothing"}
         summary = {"changes": [asdict(c) for c in check.changes], "primary": check.primary}
@@ -76,7 +79,8 @@ def change_settings(cluster: str = "lab", parameters: dict[str, str] | None = No
                 if not is_primary_behind(cluster, todo):
                     timeline("the primary already runs the new values: no switchover")
                     break
-                switched = _switch(cluster, original, host, max_lag_bytes, max_transaction_age_seconds, timeline)
+                switched = _switch(cluster, original, host, max_lag_bytes, max_transaction_age_seconds, while_paused,
+                                   timeline)
                 continue
             outcome = ensure_member_restarted(cluster, host, todo)
             timeline(outcome)
@@ -85,7 +89,7 @@ def change_settings(cluster: str = "lab", parameters: dict[str, str] | None = No
             wait_until_replicas_streaming(cluster, max_lag_bytes=max_lag_bytes, hosts=[host], timeout=300)
             timeline(f"{host} streams again")
         if switch_back and switched and original:
-            _switch(cluster, switched, original, max_lag_bytes, max_transaction_age_seconds, timeline)
+            _switch(cluster, switched, original, max_lag_bytes, max_transaction_age_seconds, while_paused, timeline)
         logger.info("4. Verify: every member runs the new values, none pending a restart.")
         table = wait_until_settings_in_effect(cluster, todo)
         rows = wait_until_replicas_streaming(cluster, max_lag_bytes=max_lag_bytes)

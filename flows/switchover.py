@@ -82,15 +82,18 @@ def _verify(cluster: str, new_primary: str, old_primary: str | None, timeline: T
 
 @flow(name="switchover", persist_result=True)
 def switchover(cluster: str = "lab", candidate: str | None = None, max_lag_bytes: int = 1024 * 1024,
-               max_transaction_age_seconds: float = 300, dry_run: bool = False) -> dict:
-    """1. Pre-flight (read-only)  2. Plan (dry_run stops here)  3. Act through the HA driver  4. Verify."""
+               max_transaction_age_seconds: float = 300, while_paused: bool = False, dry_run: bool = False) -> dict:
+    """1. Pre-flight (read-only)  2. Plan (dry_run stops here)  3. Act through the HA driver  4. Verify.
+
+    `while_paused`: switch over although the HA manager is paused (pause_ha), which is refused
+    otherwise: someone is working on the hosts."""
     logger = get_run_logger()
     timeline = Timeline()
     context_for(cluster, fresh=True)
     logger.info("1. Pre-flight (read-only): candidate health, lag, open transactions, routing.")
     # Pre-flight runs under the lock: nothing may change the roles between the check and the act.
     with holding(cluster, "switchover", dry_run=dry_run):
-        check = is_switchover_safe(cluster, candidate, max_lag_bytes, max_transaction_age_seconds)
+        check = is_switchover_safe(cluster, candidate, max_lag_bytes, max_transaction_age_seconds, while_paused)
         old, new = check.primary, check.candidate
         publish_plan("switchover", cluster, switchover_action_plan(old, new, check.refusals, check.already_done),
                      dry_run=dry_run)
@@ -119,8 +122,9 @@ def switchover(cluster: str = "lab", candidate: str | None = None, max_lag_bytes
 
 @flow(name="failover", persist_result=True)
 def failover(cluster: str = "lab", force: bool = False, max_data_loss_bytes: int = 1024 * 1024,
-             decision_timeout_seconds: int = 3600, dry_run: bool = False) -> dict:
+             decision_timeout_seconds: int = 3600, while_paused: bool = False, dry_run: bool = False) -> dict:
     """For a dead primary: promote the most advanced standby; ask a human when that may lose data.
+    `while_paused`: although the HA manager is paused (pause_ha), which is refused otherwise.
 
     1. Pre-flight (read-only)  2. Plan (dry_run stops here)  3. Act  4. Verify."""
     logger = get_run_logger()
@@ -128,7 +132,7 @@ def failover(cluster: str = "lab", force: bool = False, max_data_loss_bytes: int
     context_for(cluster, fresh=True)
     logger.info("1. Pre-flight (read-only): is the primary really gone; which standby is most advanced.")
     with holding(cluster, "failover", dry_run=dry_run):
-        check = is_failover_needed(cluster, force, max_data_loss_bytes)
+        check = is_failover_needed(cluster, force, max_data_loss_bytes, while_paused)
         candidate = check.candidate
         publish_plan("failover", cluster, failover_action_plan(check.primary, candidate, check.refusals,
                                                                check.reason, check.needs_human), dry_run=dry_run)

@@ -90,6 +90,75 @@ def ensure_cluster_initialized(cluster: str, host: str) -> list[str]:
     return units
 
 
+def read_paused(ctx: ClusterContext) -> bool:
+    """The HA manager's maintenance flag, asked on the first database host that can answer
+    (always False where the HA manager has no maintenance mode)."""
+    inv = ctx.inventory
+    driver = ha_driver(inv)
+    if not driver.has_maintenance_mode:
+        return False
+    errors = []
+    for host in inv.db_hosts:
+        try:
+            with ctx.remote(host) as remote:
+                return driver.is_paused(driver.parse_config(remote.run(driver.show_config_command(inv), check=False)))
+        except (RemoteError, HaStatusError) as exc:
+            errors.append(f"{host.name}: {str(exc).splitlines()[0]}")
+    raise HaStatusError("no database host could report the HA manager's settings: " + "; ".join(errors))
+
+
+@dataclass(frozen=True)
+class MaintenanceState:
+    """is_ha_paused's answer: the HA manager's maintenance mode, and its members as it sees them."""
+
+    ok: bool = field(init=False)  # paused
+    supported: bool
+    paused: bool
+    driver: str
+    members: tuple[tuple[str, str, bool], ...]  # (name, role, healthy)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ok", self.paused)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+@step(retries=1)
+def is_ha_paused(cluster: str) -> MaintenanceState:
+    """Read-only: is the HA manager in maintenance mode (pause_ha), and how are its members."""
+    ctx = context_for(cluster)
+    driver = ha_driver(ctx.inventory)
+    view = read_view(ctx)
+    paused = read_paused(ctx)
+    members = tuple((m.name, m.role, m.healthy) for m in view.members)
+    if not driver.has_maintenance_mode:
+        say(f"{driver.name} has no maintenance mode: automatic failover is always on.")
+    else:
+        say(f"{driver.name} is paused (maintenance mode): no automatic failover." if paused
+            else f"{driver.name} is running: automatic failover is on.", warning=paused)
+    return MaintenanceState(driver.has_maintenance_mode, paused, driver.name, members)
+
+
+@step(retries=1)
+def ensure_ha_paused(cluster: str, pause: bool) -> str:
+    """The HA manager's maintenance mode on (`pause`) or off; read first, so a retry or a rerun
+    changes nothing once it holds."""
+    ctx = context_for(cluster)
+    inv = ctx.inventory
+    driver = ha_driver(inv)
+    word = "paused" if pause else "resumed"
+    if read_paused(ctx) == pause:
+        return say(f"{driver.name} already is {word}; nothing changed.")
+    host = primary_of(ctx) or inv.db_hosts[0]
+    with ctx.remote(host) as remote:
+        for command in driver.maintenance_commands(inv, pause):
+            remote.run(command)
+    if read_paused(ctx) != pause:
+        raise VerifyFailed(f"{driver.name} reported success, but its settings do not say {word}")
+    return say(f"{driver.name} {word} on every member: automatic failover is {'off' if pause else 'on again'}.")
+
+
 def primary_of(ctx: ClusterContext) -> HostSpec | None:
     view = read_view(ctx)
     return ctx.inventory.host(view.leader) if view.leader else None

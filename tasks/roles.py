@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tasks.adapters.ha.base import ClusterView, HaStatusError
 from tasks.adapters.postgres import DatabaseUnavailable, Postgres, lsn_to_int
 from tasks.context import context_for
 from tasks.desired import ha_driver
 from tasks.errors import NotYet
-from tasks.ha import read_view, replication_rows
+from tasks.ha import read_paused, read_view, replication_rows
 from tasks.planning.roles import (
     CandidateState,
+    paused_refusals,
     plan_failover,
     plan_switchover,
     refuse_decided_candidate,
@@ -100,10 +101,12 @@ def _candidate_states(cluster: str, view: ClusterView) -> tuple[str | None, list
 
 @step(retries=1)
 def is_switchover_safe(cluster: str, candidate: str | None, max_lag_bytes: int,
-                       max_transaction_age_s: float) -> SwitchoverCheck:
+                       max_transaction_age_s: float, while_paused: bool = False,
+                       runbook: str = "switchover") -> SwitchoverCheck:
     """Read-only: who is primary, which standby takes over, and reasons to refuse."""
     ctx = context_for(cluster)
     view = read_view(ctx)
+    paused = read_paused(ctx)
     primary, states, _ = _candidate_states(cluster, view)
     oldest = 0.0
     if primary:
@@ -114,6 +117,9 @@ def is_switchover_safe(cluster: str, candidate: str | None, max_lag_bytes: int,
         max_lag_bytes=max_lag_bytes, oldest_transaction_s=oldest, max_transaction_age_s=max_transaction_age_s,
         synchronous=bool(ctx.inventory.cluster.postgres.synchronous_replication),
     )
+    if not plan.already_done:
+        plan = replace(plan, refusals=plan.refusals + paused_refusals(paused=paused, while_paused=while_paused,
+                                                                      runbook=runbook))
     if plan.already_done:
         say(f"{primary} already is the primary: nothing to switch.")
     else:
@@ -122,12 +128,18 @@ def is_switchover_safe(cluster: str, candidate: str | None, max_lag_bytes: int,
 
 
 @step(retries=1)
-def is_failover_needed(cluster: str, force: bool, max_lag_bytes: int) -> FailoverCheck:
+def is_failover_needed(cluster: str, force: bool, max_lag_bytes: int, while_paused: bool = False) -> FailoverCheck:
     ctx = context_for(cluster)
     view = read_view(ctx)
+    paused = read_paused(ctx)
     primary, states, _ = _candidate_states(cluster, view)
     plan = plan_failover(primary_alive=primary is not None, candidates=states, force=force, max_lag_bytes=max_lag_bytes)
-    say(f"Failover to {plan.candidate} ({plan.reason})." if plan.candidate else "No failover: " + plan.reason)
+    plan = replace(plan, refusals=plan.refusals + paused_refusals(paused=paused, while_paused=while_paused,
+                                                                  runbook="failover"))
+    if plan.refusals:
+        say("No failover: " + "; ".join(plan.refusals))
+    else:
+        say(f"Failover to {plan.candidate} ({plan.reason})." if plan.candidate else "No failover: " + plan.reason)
     return FailoverCheck(primary, plan.candidate, plan.refusals, plan.needs_human, plan.reason, plan.candidate_lag)
 
 

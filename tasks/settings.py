@@ -11,9 +11,10 @@ from tasks.adapters.postgres import DatabaseUnavailable, Postgres
 from tasks.context import ClusterContext, context_for
 from tasks.desired import archive_parameters, ha_driver
 from tasks.errors import NotYet, VerifyFailed
-from tasks.ha import read_view, replication_rows, require_primary
+from tasks.ha import read_paused, read_view, replication_rows, require_primary
 from tasks.hosts import cluster_secrets
 from tasks.planning.plan import ActionPlan
+from tasks.planning.roles import paused_refusals
 from tasks.planning.settings import (
     SETTINGS_QUERY,
     RestartStep,
@@ -83,7 +84,8 @@ def _caught_up(ctx: ClusterContext, view: ClusterView, max_lag_bytes: int) -> di
 
 
 @step(retries=1)
-def is_settings_change_valid(cluster: str, parameters: dict[str, str], max_lag_bytes: int) -> SettingsCheck:
+def is_settings_change_valid(cluster: str, parameters: dict[str, str], max_lag_bytes: int,
+                             while_paused: bool = False) -> SettingsCheck:
     """Read-only: every name and value checked against every member's pg_settings, what each
     change needs, and the rolling restart's order when one does."""
     ctx = context_for(cluster)
@@ -107,6 +109,9 @@ def is_settings_change_valid(cluster: str, parameters: dict[str, str], max_lag_b
         try:
             changes = plan_cluster_settings(parameters, rows_by_member, view.leader)
             refusals += ownership_refusals(parameters, primary_rows, managed, inv.cluster.postgres.parameters)
+            if not refusals and needs_restart(changes):
+                refusals += paused_refusals(paused=read_paused(ctx), while_paused=while_paused,
+                                            runbook="change_settings")
             if not refusals and needs_restart(changes):
                 order = restart_order(view, _caught_up(ctx, view, max_lag_bytes))
         except SettingsPlanError as exc:

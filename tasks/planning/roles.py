@@ -137,3 +137,34 @@ def refuse_decided_candidate(*, decided: str, primary_alive: bool, force: bool, 
         return (f"candidate: {decided} cannot be promoted (reachable={chosen.reachable}, "
                 f"in recovery={chosen.in_recovery})",)
     return ()
+
+
+def paused_refusals(*, paused: bool, while_paused: bool, runbook: str) -> tuple[str, ...]:
+    """A paused HA manager means someone is working on the hosts (pause_ha): a role change now
+    would act under their feet, so it needs saying so (`while_paused=True`)."""
+    if paused and not while_paused:
+        return (f"while_paused: the HA manager is paused (maintenance mode, set by pause_ha); resume_ha "
+                f"first, or run the {runbook} with while_paused=True",)
+    return ()
+
+
+def maintenance_plan(*, driver: str, supported: bool, paused: bool, pause: bool,
+                     members: list[tuple[str, str, bool]]) -> ActionPlan:
+    """pause_ha (`pause`) or resume_ha, given the HA manager's state now and its members as
+    (name, role, healthy)."""
+    if not supported:
+        return ActionPlan(refusals=(f"{driver} has no maintenance mode: its failover cannot be paused; move "
+                                    f"the primary away from a host before working on it (switchover)",))
+    if paused == pause:
+        return ActionPlan(nothing_to_do=f"The HA manager already is {'paused' if pause else 'running'}; nothing to do.")
+    if pause:
+        return ActionPlan((Action("cluster", f"pause {driver}: no automatic failover until resume_ha"),),
+                          notes=("While paused, a primary that fails stays down until a DBA acts: a "
+                                 "failover or switchover then needs while_paused=True.",))
+    unhealthy = [name for name, _, healthy in members if not healthy]
+    notes = (f"{driver} acts on what it finds once resumed: {', '.join(unhealthy)} "
+             f"{'is' if len(unhealthy) == 1 else 'are'} not healthy now and may be restarted, "
+             "re-cloned or failed over.",) if unhealthy else ()
+    if not any(role == "primary" and healthy for _, role, healthy in members):
+        notes += (f"No healthy primary now: once resumed, {driver} elects one (a failover).",)
+    return ActionPlan((Action("cluster", f"resume {driver}: automatic failover on again"),), notes=notes)

@@ -33,7 +33,7 @@ import yaml
 from blocks.inventory import Inventory, parse_inventory
 from tasks.adapters.backup.base import BackupDriver, BackupInputError, StoreSecrets
 from tasks.adapters.commands import Command, CommandResult, ManagedFile, Unit, chain
-from tasks.adapters.ha.base import ClusterView, DbSecrets, HaDriver, HaSettings
+from tasks.adapters.ha.base import ClusterView, DbSecrets, HaDriver, HaSettings, HaSpecError
 from tasks.adapters.objectstore_server import (
     ObjectStoreServer,
     ObjectStoreSpecError,
@@ -333,6 +333,9 @@ NOT_STEPS = {
         "pitr_init_commands": "only where restores_itself (stolon's initMode pitr; test_stolon_driver_pitr.py); "
                               "under Patroni restore_cluster restores with restore_commands(archive=True) and "
                               "deletes Patroni's state in etcd; test_only_the_driver_that_restores_itself_inits_pitr",
+        "maintenance_commands": "only where has_maintenance_mode (Patroni's pause); pause_ha refuses elsewhere "
+                                "before asking; test_only_a_driver_with_a_maintenance_mode_pauses",
+        "is_paused": "reads parse_config's result; test_only_a_driver_with_a_maintenance_mode_pauses",
     },
     BackupDriver: {
         "parse_list": "a parser of list_command's output, on recorded output in test_walg_driver.py and "
@@ -546,6 +549,20 @@ def test_only_the_driver_that_restores_itself_inits_pitr(stack: Stack) -> None:
     else:
         with pytest.raises(NotImplementedError):
             stack.ha.pitr_init_commands(stack.inv, "fetch %d", "fetch %f %p", RESTORE_TIME)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_only_a_driver_with_a_maintenance_mode_pauses(stack: Stack) -> None:
+    assert stack.ha.is_paused({}) is False
+    if stack.ha.has_maintenance_mode:
+        for paused in (True, False):
+            (command,) = stack.ha.maintenance_commands(stack.inv, paused)
+            assert command.timeout and ("pause" if paused else "resume") in command.argv
+        assert stack.ha.is_paused({"pause": True}) is True
+    else:
+        assert stack.ha.is_paused({"pause": True}) is False
+        with pytest.raises(HaSpecError, match="no maintenance mode"):
+            stack.ha.maintenance_commands(stack.inv, True)
 
 
 # ----------------------------------------------------------------------------- commands: timeouts and secrets

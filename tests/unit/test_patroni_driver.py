@@ -643,6 +643,37 @@ def test_restart_counts_only_patronictls_success_line(printed: str, status: int,
     assert printed in done.stdout
 
 
+@pytest.mark.parametrize(("paused", "printed", "status", "ok"), [
+    (True, "'pause' request sent, waiting until it is recognized by all nodes\nSuccess: cluster management is paused",
+     0, True),
+    (False, "Success: cluster management is resumed", 0, True),
+    # --wait ran out: patronictl still exits 0.
+    (True, "pg2 members didn't recognized pause state after 10 seconds", 0, False),
+    (True, "Failed: pause cluster management status code=503, (no)", 0, False),
+    (True, "Error: Cluster is already paused", 1, False),
+    (False, "Success: cluster management is paused", 0, False),  # the other word is no success
+], ids=["paused", "resumed", "wait-ran-out", "failed", "already", "wrong-word"])
+def test_maintenance_counts_only_patronictls_success_line(paused: bool, printed: str, status: int, ok: bool) -> None:
+    import subprocess
+
+    (c,) = driver.maintenance_commands(INV, paused)
+    assert c.user == "postgres"
+    assert list(c.argv[c.argv.index("bouwsteen") + 1:]) == ["patronictl", "-c", CONFIG_PATH,
+                                                           "pause" if paused else "resume", "--wait", "lab"]
+    script_text = c.argv[c.argv.index("bouwsteen") - 1]
+    fake = ["bash", "-c", f"printf '%s\\n' {shlex.quote(printed)}; exit {status}"]
+    done = subprocess.run(["bash", "-c", script_text, "bouwsteen", *fake], capture_output=True, text=True, timeout=10)
+    assert (done.returncode == 0) is ok
+
+
+@pytest.mark.parametrize(("config", "paused"), [
+    ({}, False), ({"pause": None}, False), ({"pause": True}, True), ({"pause": "on"}, True),
+    ({"pause": "yes"}, True), ({"pause": False}, False), ({"pause": "off"}, False), ({"pause": "maybe"}, False),
+])
+def test_paused_as_patroni_reads_its_setting(config: dict, paused: bool) -> None:
+    assert driver.is_paused(config) is paused
+
+
 def test_managed_parameters_are_what_bouwsteen_and_patroni_set() -> None:
     managed = driver.managed_parameters(make_inventory(postgres={"parameters": {"Work_Mem": "16MB"}}), ARCHIVE)
     assert managed["work_mem"] == "16MB" and managed["wal_level"] == "replica"

@@ -1,4 +1,4 @@
-"""tasks/planning/roles.py: plan_switchover and plan_failover, table-driven."""
+"""tasks/planning/roles.py: plan_switchover, plan_failover and the maintenance mode, table-driven."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from tasks.planning.roles import (
     CandidateState,
     FailoverPlan,
     SwitchoverPlan,
+    maintenance_plan,
+    paused_refusals,
     plan_failover,
     plan_switchover,
     refuse_decided_candidate,
@@ -332,3 +334,45 @@ def test_decided_candidate_is_checked_like_the_preflight(decided: str, primary_a
         assert refusals == ()
     else:
         assert len(refusals) == 1 and refused in refusals[0]
+
+
+# ------------------------------------------------------------------ maintenance mode (pause_ha / resume_ha)
+
+@pytest.mark.parametrize(("paused", "while_paused", "refused"), [
+    (False, False, False), (False, True, False), (True, True, False), (True, False, True),
+])
+def test_a_role_change_while_paused_needs_saying_so(paused, while_paused, refused):
+    refusals = paused_refusals(paused=paused, while_paused=while_paused, runbook="failover")
+    assert bool(refusals) is refused
+    if refused:
+        assert refusals[0].startswith("while_paused: the HA manager is paused")
+        assert "resume_ha first, or run the failover with while_paused=True" in refusals[0]
+
+
+HEALTHY = [("pg1", "primary", True), ("pg2", "replica", True)]
+
+
+@pytest.mark.parametrize(("supported", "paused", "pause", "members", "rows", "refusal", "notes"), [
+    (True, False, True, HEALTHY, ["pause patroni: no automatic failover until resume_ha"], None,
+     ["While paused, a primary that fails stays down"]),
+    (True, True, True, HEALTHY, [], None, []),
+    (True, False, False, HEALTHY, [], None, []),
+    (True, True, False, HEALTHY, ["resume patroni: automatic failover on again"], None, []),
+    (True, True, False, [("pg1", "primary", True), ("pg2", "replica", False)],
+     ["resume patroni: automatic failover on again"], None, ["pg2 is not healthy now"]),
+    (True, True, False, [("pg1", "unknown", False), ("pg2", "replica", True), ("pg3", "replica", False)],
+     ["resume patroni: automatic failover on again"], None, ["pg1, pg3 are not healthy now", "No healthy primary"]),
+    (False, False, True, HEALTHY, [], "has no maintenance mode", []),
+    (False, False, False, HEALTHY, [], "has no maintenance mode", []),
+], ids=["pause", "pause-again", "resume-running", "resume", "resume-unhealthy-standby", "resume-no-primary",
+        "stolon-pause", "stolon-resume"])
+def test_maintenance_plan(supported, paused, pause, members, rows, refusal, notes):
+    plan = maintenance_plan(driver="patroni" if supported else "stolon", supported=supported, paused=paused,
+                            pause=pause, members=members)
+    assert [r["plan"] for r in plan.rows()] == rows
+    if refusal:
+        assert len(plan.refusals) == 1 and refusal in plan.refusals[0] and not plan.is_noop
+    else:
+        assert plan.refusals == ()
+    assert plan.is_noop is (not rows and not refusal)
+    assert len(plan.notes) == len(notes) and all(n in note for n, note in zip(notes, plan.notes))

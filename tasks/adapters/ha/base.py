@@ -93,6 +93,10 @@ class HaDriver(ABC):
     # etcd is gone). True: the HA manager itself, from the backup tool's commands (stolon's
     # `initMode: pitr`), with `pitr_init_commands`.
     restores_itself: bool = False
+    # The HA manager can be told to stop acting on its own (no automatic failover, no restarts of
+    # a stopped PostgreSQL) while people work on the hosts: Patroni's pause. stolon has none: its
+    # sentinel fails over a master whose keeper is unhealthy for failInterval, always.
+    has_maintenance_mode: bool = False
 
     @abstractmethod
     def packages(self, inv: Inventory) -> list[str]:
@@ -238,6 +242,15 @@ class HaDriver(ABC):
         the value it sets (from the inventory, bouwsteen's defaults, archiving, TLS); None where
         the HA manager owns the parameter outright and no value may be given. change_settings
         refuses to set one of them to anything else: the next build_cluster would put it back."""
+
+    def maintenance_commands(self, inv: Inventory, paused: bool) -> list[Command]:
+        """Run on a database host: the HA manager's maintenance mode switched on (`paused`) or off,
+        returning once every member has taken it (or failing). Only where `has_maintenance_mode`."""
+        raise HaSpecError(f"{self.name} has no maintenance mode: automatic failover cannot be paused")
+
+    def is_paused(self, config: dict) -> bool:
+        """Whether the HA manager's settings (`parse_config`) say maintenance mode is on."""
+        return False
 
     def restore_stopped_units(self, inv: Inventory, host: HostSpec) -> list[str]:
         """Units restore_cluster stops on every member before the restore, in start order (it

@@ -74,8 +74,20 @@ def patronictl(*args: str, timeout: float = 30) -> Command:
     return cmd("patronictl", "-c", CONFIG_PATH, *args, timeout=timeout, user="postgres")
 
 
+def _until_success(success: str, *args: str, timeout: float, description: str) -> Command:
+    """patronictl as postgres, where only its success line counts: it exits 0 after the REST
+    API's "Failed: ..." answer too, and after a `--wait` that ran out."""
+    argv = patronictl(*args, timeout=timeout).argv
+    text = ('out=$("$@" 2>&1); status=$?\n'
+            'printf "%s\\n" "$out"\n'
+            f'case $out in *"{success}"*) exit "$status" ;; esac\n'
+            'exit 1\n')
+    return script(text, args=argv, user="postgres", timeout=timeout, description=description)
+
+
 class PatroniDriver(HaDriver):
     name = "patroni"
+    has_maintenance_mode = True
 
     def packages(self, inv: Inventory) -> list[str]:
         # openssl: tls_reloaded_commands asks the REST API which certificate it presents.
@@ -404,15 +416,20 @@ class PatroniDriver(HaDriver):
         return patronictl("show-config", inv.cluster.name, timeout=20)
 
     def restart_commands(self, inv: Inventory, host: str) -> list[Command]:
-        # patronictl exits 0 when the REST API answers "Failed: restart for member ..." too: only
-        # its "Success" line says PostgreSQL came back. The REST call returns once it has.
-        argv = patronictl("restart", "--force", inv.cluster.name, host, timeout=300).argv
-        text = ('out=$("$@" 2>&1); status=$?\n'
-                'printf "%s\\n" "$out"\n'
-                'case $out in *"Success: restart on member"*) exit "$status" ;; esac\n'
-                'exit 1\n')
-        return [script(text, args=argv, user="postgres", timeout=300,
-                       description=f"patronictl restart {inv.cluster.name} {host}")]
+        # The REST call returns once PostgreSQL is back (or has failed to come back).
+        return [_until_success("Success: restart on member", "restart", "--force", inv.cluster.name, host,
+                               timeout=300, description=f"patronictl restart {inv.cluster.name} {host}")]
+
+    def maintenance_commands(self, inv: Inventory, paused: bool) -> list[Command]:
+        # --wait: until every member's REST API reports the new state (it polls the DCS for
+        # loop_wait + 1 s). patronictl exits 1 when the state already holds; a runbook reads it first.
+        verb, done = ("pause", "paused") if paused else ("resume", "resumed")
+        return [_until_success(f"Success: cluster management is {done}", verb, "--wait", inv.cluster.name,
+                               timeout=90, description=f"patronictl {verb} --wait {inv.cluster.name}")]
+
+    def is_paused(self, config: dict) -> bool:
+        # Patroni's own reading (global_config.check_mode, utils.parse_bool).
+        return str(config.get("pause")).strip().lower() in ("true", "on", "yes", "1")
 
     def managed_parameters(self, inv: Inventory, extra_parameters: dict[str, str]) -> dict[str, str | None]:
         owned: dict[str, str | None] = dict.fromkeys(PATRONI_OWNED_PARAMETERS)
