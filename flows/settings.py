@@ -9,11 +9,16 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows.runbook import dry_run_done, holding, publish_plan
-from flows.switchover import Timeline, _expected
+from flows.switchover import Timeline
 from tasks.errors import PreflightRefused
 from tasks.etcd import ensure_etcd_leader_off_primary
 from tasks.ha import wait_until_replicas_streaming
-from tasks.roles import ensure_switchover, is_switchover_safe, wait_until_primary_is
+from tasks.roles import (
+    ensure_switchover,
+    expected_new_primary,
+    is_switchover_safe,
+    wait_until_primary_is,
+)
 from tasks.settings import (
     ensure_member_restarted,
     ensure_parameters_configured,
@@ -35,7 +40,7 @@ def _switch(cluster: str, primary: str, candidate: str, max_lag_bytes: int, max_
         raise PreflightRefused(*check.refusals)
     ensure_switchover(cluster, primary, candidate)
     # stolon's sentinel elects the new master itself: any member but the old primary will do.
-    new = wait_until_primary_is(cluster, _expected(cluster, candidate, primary), not_host=primary)
+    new = wait_until_primary_is(cluster, expected_new_primary(cluster, candidate, primary), not_host=primary)
     timeline(f"switchover {primary} → {new}")
     timeline(ensure_etcd_leader_off_primary(cluster))
     # The old primary shuts down and rejoins as a standby: restarted before it streams, it would
@@ -82,9 +87,9 @@ def change_settings(cluster: str = "lab", parameters: dict[str, str] | None = No
                 switched = _switch(cluster, original, host, max_lag_bytes, max_transaction_age_seconds, while_paused,
                                    timeline)
                 continue
-            outcome = ensure_member_restarted(cluster, host, todo)
-            timeline(outcome)
-            if "not restarted" not in outcome:
+            restart = ensure_member_restarted(cluster, host, todo)
+            timeline(restart.outcome)
+            if restart.restarted:
                 restarted.append(host)
             wait_until_replicas_streaming(cluster, max_lag_bytes=max_lag_bytes, hosts=[host], timeout=300)
             timeline(f"{host} streams again")

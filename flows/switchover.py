@@ -13,7 +13,6 @@ from pydantic import Field
 from blocks.inventory import HOSTNAME
 from flows.runbook import dry_run_done, holding, publish_plan
 from tasks.context import context_for
-from tasks.desired import ha_driver
 from tasks.errors import DeadlineExceeded, PreflightRefused, VerifyFailed
 from tasks.etcd import ensure_etcd_leader_off_primary
 from tasks.ha import wait_until_primary_port_routes, wait_until_replicas_streaming
@@ -22,6 +21,7 @@ from tasks.planning.roles import failover_action_plan, switchover_action_plan
 from tasks.roles import (
     ensure_failover,
     ensure_switchover,
+    expected_new_primary,
     is_decided_candidate_fit,
     is_failover_needed,
     is_switchover_safe,
@@ -45,14 +45,6 @@ class Timeline:
 
     def __call__(self, event: str) -> None:
         self.rows.append({"at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event})
-
-
-def _expected(cluster: str, candidate: str, old: str | None) -> str | None:
-    """The new primary to wait for: the candidate, unless the HA manager elects one itself (then
-    any member but the old primary will do)."""
-    if old is None or ha_driver(context_for(cluster).inventory).targets_candidate:
-        return candidate
-    return None
 
 
 def _verify(cluster: str, new_primary: str, old_primary: str | None, timeline: Timeline, logger) -> list[dict]:
@@ -108,7 +100,7 @@ def switchover(cluster: str = "lab", candidate: str | None = None, max_lag_bytes
             logger.info("3. Act: switchover through the HA manager, then etcd's leader off the new primary's host.")
             ensure_switchover(cluster, old, new)
             timeline("switchover requested")
-        new = wait_until_primary_is(cluster, _expected(cluster, new, old), not_host=old)
+        new = wait_until_primary_is(cluster, expected_new_primary(cluster, new, old), not_host=old)
         timeline(f"{new} accepts writes")
         timeline(ensure_etcd_leader_off_primary(cluster))
         logger.info("4. Verify: standbys streaming (the old primary among them), rw through the VIP.")
@@ -157,7 +149,7 @@ def failover(cluster: str = "lab", force: bool = False, max_data_loss_bytes: int
         logger.info("3. Act: failover to %s through the HA manager, then etcd's leader off its host.", candidate)
         ensure_failover(cluster, candidate)
         timeline("failover requested")
-        new = wait_until_primary_is(cluster, _expected(cluster, candidate, check.primary), not_host=check.primary)
+        new = wait_until_primary_is(cluster, expected_new_primary(cluster, candidate, check.primary), not_host=check.primary)
         timeline(f"{new} accepts writes")
         timeline(ensure_etcd_leader_off_primary(cluster))
         logger.info("4. Verify: standbys streaming, rw through the VIP.")

@@ -185,6 +185,14 @@ def ensure_failover(cluster: str, candidate: str) -> str:
     return say(f"Failover to {candidate} requested through {driver.name}.")
 
 
+def expected_new_primary(cluster: str, candidate: str, old: str | None) -> str | None:
+    """The new primary a role change waits for: the candidate, unless the HA manager elects one
+    itself (stolon's sentinel; then any member but the old primary will do)."""
+    if old is None or ha_driver(context_for(cluster).inventory).targets_candidate:
+        return candidate
+    return None
+
+
 @step(retries=0)
 def wait_until_primary_is(cluster: str, expected: str | None, not_host: str | None = None, timeout: float = 120) -> str:
     """PostgreSQL itself (not only the HA manager) must accept writes on the new primary."""

@@ -162,23 +162,33 @@ def wait_until_settings_reloaded(cluster: str, parameters: dict[str, str], timeo
     return say("Every member has reloaded the new configuration.")
 
 
+@dataclass(frozen=True)
+class MemberRestart:
+    """ensure_member_restarted's outcome: whether `host` was restarted, and for which parameters."""
+
+    host: str
+    restarted: bool
+    parameters: tuple[str, ...]  # the new values it did not run before (empty: not restarted)
+    outcome: str  # the step's sentence, for the run's timeline
+
+
 # Retried only on transient errors (a member that does not answer yet): a restart is no promote.
 @step(retries=2)
-def ensure_member_restarted(cluster: str, host: str, parameters: dict[str, str]) -> str:
+def ensure_member_restarted(cluster: str, host: str, parameters: dict[str, str]) -> MemberRestart:
     """`host` (a standby) restarted through the HA manager, unless it already runs every new
     value (a rerun after a run cut short skips the members it restarted)."""
     ctx = context_for(cluster)
     inv = ctx.inventory
     behind = member_needs_restart(parameters, member_settings(ctx, host))
     if not behind:
-        return say(f"{host} already runs the new values; not restarted.")
+        return MemberRestart(host, False, (), say(f"{host} already runs the new values; not restarted."))
     view = read_view(ctx)
     if view.leader == host:
         raise VerifyFailed(f"{host} is the primary; the rolling restart restarts standbys only")
     with ctx.remote(host) as remote:
         for command in ha_driver(inv).restart_commands(inv, host):
             remote.run(command)
-    return say(f"{host} restarted for {', '.join(behind)}.")
+    return MemberRestart(host, True, tuple(behind), say(f"{host} restarted for {', '.join(behind)}."))
 
 
 @step(retries=1)
