@@ -551,6 +551,9 @@ class Inventory(Strict):
                 raise ValueError(f"cluster.routing.vip: {routing.vip} is already the address of a host")
             if len(self.with_role(Role.router)) < 1:
                 raise ValueError("cluster.routing: set, but no host has role 'router'")
+            # keepalived's priorities are 250, 240, ... (routing config), and VRRP's lowest is 1.
+            if len(self.with_role(Role.router)) > 25:
+                raise ValueError("hosts: at most 25 hosts may have role 'router' (one VRRP group)")
         store = self.cluster.object_store
         if store is not None:
             host = self.find(store.host)

@@ -49,6 +49,15 @@ class ProbeReport:
         edges = [self.attempts[0].sent, *acks, self.attempts[-1].sent]
         return max(b - a for a, b in zip(edges, edges[1:])) if len(edges) > 1 else 0.0
 
+    def gaps(self, min_seconds: float) -> list[float]:
+        """Every time between two consecutive acknowledged commits (start and end included) of at
+        least `min_seconds`: the outages of a run that has several (a rolling restart)."""
+        acks = [a.sent + (a.latency or 0) for a in self.acknowledged]
+        if not self.attempts:
+            return []
+        edges = [self.attempts[0].sent, *acks, self.attempts[-1].sent]
+        return [b - a for a, b in zip(edges, edges[1:]) if b - a >= min_seconds]
+
     def gap_window(self) -> tuple[float, float]:
         acks = [a.sent + (a.latency or 0) for a in self.acknowledged]
         edges = [self.attempts[0].sent, *acks, self.attempts[-1].sent] if self.attempts else [0.0, 0.0]

@@ -272,12 +272,14 @@ frontend primary
     default_backend primary
 
 backend primary
+    retries 0
     option httpchk
     http-check send meth GET uri /primary
     http-check expect status 200
     http-check expect rstring '"role": *"primary"'
-    default-server inter 1s fastinter 500ms downinter 500ms fall 2 rise 1 on-marked-down shutdown-sessions check port 8008 maxconn 1000
-    server pg1 172.29.66.11:5432
+    http-check expect rstring '"state": *"running"'
+    default-server inter 500ms fastinter 500ms downinter 500ms fall 2 rise 1 observe layer4 error-limit 1 on-error mark-down on-marked-down shutdown-sessions check port 8008 maxconn 1000
+    server pg1 172.29.66.11:5432 downinter 200ms
     server pg2 172.29.66.12:5432
     server pg3 172.29.66.13:5432
 
@@ -296,9 +298,12 @@ def test_primary_proxy_file_is_haproxy_checking_patroni() -> None:
     (proxy,) = [f for f in driver.host_files(INV, INV.host("pg1"), SECRETS, ARCHIVE) if f.path == HAPROXY_CFG]
     assert (proxy.owner, proxy.mode, proxy.secret) == ("root", 0o644, False)
     assert proxy.content == PG1_PRIMARY_PROXY
-    # Every host's file differs only in what it binds.
+    # Every host's file differs only in what it binds and which server it asks more often while
+    # down: itself, the one its port waits for after a switchover to it.
     pg2 = driver.render_primary_proxy(INV, INV.host("pg2"))
-    assert pg2 == PG1_PRIMARY_PROXY.replace("bind 172.29.66.11:25432", "bind 172.29.66.12:25432")
+    assert pg2 == (PG1_PRIMARY_PROXY.replace("bind 172.29.66.11:25432", "bind 172.29.66.12:25432")
+                   .replace("172.29.66.11:5432 downinter 200ms", "172.29.66.11:5432")
+                   .replace("server pg2 172.29.66.12:5432\n    server pg3", "server pg2 172.29.66.12:5432 downinter 200ms\n    server pg3", 1))
 
 
 def test_primary_proxy_follows_inventory_ports() -> None:

@@ -214,8 +214,8 @@ def keepalived(inv: Inventory, router: str, secrets: RoutingSecrets = SECRETS) -
 @pytest.mark.parametrize(
     ("router", "priority", "src", "peers"),
     [
-        ("router1", 100, "10.0.0.31", ["10.0.0.32"]),
-        ("router2", 90, "10.0.0.32", ["10.0.0.31"]),
+        ("router1", 250, "10.0.0.31", ["10.0.0.32"]),
+        ("router2", 240, "10.0.0.32", ["10.0.0.31"]),
     ],
 )
 def test_keepalived_per_router(router: str, priority: int, src: str, peers: list[str]) -> None:
@@ -245,7 +245,7 @@ def test_keepalived_priorities_differ_per_router() -> None:
         block = render_keepalived(three, three.host(router), SECRETS).split("unicast_peer {\n", 1)[1].split("}", 1)[0]
         assert sorted(block.split()) == sorted(a for n, a in {"router1": "10.0.0.31", "router2": "10.0.0.32",
                                                                "router3": "10.0.0.33"}.items() if n != router)
-    assert priorities == [100, 90, 80]
+    assert priorities == [250, 240, 230]
 
 
 @pytest.mark.parametrize(
@@ -443,7 +443,7 @@ backend postgres_rw
     option httpchk
     http-check send meth GET uri-lf /v1/primary/%[srv_name]?group=lab
     http-check expect status 200
-    default-server inter 1s fastinter 500ms downinter 500ms fall 2 rise 1 on-marked-down shutdown-sessions check port 8080 addr 127.0.0.1 maxconn 1000
+    default-server inter 1s fastinter 500ms downinter 250ms fall 2 rise 1 on-marked-down shutdown-sessions check port 8080 addr 127.0.0.1 maxconn 1000
     server pg1 172.29.66.11:25432
     server pg2 172.29.66.12:25432
     server pg3 172.29.66.13:25432
@@ -491,7 +491,7 @@ vrrp_instance VI_lab {
     state BACKUP
     interface eth0
     virtual_router_id 132
-    priority 100
+    priority 250
     advert_int 1
     nopreempt
     authentication {
@@ -601,7 +601,7 @@ vrrp_instance VI_lab {
     state BACKUP
     interface eth0
     virtual_router_id 132
-    priority 90
+    priority 240
     advert_int 1
     nopreempt
     authentication {

@@ -60,6 +60,8 @@ PATRONI_OWNED_PARAMETERS = ("listen_addresses", "port", "cluster_name", "data_di
 
 # Patroni's health JSON (json.dumps) says "role": "primary" once PostgreSQL is out of recovery.
 PRIMARY_ROLE_BODY = "'\"role\": *\"primary\"'"
+# ... and "state": "running" while PostgreSQL runs ("stopping" from the moment Patroni stops it).
+RUNNING_STATE_BODY = "'\"state\": *\"running\"'"
 
 _ROLE = {
     "leader": "primary",
@@ -258,6 +260,9 @@ class PatroniDriver(HaDriver):
         check_tls = f" check-ssl verify required ca-file {pki.PG_CA} crt {REST_CHECK_PEM}" if tls else ""
         servers = [f"    server {h.name} {h.address}:{inv.cluster.postgres.port}"
                    + (f" verifyhost {h.name}" if tls else "") for h in inv.db_hosts]
+        # The routers send a new primary's clients to its own port: that is the one check the
+        # write gap waits for, so this host asks its own Patroni more often while it is down.
+        routed = [line + (" downinter 200ms" if h.name == host.name else "") for h, line in zip(inv.db_hosts, servers)]
         lines = haproxy.preamble(f"Managed by bouwsteen (build_cluster / add_standby): port {spec.proxy_port} "
                                  "leads to the primary. Local edits are overwritten.")
         lines += [
@@ -270,16 +275,26 @@ class PatroniDriver(HaDriver):
             "    default_backend primary",
             "",
             "backend primary",
+            # A switchover's old primary keeps answering /primary for a moment after its PostgreSQL
+            # has stopped: a connection refused there marks it down at once (observe layer4) and
+            # fails at once (no retries, whose turnaround is a second each), so the client's own
+            # retry finds the new primary instead of hanging on the old one (2 s on the lab).
+            "    retries 0",
             # /primary answers 200 while Patroni holds the leader key, even before PostgreSQL has left
             # recovery; the body's role says it has, so a promotion is only routed once it can write.
+            # A demoting primary keeps the key and the role until about a second after its
+            # PostgreSQL began to stop, which its state ("stopping") says at once: while it still
+            # counted, the frontend saw two primaries and refused the new one (a second per switchover).
             "    option httpchk",
             "    http-check send meth GET uri /primary",
             "    http-check expect status 200",
             f"    http-check expect rstring {PRIMARY_ROLE_BODY}",
+            f"    http-check expect rstring {RUNNING_STATE_BODY}",
             # stolon-proxy closes its clients' connections when the master moves; so does this.
-            "    default-server inter 1s fastinter 500ms downinter 500ms fall 2 rise 1 "
-            f"on-marked-down shutdown-sessions check port {spec.rest_port}{check_tls} maxconn 1000",
-            *servers,
+            # inter 500ms: only the primary is UP here, so the faster check costs one request a second.
+            "    default-server inter 500ms fastinter 500ms downinter 500ms fall 2 rise 1 observe layer4 error-limit 1 "
+            f"on-error mark-down on-marked-down shutdown-sessions check port {spec.rest_port}{check_tls} maxconn 1000",
+            *routed,
             "",
             "backend out_of_recovery",
             # Never sent traffic: it counts the PostgreSQLs that answer as primary, leader or not.

@@ -122,8 +122,10 @@ def _detector_backends(inv: Inventory, rw_port: int) -> list[str]:
         "    http-check expect status 200",
         # Split brain: the detector answers 503 for every server, so rw goes nowhere. One 200 is
         # enough to route (rise 1): the detector only says it when its scan saw exactly one primary,
-        # and a second check would add half a second to every failover's write gap.
-        f"    default-server inter 1s fastinter 500ms downinter 500ms fall 2 rise 1 on-marked-down shutdown-sessions "
+        # and a second check would add half a second to every failover's write gap. downinter 250ms:
+        # the new primary is routed sooner; the detector answers every check within its cache_ms
+        # from one scan, so faster checks add requests, not scans of the database hosts.
+        f"    default-server inter 1s fastinter 500ms downinter 250ms fall 2 rise 1 on-marked-down shutdown-sessions "
         f"check port {detector} addr 127.0.0.1 maxconn 1000",
     ]
     lines += [f"    server {h.name} {h.address}:{rw_port}" for h in db]
@@ -175,7 +177,10 @@ def render_keepalived(inv: Inventory, router: HostSpec, secrets: RoutingSecrets)
     routing = inv.cluster.routing
     assert routing is not None
     routers = inv.with_role(Role.router)
-    priority = 100 - 10 * [r.name for r in routers].index(router.name)
+    # Only the order decides who holds the VIP, but the height is speed: a stopping holder sends
+    # priority 0, and a backup takes over after its skew time, (256 - priority) / 256 s. At 240
+    # that is 62 ms; at 90 it was 0.65 s of every router failover's write gap.
+    priority = 250 - 10 * [r.name for r in routers].index(router.name)
     prefix = inv.cluster.network.prefixlen
     return f"""# Managed by bouwsteen routing_rollout.
 global_defs {{
