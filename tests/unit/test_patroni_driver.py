@@ -278,7 +278,7 @@ backend primary
     http-check expect status 200
     http-check expect rstring '"role": *"primary"'
     http-check expect rstring '"state": *"running"'
-    default-server inter 500ms fastinter 500ms downinter 500ms fall 2 rise 1 observe layer4 error-limit 1 on-error mark-down on-marked-down shutdown-sessions check port 8008 maxconn 1000
+    default-server inter 500ms fastinter 500ms downinter 500ms fall 2 rise 1 observe layer4 error-limit 1 on-error fail-check on-marked-down shutdown-sessions check port 8008 maxconn 1000
     server pg1 172.29.66.11:5432 downinter 200ms
     server pg2 172.29.66.12:5432
     server pg3 172.29.66.13:5432

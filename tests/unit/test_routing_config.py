@@ -440,6 +440,7 @@ frontend postgres_ro
     default_backend postgres_ro
 
 backend postgres_rw
+    retries 0
     option httpchk
     http-check send meth GET uri-lf /v1/primary/%[srv_name]?group=lab
     http-check expect status 200
@@ -687,6 +688,7 @@ def test_pgroute66_haproxy_uses_external_checks() -> None:
     text = haproxy_cfg(PGR66, "router1")
     assert section(text, "global")[-2:] == ["external-check", "insecure-fork-wanted"]
     assert section(text, "backend postgres_rw") == [
+        "retries 0",
         "option external-check",
         f"external-check command {PGROUTE66_PRIMARY_CHECK}",
         "default-server inter 2s downinter 1s fall 2 rise 1 on-marked-down shutdown-sessions check maxconn 1000",

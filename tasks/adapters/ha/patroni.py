@@ -275,10 +275,10 @@ class PatroniDriver(HaDriver):
             "    default_backend primary",
             "",
             "backend primary",
-            # A switchover's old primary keeps answering /primary for a moment after its PostgreSQL
-            # has stopped: a connection refused there marks it down at once (observe layer4) and
-            # fails at once (no retries, whose turnaround is a second each), so the client's own
-            # retry finds the new primary instead of hanging on the old one (2 s on the lab).
+            # A connection the old primary refuses fails at once (no retries, whose turnaround is a
+            # second each: a switchover's client hung 2 s on the lab) and counts as a failed check
+            # (observe layer4, fail-check): with its failing health check that is down at once, yet
+            # a single refused connection never closes a healthy primary's sessions.
             "    retries 0",
             # /primary answers 200 while Patroni holds the leader key, even before PostgreSQL has left
             # recovery; the body's role says it has, so a promotion is only routed once it can write.
@@ -293,7 +293,7 @@ class PatroniDriver(HaDriver):
             # stolon-proxy closes its clients' connections when the master moves; so does this.
             # inter 500ms: only the primary is UP here, so the faster check costs one request a second.
             "    default-server inter 500ms fastinter 500ms downinter 500ms fall 2 rise 1 observe layer4 error-limit 1 "
-            f"on-error mark-down on-marked-down shutdown-sessions check port {spec.rest_port}{check_tls} maxconn 1000",
+            f"on-error fail-check on-marked-down shutdown-sessions check port {spec.rest_port}{check_tls} maxconn 1000",
             *routed,
             "",
             "backend out_of_recovery",

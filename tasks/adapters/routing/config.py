@@ -107,13 +107,19 @@ def render_haproxy(inv: Inventory, router: HostSpec, rw_port: int) -> str:
     return "\n".join(lines)
 
 
+# A switchover's old primary closes connections on its port for a moment before the check marks
+# it down; HAProxy's retries to it wait a second each (a client hung 2 s on the lab). rw has one
+# server that counts: fail at once, and the client's next attempt finds the new primary.
+RW_NO_RETRIES = "    retries 0"
+
+
 def _detector_backends(inv: Inventory, rw_port: int) -> list[str]:
     routing = inv.cluster.routing
     assert routing is not None
     db = inv.db_hosts
     group = inv.cluster.name
     detector = routing.detector_port
-    lines = ["backend postgres_rw"]
+    lines = ["backend postgres_rw", RW_NO_RETRIES]
     # The detector decides for every HA manager: stolon-proxy keeps its port open with no master
     # (it closes each connection), so a TCP check there would stay UP while nothing can write.
     lines += [
@@ -153,6 +159,7 @@ def _pgroute66_backends(inv: Inventory, rw_port: int) -> list[str]:
     # min(inter, timeout connect) before HAProxy kills it (PGROUTE66_CURL_TIMEOUT stays below).
     lines = [
         "backend postgres_rw",
+        RW_NO_RETRIES,
         "    option external-check",
         f"    external-check command {PGROUTE66_PRIMARY_CHECK}",
         # One pass routes rw (rise 1): pgroute66's /v1/primary names a server only when it saw
