@@ -277,17 +277,49 @@ def bench_rolling_restart(results: dict, traces: dict) -> None:
     done = completed(change_settings(cluster="lab", parameters={"shared_buffers": "160MB"}, return_state=True))
     seconds = time.monotonic() - t0
     time.sleep(2)
+    results["rolling_restart_members"] = len(done["members"])
+    gaps = record_roll(results, traces, "rolling_restart", p, seconds)
+    results["rolling_restart_excess_s"] = round(sum(gaps) - results["switchover_gap_median_s"], 2)
+
+
+def record_roll(results: dict, traces: dict, name: str, p, seconds: float) -> list[float]:
+    """A whole rolling runbook under the writer: its duration, every outage, what was lost."""
     report = p.stop()
     gaps = report.gaps(OUTAGE_S)
-    results["rolling_restart_members"] = len(done["members"])
-    results["rolling_restart_s"] = round(seconds, 1)
-    results["rolling_restart_gaps_s"] = [round(g, 2) for g in gaps]
-    results["rolling_restart_total_gap_s"] = round(sum(gaps), 2)
-    results["rolling_restart_lost_writes"] = len(p.missing_acknowledged())
-    results["rolling_restart_excess_s"] = round(sum(gaps) - results["switchover_gap_median_s"], 2)
-    traces["rolling_restart"] = report
-    log(f"rolling restart of {results['rolling_restart_members']} members in {seconds:.1f}s: outages {gaps}, "
-        f"{results['rolling_restart_lost_writes']} lost")
+    results[f"{name}_s"] = round(seconds, 1)
+    results[f"{name}_gaps_s"] = [round(g, 2) for g in gaps]
+    results[f"{name}_total_gap_s"] = round(sum(gaps), 2)
+    results[f"{name}_lost_writes"] = len(p.missing_acknowledged())
+    traces[name] = report
+    log(f"{name} in {seconds:.1f}s: outages {gaps}, {results[f'{name}_lost_writes']} lost")
+    return gaps
+
+
+def bench_rolling_upgrade(results: dict, traces: dict) -> None:
+    """rolling_upgrade of Patroni (the lab repository's 4.0.7 → 4.1.5) across four members in
+    synchronous mode, each standby drained first, the writer running through the VIP: the total
+    write gap of the whole roll against the largest single gap in it (its switchover), same run."""
+    from flows.add_standby import add_standby
+    from flows.basebackup import scheduled_basebackup
+    from flows.upgrade import rolling_upgrade
+    from lab.avprobe import AvailabilityProbe
+    from lab.image import PATRONI_UPGRADE
+    from tasks.context import context_for
+
+    enable_sync(True)
+    completed(add_standby(cluster="lab", host="pg4", return_state=True))
+    completed(scheduled_basebackup(cluster="lab", return_state=True))  # the upgrade wants a fresh backup
+    wait_streaming()
+    # Eight hosts one at a time, apt on each: longer than a switchover probe's 300 s.
+    p = AvailabilityProbe(context_for("lab", fresh=True).application_endpoint(VIP, 5432), max_seconds=1200).start()
+    time.sleep(2)
+    t0 = time.monotonic()
+    done = completed(rolling_upgrade(cluster="lab", packages={"patroni": PATRONI_UPGRADE}, return_state=True))
+    seconds = time.monotonic() - t0
+    time.sleep(2)
+    results["rolling_upgrade_hosts"] = len(done["upgraded"])
+    gaps = record_roll(results, traces, "rolling_upgrade", p, seconds)
+    results["rolling_upgrade_excess_s"] = round(sum(gaps) - max(gaps, default=0.0), 2)
 
 
 def bench_tls(results: dict) -> None:
@@ -517,6 +549,10 @@ REPORT_ROWS = [
      "s", "—"),
     ("  minus one switchover's gap (the median above), same run", "rolling_restart_excess_s", "s", "≤ 1 s"),
     ("  acknowledged writes lost in the rolling restart", "rolling_restart_lost_writes", "", "0"),
+    ("rolling upgrade (rolling_upgrade, Patroni 4.0.7 → 4.1.5, 8 hosts, synchronous mode, standbys drained), "
+     "total write gap", "rolling_upgrade_total_gap_s", "s", "—"),
+    ("  minus its largest single gap (the switchover), same run", "rolling_upgrade_excess_s", "s", "≤ 1 s"),
+    ("  acknowledged writes lost in the rolling upgrade", "rolling_upgrade_lost_writes", "", "0"),
     ("switchover write gap, TLS off, median of 3 (a lab built without TLS)", "tls_off_switchover_gap_median_s", "s",
      "—"),
     ("  the same, TLS on (PostgreSQL, etcd, Patroni's REST API), same run", "tls_on_switchover_gap_median_s", "s",
@@ -648,19 +684,21 @@ FIGURE_OF = {
                    "hard_failover_lost_writes")},
     "tls_switchover_gap_ratio": "tls", "tls_hard_failover_gap_ratio": "tls",
     "restore_cluster_ratio": "restore", "restore_cluster_streaming_s": "restore",
+    "rolling_upgrade_total_gap_s": "upgrade", "rolling_upgrade_excess_s": "upgrade",
+    "rolling_upgrade_lost_writes": "upgrade",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", action="append", choices=["image", "lab", "build", "roles", "backup", "tls",
-                                                                 "restore"])
+                                                                 "restore", "upgrade"])
     parser.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from report.json")
     args = parser.parse_args(argv)
     if args.report_only:
         write_report(json.loads((OUT / "report.json").read_text()))
         return 0
-    only = set(args.only or ["image", "lab", "build", "roles", "backup", "tls", "restore"])
+    only = set(args.only or ["image", "lab", "build", "roles", "backup", "tls", "restore", "upgrade"])
     from lab.manager import Lab
 
     lab = Lab()
@@ -680,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_lab_up(lab, results)
     if "build" in only:
         bench_build(lab, results)
-    if only & {"roles", "backup", "restore"}:
+    if only & {"roles", "backup", "restore", "upgrade"}:
         if "build" not in only:
             fresh_lab(lab)
         setup_rest(results)
@@ -696,6 +734,12 @@ def main(argv: list[str] | None = None) -> int:
         bench_backup_and_restore(lab, results)
     if "restore" in only:
         bench_restore_cluster(lab, results)
+    if "upgrade" in only:
+        # Last on this lab: every later group would run on the upgraded Patroni.
+        if only & {"roles", "backup", "restore"}:
+            fresh_lab(lab)
+            setup_rest(results)
+        bench_rolling_upgrade(results, traces)
     if "tls" in only:
         bench_tls(results)
     write_report(results)

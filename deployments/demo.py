@@ -64,6 +64,10 @@ def _figure(flow: str, result) -> str:
     if flow == "change_settings":
         changed = ", ".join(f"{c['name']} {c['old']}→{c['new']}" for c in result.get("changes", []))
         return f"{changed}; restarted {', '.join(result.get('restarted', [])) or 'none'}, switchover to {result.get('switchover')}"
+    if flow == "rolling_upgrade":
+        targets = ", ".join(f"{n} {v}" for n, v in sorted(result.get("targets", {}).items()))
+        return (f"{targets} on {', '.join(result.get('upgraded', [])) or 'no host (already)'}; "
+                f"switchover to {result.get('switchover')}")
     if flow in ("pause_ha", "resume_ha"):
         return f"paused: {result.get('paused')}, changed: {result.get('changed')}"
     if flow == "rotate_certificates":
@@ -120,6 +124,9 @@ def run_demo(skip: set[str] | None = None) -> int:
         # Maintenance mode around work on the hosts: automatic failover off, then on again.
         ("pause_ha", {}),
         ("resume_ha", {}),
+        # Patroni upgraded host by host from the lab's apt repository: standbys, one switchover,
+        # the routers and the backup server, the old primary last.
+        ("rolling_upgrade", {"packages": {"patroni": "4.1.5-2"}}),
         # Day 2: a standby leaves for good (its data wiped) and is added back as a fresh one.
         ("remove_member", {"host": "pg4", "wipe": True, "confirm": "pg4"}),
         ("add_standby", {"host": "pg4"}),

@@ -22,6 +22,7 @@ FLOWS = {
     "tab_job": "flows.tab_job:tab_job",
     "rotate_certificates": "flows.rotate_certificates:rotate_certificates",
     "change_settings": "flows.settings:change_settings",
+    "rolling_upgrade": "flows.upgrade:rolling_upgrade",
     "pause_ha": "flows.maintenance:pause_ha",
     "resume_ha": "flows.maintenance:resume_ha",
 }

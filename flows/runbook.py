@@ -66,6 +66,7 @@ POLICIES: dict[str, Policy] = {
     "tab_job": Policy("pgquartz"),
     "rotate_certificates": Policy("cluster", wait_seconds=120),
     "change_settings": Policy("cluster", wait_seconds=120),
+    "rolling_upgrade": Policy("cluster", wait_seconds=120),
     # Like the role changes they guard, refused at once while another runbook works on the cluster.
     "pause_ha": Policy("cluster"),
     "resume_ha": Policy("cluster"),

@@ -9,16 +9,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows.runbook import dry_run_done, holding, publish_plan
-from flows.switchover import Timeline
-from tasks.errors import PreflightRefused
-from tasks.etcd import ensure_etcd_leader_off_primary
+from flows.switchover import Timeline, planned_switchover
 from tasks.ha import wait_until_replicas_streaming
-from tasks.roles import (
-    ensure_switchover,
-    expected_new_primary,
-    is_switchover_safe,
-    wait_until_primary_is,
-)
 from tasks.settings import (
     ensure_member_restarted,
     ensure_parameters_configured,
@@ -27,27 +19,6 @@ from tasks.settings import (
     wait_until_settings_in_effect,
     wait_until_settings_reloaded,
 )
-
-
-def _switch(cluster: str, primary: str, candidate: str, max_lag_bytes: int, max_transaction_age_seconds: float,
-            while_paused: bool, timeline: Timeline) -> str:
-    """One planned switchover, checked afresh just before (lag, open transactions, a pause)."""
-    check = is_switchover_safe(cluster, candidate, max_lag_bytes, max_transaction_age_seconds, while_paused,
-                               runbook="change_settings")
-    if check.already_done:
-        return candidate
-    if not check:
-        raise PreflightRefused(*check.refusals)
-    ensure_switchover(cluster, primary, candidate)
-    # stolon's sentinel elects the new master itself: any member but the old primary will do.
-    new = wait_until_primary_is(cluster, expected_new_primary(cluster, candidate, primary), not_host=primary)
-    timeline(f"switchover {primary} → {new}")
-    timeline(ensure_etcd_leader_off_primary(cluster))
-    # The old primary shuts down and rejoins as a standby: restarted before it streams, it would
-    # be restarted mid-rejoin (or not be reachable to read at all).
-    wait_until_replicas_streaming(cluster, max_lag_bytes=max_lag_bytes, hosts=[primary], timeout=300)
-    timeline(f"{primary} streams from {new}")
-    return new
 
 
 @flow(name="change_settings", persist_result=True)
@@ -84,8 +55,8 @@ def change_settings(cluster: str = "lab", parameters: dict[str, str] | None = No
                 if not is_primary_behind(cluster, todo):
                     timeline("the primary already runs the new values: no switchover")
                     break
-                switched = _switch(cluster, original, host, max_lag_bytes, max_transaction_age_seconds, while_paused,
-                                   timeline)
+                switched = planned_switchover(cluster, original, host, max_lag_bytes, max_transaction_age_seconds,
+                                              while_paused, timeline, runbook="change_settings")
                 continue
             restart = ensure_member_restarted(cluster, host, todo)
             timeline(restart.outcome)
@@ -94,7 +65,8 @@ def change_settings(cluster: str = "lab", parameters: dict[str, str] | None = No
             wait_until_replicas_streaming(cluster, max_lag_bytes=max_lag_bytes, hosts=[host], timeout=300)
             timeline(f"{host} streams again")
         if switch_back and switched and original:
-            _switch(cluster, switched, original, max_lag_bytes, max_transaction_age_seconds, while_paused, timeline)
+            planned_switchover(cluster, switched, original, max_lag_bytes, max_transaction_age_seconds, while_paused,
+                               timeline, runbook="change_settings")
         logger.info("4. Verify: every member runs the new values, none pending a restart.")
         table = wait_until_settings_in_effect(cluster, todo)
         rows = wait_until_replicas_streaming(cluster, max_lag_bytes=max_lag_bytes)

@@ -47,6 +47,31 @@ class Timeline:
         self.rows.append({"at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event})
 
 
+def planned_switchover(cluster: str, primary: str, candidate: str | None, max_lag_bytes: int,
+                       max_transaction_age_seconds: float, while_paused: bool, timeline: Timeline, *,
+                       runbook: str) -> str:
+    """One planned switchover inside a rolling runbook (change_settings, rolling_upgrade), checked
+    afresh just before (lag, open transactions, a pause); returns the new primary once the old
+    one streams from it. `candidate` None: the best caught-up standby of this moment."""
+    check = is_switchover_safe(cluster, candidate, max_lag_bytes, max_transaction_age_seconds, while_paused,
+                               runbook=runbook)
+    candidate = check.candidate
+    if check.already_done:
+        return candidate
+    if not check:
+        raise PreflightRefused(*check.refusals)
+    ensure_switchover(cluster, primary, candidate)
+    # stolon's sentinel elects the new master itself: any member but the old primary will do.
+    new = wait_until_primary_is(cluster, expected_new_primary(cluster, candidate, primary), not_host=primary)
+    timeline(f"switchover {primary} → {new}")
+    timeline(ensure_etcd_leader_off_primary(cluster))
+    # The old primary shuts down and rejoins as a standby: restarted before it streams, it would
+    # be restarted mid-rejoin (or not be reachable to read at all).
+    wait_until_replicas_streaming(cluster, max_lag_bytes=max_lag_bytes, hosts=[primary], timeout=300)
+    timeline(f"{primary} streams from {new}")
+    return new
+
+
 def _verify(cluster: str, new_primary: str, old_primary: str | None, timeline: Timeline, logger) -> list[dict]:
     """New primary writable; the old one streaming again (rejoined if it cannot); rw via the VIP."""
     ctx = context_for(cluster)

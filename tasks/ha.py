@@ -236,6 +236,14 @@ def replication_rows(ctx: ClusterContext, view: ClusterView | None = None) -> tu
     return primary.name, rows
 
 
+def caught_up_standbys(ctx: ClusterContext, view: ClusterView, max_lag_bytes: int) -> dict[str, bool]:
+    """Each standby streaming from the primary (pg_stat_replication there): is its lag within the
+    limit? A standby that does not stream has no entry; the rolling orders refuse it."""
+    _, rows = replication_rows(ctx, view)
+    return {r["host"]: (r["lag_bytes"] or 0) <= max_lag_bytes
+            for r in rows if r["role"] == "standby" and str(r["state"]).startswith("streaming")}
+
+
 def streaming_row(rows: list[dict], host: str) -> dict:
     """`host`'s row of the topology `wait_until_replicas_streaming` returned; VerifyFailed when it
     is missing or not streaming (a runbook's last word on the member it worked on)."""

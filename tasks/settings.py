@@ -4,16 +4,16 @@ member, written, reloaded, and restarted in turn where a parameter needs it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from tasks.adapters.ha.base import ClusterView, HaSettings
+from tasks.adapters.ha.base import HaSettings
 from tasks.adapters.postgres import DatabaseUnavailable, Postgres
 from tasks.context import ClusterContext, context_for
 from tasks.desired import archive_parameters, ha_driver
 from tasks.errors import NotYet, VerifyFailed
-from tasks.ha import read_paused, read_view, replication_rows, require_primary
+from tasks.ha import caught_up_standbys, read_paused, read_view, require_primary
 from tasks.hosts import cluster_secrets
-from tasks.planning.plan import ActionPlan
+from tasks.planning.plan import ActionPlan, PlannedCheck
 from tasks.planning.roles import paused_refusals
 from tasks.planning.settings import (
     SETTINGS_QUERY,
@@ -61,26 +61,13 @@ def ensure_ha_settings(cluster: str) -> str:
 
 
 @dataclass(frozen=True)
-class SettingsCheck:
+class SettingsCheck(PlannedCheck):
     """is_settings_change_valid's answer: the plan (with its refusals) and what it was made of."""
 
-    ok: bool = field(init=False)
     primary: str | None
     changes: tuple[SettingChange, ...]
     order: tuple[RestartStep, ...]
     plan: ActionPlan
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "ok", not self.plan.refusals)
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-
-def _caught_up(ctx: ClusterContext, view: ClusterView, max_lag_bytes: int) -> dict[str, bool]:
-    _, rows = replication_rows(ctx, view)
-    return {r["host"]: (r["lag_bytes"] or 0) <= max_lag_bytes
-            for r in rows if r["role"] == "standby" and str(r["state"]).startswith("streaming")}
 
 
 @step(retries=1)
@@ -113,7 +100,7 @@ def is_settings_change_valid(cluster: str, parameters: dict[str, str], max_lag_b
                 refusals += paused_refusals(paused=read_paused(ctx), while_paused=while_paused,
                                             runbook="change_settings")
             if not refusals and needs_restart(changes):
-                order = restart_order(view, _caught_up(ctx, view, max_lag_bytes))
+                order = restart_order(view, caught_up_standbys(ctx, view, max_lag_bytes))
         except SettingsPlanError as exc:
             refusals += exc.reasons
     plan = ActionPlan(refusals=tuple(refusals)) if refusals else settings_plan(changes, order)

@@ -163,6 +163,9 @@ class Unit:
     # Restart (not reload) when any of these files changed.
     restart_on: tuple[str, ...] = field(default_factory=tuple)
     reload_on: tuple[str, ...] = field(default_factory=tuple)
+    # The OS package whose upgrade replaces what the unit runs (None: a file the flows write):
+    # rolling_upgrade restarts the unit when that package changed and its maintainer script did not.
+    package: str | None = None
 
 
 @dataclass(frozen=True)

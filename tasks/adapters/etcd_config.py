@@ -104,7 +104,7 @@ def member_files(inv: Inventory, host: HostSpec, ca: pki.ClusterCA | None = None
 def member_units(inv: Inventory | None = None) -> list[Unit]:
     # A changed pair or CA is only read at start: the runbooks restart members one at a time.
     tls = pki.etcd_member_paths() if inv is not None and inv.cluster.tls.enabled else ()
-    return [Unit("etcd.service", restart_on=(ENV_PATH, *tls))]
+    return [Unit("etcd.service", restart_on=(ENV_PATH, *tls), package="etcd-server")]
 
 
 def foreign_clusters(keys, own_prefix: str) -> list[str]:

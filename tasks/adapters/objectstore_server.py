@@ -241,7 +241,7 @@ class MinioServer(ObjectStoreServer):
 
     def units(self, inv: Inventory) -> list[Unit]:
         # Certificates are not listed: MinIO reloads them itself, without dropping connections.
-        return [Unit(self.unit, restart_on=("/etc/default/minio",))]
+        return [Unit(self.unit, restart_on=("/etc/default/minio",), package="minio")]
 
 
 _PLACEHOLDER = ServerSecrets("a", "b", "c", "d", "", "")

@@ -6,7 +6,7 @@ and the action plans of the runbooks that act on roles, backups, drills and jobs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 
@@ -64,3 +64,18 @@ class ActionPlan:
 
     def remarks(self) -> list[str]:
         return list(self.notes)
+
+
+
+@dataclass(frozen=True)
+class PlannedCheck:
+    """A pre-flight step's answer that carries the plan it published (a `plan` field of the
+    subclass): ok when the plan refuses nothing."""
+
+    ok: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ok", not self.plan.refusals)  # type: ignore[attr-defined]
+
+    def __bool__(self) -> bool:
+        return self.ok

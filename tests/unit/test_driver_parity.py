@@ -33,7 +33,13 @@ import yaml
 from blocks.inventory import Inventory, parse_inventory
 from tasks.adapters.backup.base import BackupDriver, BackupInputError, StoreSecrets
 from tasks.adapters.commands import Command, CommandResult, ManagedFile, Unit, chain
-from tasks.adapters.ha.base import ClusterView, DbSecrets, HaDriver, HaSettings, HaSpecError
+from tasks.adapters.ha.base import (
+    ClusterView,
+    DbSecrets,
+    HaDriver,
+    HaSettings,
+    HaSpecError,
+)
 from tasks.adapters.objectstore_server import (
     ObjectStoreServer,
     ObjectStoreSpecError,
@@ -278,6 +284,7 @@ BACKUP_STEPS = [
     Step("backup_command (on the primary)", "backup_command",
          lambda s: s.backup.backup_command(s.inv, s.host(PRIMARY), s.host(PRIMARY))),
     Step("list_command", "list_command", lambda s: s.backup.list_command(s.inv)),
+    Step("release_command", "release_command", lambda s: s.backup.release_command()),
     Step("retention_commands", "retention_commands", lambda s: s.backup.retention_commands(s.inv, KEEP_FULL)),
     Step("restore_commands (end of the archive)", "restore_commands",
          lambda s: s.backup.restore_commands(s.inv, _restore_dir(s), None, None)),
@@ -336,12 +343,16 @@ NOT_STEPS = {
         "maintenance_commands": "only where has_maintenance_mode (Patroni's pause); pause_ha refuses elsewhere "
                                 "before asking; test_only_a_driver_with_a_maintenance_mode_pauses",
         "is_paused": "reads parse_config's result; test_only_a_driver_with_a_maintenance_mode_pauses",
+        "drain_commands": "only where can_drain (Patroni's nofailover/nosync tags); stolon's keeper flags need "
+                          "a restart; test_only_a_driver_that_can_drain_drains",
     },
     BackupDriver: {
         "parse_list": "a parser of list_command's output, on recorded output in test_walg_driver.py and "
                       "test_pgbackrest_driver.py",
         "parse_verify": "a parser of verify_archive_command's output, on recorded output in the driver tests",
         "validate_backup_name": "test_restore_commands_carry_the_target",
+        "parse_release": "a parser of release_command's output; test_backup_tool_releases in "
+                         "test_upgrade_planner.py",
     },
     ObjectStoreServer: {},
 }
@@ -563,6 +574,18 @@ def test_only_a_driver_with_a_maintenance_mode_pauses(stack: Stack) -> None:
         assert stack.ha.is_paused({"pause": True}) is False
         with pytest.raises(HaSpecError, match="no maintenance mode"):
             stack.ha.maintenance_commands(stack.inv, True)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_only_a_driver_that_can_drain_drains(stack: Stack) -> None:
+    host = stack.inv.db_hosts[1]
+    if stack.ha.can_drain:
+        for drained in (True, False):
+            (command,) = stack.ha.drain_commands(stack.inv, host, drained)
+            assert command.timeout and ("true" if drained else "false") in command.argv
+    else:
+        with pytest.raises(HaSpecError, match="cannot drain"):
+            stack.ha.drain_commands(stack.inv, host, True)
 
 
 # ----------------------------------------------------------------------------- commands: timeouts and secrets

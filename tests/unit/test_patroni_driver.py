@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -385,9 +386,14 @@ def row(**changes: Any) -> dict:
         ({"Pending restart": "*"},
          Member("pg2", "172.29.66.12", "replica", True, "streaming", 1, 0, pending_restart=True)),
         ({"Pending restart": ""}, Member("pg2", "172.29.66.12", "replica", True, "streaming", 1, 0)),
+        # The column lists only tags set to something: rolling_upgrade's drain sets both.
+        ({"Tags": {"nofailover": True, "nosync": True}},
+         Member("pg2", "172.29.66.12", "replica", True, "streaming", 1, 0, drained=True)),
+        ({"Tags": {"nosync": True}}, Member("pg2", "172.29.66.12", "replica", True, "streaming", 1, 0)),
+        ({"Tags": ""}, Member("pg2", "172.29.66.12", "replica", True, "streaming", 1, 0)),
     ],
     ids=["lag-1.5MB", "lag-16MB", "lag-unknown", "replica-running", "stopped", "starting", "quorum", "standby-leader",
-         "unknown-role", "host-with-port", "pending-restart", "not-pending"],
+         "unknown-role", "host-with-port", "pending-restart", "not-pending", "drained", "nosync-only", "no-tags"],
 )
 def test_parse_status_member_variants(changes: dict, expected: Member) -> None:
     view = status([REAL_LIST[0], row(**changes), REAL_LIST[2]])
@@ -687,3 +693,24 @@ def test_managed_parameters_are_what_bouwsteen_and_patroni_set() -> None:
     assert "synchronous_standby_names" not in managed
     sync = driver.managed_parameters(make_inventory(postgres={"synchronous_replication": True}), ARCHIVE)
     assert sync["synchronous_standby_names"] is None
+
+
+# ------------------------------------------------------------------------------ drain (rolling_upgrade)
+
+def _as_sed_would(text: str, value: str) -> str:
+    # The two substitutions drain_commands' script makes, line by line.
+    text = re.sub(r"(?m)^  nofailover: .*$", f"  nofailover: {value}", text)
+    return re.sub(r"(?m)^  nosync: .*$", f"  nosync: {value}", text)
+
+
+def test_drain_edits_only_the_two_tag_lines_of_the_rendered_file() -> None:
+    text = driver.render_config(INV, INV.host("pg2"), SECRETS, ARCHIVE)
+    drained = _as_sed_would(text, "true")
+    changed = [(a, b) for a, b in zip(text.splitlines(), drained.splitlines()) if a != b]
+    assert changed == [("  nofailover: false", "  nofailover: true"), ("  nosync: false", "  nosync: true")]
+    assert yaml.safe_load(drained)["tags"] == {"nofailover": True, "noloadbalance": False, "clonefrom": False,
+                                               "nosync": True}
+    # Counted in again, the file is the rendered one byte for byte: build_cluster sees no drift.
+    assert _as_sed_would(drained, "false") == text
+    (command,) = driver.drain_commands(INV, INV.host("pg2"), True)
+    assert list(command.argv[-2:]) == ["/etc/patroni/config.yml", "true"]

@@ -151,7 +151,7 @@ def test_etcd_member_files_need_the_ca() -> None:
     ids=["no inventory", "tls off", "tls on"],
 )
 def test_etcd_member_units(inv: Inventory | None, restart_on: tuple[str, ...]) -> None:
-    assert etcd_config.member_units(inv) == [Unit("etcd.service", restart_on=restart_on)]
+    assert etcd_config.member_units(inv) == [Unit("etcd.service", restart_on=restart_on, package="etcd-server")]
 
 
 # ------------------------------------------------------------------------------ leader away, the command
@@ -460,8 +460,9 @@ def test_patroni_tls_changes_only_its_sections(host: str) -> None:
 def test_patroni_host_units(inv: Inventory, patroni_reload: tuple[str, ...], haproxy_reload: tuple[str, ...]) -> None:
     # A reload, never a restart: Patroni reloads PostgreSQL (and its REST API's pair) on SIGHUP;
     # HAProxy reloads when its health checks' client pair or the CA changed.
-    assert driver.host_units(inv, inv.host("pg1")) == [Unit("patroni.service", reload_on=patroni_reload),
-                                                      Unit(HAPROXY_UNIT, reload_on=haproxy_reload)]
+    assert driver.host_units(inv, inv.host("pg1")) == [
+        Unit("patroni.service", reload_on=patroni_reload, package="patroni"),
+        Unit(HAPROXY_UNIT, reload_on=haproxy_reload, package="haproxy")]
 
 
 def _named_paths(document: Any) -> set[str]:

@@ -103,6 +103,14 @@ class BackupDriver(ABC):
         ...
 
     @abstractmethod
+    def release_command(self) -> Command:
+        """The installed tool's own release, on any host (exit 127: the tool is not there)."""
+
+    @abstractmethod
+    def parse_release(self, result: CommandResult) -> str | None:
+        """"2.55.1" from release_command's answer; None where the tool is not installed."""
+
+    @abstractmethod
     def parse_list(self, result: CommandResult) -> list[BackupInfo]:
         """Backups oldest first. Raise BackupOutputError on output that is not a backup list."""
 

@@ -141,6 +141,14 @@ class PgBackRestDriver(BackupDriver):
             timeout=6 * 3600,
         )
 
+    def release_command(self) -> Command:
+        return cmd("pgbackrest", "version", timeout=30, ok_codes=(0, 127), description="pgbackrest version")
+
+    def parse_release(self, result: CommandResult) -> str | None:
+        # "pgBackRest 2.55.1"; hosts and the repository must agree on it (the protocol refuses a mix).
+        match = re.fullmatch(r"pgBackRest (\S+)", result.stdout.strip()) if result.exit_code == 0 else None
+        return match.group(1) if match else None
+
     def list_command(self, inv: Inventory) -> Command:
         return pgbackrest(inv, "--output=json", "info", timeout=120)
 

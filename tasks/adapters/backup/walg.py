@@ -254,6 +254,14 @@ class WalgDriver(BackupDriver):
             )
         return found[-1]
 
+    def release_command(self) -> Command:
+        return cmd(BINARY, "--version", timeout=30, ok_codes=(0, 127), description="wal-g --version")
+
+    def parse_release(self, result: CommandResult) -> str | None:
+        # "wal-g version v3.0.5<TAB>revision<TAB>build date<TAB>PostgreSQL" (walg.md).
+        first = result.stdout.strip().split("\t")[0].split() if result.exit_code == 0 else []
+        return first[-1].removeprefix("v") if first else None
+
     def list_command(self, inv: Inventory) -> Command:
         return cmd(*self._walg(inv, "backup-list", "--detail", "--json"), user=OS_USER, timeout=LIST_TIMEOUT,
                    description="wal-g: list backups")

@@ -53,6 +53,9 @@ class Member:
     # pg_settings.pending_restart, Patroni counts the parameters it passes on the postmaster's
     # command line (max_connections, ...), which pg_settings never marks.
     pending_restart: bool = False
+    # Marked so that the HA manager neither promotes it nor chooses it as synchronous while it is
+    # down for maintenance (Patroni's nofailover and nosync tags).
+    drained: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,9 @@ class HaDriver(ABC):
     # a stopped PostgreSQL) while people work on the hosts: Patroni's pause. stolon has none: its
     # sentinel fails over a master whose keeper is unhealthy for failInterval, always.
     has_maintenance_mode: bool = False
+    # The HA manager can be told at run time to leave one member out of promotion and of the
+    # synchronous role (drain_commands).
+    can_drain: bool = False
 
     @abstractmethod
     def packages(self, inv: Inventory) -> list[str]:
@@ -242,6 +248,12 @@ class HaDriver(ABC):
         the value it sets (from the inventory, bouwsteen's defaults, archiving, TLS); None where
         the HA manager owns the parameter outright and no value may be given. change_settings
         refuses to set one of them to anything else: the next build_cluster would put it back."""
+
+    def drain_commands(self, inv: Inventory, host: HostSpec, drained: bool) -> list[Command]:
+        """Run on `host`, a standby: the HA manager told to leave it out of promotion and of the
+        synchronous role (`drained`), or to count it in again. Only where `can_drain`; the caller
+        waits until the status (`Member.drained`) shows it."""
+        raise HaSpecError(f"{self.name} cannot drain a member at run time")
 
     def maintenance_commands(self, inv: Inventory, paused: bool) -> list[Command]:
         """Run on a database host: the HA manager's maintenance mode switched on (`paused`) or off,

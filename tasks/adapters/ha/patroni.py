@@ -87,9 +87,15 @@ def _until_success(success: str, *args: str, timeout: float, description: str) -
     return script(text, args=argv, user="postgres", timeout=timeout, description=description)
 
 
+def _drained(tags: object) -> bool:
+    # patronictl lists only the tags a member has set (false ones are left out).
+    return isinstance(tags, dict) and bool(tags.get("nofailover")) and bool(tags.get("nosync"))
+
+
 class PatroniDriver(HaDriver):
     name = "patroni"
     has_maintenance_mode = True
+    can_drain = True
 
     def packages(self, inv: Inventory) -> list[str]:
         # openssl: tls_reloaded_commands asks the REST API which certificate it presents.
@@ -325,8 +331,8 @@ class PatroniDriver(HaDriver):
         # Patroni reloads PostgreSQL on every SIGHUP: that is how a new server certificate is taken.
         tls = pki.tls_paths() if inv.cluster.tls.enabled else ()
         check = (REST_CHECK_PEM, pki.PG_CA) if inv.cluster.tls.enabled else ()
-        return [Unit("patroni.service", reload_on=(CONFIG_PATH, *tls)),
-                Unit(haproxy.HAPROXY_UNIT, reload_on=(haproxy.HAPROXY_CFG, *check))]
+        return [Unit("patroni.service", reload_on=(CONFIG_PATH, *tls), package="patroni"),
+                Unit(haproxy.HAPROXY_UNIT, reload_on=(haproxy.HAPROXY_CFG, *check), package="haproxy")]
 
     def tls_reloaded_commands(self, inv: Inventory, host: HostSpec) -> list[Command]:
         """Patroni re-reads its REST API's certificate only on a SIGHUP that finds its config file
@@ -396,6 +402,7 @@ class PatroniDriver(HaDriver):
                     timeline=row.get("TL") if isinstance(row.get("TL"), int) else None, lag_bytes=lag_bytes,
                     synchronous=role_text == "sync standby",
                     pending_restart=bool(row.get("Pending restart")),
+                    drained=_drained(row.get("Tags")),
                 )
             )
         leaders = [m.name for m in members if m.role == "primary"]
@@ -434,6 +441,21 @@ class PatroniDriver(HaDriver):
         # The REST call returns once PostgreSQL is back (or has failed to come back).
         return [_until_success("Success: restart on member", "restart", "--force", inv.cluster.name, host,
                                timeout=300, description=f"patronictl restart {inv.cluster.name} {host}")]
+
+    def drain_commands(self, inv: Inventory, host: HostSpec, drained: bool) -> list[Command]:
+        # Tags are local configuration, read again on SIGHUP and published with the member's key
+        # on its next HA loop; the leader then moves the synchronous role away. Only the two tag
+        # lines of render_config's own file change, so the file is byte for byte the rendered one
+        # again when the member is counted in (build_cluster sees no drift).
+        value = "true" if drained else "false"
+        return [script(
+            'grep -q "^  nofailover: " "$1" && grep -q "^  nosync: " "$1" || '
+            '{ echo "$1 has no nofailover/nosync tag lines: not written by bouwsteen" >&2; exit 1; }\n'
+            'sed -i -e "s/^  nofailover: .*/  nofailover: $2/" -e "s/^  nosync: .*/  nosync: $2/" "$1"\n'
+            'systemctl reload patroni.service',
+            args=[CONFIG_PATH, value], timeout=60,
+            description=f"Patroni tags nofailover and nosync {value} on {host.name}",
+        )]
 
     def maintenance_commands(self, inv: Inventory, paused: bool) -> list[Command]:
         # --wait: until every member's REST API reports the new state (it polls the DCS for

@@ -478,6 +478,8 @@ class StolonDriver(HaDriver):
     targets_candidate = False
     # `initMode: pitr`: one keeper restores the backup and recovers, the others resync from it.
     restores_itself = True
+    # can_drain stays False: the keeper's --can-be-master and --can-be-synchronous-replica are
+    # start flags, so draining a keeper would take the very restart it is meant to cover.
 
     # -------------------------------------------------------------- names and paths
 
@@ -893,11 +895,14 @@ class StolonDriver(HaDriver):
         store_tls = self.store_tls_paths(inv)
         # The spec file is not an input of any unit: only `stolonctl init` reads it.
         return [
-            Unit(self.unit_name(inv, "keeper"), restart_on=(*keeper_inputs, *store_tls), reload_on=tls),
+            Unit(self.unit_name(inv, "keeper"), restart_on=(*keeper_inputs, *store_tls), reload_on=tls,
+                 package="stolon"),
             Unit(self.unit_name(inv, "sentinel"),
-                 restart_on=(self.env_file_path(inv, "sentinel"), self.unit_path(inv, "sentinel"), *store_tls)),
+                 restart_on=(self.env_file_path(inv, "sentinel"), self.unit_path(inv, "sentinel"), *store_tls),
+                 package="stolon"),
             Unit(self.unit_name(inv, "proxy"),
-                 restart_on=(self.env_file_path(inv, "proxy"), self.unit_path(inv, "proxy"), *store_tls)),
+                 restart_on=(self.env_file_path(inv, "proxy"), self.unit_path(inv, "proxy"), *store_tls),
+                 package="stolon"),
         ]
 
     # -------------------------------------------------------------- commands

@@ -391,6 +391,6 @@ def router_units(inv: Inventory | None = None) -> list[Unit]:
     # External check scripts are exec'd afresh on every check: changing one needs no reload.
     return units + [
         # HAProxy reloads seamlessly (master-worker, sockets handed over); the unit checks the config first.
-        Unit(HAPROXY_UNIT, reload_on=(HAPROXY_CFG,)),
-        Unit("keepalived.service", reload_on=(KEEPALIVED_CFG, ROUTER_CHECK)),
+        Unit(HAPROXY_UNIT, reload_on=(HAPROXY_CFG,), package="haproxy"),
+        Unit("keepalived.service", reload_on=(KEEPALIVED_CFG, ROUTER_CHECK), package="keepalived"),
     ]

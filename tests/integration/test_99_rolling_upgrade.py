@@ -1,0 +1,53 @@
+"""rolling_upgrade (issue 18) on the routed lab: Debian's Patroni 4.0.7 (trixie) to the newest 4.x
+(sid's 4.1.5) from the lab's signed apt repository, on every host that has it, with one
+switchover; bad and unavailable versions refused with nothing changed; a second run a no-op.
+Last in the suite: every later test would otherwise run on the upgraded Patroni."""
+
+from __future__ import annotations
+
+from labtools import cluster_state_digest, lab_ssh, refused
+
+PATRONICTL = "runuser -u postgres -- patronictl -c /etc/patroni/config.yml"
+
+
+def _installed(lab, host: str) -> str:
+    return lab_ssh(lab, host, "dpkg-query -W -f='${Version}' patroni").stdout.strip()
+
+
+def test_rolling_upgrade_of_patroni(lab, backed_up, routed):
+    # backed_up: the upgrade refuses to start without a good backup of the last 26 hours.
+    from flows.upgrade import rolling_upgrade
+    from lab.image import PATRONI_INSTALLED, PATRONI_UPGRADE
+    from tasks.adapters.packages import upstream_version
+    from tasks.context import context_for
+    from tasks.ha import primary_of
+
+    ctx = context_for("lab", fresh=True)
+    members = [h.name for h in ctx.inventory.db_hosts]
+    primary = primary_of(ctx).name
+    assert {_installed(lab, h) for h in members} == {PATRONI_INSTALLED}
+    before = cluster_state_digest(lab, members)
+
+    bad = rolling_upgrade(cluster="lab", packages={"patroni": "newest"}, return_state=True)
+    assert bad.is_failed() and "packages.patroni: 'newest' is not a Debian version" in bad.message, bad.message
+    refused(rolling_upgrade(cluster="lab", packages={"patroni": "9.9.9-1"}, return_state=True),
+            "packages.patroni: 9.9.9-1 is not available on")
+    plan = rolling_upgrade(cluster="lab", packages={"patroni": PATRONI_UPGRADE}, dry_run=True)
+    assert plan["dry_run"] and set(members) <= set(plan["hosts"]), plan
+    assert cluster_state_digest(lab, members) == before, "a refused or dry run changed a host"
+    assert {_installed(lab, h) for h in members} == {PATRONI_INSTALLED}
+    assert primary_of(context_for("lab", fresh=True)).name == primary
+
+    done = rolling_upgrade(cluster="lab", packages={"patroni": PATRONI_UPGRADE})
+    assert done["changed"] and set(members) <= set(done["upgraded"]), done
+    assert done["switchover"] and done["switchover"] != primary
+    # The old primary went last, after the switchover, as a standby.
+    assert [h for h in done["upgraded"] if h in members][-1] == primary
+    assert {_installed(lab, h) for h in members} == {PATRONI_UPGRADE}
+    # Running, not only installed: every member's REST API answers with the new release.
+    running = lab_ssh(lab, members[0], f"{PATRONICTL} version lab").stdout
+    assert running.count(f"Patroni {upstream_version(PATRONI_UPGRADE)}") == len(members), running
+    assert all(row["state"].startswith("streaming") for row in done["topology"] if row["host"] != done["switchover"])
+
+    again = rolling_upgrade(cluster="lab", packages={"patroni": PATRONI_UPGRADE})
+    assert again["changed"] is False and again["hosts"] == {}, again
