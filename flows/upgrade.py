@@ -13,6 +13,7 @@ from flows.runbook import dry_run_done, holding, publish_plan
 from flows.switchover import Timeline, planned_switchover
 from tasks.adapters.packages import validate_targets
 from tasks.context import context_for
+from tasks.desired import ha_driver
 from tasks.errors import BouwsteenError, PreflightRefused, UpgradeStopped, VerifyFailed
 from tasks.etcd import wait_until_etcd_healthy
 from tasks.ha import wait_until_replicas_streaming
@@ -32,6 +33,12 @@ class HostApproval(RunInput):
     upgrade: bool = Field(description="True: upgrade the next host now. False: stop here; the hosts done so "
                                       "far stay upgraded and the cluster keeps serving.")
     reason: str = Field(default="", description="A word for the run's log (a ticket, what you checked).")
+
+
+def _left(order, host: str) -> str:
+    """The hosts from `host` on that the run did not upgrade."""
+    steps = [h for action, h in order if action == "upgrade"]
+    return ", ".join(steps[steps.index(host):])
 
 
 @flow(name="rolling_upgrade", persist_result=True)
@@ -71,6 +78,7 @@ def rolling_upgrade(cluster: str = "lab", packages: dict[str, str] | None = None
         inv = context_for(cluster).inventory
         db_hosts = {h.name for h in inv.db_hosts}
         etcd_hosts = {h.name for h in inv.etcd_members}
+        drains = ha_driver(inv).can_drain
         logger.info("3. Act: one host at a time; a switchover before the primary's turn.")
         upgraded: list[str] = []
         switched: str | None = None
@@ -86,19 +94,22 @@ def rolling_upgrade(cluster: str = "lab", packages: dict[str, str] | None = None
                 answer = pause_flow_run(wait_for_input=HostApproval.with_initial_data(upgrade=True),
                                         timeout=approval_timeout_seconds)
                 if answer is None or not answer.upgrade:
-                    raise PreflightRefused(f"stopped before {host}: the DBA declined "
-                                           f"({answer.reason if answer else 'no answer'}); upgraded so far: "
-                                           f"{', '.join(upgraded) or 'none'}")
+                    why = (f"stopped before {host}: the DBA declined ({answer.reason if answer else 'no answer'}); "
+                           f"upgraded so far: {', '.join(upgraded) or 'none'}")
+                    if not upgraded and switched is None:
+                        raise PreflightRefused(why)
+                    raise UpgradeStopped(f"{why}; the cluster serves; left: {_left(check.order, host)}")
                 timeline(f"approved: {host} ({answer.reason or 'no reason given'})")
             try:
-                if host in db_hosts:
+                if host in db_hosts and drains:
                     timeline(ensure_member_drained(cluster, host, drained=True))
                 timeline(ensure_host_upgraded(cluster, host, targets, reboot).outcome)
                 if host in db_hosts:
                     wait_until_replicas_streaming(cluster, max_lag_bytes=max_lag_bytes, hosts=[host],
                                                   timeout=900 if reboot else 300)
                     timeline(f"{host} streams and is caught up")
-                    timeline(ensure_member_drained(cluster, host, drained=False))
+                    if drains:
+                        timeline(ensure_member_drained(cluster, host, drained=False))
                 else:
                     wait_until_units_active(cluster, host, timeout=900 if reboot else 180)
                 if host in etcd_hosts:
@@ -106,11 +117,10 @@ def rolling_upgrade(cluster: str = "lab", packages: dict[str, str] | None = None
             except BouwsteenError as exc:
                 # The hosts not yet touched still serve (the primary's turn comes after a switchover).
                 # A failed host stays drained: the HA manager must not promote it. A rerun counts it in.
+                held_out = f" and {host} left out of promotion" if host in db_hosts and drains else ""
                 raise UpgradeStopped(f"{host}: the upgrade failed ({str(exc).splitlines()[0]}); the run stops here "
-                                     f"with the cluster serving and {host} left out of promotion. Upgraded: "
-                                     f"{', '.join(upgraded) or 'none'}; left: "
-                                     + ", ".join(h for a, h in check.order[check.order.index((action, host)):]
-                                                 if a == "upgrade")) from exc
+                                     f"with the cluster serving{held_out}. Upgraded: {', '.join(upgraded) or 'none'}; "
+                                     f"left: {_left(check.order, host)}") from exc
             upgraded.append(host)
         logger.info("4. Verify: every host on its target versions, one backup tool release everywhere, "
                     "every standby streaming.")

@@ -5,6 +5,9 @@ Last in the suite: every later test would otherwise run on the upgraded Patroni.
 
 from __future__ import annotations
 
+import threading
+import time
+
 from labtools import cluster_state_digest, lab_ssh, refused
 
 PATRONICTL = "runuser -u postgres -- patronictl -c /etc/patroni/config.yml"
@@ -14,7 +17,32 @@ def _installed(lab, host: str) -> str:
     return lab_ssh(lab, host, "dpkg-query -W -f='${Version}' patroni").stdout.strip()
 
 
-def test_rolling_upgrade_of_patroni(lab, backed_up, routed):
+def _declined_at_the_first_host(packages: dict) -> object:
+    """A run with approve_each_host that pauses before its first host; the DBA says no."""
+    from prefect.client.orchestration import get_client
+    from prefect.flow_runs import resume_flow_run
+
+    from flows.upgrade import rolling_upgrade
+
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.setdefault(
+        "state", rolling_upgrade(cluster="lab", packages=packages, approve_each_host=True, return_state=True)))
+    runner.start()
+    run_id = None
+    deadline = time.monotonic() + 300
+    with get_client(sync_client=True) as client:
+        while run_id is None and time.monotonic() < deadline:
+            # Only this flow's runs: an earlier test's paused run must not be answered here.
+            paused = [r for r in client.read_flow_runs() if r.state and r.state.is_paused()]
+            run_id = next((r.id for r in paused if client.read_flow(r.flow_id).name == "rolling_upgrade"), None)
+            time.sleep(1)
+    assert run_id is not None, "rolling_upgrade did not pause before its first host"
+    resume_flow_run(run_id, run_input={"upgrade": False, "reason": "test: not tonight"})
+    runner.join(300)
+    return outcome["state"]
+
+
+def test_rolling_upgrade_of_patroni(lab, backed_up, routed, prefect_server):
     # backed_up: the upgrade refuses to start without a good backup of the last 26 hours.
     from flows.upgrade import rolling_upgrade
     from lab.image import PATRONI_INSTALLED, PATRONI_UPGRADE
@@ -34,7 +62,10 @@ def test_rolling_upgrade_of_patroni(lab, backed_up, routed):
             "packages.patroni: 9.9.9-1 is not available on")
     plan = rolling_upgrade(cluster="lab", packages={"patroni": PATRONI_UPGRADE}, dry_run=True)
     assert plan["dry_run"] and set(members) <= set(plan["hosts"]), plan
-    assert cluster_state_digest(lab, members) == before, "a refused or dry run changed a host"
+    declined = _declined_at_the_first_host({"patroni": PATRONI_UPGRADE})
+    assert declined.is_failed() and "the DBA declined (test: not tonight)" in declined.message, declined.message
+    assert "upgraded so far: none" in declined.message
+    assert cluster_state_digest(lab, members) == before, "a refused, dry or declined run changed a host"
     assert {_installed(lab, h) for h in members} == {PATRONI_INSTALLED}
     assert primary_of(context_for("lab", fresh=True)).name == primary
 
