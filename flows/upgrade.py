@@ -57,6 +57,7 @@ def rolling_upgrade(cluster: str = "lab", packages: dict[str, str] | None = None
     logger = get_run_logger()
     timeline = Timeline()
     targets = validate_targets(packages)
+    context_for(cluster, fresh=True)  # the inventory as stored now, not as an earlier run left it cached
     logger.info("1. Pre-flight: every host's installed and offered versions (apt's lists refreshed), lag, "
                 "the oldest transaction, the newest good backup.")
     with holding(cluster, "rolling_upgrade", dry_run=dry_run):

@@ -1,16 +1,43 @@
 """rolling_upgrade (issue 18) on the routed lab: Debian's Patroni 4.0.7 (trixie) to the newest 4.x
 (sid's 4.1.5) from the lab's signed apt repository, on every host that has it, with one
 switchover; bad and unavailable versions refused with nothing changed; a second run a no-op.
-Last in the suite: every later test would otherwise run on the upgraded Patroni."""
+Last in the suite: every later test would otherwise run on the upgraded Patroni. test_97 leaves
+the lab down (pg3 gone for good), so this module brings up a lab of its own from bare hosts."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+from pathlib import Path
 
+import pytest
 from labtools import cluster_state_digest, lab_ssh, refused
 
 PATRONICTL = "runuser -u postgres -- patronictl -c /etc/patroni/config.yml"
+
+
+@pytest.fixture(scope="module")
+def fresh_cluster(lab, prefect_server):
+    """Bare hosts on the installed Patroni: the backup server, the cluster with archiving, a good
+    backup (the upgrade refuses to start without one of the last 26 hours) and routing; the lab
+    down again afterwards, since it runs the upgraded Patroni."""
+    from blocks.register import ClusterFiles, register_cluster
+    from flows.backup_server import backup_server_rollout
+    from flows.basebackup import scheduled_basebackup
+    from flows.build_cluster import build_cluster
+    from flows.routing import routing_rollout
+
+    lab.down()
+    lab.up(pip=str(Path(sys.executable).with_name("pip")))
+    register_cluster(ClusterFiles.for_lab(lab.paths.lab))
+    for state in (backup_server_rollout(cluster="lab", return_state=True),
+                  build_cluster(cluster="lab", return_state=True),
+                  scheduled_basebackup(cluster="lab", force=True, return_state=True),
+                  routing_rollout(cluster="lab", return_state=True)):
+        assert state.is_completed(), state.message
+    yield "lab"
+    lab.down()
 
 
 def _installed(lab, host: str) -> str:
@@ -42,8 +69,7 @@ def _declined_at_the_first_host(packages: dict) -> object:
     return outcome["state"]
 
 
-def test_rolling_upgrade_of_patroni(lab, backed_up, routed, prefect_server):
-    # backed_up: the upgrade refuses to start without a good backup of the last 26 hours.
+def test_rolling_upgrade_of_patroni(lab, fresh_cluster):
     from flows.upgrade import rolling_upgrade
     from lab.image import PATRONI_INSTALLED, PATRONI_UPGRADE
     from tasks.adapters.packages import upstream_version
