@@ -18,7 +18,6 @@ from tasks.errors import BouwsteenError, PreflightRefused, UpgradeStopped, Verif
 from tasks.etcd import wait_until_etcd_healthy
 from tasks.ha import wait_until_replicas_streaming
 from tasks.upgrade import (
-    drained_members,
     ensure_host_upgraded,
     ensure_member_drained,
     is_upgrade_complete,
@@ -72,7 +71,7 @@ def rolling_upgrade(cluster: str = "lab", packages: dict[str, str] | None = None
             return dry_run_done({**summary, "dry_run": True, "changed": False})
         if check.plan.is_noop:
             # A run cut short may have left a member drained; its packages are done already.
-            left = drained_members(cluster)
+            left = list(check.drained)
             for host in left:
                 ensure_member_drained(cluster, host, drained=False)
             return {**summary, "changed": bool(left), "upgraded": [], "switchover": None, "counted_in": left}

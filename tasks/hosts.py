@@ -12,6 +12,7 @@ from blocks.inventory import HostSpec
 from tasks.adapters import pki
 from tasks.adapters.commands import cmd, script
 from tasks.adapters.ha.pgdata import pgdata
+from tasks.adapters.packages import refresh_command
 from tasks.adapters.probe import HostSnapshot, parse_probe, probe_command
 from tasks.adapters.remote import RemoteError, RemoteHost, RemoteUnreachable
 from tasks.context import ClusterContext, context_for
@@ -158,7 +159,7 @@ def install_missing(remote: RemoteHost, packages: list[str]) -> list[str]:
     installed = {line.split()[0] for line in result.stdout.splitlines() if line.split()[1:2] == ["ii"]}
     missing = [p for p in packages if p not in installed]
     if missing:
-        remote.run(cmd("apt-get", "update", "-qq", timeout=600))
+        remote.run(refresh_command())
         remote.run(cmd("apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing,
                        timeout=1800, env={"DEBIAN_FRONTEND": "noninteractive"}))
     return missing

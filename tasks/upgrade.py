@@ -71,6 +71,8 @@ class UpgradeCheck(PlannedCheck):
     upgrades: dict[str, HostUpgrade]
     order: tuple[UpgradeStep, ...]
     plan: ActionPlan
+    # Members a run cut short left drained (build_cluster's file never drains one).
+    drained: tuple[str, ...] = ()
 
 
 @step(retries=1)
@@ -122,7 +124,7 @@ def is_upgrade_safe(cluster: str, targets: dict[str, str], *, max_lag_bytes: int
                             reboot=reboot, approve_each_host=approve_each_host, drain=ha_driver(inv).can_drain)
         say(plan.nothing_to_do if plan.is_noop else
             f"{len(upgrades)} host(s) to upgrade: " + "; ".join(f"{h}: {u.sentence()}" for h, u in upgrades.items()) + ".")
-    return UpgradeCheck(view.leader, upgrades, tuple(order), plan)
+    return UpgradeCheck(view.leader, upgrades, tuple(order), plan, tuple(m.name for m in view.members if m.drained))
 
 
 @dataclass(frozen=True)
@@ -215,11 +217,6 @@ def ensure_member_drained(cluster: str, host: str, drained: bool = True) -> str:
     return say(f"{host}: a candidate for promotion and the synchronous role again.")
 
 
-def drained_members(cluster: str) -> list[str]:
-    """Members a run cut short left drained (build_cluster's file never drains one)."""
-    return [m.name for m in read_view(context_for(cluster)).members if m.drained]
-
-
 @step(retries=0)
 def wait_until_units_active(cluster: str, host: str, timeout: float = 180) -> str:
     """Every unit of the host's layers active again (a host without PostgreSQL: its services)."""
@@ -281,6 +278,6 @@ def is_upgrade_complete(cluster: str, targets: dict[str, str]) -> UpgradeOutcome
     return UpgradeOutcome(tuple(problems), tuple(rows))
 
 
-__all__ = ["HostUpgraded", "UpgradeCheck", "UpgradeOutcome", "drained_members", "ensure_host_upgraded",
+__all__ = ["HostUpgraded", "UpgradeCheck", "UpgradeOutcome", "ensure_host_upgraded",
            "ensure_member_drained", "is_upgrade_complete", "is_upgrade_safe", "package_states",
            "wait_until_units_active"]
