@@ -39,12 +39,15 @@ class ClusterFiles:
     ca_also_trusted: Path | None = None
 
     @classmethod
-    def for_lab(cls, lab_dir: Path) -> "ClusterFiles":
+    def for_lab(cls, lab_dir: Path, cluster: str | None = None) -> "ClusterFiles":
+        """The lab's main cluster, or (`cluster`) another lab cluster: inventory and secrets of its
+        own, the lab's keys, known hosts and CA."""
+        own = lab_dir / cluster if cluster else lab_dir
         return cls(
-            inventory=lab_dir / "inventory.yaml",
+            inventory=own / "inventory.yaml",
             ssh_key=lab_dir / "id_ed25519",
             known_hosts=lab_dir / "known_hosts",
-            secrets=lab_dir / "secrets.json",
+            secrets=own / "secrets.json",
             ca_certificate=lab_dir / "pki" / "ca.crt",
             store_certificate=lab_dir / "pki" / "backup1.crt",
             store_private_key=lab_dir / "pki" / "backup1.key",

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CLUSTER = "lab"
+CLONE = "acc"  # lab/topology.py's second cluster, clone_cluster's target
 
 
 @dataclass
@@ -47,6 +48,9 @@ def _figure(flow: str, result) -> str:
     if flow == "restore_cluster":
         return (f"{result.get('backup')} restored, {result.get('primary')} writable after {result.get('writable_s')}s, "
                 f"every standby streaming after {result.get('all_streaming_s')}s")
+    if flow == "clone_cluster":
+        return (f"{result.get('cluster')} cloned from {result.get('source')}'s {result.get('backup')}, "
+                f"{result.get('post_clone_sql')} post-clone SQL, primary {result.get('primary')}")
     if flow == "backup_server_rollout":
         return f"S3 round trip {result.get('round_trip_seconds', 0):.2f}s"
     if flow == "routing_rollout":
@@ -84,7 +88,7 @@ def run_demo(skip: set[str] | None = None) -> int:
 
     apply_environment()
     started = time.monotonic()
-    print("== 1/4 lab: building the image if needed and booting 8 hosts", flush=True)
+    print("== 1/4 lab: building the image if needed and booting 11 hosts", flush=True)
     from lab.manager import Lab
 
     lab = Lab()
@@ -97,10 +101,12 @@ def run_demo(skip: set[str] | None = None) -> int:
     from blocks.register import ClusterFiles, register_cluster
 
     register_cluster(ClusterFiles.for_lab(lab.paths.lab))
+    register_cluster(ClusterFiles.for_lab(lab.paths.lab, CLONE))
     from deployments.deploy import deploy_all
     from deployments.worker import start_worker
 
     deploy_all(CLUSTER)
+    deploy_all(CLONE, flows=["clone_cluster"], schedules_active=False)
     start_worker()
 
     print("== 3/4 lifecycle flows, each as a deployment run through the worker", flush=True)
@@ -135,6 +141,11 @@ def run_demo(skip: set[str] | None = None) -> int:
         # The whole cluster restored in place from its backups (to the end of the archive: the
         # demo loses nothing), confirmed as a ticket would; its automation then backs up and drills.
         ("restore_cluster", {"target": "latest", "confirm_cluster": CLUSTER, "confirm_target": "latest"}),
+        # "Refresh acceptance from production": the cluster's newest backup restored into `acc`
+        # (three hosts of its own, built first), with SQL of the site's (anonymisation, here a
+        # stamp) run on it before anyone can connect.
+        ("clone_cluster", {"cluster": CLONE, "source": CLUSTER, "confirm_cluster": CLONE,
+                           "post_clone_sql": ["create table public.acceptance_refresh as select now() as refreshed_at"]}),
     ]
     rows: list[Row] = []
     failed = False
@@ -145,7 +156,8 @@ def run_demo(skip: set[str] | None = None) -> int:
         probe = None
         if flow_name == "switchover":
             probe = _start_probe()
-        run = run_deployment(f"{flow_name}/{CLUSTER}", parameters={"cluster": CLUSTER, **params}, timeout=1800)
+        cluster = params.get("cluster", CLUSTER)
+        run = run_deployment(f"{flow_name}/{cluster}", parameters={"cluster": cluster, **params}, timeout=1800)
         seconds = time.monotonic() - t0
         state = run.state
         result = None

@@ -16,6 +16,7 @@ FLOWS = {
     "scheduled_basebackup": "flows.basebackup:scheduled_basebackup",
     "restore_drill": "flows.restore_drill:restore_drill",
     "restore_cluster": "flows.restore_cluster:restore_cluster",
+    "clone_cluster": "flows.restore_cluster:clone_cluster",
     "routing_rollout": "flows.routing:routing_rollout",
     "switchover": "flows.switchover:switchover",
     "failover": "flows.switchover:failover",

@@ -61,6 +61,8 @@ POLICIES: dict[str, Policy] = {
     "scheduled_basebackup": Policy("cluster", wait_seconds=900),
     "restore_drill": Policy("cluster", wait_seconds=900),
     "restore_cluster": Policy("cluster", wait_seconds=900),
+    # The target cluster's lock (the source is only read); its first build takes it on its own.
+    "clone_cluster": Policy("cluster", wait_seconds=900),
     "switchover": Policy("cluster"),
     "failover": Policy("cluster"),
     "tab_job": Policy("pgquartz"),

@@ -29,13 +29,16 @@ from lab.paths import LabPaths
 from lab.pki import LabCA
 from lab.topology import (
     BRIDGE,
+    CLONE_CLUSTER_NAME,
     CLUSTER_NAME,
+    CLUSTERS,
     CONTROLLER_ADDRESS,
     DEFAULT_HOSTS,
     DOMAIN,
     SUBNET,
     VIP,
     LabHost,
+    cluster_hosts,
     host_by_name,
 )
 
@@ -160,6 +163,7 @@ class Lab:
         for path in (self.paths.inventory, self.paths.known_hosts, self.paths.state_file, self.paths.lab / "secrets.json"):
             path.unlink(missing_ok=True)
         shutil.rmtree(self.paths.lab / "pki", ignore_errors=True)
+        shutil.rmtree(self.paths.cluster_dir(CLONE_CLUSTER_NAME), ignore_errors=True)
 
     def _remove_strays(self) -> None:
         """Leftovers that do not belong to a known host name (an older topology, a killed run)."""
@@ -256,14 +260,42 @@ class Lab:
         path.write_text("\n".join(lines) + "\n")
         path.chmod(0o644)
 
-    def secrets_path(self) -> Path:
-        return self.paths.lab / "secrets.json"
+    def secrets_path(self, cluster: str = CLUSTER_NAME) -> Path:
+        if cluster == CLUSTER_NAME:
+            return self.paths.lab / "secrets.json"
+        return self.paths.cluster_dir(cluster) / "secrets.json"
+
+    def inventory_path(self, cluster: str = CLUSTER_NAME) -> Path:
+        if cluster == CLUSTER_NAME:
+            return self.paths.inventory
+        return self.paths.cluster_dir(cluster) / "inventory.yaml"
 
     def write_secrets(self) -> dict:
-        """Per-lab passwords and keys, generated once; root-only on the controller."""
-        path = self.secrets_path()
+        """Per-lab passwords and keys, generated once; root-only on the controller. The clone's
+        target cluster has database passwords and a repository cipher of its own; it reaches the
+        shared object store with the same keys (rclone serve s3 has one set of keys for all)."""
+        values = self._write_secrets(self.secrets_path(), self._new_secrets())
+        own = {k: v for k, v in self._new_secrets().items() if not k.startswith("s3_") and k != "vrrp_password"}
+        shared = {k: v for k, v in values.items() if k.startswith("s3_")}
+        directory = self.paths.cluster_dir(CLONE_CLUSTER_NAME)
+        directory.mkdir(mode=0o700, exist_ok=True)
+        self._write_secrets(self.secrets_path(CLONE_CLUSTER_NAME), {**own, **shared})
+        return values
+
+    @staticmethod
+    def _write_secrets(path: Path, values: dict) -> dict:
         existing = json.loads(path.read_text()) if path.exists() else {}
-        values = {
+        if existing and set(values) <= set(existing):
+            return existing
+        values.update(existing)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(values, fh, indent=2)
+        return values
+
+    @staticmethod
+    def _new_secrets() -> dict:
+        return {
             "superuser_password": secrets.token_urlsafe(18),
             "replication_password": secrets.token_urlsafe(18),
             "application_password": secrets.token_urlsafe(18),
@@ -279,13 +311,6 @@ class Lab:
             "monitor_password": secrets.token_urlsafe(18),
             "rest_api_password": secrets.token_urlsafe(18),
         }
-        if existing and set(values) <= set(existing):
-            return existing
-        values.update(existing)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(values, fh, indent=2)
-        return values
 
     @property
     def ca(self) -> "LabCA":
@@ -296,7 +321,9 @@ class Lab:
         store = host_by_name("backup1")
         self.ca.ensure_server_files("backup1", store.fqdn, [store.fqdn, store.name], [str(store.address)])
 
-    def inventory_document(self) -> dict:
+    def inventory_document(self, cluster: str = CLUSTER_NAME) -> dict:
+        if cluster == CLONE_CLUSTER_NAME:
+            return self._clone_inventory_document()
         return {
             "cluster": {
                 "name": CLUSTER_NAME,
@@ -324,7 +351,22 @@ class Lab:
             "hosts": [
                 {"name": h.name, "address": str(h.address), "roles": list(h.roles),
                  **({"ssh_user": h.ssh_user} if h.ssh_user else {})}
-                for h in self.hosts
+                for h in cluster_hosts(CLUSTER_NAME, self.hosts)
+            ],
+        }
+
+    def _clone_inventory_document(self) -> dict:
+        """The acceptance cluster clone_cluster restores the lab cluster into: three hosts of its
+        own (etcd on them too), the shared backup server, no routing and no restore host."""
+        main = self.inventory_document()
+        cluster = {k: v for k, v in main["cluster"].items() if k not in ("routing",)}
+        return {
+            "cluster": {**cluster, "name": CLONE_CLUSTER_NAME},
+            "ssh": main["ssh"],
+            "hosts": [
+                {"name": h.name, "address": str(h.address), "roles": list(h.roles),
+                 **({"ssh_user": h.ssh_user} if h.ssh_user else {})}
+                for h in cluster_hosts(CLONE_CLUSTER_NAME, self.hosts)
             ],
         }
 
@@ -333,7 +375,10 @@ class Lab:
             "# Written by `bouwsteen lab up` for the lab's isolated bridge "
             f"{BRIDGE} ({SUBNET}).\n# For real hosts, write your own file of this shape.\n"
         )
-        self.paths.inventory.write_text(header + yaml.safe_dump(self.inventory_document(), sort_keys=False))
+        for cluster in CLUSTERS:
+            path = self.inventory_path(cluster)
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            path.write_text(header + yaml.safe_dump(self.inventory_document(cluster), sort_keys=False))
 
 
 def _port_open(address: str, port: int, timeout: float = 0.5) -> bool:

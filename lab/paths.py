@@ -51,6 +51,10 @@ class LabPaths:
     def inventory(self) -> Path:
         return self.lab / "inventory.yaml"
 
+    def cluster_dir(self, cluster: str) -> Path:
+        """Inventory and secrets of a lab cluster other than the main one (the clone's target)."""
+        return self.lab / cluster
+
     @property
     def state_file(self) -> Path:
         return self.lab / "lab.json"

@@ -1,4 +1,4 @@
-"""The lab's default topology: eight hosts on one isolated bridge."""
+"""The lab's default topology: eleven hosts on one isolated bridge (two clusters and their servers)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ VIP = ipaddress.IPv4Address("172.29.66.100")
 BRIDGE = "bwlab0"
 DOMAIN = "bouwsteen.lab"
 CLUSTER_NAME = "lab"
+# A second cluster on hosts of its own, the target of clone_cluster ("refresh acceptance from
+# production"): its own inventory, etcd, credentials and bucket prefix; the backup server is shared.
+CLONE_CLUSTER_NAME = "acc"
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class LabHost:
     # The flows log in as this non-root user (passwordless sudo) instead of root; the flows' key
     # is then not a root key on this host (the lab's own tooling keeps a root key of its own).
     ssh_user: str | None = None
+    cluster: str = CLUSTER_NAME  # whose inventory lists the host (the backup server: every cluster's)
 
     @property
     def netns(self) -> str:
@@ -49,7 +53,17 @@ DEFAULT_HOSTS: tuple[LabHost, ...] = (
     LabHost("router1", ipaddress.IPv4Address("172.29.66.31"), ("router",)),
     LabHost("router2", ipaddress.IPv4Address("172.29.66.32"), ("router",)),
     LabHost("restore1", ipaddress.IPv4Address("172.29.66.41"), ("restore",)),
+    LabHost("acc1", ipaddress.IPv4Address("172.29.66.51"), ("db",), cluster=CLONE_CLUSTER_NAME),
+    LabHost("acc2", ipaddress.IPv4Address("172.29.66.52"), ("db",), cluster=CLONE_CLUSTER_NAME),
+    LabHost("acc3", ipaddress.IPv4Address("172.29.66.53"), ("db",), cluster=CLONE_CLUSTER_NAME),
 )
+CLUSTERS = (CLUSTER_NAME, CLONE_CLUSTER_NAME)
+SHARED_ROLES = ("backup",)  # a host with only these roles serves every lab cluster
+
+
+def cluster_hosts(cluster: str, hosts: tuple[LabHost, ...] = DEFAULT_HOSTS) -> list[LabHost]:
+    """The hosts `cluster`'s inventory lists: its own, and the shared backup server."""
+    return [h for h in hosts if h.cluster == cluster or (h.roles and set(h.roles) <= set(SHARED_ROLES))]
 
 
 def host_by_name(name: str) -> LabHost:

@@ -263,6 +263,39 @@ def ensure_backup_repository(cluster: str) -> str:
     return say(f"Backup repository for {cluster} is ready (checked from {primary}).")
 
 
+@once
+def ensure_repository_retired(cluster: str, host: str) -> str:
+    """Before clone_cluster replaces the cluster's data: its own repository emptied on `host` (a
+    member, HA units stopped), so the clone's timeline can be archived there. Never retried."""
+    from tasks.desired import backup_driver
+
+    ctx = context_for(cluster)
+    with ctx.remote(host) as remote:
+        for command in backup_driver(ctx.inventory).retire_repository_commands(ctx.inventory):
+            remote.run(command)
+    return say(f"{cluster}'s own backup repository emptied (from {host}); it starts afresh with the clone.")
+
+
+@step
+def is_archiving_own(cluster: str) -> bool:
+    """The primary's archive_command is the cluster's own (after a clone: not the source's, which a
+    restored copy carries in its files); VerifyFailed otherwise."""
+    from tasks.adapters.postgres import Postgres
+    from tasks.desired import backup_driver
+    from tasks.errors import VerifyFailed
+    from tasks.ha import require_primary
+
+    ctx = context_for(cluster)
+    primary = require_primary(ctx, "to read archive_command on")
+    wanted = backup_driver(ctx.inventory).archive_parameters(ctx.inventory)["archive_command"]
+    with Postgres(ctx.superuser_endpoint(primary)) as pg:
+        running = pg.scalar("show archive_command")
+    if running != wanted:
+        raise VerifyFailed(f"{primary.name}: archive_command is {running!r}, not {cluster}'s own {wanted!r}")
+    say(f"{primary.name} archives into {cluster}'s own repository.")
+    return True
+
+
 @step
 def is_backup_present(cluster: str) -> Backups:
     """Is a good backup in the repository? Read-only; the answer lists every backup, oldest first."""

@@ -3,8 +3,10 @@ inventory names."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
+from blocks.prefect_blocks import ROLE_NAME
 from tasks.adapters.postgres import (
     AuthenticationFailed,
     DatabaseUnavailable,
@@ -56,6 +58,28 @@ def is_superuser_login_ok(cluster: str, hosts: list[str]) -> LoginCheck:
             continue  # not accepting connections yet: nothing to check
     say("Superuser login works where PostgreSQL runs." if not refusals else "; ".join(refusals))
     return LoginCheck(tuple(refusals))
+
+
+def clone_login_sql(superuser: str, superuser_password: str, replication_user: str,
+                    replication_password: str) -> str:
+    """SQL that gives a cloned database the clone's own superuser and replication logins (a clone
+    arrives with the source's): run on the restored copy before its HA manager, which logs in as
+    both, starts. SCRAM verifiers only, never the passwords; a role the source lacks is created."""
+    statements = []
+    for role, password, attributes in ((superuser, superuser_password, "SUPERUSER LOGIN"),
+                                       (replication_user, replication_password, "REPLICATION LOGIN")):
+        if not re.fullmatch(ROLE_NAME, role):  # the block's own rule, again where it meets SQL text
+            raise ValueError(f"role name {role!r}: not a plain PostgreSQL role name")
+        verifier = scram_verifier(password)
+        statements.append(
+            "DO $clone$ BEGIN\n"
+            f"  IF EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN\n"
+            f"    ALTER ROLE \"{role}\" WITH {attributes} PASSWORD '{verifier}';\n"
+            "  ELSE\n"
+            f"    CREATE ROLE \"{role}\" WITH {attributes} PASSWORD '{verifier}';\n"
+            "  END IF;\n"
+            "END $clone$;\n")
+    return "".join(statements)
 
 
 @step

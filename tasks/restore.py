@@ -417,6 +417,55 @@ def is_cluster_restorable(cluster: str) -> RestoreSite:
     return RestoreSite(tuple(members), primary, leader is not None, free, used, tuple(refusals))
 
 
+@dataclass(frozen=True)
+class CloneTarget:
+    """is_clone_target_ready's answer: the target cluster's members, whether it is built (its HA
+    manager reports a primary) and whether a database is there to lose."""
+
+    ok: bool = field(init=False)
+    members: tuple[str, ...]
+    primary: str  # the HA manager's primary, else the first member
+    built: bool
+    holds_data: bool
+    refusals: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ok", not self.refusals)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+@step
+def is_clone_target_ready(cluster: str) -> CloneTarget:
+    """Read-only: every member of the clone's target answers, and is it built, does it hold data."""
+    from tasks.ha import read_view
+
+    ctx = context_for(cluster)
+    inv = ctx.inventory
+    data_dir = ha_driver(inv).pgdata(inv)
+    members = [h.name for h in inv.db_hosts]
+    refusals, holding_data = [], []
+    for name in members:
+        try:
+            with ctx.remote(name) as remote:
+                found = remote.run(script('[ -s "$1/PG_VERSION" ] && echo data || echo none', args=[data_dir],
+                                          timeout=20, description=f"a database in {data_dir}?")).stdout.strip()
+            if found == "data":
+                holding_data.append(name)
+        except RemoteError as exc:
+            refusals.append(f"{name}: does not answer ({str(exc).splitlines()[0]}); every member of the clone takes part")
+    try:
+        leader = read_view(ctx).leader
+    except HaStatusError:
+        leader = None  # not built yet, or its HA manager down: build_cluster comes first
+    say(f"{cluster}: members {', '.join(members)}; "
+        + (f"built, primary {leader}" if leader else "not built (no primary)")
+        + (f"; a database on {', '.join(holding_data)}" if holding_data else "; no database yet")
+        + (f". Refused: {'; '.join(refusals)}" if refusals else "."))
+    return CloneTarget(tuple(members), leader or members[0], leader is not None, bool(holding_data), tuple(refusals))
+
+
 @step
 def ensure_archive_current(cluster: str) -> str:
     """The running primary's current WAL segment switched and archived, so a target just before
@@ -487,16 +536,62 @@ def ensure_primary_restored(cluster: str, host: str, backup: str, target: str | 
     retried: a second try would wipe what the first restored."""
     ctx = context_for(cluster)
     inv = ctx.inventory
+    target_time = datetime.fromisoformat(target) if target else None
+    fetch = backup_driver(inv).restore_commands(inv, ha_driver(inv).pgdata(inv), backup, target_time, archive=True)
+    return _restored_and_settled(ctx, host, backup, target, fetch, timeout=timeout)
+
+
+@once
+def ensure_clone_restored(cluster: str, source: str, host: str, backup: str, target: str | None,
+                          post_clone_sql: list[str], timeout: float = 3600) -> Fetched:
+    """`source`'s backup restored onto `cluster`'s `host` with the source's restore key, recovered
+    to `target` with archiving off; then, while only the socket reaches it, the clone's own
+    superuser and replication logins and the post-clone SQL; then shut down cleanly for the HA
+    manager. The source's key leaves the host again whatever happens. Never retried."""
+    from tasks.db_roles import clone_login_sql
+
+    ctx, source_ctx = context_for(cluster), context_for(source)
+    inv, source_inv = ctx.inventory, source_ctx.inventory
+    driver = backup_driver(inv)
+    source_files = driver.clone_source_files(source_inv, source_ctx.restore_store_secrets)
+    target_time = datetime.fromisoformat(target) if target else None
+    fetch = driver.clone_restore_commands(source_inv, ha_driver(inv).pgdata(inv), backup, target_time)
+    secrets = ctx.db_secrets
+    sql = [("postgres", clone_login_sql(secrets.superuser, secrets.superuser_password,
+                                         secrets.replication_user, secrets.replication_password)),
+           *((source_inv.cluster.postgres.application_database, text) for text in post_clone_sql)]
+    try:
+        with ctx.remote(host) as remote:
+            for spec in source_files:
+                remote.ensure_file(spec)
+        return _restored_and_settled(ctx, host, backup, target, fetch, timeout=timeout, sql=sql,
+                                     what=f"{source}'s backup {backup}")
+    finally:
+        with ctx.remote(host) as remote:
+            remote.run(cmd("rm", "-f", "--", *(f.path for f in source_files), timeout=60))
+
+
+# Where a clone's SQL waits for psql: postgres's home, 0600, removed right after.
+CLONE_SQL_PATH = "/var/lib/postgresql/.bouwsteen-clone.sql"
+
+
+def _restored_and_settled(ctx: ClusterContext, host: str, backup: str, target: str | None, fetch: list[Command], *,
+                          timeout: float, sql: list[tuple[str, str]] | None = None, what: str | None = None) -> Fetched:
+    """Fetch into an emptied data directory, recover and promote with only the socket open, run
+    `sql` ((database, text) each, one transaction each), reset the restore's own settings and
+    shut down cleanly for the HA manager."""
+    from tasks.adapters.commands import ManagedFile
+
+    inv = ctx.inventory
     ha = ha_driver(inv)
     data_dir = ha.pgdata(inv)
     bin_dir = inv.cluster.postgres.bin_dir
     socket_dir = ha.socket_dir(inv)
     port = inv.cluster.postgres.port
-    target_time = datetime.fromisoformat(target) if target else None
-    fetch = chain(
+    fetch_all = chain(
         script('rm -rf -- "$1"; install -d -o postgres -g postgres -m 0700 "$1"', args=[data_dir],
                description=f"empty {data_dir}"),
-        *backup_driver(inv).restore_commands(inv, data_dir, backup, target_time, archive=True),
+        *fetch,
         description=f"fetch backup {backup} into {data_dir}",
     )
     reset = [f"alter system reset {name}" for name in RESTORE_ONLY_SETTINGS]
@@ -507,15 +602,29 @@ def ensure_primary_restored(cluster: str, host: str, backup: str, target: str | 
         args=[bin_dir, data_dir, socket_dir, str(port), *reset], user="postgres", timeout=900,
         description="drop the restore's recovery settings, shut the restored primary down cleanly")
     with ctx.remote(host) as remote:
-        fetched = remote.run(fetch)
+        fetched = remote.run(fetch_all)
         recovered = remote.run(start_and_await_promotion(
             bin_dir, data_dir, timeout, socket_dir, port, f"{data_dir.rstrip('/')}.restore.log",
             options=RECOVERY_ONLY_OPTIONS, what=f"{host}'s restored copy"))
+        for database, text in sql or []:
+            # A file, not -c: the clone's login SQL holds password verifiers, which no command line may.
+            remote.ensure_file(ManagedFile(CLONE_SQL_PATH, text, owner="postgres", group="postgres", mode=0o600,
+                                           secret=True))
+            try:
+                remote.run(cmd(f"{bin_dir}/psql", "-XAtq", "-v", "ON_ERROR_STOP=1", "--single-transaction",
+                               "-h", socket_dir, "-p", port, "-d", database, "-f", CLONE_SQL_PATH,
+                               user="postgres", timeout=1800, description=f"psql -d {database} -f (clone SQL)"))
+            finally:
+                remote.run(cmd("rm", "-f", "--", CLONE_SQL_PATH, timeout=60))
         remote.run(settle)
+        if ha.cached_state_files:
+            remote.run(cmd("rm", "-f", "--", *(f"{data_dir.rstrip('/')}/{name}" for name in ha.cached_state_files),
+                           timeout=60, description="drop the backed-up cluster's cached HA state"))
         size = int(remote.run(script('du -sb -- "$1" | cut -f1', args=[data_dir], timeout=600)).stdout.split()[0])
-    say(f"{host}: backup {backup} restored in {fetched.seconds:.1f}s and recovered to "
-        f"{target or 'the end of the archive'} in {recovered.seconds:.1f}s ({size / 2**20:.0f} MiB); shut down "
-        "cleanly for the HA manager.")
+    say(f"{host}: {what or f'backup {backup}'} restored in {fetched.seconds:.1f}s and recovered to "
+        f"{target or 'the end of the archive'} in {recovered.seconds:.1f}s ({size / 2**20:.0f} MiB)"
+        + (f"; {len(sql)} SQL file(s) run on it before anyone could connect" if sql else "")
+        + "; shut down cleanly for the HA manager.")
     return Fetched(fetched.seconds + recovered.seconds, size)
 
 

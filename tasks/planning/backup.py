@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from blocks.inventory import Inventory, Role
+from blocks.inventory import HaManager, Inventory, Role
 from tasks.adapters.backup.base import BackupInfo
 from tasks.errors import BouwsteenError, DrillFailed
 from tasks.planning.plan import Action, ActionPlan
@@ -247,7 +247,7 @@ def clone_refusals(source: Inventory, target: Inventory) -> list[str]:
     refusals = []
     src, dst = source.cluster, target.cluster
     if dst.name == src.name:
-        refusals.append(f"target_cluster: {dst.name!r} is the source cluster itself; restore_cluster restores in place")
+        refusals.append(f"cluster: {dst.name!r} is the source cluster itself; restore_cluster restores in place")
     used = {h.name: h for h in source.hosts if h.roles}
     addresses = {str(h.address): h.name for h in source.hosts if h.roles}
     for host in target.hosts:
@@ -256,18 +256,69 @@ def clone_refusals(source: Inventory, target: Inventory) -> list[str]:
         if host.name in used or str(host.address) in addresses:
             owner = host.name if host.name in used else addresses[str(host.address)]
             if not (host.has(Role.backup) and used.get(owner) is not None and used[owner].has(Role.backup)):
-                refusals.append(f"target_cluster: host {host.name} ({host.address}) is also {owner} of cluster "
+                refusals.append(f"cluster: host {host.name} ({host.address}) is also {owner} of cluster "
                                 f"{src.name}: a clone gets hosts of its own")
     if dst.postgres.version != src.postgres.version:
-        refusals.append(f"target_cluster: PostgreSQL {dst.postgres.version} cannot restore a backup of "
+        refusals.append(f"cluster: PostgreSQL {dst.postgres.version} cannot restore a backup of "
                         f"PostgreSQL {src.postgres.version}")
     if dst.backup_tool != src.backup_tool:
-        refusals.append(f"target_cluster: {dst.backup_tool.value} cannot read {src.name}'s {src.backup_tool.value} backups")
+        refusals.append(f"cluster: {dst.backup_tool.value} cannot read {src.name}'s {src.backup_tool.value} backups")
     if src.object_store is None:
         refusals.append(f"source: cluster {src.name} has no object store, so no backup to clone from")
     elif dst.object_store is None:
-        refusals.append(f"target_cluster: {dst.name} has no object store to archive its own timeline to")
+        refusals.append(f"cluster: {dst.name} has no object store to archive its own timeline to")
+    if dst.ha_manager is HaManager.stolon:
+        # stolon's pitr init would start the keepers against the source's role passwords, which the
+        # clone's keepers do not know; Patroni's clone resets them before the HA manager starts.
+        refusals.append(f"cluster: {dst.name} runs stolon; clone_cluster clones into Patroni clusters only "
+                        "(stolon's pitr init cannot set the clone's own role passwords)")
     return refusals
+
+
+# Post-clone SQL runs as the superuser on a copy nobody can reach yet: bounded, one statement
+# list, no NUL bytes (psql would stop reading there).
+POST_CLONE_SQL_LIMIT = 64 * 1024
+
+
+def post_clone_sql_refusal(statements: Sequence[str]) -> str | None:
+    if not isinstance(statements, (list, tuple)) or not all(isinstance(s, str) for s in statements):
+        return "post_clone_sql: give a list of SQL texts"
+    for index, text in enumerate(statements):
+        if not text.strip():
+            return f"post_clone_sql[{index}]: empty"
+        if "\x00" in text:
+            return f"post_clone_sql[{index}]: contains a NUL byte"
+    if sum(len(s.encode()) for s in statements) > POST_CLONE_SQL_LIMIT:
+        return f"post_clone_sql: longer than {POST_CLONE_SQL_LIMIT // 1024} KiB in all; run a TAB job for more"
+    return None
+
+
+def plan_clone(source: str, cluster: str, members: Sequence[str], primary: str, chosen: BackupInfo,
+               target: datetime | None, *, holds_data: bool, built: bool, post_sql: int,
+               refusals: Sequence[str] = ()) -> ActionPlan:
+    """clone_cluster's plan: `source`'s backup onto `cluster`'s members. `holds_data`: the
+    target already has a database (lost, first among the notes); `built`: build_cluster ran there."""
+    if refusals:
+        return ActionPlan(refusals=tuple(refusals))
+    if primary not in members:
+        raise ValueError(f"plan_clone: primary {primary!r} is not among the members {list(members)}")
+    standbys = [m for m in members if m != primary]
+    recover_to = target.isoformat() if target else "the end of the archive"
+    actions = [] if built else [Action(cluster, "build_cluster first: etcd, Patroni, certificates, roles")]
+    actions += [Action(m, "stop the HA manager and PostgreSQL") for m in members]
+    actions.append(Action(primary, f"restore {source}'s {chosen.name} (finished "
+                                   f"{chosen.finish_time.isoformat(timespec='seconds')}) with {source}'s restore key "
+                                   f"and recover to {recover_to}, archiving off; {cluster}'s own role passwords"
+                                   + (f" and {post_sql} post-clone SQL statement(s)" if post_sql else "")
+                                   + " before anyone can connect; the HA manager's state started afresh from it"))
+    actions += [Action(m, f"cloned from {primary}") for m in standbys]
+    actions.insert(len(members) + (0 if built else 1), Action(
+        cluster, "its own backup repository emptied: it starts afresh with the clone"))
+    actions.append(Action(cluster, f"a full backup in its own repository ({source}'s archive is only read)"))
+    notes = [f"Lost: {cluster}'s current data on {', '.join(members)}, and the backups and WAL of it in "
+             f"{cluster}'s own repository." if holds_data else
+             f"{cluster} holds no database yet: nothing is lost."]
+    return ActionPlan(tuple(actions), notes=tuple(notes))
 
 
 def _hours(delta: timedelta) -> str:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from labtools import REPO, bouwsteen, lab_ssh
 
-HOSTS = ["pg1", "pg2", "pg3", "pg4", "backup1", "router1", "router2", "restore1"]
+HOSTS = ["pg1", "pg2", "pg3", "pg4", "backup1", "router1", "router2", "restore1"]  # cluster lab's inventory
+MACHINES = [*HOSTS, "acc1", "acc2", "acc3"]  # and clone_cluster's target, cluster acc
 
 
 def test_every_host_is_a_booted_machine(lab):
@@ -58,7 +59,7 @@ def test_lab_up_is_idempotent_and_recovers_from_kill_9(lab):
         time.sleep(0.2)
     assert not any(isinstance(m, Machine) and m.is_running() for m in lab.machines())
     summary = lab.up()
-    assert set(summary["hosts"]) == set(HOSTS)
+    assert set(summary["hosts"]) == set(MACHINES)
     assert all(row["state"] == "running" and row["ssh"] for row in lab.status_dicts())
 
 
@@ -66,7 +67,7 @@ def test_status_json_lists_every_host():
     result = bouwsteen("lab", "status", "--json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
-    assert [r["name"] for r in rows] == HOSTS
+    assert [r["name"] for r in rows] == MACHINES
     assert all({"name", "address", "state"} <= set(r) for r in rows)
 
 

@@ -22,7 +22,9 @@ from tasks.planning.backup import (
     newest_good,
     parse_target,
     pick_restore_backup,
+    plan_clone,
     plan_cluster_restore,
+    post_clone_sql_refusal,
     room_to_keep_aside,
 )
 
@@ -333,11 +335,13 @@ def test_cluster_restore_plan_refused_has_no_actions() -> None:
     assert plan.refusals == ("backup: nope",) and not plan.actions
 
 
-def _inventory(name: str, hosts: dict[str, tuple[str, list[str]]], *, version: int = 15, tool: str = "pgbackrest"):
+def _inventory(name: str, hosts: dict[str, tuple[str, list[str]]], *, version: int = 15, tool: str = "pgbackrest",
+               ha: str = "patroni"):
     from blocks.inventory import parse_inventory
 
     return parse_inventory({
         "cluster": {"name": name, "network": "172.29.66.0/24", "postgres": {"version": version}, "backup_tool": tool,
+                    "ha_manager": ha,
                     "object_store": {"host": "backup1", "endpoint": "https://backup1.lab:9000", "bucket": "pgbackups"}},
         "hosts": [{"name": h, "address": a, "roles": r} for h, (a, r) in hosts.items()]})
 
@@ -356,6 +360,7 @@ CLONE = {"ac1": ("172.29.66.31", ["db"]), "ac2": ("172.29.66.32", ["db"]), "ac3"
      "host pg3 (172.29.66.13) is also pg3"),
     (_inventory("acc", CLONE, version=16), "PostgreSQL 16 cannot restore a backup of PostgreSQL 15"),
     (_inventory("acc", CLONE, tool="walg"), "walg cannot read prod's pgbackrest backups"),
+    (_inventory("acc", CLONE, ha="stolon"), "clones into Patroni clusters only"),
 ])
 def test_a_clone_shares_nothing_the_source_writes_to(target, refused) -> None:
     refusals = clone_refusals(_inventory("prod", SOURCE), target)
@@ -376,3 +381,47 @@ def test_a_clone_shares_nothing_the_source_writes_to(target, refused) -> None:
 def test_the_primary_is_kept_aside_only_where_the_restored_copy_fits_beside_it(free: int, restored: int,
                                                                                   keeps: bool) -> None:
     assert room_to_keep_aside(free, restored) is keeps
+
+
+# ----------------------------------------------------------------------------- clone_cluster
+
+
+@pytest.mark.parametrize(("statements", "refused"), [
+    ([], None),
+    (["update customers set email = 'x'"], None),
+    ([" \n"], "post_clone_sql[0]: empty"),
+    (["select 1", "select '\x00'"], "post_clone_sql[1]: contains a NUL byte"),
+    (["x" * (64 * 1024 + 1)], "longer than 64 KiB"),
+    ("update t set a = 1", "give a list of SQL texts"),
+    ([1], "give a list of SQL texts"),
+])
+def test_post_clone_sql_is_refused_before_anything_runs(statements, refused) -> None:
+    found = post_clone_sql_refusal(statements)
+    assert found is None if refused is None else (found is not None and refused in found), found
+
+
+def test_clone_plan_of_a_bare_target_builds_first_and_loses_nothing() -> None:
+    plan = plan_clone("prod", "acc", ["ac1", "ac2", "ac3"], "ac1", backup("b1", 5), None,
+                      holds_data=False, built=False, post_sql=2)
+    hosts = [a.host for a in plan.actions]
+    assert hosts == ["acc", "ac1", "ac2", "ac3", "acc", "ac1", "ac2", "ac3", "acc"], hosts
+    assert "build_cluster first" in plan.actions[0].plan
+    assert "emptied" in plan.actions[4].plan
+    assert "prod's b1" in plan.actions[5].plan and "2 post-clone SQL" in plan.actions[5].plan
+    assert "restore key" in plan.actions[5].plan and "archiving off" in plan.actions[5].plan
+    assert plan.remarks()[0] == "acc holds no database yet: nothing is lost."
+
+
+def test_clone_plan_of_a_built_target_says_first_what_it_loses() -> None:
+    target = NOW - timedelta(hours=1)
+    plan = plan_clone("prod", "acc", ["ac1", "ac2"], "ac2", backup("b1", 5), target,
+                      holds_data=True, built=True, post_sql=0)
+    assert [a.host for a in plan.actions] == ["ac1", "ac2", "acc", "ac2", "ac1", "acc"]
+    assert plan.remarks()[0].startswith("Lost: acc's current data on ac1, ac2, and the backups and WAL")
+    assert target.isoformat() in plan.actions[3].plan and "post-clone" not in plan.actions[3].plan
+
+
+def test_clone_plan_refused_has_no_actions() -> None:
+    plan = plan_clone("prod", "acc", ["ac1"], "ac1", backup("b1", 5), None, holds_data=False, built=False,
+                      post_sql=0, refusals=("target_cluster: nope",))
+    assert plan.refusals == ("target_cluster: nope",) and not plan.actions

@@ -102,3 +102,21 @@ def test_no_heartbeat_table_without_a_monitor_role(monkeypatch: pytest.MonkeyPat
     pg = FakePg(table=False, granted=False)
     _run(monkeypatch, pg, monitor=False)
     assert pg.statements == [] and TABLE_MISSING not in pg.params
+
+
+def test_a_clone_gets_its_own_logins_as_verifiers_only() -> None:
+    from tasks.adapters.postgres import scram_matches
+    from tasks.db_roles import clone_login_sql
+
+    sql = clone_login_sql("postgres", "su-secret", "replicator", "repl-secret")
+    assert "su-secret" not in sql and "repl-secret" not in sql
+    verifiers = [line.split("PASSWORD '")[1].split("'")[0] for line in sql.splitlines() if "ALTER ROLE" in line]
+    assert scram_matches(verifiers[0], "su-secret") and scram_matches(verifiers[1], "repl-secret")
+    assert 'ALTER ROLE "postgres" WITH SUPERUSER LOGIN' in sql and 'CREATE ROLE "replicator" WITH REPLICATION LOGIN' in sql
+
+
+def test_a_clone_login_refuses_a_role_name_that_is_not_plain() -> None:
+    from tasks.db_roles import clone_login_sql
+
+    with pytest.raises(ValueError, match="not a plain PostgreSQL role name"):
+        clone_login_sql("postgres\"; drop table x; --", "a", "replicator", "b")

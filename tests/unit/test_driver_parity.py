@@ -297,6 +297,11 @@ BACKUP_STEPS = [
          lambda s: s.backup.restore_commands(s.inv, s.ha.pgdata(s.inv), s.backup_name, RESTORE_TIME, archive=True)),
     # ... or run by the HA manager itself (stolon's pitr).
     Step("ha_restore_commands", "ha_restore_commands", lambda s: s.backup.ha_restore_commands(s.inv, s.backup_name)),
+    # clone_cluster: the source's repository read on the clone's first host, the clone's own adopted.
+    Step("clone_source_files", "clone_source_files", lambda s: s.backup.clone_source_files(s.inv, STORE)),
+    Step("clone_restore_commands", "clone_restore_commands",
+         lambda s: s.backup.clone_restore_commands(s.inv, s.ha.pgdata(s.inv), s.backup_name, RESTORE_TIME)),
+    Step("retire_repository_commands", "retire_repository_commands", lambda s: s.backup.retire_repository_commands(s.inv)),
 ]
 
 

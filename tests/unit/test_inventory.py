@@ -684,3 +684,22 @@ def test_lab_inventory_still_loads(tmp_path: Path) -> None:
         assert load_inventory(write(tmp_path, text, "lab.yaml")) == inv
         # And after add_standby grows the cluster by pg4.
         assert [h.name for h in inv.with_db_host("pg4").db_hosts] == ["pg1", "pg2", "pg3", "pg4"]
+
+
+def test_the_labs_clone_target_is_a_cluster_of_its_own(tmp_path: Path) -> None:
+    """`acc`, clone_cluster's target in the lab: its own hosts and etcd, the shared backup server;
+    and the main cluster's inventory does not list the clone's hosts (no runbook of it touches them)."""
+    from lab.manager import Lab
+    from lab.paths import LabPaths
+    from lab.topology import CLONE_CLUSTER_NAME
+    from tasks.planning.backup import clone_refusals
+
+    lab = Lab(paths=LabPaths(tmp_path))
+    main = parse_inventory(lab.inventory_document())
+    clone = parse_inventory(lab.inventory_document(CLONE_CLUSTER_NAME))
+    assert clone.cluster.name == "acc" and clone.cluster.routing is None
+    assert [h.name for h in clone.etcd_members] == ["acc1", "acc2", "acc3"]
+    assert [h.name for h in clone.hosts] == ["backup1", "acc1", "acc2", "acc3"]
+    assert not any(h.name.startswith("acc") for h in main.hosts)
+    assert clone_refusals(main, clone) == []
+    assert lab.inventory_path(CLONE_CLUSTER_NAME) == tmp_path / "lab" / "acc" / "inventory.yaml"

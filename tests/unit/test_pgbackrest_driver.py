@@ -532,3 +532,39 @@ def test_ha_restore_commands_refuse_bad_backup_names(name: str) -> None:
     with pytest.raises(BackupInputError) as info:
         driver.ha_restore_commands(INV, name)
     assert str(info.value).startswith(f"backup: {name!r} is not a pgBackRest backup label")
+
+
+# ----------------------------------------------------------------------------- clone_cluster
+
+RESTORE_KEY = StoreSecrets(access_key_id="RESTOREKEY0001", secret_access_key="read/only+key", ca_certificate=CA_PEM,
+                           cipher_pass="source-cipher")
+
+
+def test_a_clone_reads_the_source_with_a_config_of_its_own() -> None:
+    ca, config = driver.clone_source_files(INV, RESTORE_KEY)
+    assert config.path == "/etc/pgbackrest/clone-source-lab.conf" != CONFIG_PATH
+    assert ca.path == "/etc/pgbackrest/clone-source-lab-ca.crt" != CA_PATH and not ca.secret
+    assert config.secret and config.mode == 0o600 and config.owner == "postgres"
+    conf = parse_conf(config.content)
+    assert conf["global"]["repo1-path"] == "/lab/pg15"  # the source's repository, not the clone's
+    assert conf["global"]["repo1-s3-key"] == "RESTOREKEY0001"
+    assert conf["global"]["repo1-storage-ca-file"] == ca.path
+    assert conf["global"]["repo1-cipher-pass"] == "source-cipher"
+    assert "lab" in conf
+
+
+def test_a_clone_restores_with_archiving_off_and_fetches_wal_from_the_source() -> None:
+    when = datetime(2026, 11, 27, 10, 30, tzinfo=UTC)
+    (c,) = driver.clone_restore_commands(INV, "/var/lib/postgresql/15/main", "20261127-010000F", when)
+    argv = list(c.argv)
+    assert argv[:3] == ["pgbackrest", "--config=/etc/pgbackrest/clone-source-lab.conf", "--stanza=lab"]
+    assert argv[-1] == "restore" and "--archive-mode=off" in argv and "--set=20261127-010000F" in argv
+    assert ('--recovery-option=restore_command=pgbackrest --config=/etc/pgbackrest/clone-source-lab.conf '
+            '--stanza=lab archive-get %f "%p"') in argv
+    assert c.user == "postgres" and "read/only+key" not in c.render()
+
+
+def test_retiring_the_repository_deletes_the_stanza_and_starts_it_again() -> None:
+    (c,) = driver.retire_repository_commands(INV)
+    line = c.render()
+    assert "stop" in line and "--force stanza-delete" in line and "start" in line and c.user == "postgres"

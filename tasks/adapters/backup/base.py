@@ -140,6 +140,25 @@ class BackupDriver(ABC):
         raise NotImplementedError(f"{type(self).__name__} has no restore commands for an HA manager")
 
     @abstractmethod
+    def clone_source_files(self, source: Inventory, secrets: StoreSecrets) -> list[ManagedFile]:
+        """On a clone's restoring host: read access to `source`'s repository (`secrets`: the
+        source's restore key), in files of their own beside the clone's own configuration."""
+
+    @abstractmethod
+    def clone_restore_commands(self, source: Inventory, target_dir: str, backup: str | None,
+                               target_time: datetime | None) -> list[Command]:
+        """Fetch `source`'s backup into `target_dir` and recover from `source`'s archive through
+        clone_source_files; the copy never archives (into the source least of all) until the
+        clone's HA manager starts it with the clone's own archive_command."""
+
+    @abstractmethod
+    def retire_repository_commands(self, inv: Inventory) -> list[Command]:
+        """Before a clone replaces the cluster's data: its repository emptied (backups and WAL of the
+        data being replaced). A clone's new timeline has the number an earlier clone's had, and both
+        tools refuse to archive a segment over another of that name; init_repository_commands starts
+        the repository afresh afterwards. Run on a member with the cluster's HA units stopped."""
+
+    @abstractmethod
     def verify_archive_command(self, inv: Inventory, *, db_secrets: DbSecrets | None = None) -> Command:
         """Proves archiving works now (a WAL switch whose segment reaches the repository) and checks
         the archive's continuity; run on the primary. `db_secrets`: the login where the HA manager

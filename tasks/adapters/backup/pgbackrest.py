@@ -41,7 +41,7 @@ class PgBackRestDriver(BackupDriver):
         # One repository per cluster and major version, like WAL-G's prefix rule.
         return f"/{inv.cluster.name}/pg{inv.cluster.postgres.version}"
 
-    def render_config(self, inv: Inventory, secrets: StoreSecrets) -> str:
+    def render_config(self, inv: Inventory, secrets: StoreSecrets, *, ca_path: str = CA_PATH) -> str:
         store = inv.cluster.object_store
         if store is None:
             raise BackupInputError("cluster.object_store: not set; pgBackRest needs the S3 endpoint")
@@ -58,7 +58,7 @@ class PgBackRestDriver(BackupDriver):
             "repo1-s3-uri-style=path",
             f"repo1-s3-key={secrets.access_key_id}",
             f"repo1-s3-key-secret={secrets.secret_access_key}",
-            f"repo1-storage-ca-file={CA_PATH}",
+            f"repo1-storage-ca-file={ca_path}",
             f"repo1-retention-full={inv.cluster.backup_retention_full}",
             "repo1-retention-full-type=count",
             # Small files (most of a cluster's 1,000+) go into bundles: one object-store request per
@@ -234,6 +234,37 @@ class PgBackRestDriver(BackupDriver):
                 + (f" --set={backup}" if backup is not None else "") + " --type=none restore")
         # No `timeout` wrapper: its exit 124 would read as "no such segment" and end recovery early.
         return data, f"pgbackrest --stanza={inv.cluster.name} archive-get %f \"%p\""
+
+    def clone_config_path(self, source: Inventory) -> str:
+        return f"/etc/pgbackrest/clone-source-{source.cluster.name}.conf"
+
+    def clone_source_files(self, source: Inventory, secrets: StoreSecrets) -> list[ManagedFile]:
+        ca = f"/etc/pgbackrest/clone-source-{source.cluster.name}-ca.crt"
+        return [
+            ManagedFile(ca, secrets.ca_certificate, owner="root", mode=0o644),
+            ManagedFile(self.clone_config_path(source), self.render_config(source, secrets, ca_path=ca),
+                        owner="postgres", group="postgres", mode=0o600, secret=True),
+        ]
+
+    def clone_restore_commands(self, source: Inventory, target_dir: str, backup: str | None,
+                               target_time: datetime | None) -> list[Command]:
+        config = f"--config={self.clone_config_path(source)}"
+        [restore] = self.restore_commands(source, target_dir, backup, target_time, archive=False)
+        # The recovery's archive-get must read the source's repository too: pgBackRest would
+        # otherwise write a restore_command with the host's default configuration, the clone's.
+        fetch_wal = f'pgbackrest {config} --stanza={source.cluster.name} archive-get %f "%p"'
+        argv = [restore.argv[0], config, *restore.argv[1:-1], f"--recovery-option=restore_command={fetch_wal}",
+                restore.argv[-1]]
+        return [cmd(*argv, timeout=restore.timeout, user="postgres",
+                    description=f"pgbackrest: restore {source.cluster.name}'s backup {backup or '(latest)'} into {target_dir}")]
+
+    def retire_repository_commands(self, inv: Inventory) -> list[Command]:
+        # stanza-delete wants the stanza stopped first; --force: PostgreSQL's state is not asked
+        # (it is down, or not yet there). A stanza that is not there is deleted without complaint.
+        return [script('pgbackrest --stanza="$1" stop && pgbackrest --stanza="$1" --force stanza-delete; '
+                       'rc=$?; pgbackrest --stanza="$1" start; exit $rc',
+                       args=[inv.cluster.name], user="postgres", timeout=1800,
+                       description=f"pgbackrest: delete stanza {inv.cluster.name} (its backups and WAL)")]
 
     def verify_archive_command(self, inv: Inventory, *, db_secrets: DbSecrets | None = None) -> Command:
         # `check` forces a WAL switch and waits until that segment is in the repository (archiving

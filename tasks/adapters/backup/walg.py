@@ -381,6 +381,21 @@ class WalgDriver(BackupDriver):
         wal = " ".join(self._walg(inv, "wal-fetch", '"%f"', '"%p"'))
         return data, wal
 
+    def clone_source_files(self, source: Inventory, secrets: StoreSecrets) -> list[ManagedFile]:
+        # The files are named after the cluster, so the source's sit beside the clone's own. Fetch
+        # only: no database login, so the host is given as a restore host would be.
+        reader = HostSpec(name="clone-source", address=source.hosts[0].address, roles=[])
+        return self.host_files(source, reader, secrets)
+
+    def clone_restore_commands(self, source: Inventory, target_dir: str, backup: str | None,
+                               target_time: datetime | None) -> list[Command]:
+        return self.restore_commands(source, target_dir, backup, target_time, archive=False)
+
+    def retire_repository_commands(self, inv: Inventory) -> list[Command]:
+        # `delete everything FORCE` also takes backups that permanent marks would keep.
+        return [cmd(*self._walg(inv, "delete", "everything", "FORCE", "--confirm"), user=OS_USER, timeout=1800,
+                    description=f"wal-g: delete everything under {self.s3_prefix(inv)}")]
+
     def verify_archive_command(self, inv: Inventory, *, db_secrets: DbSecrets | None = None) -> Command:
         """wal-verify only reads the repository: on an idle primary whose archive_command broke it
         would still say OK. So first a WAL switch, and a wait until PostgreSQL reports that segment

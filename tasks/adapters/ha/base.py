@@ -103,6 +103,10 @@ class HaDriver(ABC):
     # The HA manager can be told at run time to leave one member out of promotion and of the
     # synchronous role (drain_commands).
     can_drain: bool = False
+    # Files in the data directory where the HA manager keeps a copy of its cluster-wide state. A
+    # restored copy carries the backed-up cluster's (a clone: another cluster's, archive_command
+    # and all), so they go before the HA manager starts afresh from the inventory's.
+    cached_state_files: tuple[str, ...] = ()
 
     @abstractmethod
     def packages(self, inv: Inventory) -> list[str]:

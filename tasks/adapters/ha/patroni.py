@@ -96,6 +96,8 @@ class PatroniDriver(HaDriver):
     name = "patroni"
     has_maintenance_mode = True
     can_drain = True
+    # Patroni starts from this copy of the dynamic configuration when etcd holds none.
+    cached_state_files = ("patroni.dynamic.json",)
 
     def packages(self, inv: Inventory) -> list[str]:
         # openssl: tls_reloaded_commands asks the REST API which certificate it presents.
