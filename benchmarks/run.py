@@ -18,6 +18,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks.chains import REPORT_ROWS as CHAIN_ROWS
+
 OUT = Path(__file__).resolve().parent
 PORT = 4220
 HARD_FAILOVERS = 3  # the primary's host killed this many times; the median gap is reported
@@ -389,7 +391,7 @@ def bench_backup_and_restore(lab, results: dict) -> None:
                                "python3 -c \"print($e - $s)\"; du -sb /var/tmp/raw-bb | cut -f1; rm -rf /var/tmp/raw-bb").split()
         raw_runs.append((float(raw[0]), int(raw[1])))
         settle()
-        backup = completed(scheduled_basebackup(cluster="lab", force=True, return_state=True))["backup"]
+        backup = completed(scheduled_basebackup(cluster="lab", force=True, kind="full", return_state=True))["backup"]
         flow_runs.append(backup)
         if round_no == 0:
             ensure_restore_host_configured.fn("lab")  # the raw restore needs pgBackRest's config there
@@ -444,7 +446,7 @@ def bench_restore_cluster(lab, results: dict) -> None:
         wait_streaming(600)
         size = int(ssh(lab, leader, "runuser -u postgres -- psql -XAt -c 'select sum(pg_database_size(oid)) from pg_database'").strip())
     settle()
-    backup = completed(scheduled_basebackup(cluster="lab", force=True, return_state=True))["backup"]["name"]
+    backup = completed(scheduled_basebackup(cluster="lab", force=True, kind="full", return_state=True))["backup"]["name"]
     # restore_cluster reads the last drill of its backup: one that passed, as on a site.
     completed(restore_drill(cluster="lab", backup=backup, return_state=True))
     ensure_restore_host_configured.fn("lab")
@@ -569,6 +571,7 @@ REPORT_ROWS = [
     ("restore_cluster time to writable primary ÷ raw restore + recovery", "restore_cluster_ratio", "×", "≤ 1.3"),
     ("  restore_cluster until every standby streams", "restore_cluster_streaming_s", "s", "—"),
 ]
+REPORT_ROWS += CHAIN_ROWS
 
 
 def write_report(results: dict) -> None:
@@ -665,6 +668,10 @@ def write_report(results: dict) -> None:
         "The drill also isolates the restored instance (no archiving, no replication, local listen only) and",
         "waits for promotion; its verification (amcheck, markers) is in the RTO, not in the ready time.",
         "",
+        f"Full and incremental backups by size (`--only chains`): {results.get('chains', 'not measured yet')}.",
+        "",
+        "![backup time against size and change](chains.png)",
+        "",
         "![write latency and gaps through the VIP](writes.png)",
         "",
     ]
@@ -686,19 +693,20 @@ FIGURE_OF = {
     "restore_cluster_ratio": "restore", "restore_cluster_streaming_s": "restore",
     "rolling_upgrade_total_gap_s": "upgrade", "rolling_upgrade_excess_s": "upgrade",
     "rolling_upgrade_lost_writes": "upgrade",
+    **{key: "chains" for _, key, _, _ in CHAIN_ROWS},
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", action="append", choices=["image", "lab", "build", "roles", "backup", "tls",
-                                                                 "restore", "upgrade"])
+                                                                 "restore", "upgrade", "chains"])
     parser.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from report.json")
     args = parser.parse_args(argv)
     if args.report_only:
         write_report(json.loads((OUT / "report.json").read_text()))
         return 0
-    only = set(args.only or ["image", "lab", "build", "roles", "backup", "tls", "restore", "upgrade"])
+    only = set(args.only or ["image", "lab", "build", "roles", "backup", "tls", "restore", "upgrade", "chains"])
     from lab.manager import Lab
 
     lab = Lab()
@@ -718,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_lab_up(lab, results)
     if "build" in only:
         bench_build(lab, results)
-    if only & {"roles", "backup", "restore", "upgrade"}:
+    if only & {"roles", "backup", "restore", "upgrade", "chains"}:
         if "build" not in only:
             fresh_lab(lab)
         setup_rest(results)
@@ -734,9 +742,15 @@ def main(argv: list[str] | None = None) -> int:
         bench_backup_and_restore(lab, results)
     if "restore" in only:
         bench_restore_cluster(lab, results)
+    if "chains" in only:
+        from benchmarks.chains import bench_chains, plot_chains
+
+        bench_chains(lab, results, ssh=ssh, completed=completed, settle=settle, primary=primary,
+                     wait_streaming=wait_streaming, raw_restore=raw_restore, log=log)
+        plot_chains(results["chains"], OUT / "chains.png")
     if "upgrade" in only:
         # Last on this lab: every later group would run on the upgraded Patroni.
-        if only & {"roles", "backup", "restore"}:
+        if only & {"roles", "backup", "restore", "chains"}:
             fresh_lab(lab)
             setup_rest(results)
         bench_rolling_upgrade(results, traces)

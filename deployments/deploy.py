@@ -204,8 +204,9 @@ def cluster_automations(cluster: str, deployments: dict[str, UUID]) -> list:
                         f"restore_cluster run of {cluster} completes.",
             enabled=True,
             trigger=_each_run_entering("Completed", _runs_of(*recovery)),
+            # A full: the new timeline's first backup should not lean on the old one's chain.
             actions=[RunDeployment(deployment_id=backup,
-                                   parameters={"cluster": cluster, "force": True, "then_drill": True})],
+                                   parameters={"cluster": cluster, "force": True, "kind": "full", "then_drill": True})],
         ))
     automations.append(AutomationCore(
         name=f"bouwsteen: {cluster}: forced backup after a freshness alarm",

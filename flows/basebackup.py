@@ -1,4 +1,5 @@
-"""scheduled_basebackup: the nightly full backup, from a standby, with retention and a freshness alarm."""
+"""scheduled_basebackup: the nightly backup, from a standby, full on the full nights and incremental
+on the others, with retention of whole chains and a freshness alarm."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows.runbook import holding, publish_plan
+from tasks.adapters.backup.base import BACKUP_KINDS
 from tasks.backup import (
     ensure_backup_repository,
     ensure_base_backup,
@@ -18,13 +20,20 @@ from tasks.backup import (
 )
 from tasks.context import context_for
 from tasks.errors import BackupFailed, BackupTooOld, PreflightRefused
-from tasks.planning.backup import decide_backup, freshness_problem, newest_good
+from tasks.planning.backup import (
+    BackupPlanError,
+    decide_backup,
+    freshness_problem,
+    full_weekdays,
+    newest_good,
+)
 
 
 @flow(name="scheduled_basebackup", persist_result=True)
 def scheduled_basebackup(cluster: str = "lab", force: bool = False, skip_window_hours: float = 23,
                          freshness_limit_hours: float = 26, keep_full: int | None = None,
-                         then_drill: bool = False, dry_run: bool = False) -> dict:
+                         full_on: list[str] | None = None, kind: str = "auto", then_drill: bool = False,
+                         dry_run: bool = False) -> dict:
     """1. Pre-flight (source, existing backups)  2. Plan (skip or run; dry_run stops here)
     3. Act (backup, retention)  4. Verify (listed, WAL archived)  — and always: fail loudly when the
     newest good backup is stale."""
@@ -36,6 +45,13 @@ def scheduled_basebackup(cluster: str = "lab", force: bool = False, skip_window_
     if keep_full is not None and keep_full < 1:
         raise PreflightRefused(f"keep_full must be at least 1, got {keep_full}")
     keep = keep_full if keep_full is not None else inv.cluster.backup_retention_full
+    try:
+        # The full nights (UTC); the others back up incrementally. Default: full on Sunday.
+        full_nights = full_weekdays(["sunday"] if full_on is None else full_on)
+    except BackupPlanError as exc:
+        raise PreflightRefused(f"{exc}") from None
+    if kind not in ("auto", *BACKUP_KINDS):
+        raise PreflightRefused(f"kind: {kind!r} is not one of auto, {', '.join(BACKUP_KINDS)}")
     report: dict = {"cluster": cluster, "ran": False}
     error: BaseException | None = None
     with holding(cluster, "scheduled_basebackup", dry_run=dry_run):
@@ -46,12 +62,13 @@ def scheduled_basebackup(cluster: str = "lab", force: bool = False, skip_window_
             before = is_backup_present(cluster).backups
             source = is_backup_source_found(cluster)
             decision = decide_backup(before, datetime.now(timezone.utc), skip_window=timedelta(hours=skip_window_hours),
-                                     force=force, source=source.source)
+                                     force=force, source=source.source, full_on=full_nights, asked=kind)
             publish_plan("scheduled_basebackup", cluster, decision.plan(keep), dry_run=dry_run)
             report["decision"] = decision.reason
             if decision.run and not dry_run:
-                logger.info("3. Act: full base backup on %s, then retention (keep %d full).", decision.source, keep)
-                seconds = ensure_base_backup(cluster, source.source, source.primary)
+                logger.info("3. Act: %s base backup on %s (%s), then retention (keep %d full with their chains).",
+                            decision.kind, decision.source, decision.kind_reason, keep)
+                seconds = ensure_base_backup(cluster, source.source, source.primary, decision.kind)
                 after = is_backup_present(cluster).backups
                 new = [b for b in after if b.name not in {x.name for x in before}]
                 if len(new) != 1 or new[0].error:
@@ -63,7 +80,8 @@ def scheduled_basebackup(cluster: str = "lab", force: bool = False, skip_window_
                     raise BackupFailed(f"backup {backup.name} was taken but the WAL archive is not intact: {archive.detail}")
                 ensure_retention(cluster, keep)
                 row = {
-                    "name": backup.name, "host": backup.source_host or decision.source,
+                    "name": backup.name, "kind": backup.kind, "based_on": decision.kind_reason,
+                    "host": backup.source_host or decision.source,
                     "size_mib": round((backup.database_bytes or 0) / 2**20, 1),
                     "stored_mib": round((backup.stored_bytes or 0) / 2**20, 1),
                     "duration_s": round(seconds, 1),

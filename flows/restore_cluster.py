@@ -219,7 +219,8 @@ def restore_cluster(cluster: str = "lab", target: str = "", backup: str | None =
             new_primary = wait_until_primary_is(cluster, None, timeout=timeout_seconds)
         else:
             ensure_ha_state_forgotten(cluster)
-            restored = ensure_primary_restored(cluster, primary, chosen.name, target_iso, timeout=timeout_seconds)
+            restored = ensure_primary_restored(cluster, primary, chosen.name, target_iso, timeout=timeout_seconds,
+                                               size_bytes=chosen.database_bytes)
             ensure_members_started(cluster, [primary])
             new_primary = wait_until_primary_is(cluster, primary, timeout=timeout_seconds)
             logger.info("%s accepts writes after %.1fs (restore and recovery %.1fs).", new_primary,
@@ -351,7 +352,7 @@ def clone_cluster(cluster: str = "", source: str = "", target: str = "latest", b
         ensure_ha_state_forgotten(cluster)
         ensure_repository_retired(cluster, primary)
         ensure_clone_restored(cluster, source, primary, chosen.name, target_iso, statements,
-                              timeout=timeout_seconds)
+                              timeout=timeout_seconds, size_bytes=chosen.database_bytes)
         ensure_members_started(cluster, [primary])
         new_primary = wait_until_primary_is(cluster, primary, timeout=timeout_seconds)
         writable_s = (datetime.now(timezone.utc) - started).total_seconds()

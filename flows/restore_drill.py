@@ -66,7 +66,8 @@ def restore_drill(cluster: str = "lab", target: str = "latest", backup: str | No
         ensure_restore_host_configured(cluster)
         marker = ensure_marker_row(cluster) if target_time is None else None
         source_markers = is_source_marked(cluster).rows
-        fetched = ensure_backup_restored(cluster, chosen.name, target_time.isoformat() if target_time else None)
+        fetched = ensure_backup_restored(cluster, chosen.name, target_time.isoformat() if target_time else None,
+                                         chosen.database_bytes)
         try:
             recovered = wait_until_recovered(cluster)
 

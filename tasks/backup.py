@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from botocore.exceptions import BotoCoreError, ClientError
 
 from tasks.adapters import peer_ssh
-from tasks.adapters.backup.base import ArchiveCheck, BackupInfo
+from tasks.adapters.backup.base import ArchiveCheck, BackupInfo, BackupKind
 from tasks.adapters.minio_admin import (
     AdminEndpoint,
     ClusterGrant,
@@ -24,7 +24,7 @@ from tasks.adapters.s3 import (
 from tasks.context import ClusterContext, context_for
 from tasks.errors import NotYet
 from tasks.planning.backup import good_backups
-from tasks.runtime import once, say, step, wait_for
+from tasks.runtime import once, say, step, wait_for, with_progress
 
 
 def store_endpoint(ctx: ClusterContext, *, admin: bool = False) -> S3Endpoint:
@@ -329,20 +329,39 @@ def is_backup_source_found(cluster: str, max_lag_bytes: int = 16 * 1024 * 1024) 
     return BackupSource(ok=True, source=chosen.host, primary=primary)
 
 
+def _backup_progress(ctx: ClusterContext, host: str, driver):
+    """How far the backup running on `host` has got, asked over a connection of its own."""
+    def poll() -> tuple[int, int] | None:
+        command = driver.progress_command(ctx.inventory)
+        if command is None:
+            return None
+        with ctx.remote(host) as remote:
+            return driver.parse_progress(remote.run(command, check=False))
+
+    return poll
+
+
 @once
-def ensure_base_backup(cluster: str, source: str, primary: str) -> float:
-    """Run one full base backup on `source` (never retried: the next schedule is the retry)."""
+def ensure_base_backup(cluster: str, source: str, primary: str, kind: BackupKind = "full") -> float:
+    """Run one base backup on `source`, full or incremental (never retried: the next schedule is
+    the retry)."""
+    from tasks.adapters.commands import cmd
     from tasks.desired import backup_driver
+    from tasks.planning.backup import copy_processes
 
     ctx = context_for(cluster)
     inv = ctx.inventory
     driver = backup_driver(inv)
-    command = driver.backup_command(inv, inv.host(source), inv.host(primary))
     with ctx.remote(source) as remote:
-        result = remote.run(command)
+        cores = int(remote.run(cmd("nproc", timeout=10)).stdout.strip() or 1)
+        processes = copy_processes(cores, on_primary=source == primary)
+        command = driver.backup_command(inv, inv.host(source), inv.host(primary), kind, processes)
+        result = with_progress(f"{kind} backup of {cluster} on {source}", lambda: remote.run(command),
+                               _backup_progress(ctx, source, driver))
     # The backup's own time: the controller's SSH connection set-up is not part of it.
     seconds = result.seconds
-    say(f"Full base backup taken on {source} in {seconds:.1f}s.")
+    say(f"{'Full' if kind == 'full' else 'Incremental'} base backup taken on {source} in {seconds:.1f}s "
+        f"({processes} parallel copy stream(s) for its {cores} core(s)).")
     return seconds
 
 

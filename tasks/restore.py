@@ -17,7 +17,7 @@ from tasks.errors import NotYet, PreflightRefused
 from tasks.ha import require_primary
 from tasks.hosts import install_missing
 from tasks.planning.backup import parse_target
-from tasks.runtime import once, say, step, wait_for
+from tasks.runtime import once, say, step, wait_for, with_progress
 
 DRILL_PORT = 5432
 SOCKET_DIR = "/var/run/postgresql"
@@ -224,8 +224,22 @@ def ensure_marker_row(cluster: str) -> Marker:
     return Marker(marker_id, written_at)
 
 
+def _disk_progress(ctx: ClusterContext, host: str, path: str, total: int | None):
+    """A restore's progress as the bytes in its target directory against the backup's size (the
+    tools report none of their own while restoring), asked over a connection of its own."""
+    def poll() -> tuple[int, int] | None:
+        if not total:
+            return None
+        with ctx.remote(host) as remote:
+            found = remote.run(script('du -sb -- "$1" 2>/dev/null | cut -f1', args=[path], timeout=30,
+                                      description=f"bytes in {path}"), check=False).stdout.split()
+        return (int(found[0]), total) if found and found[0].isdigit() else None
+
+    return poll
+
+
 @once
-def ensure_backup_restored(cluster: str, backup: str, target: str | None) -> Fetched:
+def ensure_backup_restored(cluster: str, backup: str, target: str | None, size_bytes: int | None = None) -> Fetched:
     """Fetch the backup into an empty data directory and configure recovery (never retried)."""
     ctx = context_for(cluster)
     inv = ctx.inventory
@@ -235,11 +249,16 @@ def ensure_backup_restored(cluster: str, backup: str, target: str | None) -> Fet
     settings = "".join(f"{k} = '{v}'\n" for k, v in ISOLATION.items())
     # One round trip: empty the directory, fetch and configure recovery, then isolate the copy.
     # The include is appended last, so it wins over whatever the backed-up configuration says.
+    driver = backup_driver(inv)
     fetch = chain(
+        # A copy an earlier drill kept (replace_kept) stays for a delta restore where the tool does
+        # those; else the directory is emptied.
         script('pg_ctl="$2/pg_ctl"; if [ -f "$1/postmaster.pid" ]; then runuser -u postgres -- "$pg_ctl" -D "$1" -m immediate stop || true; fi; '
+               'if [ "$3" = delta ] && [ -s "$1/PG_VERSION" ]; then exit 0; fi; '
                'rm -rf -- "$1"; install -d -o postgres -g postgres -m 0700 "$1"',
-               args=[data_dir, inv.cluster.postgres.bin_dir], description=f"empty {data_dir}"),
-        *backup_driver(inv).restore_commands(inv, data_dir, backup, target_time),
+               args=[data_dir, inv.cluster.postgres.bin_dir, "delta" if driver.restores_by_delta else "empty"],
+               description=f"stop the kept copy, or empty {data_dir}"),
+        *driver.restore_commands(inv, data_dir, backup, target_time),
         script('install -o postgres -g postgres -m 0600 /dev/null "$1/conf.d-drill.conf"; printf %s "$2" > "$1/conf.d-drill.conf"; '
                'grep -q "^include_if_exists .conf.d-drill.conf" "$1/postgresql.auto.conf" 2>/dev/null || '
                'echo "include_if_exists \'conf.d-drill.conf\'" >> "$1/postgresql.auto.conf"; du -sb "$1" | cut -f1',
@@ -247,7 +266,8 @@ def ensure_backup_restored(cluster: str, backup: str, target: str | None) -> Fet
         description=f"fetch backup {backup} into {data_dir} and isolate it",
     )
     with ctx.remote(host) as remote:
-        result = remote.run(fetch)
+        result = with_progress(f"restore of {backup} onto {host.name}", lambda: remote.run(fetch),
+                               _disk_progress(ctx, host.name, data_dir, size_bytes))
     size = int(result.stdout.split()[-1])
     # The command's own time: the SSH connection set-up is not part of fetching a backup.
     seconds = result.seconds
@@ -530,7 +550,7 @@ def ensure_ha_state_forgotten(cluster: str) -> str:
 
 @once
 def ensure_primary_restored(cluster: str, host: str, backup: str, target: str | None,
-                            timeout: float = 3600) -> Fetched:
+                            timeout: float = 3600, size_bytes: int | None = None) -> Fetched:
     """Restore `backup` onto the primary's data directory, recover to `target` and promote, with
     no HA manager running; then leave it cleanly shut down for the HA manager to start. Never
     retried: a second try would wipe what the first restored."""
@@ -538,12 +558,12 @@ def ensure_primary_restored(cluster: str, host: str, backup: str, target: str | 
     inv = ctx.inventory
     target_time = datetime.fromisoformat(target) if target else None
     fetch = backup_driver(inv).restore_commands(inv, ha_driver(inv).pgdata(inv), backup, target_time, archive=True)
-    return _restored_and_settled(ctx, host, backup, target, fetch, timeout=timeout)
+    return _restored_and_settled(ctx, host, backup, target, fetch, timeout=timeout, size_bytes=size_bytes)
 
 
 @once
 def ensure_clone_restored(cluster: str, source: str, host: str, backup: str, target: str | None,
-                          post_clone_sql: list[str], timeout: float = 3600) -> Fetched:
+                          post_clone_sql: list[str], timeout: float = 3600, size_bytes: int | None = None) -> Fetched:
     """`source`'s backup restored onto `cluster`'s `host` with the source's restore key, recovered
     to `target` with archiving off; then, while only the socket reaches it, the clone's own
     superuser and replication logins and the post-clone SQL; then shut down cleanly for the HA
@@ -565,7 +585,7 @@ def ensure_clone_restored(cluster: str, source: str, host: str, backup: str, tar
             for spec in source_files:
                 remote.ensure_file(spec)
         return _restored_and_settled(ctx, host, backup, target, fetch, timeout=timeout, sql=sql,
-                                     what=f"{source}'s backup {backup}")
+                                     what=f"{source}'s backup {backup}", size_bytes=size_bytes)
     finally:
         with ctx.remote(host) as remote:
             remote.run(cmd("rm", "-f", "--", *(f.path for f in source_files), timeout=60))
@@ -576,7 +596,8 @@ CLONE_SQL_PATH = "/var/lib/postgresql/.bouwsteen-clone.sql"
 
 
 def _restored_and_settled(ctx: ClusterContext, host: str, backup: str, target: str | None, fetch: list[Command], *,
-                          timeout: float, sql: list[tuple[str, str]] | None = None, what: str | None = None) -> Fetched:
+                          timeout: float, sql: list[tuple[str, str]] | None = None, what: str | None = None,
+                          size_bytes: int | None = None) -> Fetched:
     """Fetch into an emptied data directory, recover and promote with only the socket open, run
     `sql` ((database, text) each, one transaction each), reset the restore's own settings and
     shut down cleanly for the HA manager."""
@@ -602,7 +623,8 @@ def _restored_and_settled(ctx: ClusterContext, host: str, backup: str, target: s
         args=[bin_dir, data_dir, socket_dir, str(port), *reset], user="postgres", timeout=900,
         description="drop the restore's recovery settings, shut the restored primary down cleanly")
     with ctx.remote(host) as remote:
-        fetched = remote.run(fetch_all)
+        fetched = with_progress(f"restore of {what or backup} onto {host}", lambda: remote.run(fetch_all),
+                                _disk_progress(ctx, host, data_dir, size_bytes))
         recovered = remote.run(start_and_await_promotion(
             bin_dir, data_dir, timeout, socket_dir, port, f"{data_dir.rstrip('/')}.restore.log",
             options=RECOVERY_ONLY_OPTIONS, what=f"{host}'s restored copy"))

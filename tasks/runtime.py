@@ -135,3 +135,57 @@ def wait_for(what: str, probe, *, timeout: float, interval: float = 1.0):
         if time.monotonic() > deadline:
             raise DeadlineExceeded(f"{what}: not reached within {timeout:.0f}s (last seen: {last})")
         time.sleep(interval)
+
+
+def with_progress(what: str, work: Callable[[], Any], poll: Callable[[], tuple[int, int] | None], *,
+                  interval: float = 2.0) -> Any:
+    """Run `work` (a long backup or restore) while its progress shows in the Prefect UI: `poll`
+    answers (bytes done, bytes in all) from the tool or the disk, or None while it cannot say. The
+    artifact appears once the work has run for `interval`; a poll that fails only skips a beat."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.planning.progress import progress_line
+
+    started = time.monotonic()
+    artifact = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bouwsteen-work") as pool:
+        future = pool.submit(work)
+        while True:
+            try:
+                return future.result(timeout=interval)
+            except TimeoutError:
+                pass
+            try:
+                seen = poll()
+            except Exception:  # noqa: BLE001 - progress is a view; the work's own result decides
+                seen = None
+            if seen is None:
+                continue
+            done, total = seen
+            percent, line = progress_line(what, done, total, time.monotonic() - started)
+            if not _in_a_run():
+                break  # outside a Prefect run: nothing to show it in
+            try:
+                artifact = _progress_artifact(artifact, percent, line)
+            except Exception:  # noqa: BLE001 - a server hiccup costs a beat of the view, not the backup
+                continue
+        return future.result()
+
+
+def _in_a_run() -> bool:
+    from prefect.context import get_run_context
+
+    try:
+        get_run_context()  # outside a run an artifact would start a temporary server of its own
+    except MissingContextError:
+        return False
+    return True
+
+
+def _progress_artifact(artifact, percent: float, line: str):
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    if artifact is None:
+        return create_progress_artifact(progress=percent, description=line)
+    update_progress_artifact(artifact, progress=percent, description=line)
+    return artifact

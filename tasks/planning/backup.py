@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from blocks.inventory import HaManager, Inventory, Role
-from tasks.adapters.backup.base import BackupInfo
+from tasks.adapters.backup.base import BackupInfo, BackupKind
 from tasks.errors import BouwsteenError, DrillFailed
 from tasks.planning.plan import Action, ActionPlan
 
@@ -33,12 +33,59 @@ class BackupDecision:
     run: bool
     source: str | None
     reason: str
+    kind: BackupKind = "full"
+    kind_reason: str = ""
 
     def plan(self, keep_full: int) -> ActionPlan:
         if not self.run:
             return ActionPlan(nothing_to_do=f"No backup tonight: {self.reason}.")
-        return ActionPlan((Action(self.source or "?", f"full base backup ({self.reason}), "
-                                                     f"then keep the newest {keep_full} full backup(s)"),))
+        what = "full base backup" if self.kind == "full" else "incremental base backup"
+        why = f"{self.reason}; {self.kind_reason}" if self.kind_reason else self.reason
+        return ActionPlan((Action(self.source or "?", f"{what} ({why}), then keep the newest {keep_full} full "
+                                                     "backup(s) with the incrementals that build on them"),))
+
+
+WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+# However the schedule reads, no incremental chain grows longer than a week: the restore of its
+# newest member replays every link, and a broken link loses the rest of the chain.
+MAX_CHAIN = timedelta(days=7)
+
+
+def full_weekdays(names: Sequence[str]) -> frozenset[int]:
+    """full_on's day names (UTC, as the schedules run) as weekday numbers; BackupPlanError naming
+    the entry that is no day."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        return _no_days(f"full_on: give a list of day names ({', '.join(WEEKDAYS)}), not {names!r}")
+    days = set()
+    for index, name in enumerate(names):
+        if not isinstance(name, str) or name.strip().lower() not in WEEKDAYS:
+            return _no_days(f"full_on[{index}]: {name!r} is not a day name ({', '.join(WEEKDAYS)})")
+        days.add(WEEKDAYS.index(name.strip().lower()))
+    return frozenset(days)
+
+
+def _no_days(message: str) -> frozenset[int]:
+    raise BackupPlanError(message)
+
+
+def backup_kind(backups: Sequence[BackupInfo], now: datetime, full_on: frozenset[int],
+                asked: str = "auto") -> tuple[BackupKind, str]:
+    """Tonight's kind and why: full on the schedule's full nights, when no good full exists to
+    build on, or when the newest full is a week old (full nights missed); else an incremental.
+    `asked` ("full", "incr") overrides the schedule, but an incremental needs a full to build on."""
+    fulls = [b for b in good_backups(backups) if b.kind == "full"]
+    if not fulls:
+        return "full", "no good full backup to build an incremental on"
+    newest = max(fulls, key=lambda b: b.finish_time)
+    if asked == "full":
+        return "full", "a full backup asked for"
+    if asked == "incr":
+        return "incr", f"an incremental asked for, on full backup {newest.name}"
+    if now.weekday() in full_on:
+        return "full", f"{WEEKDAYS[now.weekday()].capitalize()} is a full night"
+    if now - newest.finish_time >= MAX_CHAIN:
+        return "full", f"the newest full backup {newest.name} is {_hours(now - newest.finish_time)} old"
+    return "incr", f"incremental on full backup {newest.name}"
 
 
 def good_backups(backups: Sequence[BackupInfo]) -> list[BackupInfo]:
@@ -63,8 +110,17 @@ def choose_source(candidates: list[SourceCandidate], max_lag_bytes: int) -> Sour
 
 
 def decide_backup(
-    backups: Sequence[BackupInfo], now: datetime, *, skip_window: timedelta, force: bool, source: str
+    backups: Sequence[BackupInfo], now: datetime, *, skip_window: timedelta, force: bool, source: str,
+    full_on: frozenset[int] = frozenset(range(7)), asked: str = "auto",
 ) -> BackupDecision:
+    """Whether to back up tonight, and (`full_on`: the full nights; `asked`: a kind given) which."""
+    kind, why = backup_kind(backups, now, full_on, asked)
+    decided = _decided(backups, now, skip_window=skip_window, force=force, source=source)
+    return replace(decided, kind=kind, kind_reason=why) if decided.run else decided
+
+
+def _decided(backups: Sequence[BackupInfo], now: datetime, *, skip_window: timedelta, force: bool,
+             source: str) -> BackupDecision:
     newest = newest_good(backups)
     if force:
         return BackupDecision(True, source, "forced")
@@ -75,6 +131,13 @@ def decide_backup(
     if newest is None:
         return BackupDecision(True, source, "no good backup exists yet")
     return BackupDecision(True, source, f"newest good backup {newest.name} is {_hours(now - newest.finish_time)} old")
+
+
+def copy_processes(cores: int, *, on_primary: bool) -> int:
+    """Parallel copy streams for a backup on a host with `cores`: every core of a standby (replay
+    is its only other work), half of the primary's (it serves the clients); 1 to 16."""
+    share = cores // 2 if on_primary else cores
+    return max(1, min(16, share))
 
 
 def freshness_problem(backups: Sequence[BackupInfo], now: datetime, limit: timedelta) -> str | None:
@@ -88,10 +151,15 @@ def freshness_problem(backups: Sequence[BackupInfo], now: datetime, limit: timed
 
 
 def expected_after_retention(backups: Sequence[BackupInfo], keep_full: int) -> list[BackupInfo]:
+    """The newest `keep_full` fulls and every backup after the oldest of them, whose chains lead
+    back to a kept full; an incremental of an expired full goes with it (no orphans)."""
     if keep_full < 1:
         raise BackupPlanError(f"keep_full: must be at least 1, got {keep_full}")
-    fulls = [b for b in good_backups(backups) if b.kind == "full"]
-    return sorted(fulls, key=lambda b: b.start_time)[-keep_full:]
+    good = sorted(good_backups(backups), key=lambda b: b.start_time)
+    fulls = [b for b in good if b.kind == "full"][-keep_full:]
+    if not fulls:
+        return []
+    return [b for b in good if b.start_time >= fulls[0].start_time]
 
 
 # ----------------------------------------------------------------------------- restore

@@ -69,9 +69,43 @@ def test_nightly_backup_from_a_standby_then_skip_then_retention(lab, archiving):
     assert second.result()["ran"] is False and "skip window" in second.result()["decision"]
 
     for _ in range(2):
-        forced = scheduled_basebackup(cluster="lab", force=True, keep_full=2, return_state=True)
+        forced = scheduled_basebackup(cluster="lab", force=True, kind="full", keep_full=2, return_state=True)
         assert forced.is_completed(), forced.message
     assert len(forced.result()["kept"]) == 2
+
+
+def test_incremental_after_changes_then_a_drill_from_it_and_retention_by_chain(lab, backed_up):
+    """A full, a day's change, then the night's incremental (block incremental: it stores the
+    change, not the database again); a point-in-time drill from the incremental with the marker
+    check; and retention that expires a full takes its incrementals with it."""
+    from flows.basebackup import scheduled_basebackup
+    from flows.restore_drill import restore_drill
+    from tasks.context import context_for
+    from tasks.restore import ensure_drill_torn_down
+
+    full = scheduled_basebackup(cluster="lab", force=True, kind="full")["backup"]
+    assert full["kind"] == "full", full
+    ctx = context_for("lab", fresh=True)
+    with primary_pg(ctx) as pg:
+        pg.query("create table if not exists public.orders_day (id bigserial primary key, note text)")
+        pg.query("insert into public.orders_day (note) select 'new order ' || i from generate_series(1, 2000) i")
+    # No full night in the schedule: the run makes what a weeknight makes.
+    report = scheduled_basebackup(cluster="lab", force=True, full_on=[])
+    incr = report["backup"]
+    assert incr["kind"] == "incr" and incr["name"].startswith(full["name"] + "_"), incr
+    assert f"on full backup {full['name']}" in incr["based_on"]
+    assert incr["stored_mib"] < full["stored_mib"], (incr, full)
+    try:
+        drill = restore_drill(cluster="lab", backup=incr["name"], target="latest", keep=True, replace_kept=True)
+        assert drill["backup"] == incr["name"], drill
+        count = lab_ssh(lab, "restore1", "runuser -u postgres -- psql -X -At -h /var/run/postgresql "
+                                         "-c 'select count(*) from public.orders_day'").stdout.strip()
+        assert int(count) >= 2000, count
+    finally:
+        ensure_drill_torn_down("lab")
+    # Another full with only one kept: the older full goes, and its incremental with it.
+    kept = scheduled_basebackup(cluster="lab", force=True, kind="full", keep_full=1)
+    assert kept["kept"] == [kept["backup"]["name"]], kept["kept"]
 
 
 def test_freshness_alarm_fails_loudly(lab, backed_up):

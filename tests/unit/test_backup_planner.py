@@ -99,7 +99,8 @@ WINDOW = timedelta(hours=20)
     ],
 )
 def test_decide_backup(backups: list[BackupInfo], force: bool, expected: BackupDecision) -> None:
-    assert decide_backup(backups, NOW, skip_window=WINDOW, force=force, source="pg2") == expected
+    decided = decide_backup(backups, NOW, skip_window=WINDOW, force=force, source="pg2")
+    assert (decided.run, decided.source, decided.reason) == (expected.run, expected.source, expected.reason)
 
 
 def test_newest_good_ignores_errors_and_list_order() -> None:
@@ -149,9 +150,9 @@ HISTORY = [
     [
         (1, ["f5"]),
         (2, ["f4", "f5"]),
-        (3, ["f2", "f4", "f5"]),
-        (4, ["f1", "f2", "f4", "f5"]),
-        (10, ["f1", "f2", "f4", "f5"]),
+        (3, ["f2", "i1", "f4", "f5"]),  # i1 builds on f2, which stays
+        (4, ["f1", "d1", "f2", "i1", "f4", "f5"]),
+        (10, ["f1", "d1", "f2", "i1", "f4", "f5"]),
     ],
 )
 def test_expected_after_retention(keep: int, expected: list[str]) -> None:
@@ -161,6 +162,77 @@ def test_expected_after_retention(keep: int, expected: list[str]) -> None:
 
 def test_expected_after_retention_empty() -> None:
     assert expected_after_retention([], 3) == []
+
+
+def test_retention_never_leaves_an_orphan() -> None:
+    # Expiring f1 takes d1 with it; f2's incrementals stay with f2.
+    chain = [backup("f1", 200), backup("d1", 190, kind="diff"), backup("f2", 100), backup("i1", 90, kind="incr"),
+             backup("i2", 80, kind="incr")]
+    assert [b.name for b in expected_after_retention(chain, 1)] == ["f2", "i1", "i2"]
+
+
+# ----------------------------------------------------------------------------- full nights and incrementals
+
+SUNDAY = datetime(2026, 3, 8, 1, 0, tzinfo=UTC)  # NOW is a Tuesday
+assert SUNDAY.weekday() == 6 and NOW.weekday() == 1
+
+
+@pytest.mark.parametrize(("backups", "now", "kind", "why"), [
+    pytest.param([], NOW, "full", "no good full backup", id="first-backup"),
+    pytest.param([backup("f1", 30, error=True)], NOW, "full", "no good full backup", id="only-a-broken-full"),
+    pytest.param([backup("f1", 30)], NOW, "incr", "incremental on full backup f1", id="weeknight"),
+    pytest.param([backup("f1", 60), backup("i1", 30, kind="incr")], NOW, "incr", "on full backup f1",
+                 id="chain-grows"),
+    pytest.param([backup("f1", 24 * 7)], NOW, "full", "is 168.0 h old", id="full-nights-missed"),
+    pytest.param([backup("f1", 24 * 7 - 1)], NOW, "incr", "on full backup f1", id="a-week-less-an-hour"),
+    pytest.param([backup("f1", 30)], SUNDAY, "full", "Sunday is a full night", id="sunday"),
+])
+def test_tonights_kind(backups, now, kind, why) -> None:
+    from tasks.planning.backup import backup_kind
+
+    found, reason = backup_kind(backups, now, frozenset({6}))
+    assert found == kind and why in reason, reason
+
+
+@pytest.mark.parametrize(("backups", "asked", "kind"), [
+    ([backup("f1", 30)], "full", "full"),
+    ([backup("f1", 30)], "incr", "incr"),
+    ([], "incr", "full"),  # nothing to build on
+])
+def test_a_kind_asked_for_overrides_the_schedule(backups, asked, kind) -> None:
+    from tasks.planning.backup import backup_kind
+
+    assert backup_kind(backups, SUNDAY if asked == "incr" else NOW, frozenset({6}), asked)[0] == kind
+
+
+def test_every_night_full_when_every_day_is_a_full_night() -> None:
+    decided = decide_backup([backup("f1", 30)], NOW, skip_window=WINDOW, force=False, source="pg2")
+    assert decided.kind == "full" and "Tuesday is a full night" in decided.plan(7).rows()[0]["plan"]
+
+
+def test_an_incremental_plan_says_what_it_builds_on() -> None:
+    decided = decide_backup([backup("f1", 30)], NOW, skip_window=WINDOW, force=False, source="pg2",
+                            full_on=frozenset({6}))
+    assert decided.kind == "incr"
+    assert "incremental base backup" in decided.plan(7).rows()[0]["plan"]
+    assert "on full backup f1" in decided.plan(7).rows()[0]["plan"]
+
+
+@pytest.mark.parametrize(("names", "days", "refused"), [
+    (["sunday"], {6}, None),
+    (["Monday", " friday "], {0, 4}, None),
+    ([], set(), None),
+    (["sundag"], None, "full_on[0]: 'sundag' is not a day name"),
+    ("sunday", None, "full_on: give a list of day names"),
+])
+def test_full_nights_by_name(names, days, refused) -> None:
+    from tasks.planning.backup import full_weekdays
+
+    if refused is None:
+        assert full_weekdays(names) == frozenset(days)
+    else:
+        with pytest.raises(BackupPlanError, match=refused.replace("[", r"\[").replace("]", r"\]")):
+            full_weekdays(names)
 
 
 # ----------------------------------------------------------------------------- parse_target
@@ -425,3 +497,13 @@ def test_clone_plan_refused_has_no_actions() -> None:
     plan = plan_clone("prod", "acc", ["ac1"], "ac1", backup("b1", 5), None, holds_data=False, built=False,
                       post_sql=0, refusals=("target_cluster: nope",))
     assert plan.refusals == ("target_cluster: nope",) and not plan.actions
+
+
+@pytest.mark.parametrize(("cores", "on_primary", "processes"), [
+    (1, False, 1), (2, False, 2), (8, False, 8), (64, False, 16),
+    (1, True, 1), (2, True, 1), (8, True, 4), (64, True, 16),
+])
+def test_parallel_copy_follows_the_hosts_cores(cores, on_primary, processes) -> None:
+    from tasks.planning.backup import copy_processes
+
+    assert copy_processes(cores, on_primary=on_primary) == processes

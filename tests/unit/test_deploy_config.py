@@ -110,7 +110,7 @@ def test_cluster_automations_follow_the_deployments_there_are(deployed, expected
                                                               for n in expected[automation.name]]
         action, = automation.actions
         assert action.deployment_id == LAB["scheduled_basebackup/lab"]
-        assert action.parameters == ({"cluster": "lab", "force": True, "then_drill": True}
+        assert action.parameters == ({"cluster": "lab", "force": True, "kind": "full", "then_drill": True}
                                      if automation.name == RECOVERY else {"cluster": "lab", "force": True})
 
 

@@ -358,6 +358,9 @@ NOT_STEPS = {
         "validate_backup_name": "test_restore_commands_carry_the_target",
         "parse_release": "a parser of release_command's output; test_backup_tool_releases in "
                          "test_upgrade_planner.py",
+        "progress_command": "a view, not a step: None where the tool reports no progress (WAL-G); "
+                            "test_pgbackrest_driver.py's progress tests",
+        "parse_progress": "a parser of progress_command's output; test_pgbackrest_driver.py's progress tests",
     },
     ObjectStoreServer: {},
 }

@@ -568,3 +568,52 @@ def test_retiring_the_repository_deletes_the_stanza_and_starts_it_again() -> Non
     (c,) = driver.retire_repository_commands(INV)
     line = c.render()
     assert "stop" in line and "--force stanza-delete" in line and "start" in line and c.user == "postgres"
+
+
+# ----------------------------------------------------------------------------- incrementals, parallel copy
+
+
+@pytest.mark.parametrize(("kind", "processes", "tail"), [
+    ("full", None, ["--type=full", "backup"]),
+    ("incr", None, ["--type=incr", "backup"]),
+    ("incr", 4, ["--process-max=4", "--type=incr", "backup"]),
+])
+def test_backup_command_kind_and_processes(kind, processes, tail) -> None:
+    for source in ("pg1", "pg2"):
+        argv = list(driver.backup_command(INV, INV.host(source), INV.host("pg1"), kind, processes).argv)
+        assert argv[-len(tail):] == tail, argv
+
+
+@pytest.mark.parametrize(("kind", "processes", "message"), [
+    ("diff", None, "kind: 'diff' is not one of full, incr"),
+    ("full", 0, "processes: must be an integer from 1 to 64"),
+    ("full", True, "processes: must be an integer from 1 to 64"),
+])
+def test_backup_command_refuses_what_it_cannot_render(kind, processes, message) -> None:
+    with pytest.raises(BackupInputError, match=message):
+        driver.backup_command(INV, INV.host("pg2"), INV.host("pg1"), kind, processes)
+
+
+def test_block_incremental_is_on_with_bundling() -> None:
+    conf = parse_conf(driver.render_config(INV, SECRETS))["global"]
+    assert conf["repo1-block"] == "y" and conf["repo1-bundle"] == "y"  # block incremental needs bundles
+
+
+def _info(status: dict) -> CommandResult:
+    return CommandResult(exit_code=0, stdout=json.dumps([{"name": "lab", "status": status}]), stderr="", seconds=0.1)
+
+
+@pytest.mark.parametrize(("status", "progress"), [
+    ({"code": 0, "lock": {"backup": {"held": True, "size": 1000, "size-cplt": 250}}}, (250, 1000)),
+    ({"code": 0, "lock": {"backup": {"held": True, "size": 1000}}}, (0, 1000)),  # not started copying yet
+    ({"code": 0, "lock": {"backup": {"held": False}}}, None),
+    ({"code": 0, "lock": {"backup": {"held": True}}}, None),  # size not known yet
+    ({"code": 2}, None),
+])
+def test_progress_of_a_running_backup(status, progress) -> None:
+    assert driver.progress_command(INV).argv[-3:] == ("--output=json", "--detail-level=progress", "info")
+    assert driver.parse_progress(_info(status)) == progress
+
+
+def test_progress_of_unreadable_output_is_none() -> None:
+    assert driver.parse_progress(CommandResult(exit_code=1, stdout="not json", stderr="", seconds=0.1)) is None

@@ -410,6 +410,7 @@ def test_host_files_config_is_secret_and_complete() -> None:
         "WALG_S3_CA_CERT_FILE": "/etc/wal-g/bouw-ca.crt",
         "WALG_COMPRESSION_METHOD": "lz4",
         "WALG_UPLOAD_CONCURRENCY": "2",
+        "WALG_DELTA_MAX_STEPS": "7",
         "WALG_PREVENT_WAL_OVERWRITE": "true",
         "PGHOST": "/var/run/postgresql",
         "PGPORT": "5432",
@@ -866,3 +867,11 @@ def test_wal_overwrite_is_prevented_on_every_database_host(ha_manager: str) -> N
     inv = make_inventory(ha_manager=ha_manager)
     config = json.loads(driver.host_files(inv, inv.host("db1"), SECRETS, db_secrets=DB_SECRETS)[0].content)
     assert config["WALG_PREVENT_WAL_OVERWRITE"] == "true"
+
+
+def test_a_delta_backup_and_its_upload_concurrency() -> None:
+    delta = driver.backup_command(INV, INV.host("db2"), INV.host("db1"), "incr", 4)
+    assert "--full" not in delta.argv and dict(delta.env) == {"WALG_UPLOAD_CONCURRENCY": "4"}
+    assert "delta" in delta.description
+    full = driver.backup_command(INV, INV.host("db2"), INV.host("db1"))
+    assert "--full" in full.argv and not full.env

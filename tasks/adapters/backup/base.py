@@ -33,6 +33,11 @@ class StoreSecrets:
     cipher_pass: str | None = None
 
 
+# What scheduled_basebackup asks a driver for; BackupInfo.kind reports what the tool made.
+BackupKind = Literal["full", "incr"]
+BACKUP_KINDS: tuple[BackupKind, ...] = ("full", "incr")
+
+
 @dataclass(frozen=True)
 class BackupInfo:
     name: str
@@ -74,6 +79,10 @@ class BackupDriver(ABC):
     name: str
     # pgBackRest backs a standby up by asking the primary over SSH (as postgres) to start/stop it.
     needs_peer_ssh: bool = False
+    # restore_commands into a directory that holds an earlier copy of the cluster keeps the files
+    # whose checksums match (pgBackRest's delta): a repeated drill copies only what changed.
+    # WAL-G's backup-fetch wants an empty directory.
+    restores_by_delta: bool = False
 
     @abstractmethod
     def packages(self, inv: Inventory) -> list[str]:
@@ -95,12 +104,26 @@ class BackupDriver(ABC):
         """Idempotent repository setup, run on the primary once archiving is configured."""
 
     @abstractmethod
-    def backup_command(self, inv: Inventory, source: HostSpec, primary: HostSpec) -> Command:
-        """A full base backup, run on `source` (a streaming standby, or the primary itself)."""
+    def backup_command(self, inv: Inventory, source: HostSpec, primary: HostSpec,
+                       kind: BackupKind = "full", processes: int | None = None) -> Command:
+        """A base backup, run on `source` (a streaming standby, or the primary itself): "full", or
+        "incr", only what changed since the last backup (pgBackRest incremental with block
+        incremental; WAL-G a delta). Restoring one replays its chain back to its full.
+        `processes`: parallel copy streams (pgBackRest process-max, WAL-G upload concurrency);
+        None keeps the configuration's."""
 
     @abstractmethod
     def list_command(self, inv: Inventory) -> Command:
         ...
+
+    def progress_command(self, inv: Inventory) -> Command | None:
+        """Read-only, on the host running backup_command: how far the running backup has got;
+        None where the tool reports no progress of its own (WAL-G)."""
+        return None
+
+    def parse_progress(self, result: CommandResult) -> tuple[int, int] | None:
+        """(bytes done, bytes in all) from progress_command's answer; None when no backup runs."""
+        return None
 
     @abstractmethod
     def release_command(self) -> Command:

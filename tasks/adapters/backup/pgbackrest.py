@@ -8,10 +8,12 @@ from datetime import datetime, timezone
 
 from blocks.inventory import HostSpec, Inventory
 from tasks.adapters.backup.base import (
+    BACKUP_KINDS,
     ArchiveCheck,
     BackupDriver,
     BackupInfo,
     BackupInputError,
+    BackupKind,
     BackupOutputError,
     StoreSecrets,
 )
@@ -26,6 +28,12 @@ NAME_PATTERN = re.compile(r"^\d{8}-\d{6}F(_\d{8}-\d{6}[DI])?$")
 _KIND = {"full": "full", "diff": "diff", "incr": "incr"}
 
 
+def _processes(processes: int) -> int:
+    if isinstance(processes, bool) or not isinstance(processes, int) or not 1 <= processes <= 64:
+        raise BackupInputError(f"processes: must be an integer from 1 to 64, got {processes!r}")
+    return processes
+
+
 def pgbackrest(inv: Inventory, *args: str, timeout: float = 300) -> Command:
     return cmd("pgbackrest", f"--stanza={inv.cluster.name}", *args, timeout=timeout, user="postgres")
 
@@ -33,6 +41,7 @@ def pgbackrest(inv: Inventory, *args: str, timeout: float = 300) -> Command:
 class PgBackRestDriver(BackupDriver):
     name = "pgbackrest"
     needs_peer_ssh = True
+    restores_by_delta = True  # delta=y in the configuration
 
     def packages(self, inv: Inventory) -> list[str]:
         return ["pgbackrest"]
@@ -64,6 +73,9 @@ class PgBackRestDriver(BackupDriver):
             # Small files (most of a cluster's 1,000+) go into bundles: one object-store request per
             # bundle instead of one per file; restores fetch fewer objects too.
             "repo1-bundle=y",
+            # Block incremental (2.46+, needs bundling): an incremental stores the changed blocks of
+            # a changed file, not the whole file again, so a night's backup follows the change.
+            "repo1-block=y",
         ]
         if secrets.cipher_pass:
             lines += ["repo1-cipher-type=aes-256-cbc", f"repo1-cipher-pass={secrets.cipher_pass}"]
@@ -114,12 +126,16 @@ class PgBackRestDriver(BackupDriver):
         # stanza-create is idempotent: it succeeds when the stanza exists and matches this cluster.
         return [pgbackrest(inv, "stanza-create", timeout=120)]
 
-    def backup_command(self, inv: Inventory, source: HostSpec, primary: HostSpec) -> Command:
+    def backup_command(self, inv: Inventory, source: HostSpec, primary: HostSpec,
+                       kind: BackupKind = "full", processes: int | None = None) -> Command:
         pg = inv.cluster.postgres
+        if kind not in BACKUP_KINDS:
+            raise BackupInputError(f"kind: {kind!r} is not one of {', '.join(BACKUP_KINDS)}")
         # The annotation records where the backup was taken; `info` shows it back.
         annotation = f"--annotation=source_host={source.name}"
+        parallel = [f"--process-max={_processes(processes)}"] if processes is not None else []
         if source.name == primary.name:
-            return pgbackrest(inv, annotation, "--type=full", "backup", timeout=6 * 3600)
+            return pgbackrest(inv, annotation, *parallel, f"--type={kind}", "backup", timeout=6 * 3600)
         # From a standby: pgBackRest reads the files from the local standby (pg2) and only asks the
         # primary (pg1, over SSH as postgres) to start and stop the backup, on the port the
         # hosts' sshd listens on (postgres's known_hosts names the host on that port).
@@ -136,10 +152,25 @@ class PgBackRestDriver(BackupDriver):
             f"--pg2-port={pg.port}",
             "--pg2-socket-path=/var/run/postgresql",
             annotation,
-            "--type=full",
+            *parallel,
+            f"--type={kind}",
             "backup",
             timeout=6 * 3600,
         )
+
+    def progress_command(self, inv: Inventory) -> Command | None:
+        # The progress detail level skips every check but the stanza's: cheap to ask every few seconds.
+        return pgbackrest(inv, "--output=json", "--detail-level=progress", "info", timeout=30)
+
+    def parse_progress(self, result: CommandResult) -> tuple[int, int] | None:
+        # The running backup's lock carries its size and the part done (`size`, `size-cplt`).
+        try:
+            lock = json.loads(result.stdout)[0]["status"]["lock"]["backup"]
+            if lock.get("held") and lock.get("size"):
+                return int(lock.get("size-cplt") or 0), int(lock["size"])
+        except (ValueError, LookupError, TypeError, AttributeError):
+            pass
+        return None
 
     def release_command(self) -> Command:
         return cmd("pgbackrest", "version", timeout=30, ok_codes=(0, 127), description="pgbackrest version")

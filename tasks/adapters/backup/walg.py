@@ -28,10 +28,12 @@ from typing import Any
 
 from blocks.inventory import HostSpec, Inventory, ObjectStoreSpec, Role
 from tasks.adapters.backup.base import (
+    BACKUP_KINDS,
     ArchiveCheck,
     BackupDriver,
     BackupInfo,
     BackupInputError,
+    BackupKind,
     BackupOutputError,
     StoreSecrets,
 )
@@ -50,6 +52,7 @@ LOGIN_DATABASE = "postgres"
 # A full base backup of a large database over a modest link; Command caps timeouts at 24 h.
 BACKUP_TIMEOUT = 6 * 3600.0
 FETCH_TIMEOUT = 6 * 3600.0
+DELTA_MAX_STEPS = 7
 # `backup-list --detail` downloads one metadata object per backup.
 LIST_TIMEOUT = 300.0
 RETENTION_TIMEOUT = 3600.0
@@ -163,6 +166,8 @@ class WalgDriver(BackupDriver):
             "WALG_COMPRESSION_METHOD": "lz4",
             # PgVillage's value: a backup from a standby must not starve the database host's I/O.
             "WALG_UPLOAD_CONCURRENCY": "2",
+            # The building block's value: a delta chain of at most 7 before WAL-G makes a full.
+            "WALG_DELTA_MAX_STEPS": str(DELTA_MAX_STEPS),
             # A second writer with different WAL under the same name (split brain, a restored copy
             # archiving by mistake) fails loudly instead of replacing the cluster's history.
             "WALG_PREVENT_WAL_OVERWRITE": "true",
@@ -231,16 +236,27 @@ class WalgDriver(BackupDriver):
                 description=f"wal-g: check write access to {self.s3_prefix(inv)}"),
         ]
 
-    def backup_command(self, inv: Inventory, source: HostSpec, primary: HostSpec) -> Command:
+    def backup_command(self, inv: Inventory, source: HostSpec, primary: HostSpec,
+                       kind: BackupKind = "full", processes: int | None = None) -> Command:
         # WAL-G backs up the local instance through its socket (a standby works as is), so
         # `primary` is not needed. The source host is recorded as user data because `hostname`
         # in the metadata is the OS name, which need not be the inventory name.
+        if kind not in BACKUP_KINDS:
+            raise BackupInputError(f"kind: {kind!r} is not one of {', '.join(BACKUP_KINDS)}")
         user_data = json.dumps({"source_host": source.name}, sort_keys=True)
+        # Without --full WAL-G makes a delta on the newest backup (WALG_DELTA_MAX_STEPS in the
+        # config bounds the chain; past it WAL-G makes a full by itself).
+        full = ["--full"] if kind == "full" else []
+        if processes is not None and (isinstance(processes, bool) or not isinstance(processes, int)
+                                      or not 1 <= processes <= 64):
+            raise BackupInputError(f"processes: must be an integer from 1 to 64, got {processes!r}")
         return cmd(
             # The directory must be the server's data_directory: backup-push refuses any other.
-            *self._walg(inv, "backup-push", "--full", "--add-user-data", user_data, pgdata(inv)),
+            *self._walg(inv, "backup-push", *full, "--add-user-data", user_data, pgdata(inv)),
             user=OS_USER, timeout=BACKUP_TIMEOUT,
-            description=f"wal-g: full backup of {source.name}",
+            # The environment wins over the config file's value in WAL-G (viper), for this run only.
+            env={"WALG_UPLOAD_CONCURRENCY": str(processes)} if processes is not None else None,
+            description=f"wal-g: {'full' if full else 'delta'} backup of {source.name}",
         )
 
     def parse_backup_push(self, result: CommandResult) -> str:
