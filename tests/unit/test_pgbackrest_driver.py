@@ -611,7 +611,7 @@ def _info(status: dict) -> CommandResult:
     ({"code": 2}, None),
 ])
 def test_progress_of_a_running_backup(status, progress) -> None:
-    assert driver.progress_command(INV).argv[-3:] == ("--output=json", "--detail-level=progress", "info")
+    assert driver.progress_command(INV).argv[-2:] == ("--output=json", "info")
     assert driver.parse_progress(_info(status)) == progress
 
 
