@@ -282,6 +282,14 @@ def confirmation_refusal(cluster: str, target: str, confirm_cluster: str, confir
             f"{cluster!r} and the target {target!r} back to go ahead")
 
 
+def _restore_layout(plan: str, members: Sequence[str], primary: str,
+                    target: datetime | None) -> tuple[list[str], str]:
+    """The standbys to clone again from `primary`, and the recovery target in words."""
+    if primary not in members:
+        raise ValueError(f"{plan}: primary {primary!r} is not among the members {list(members)}")
+    return [m for m in members if m != primary], target.isoformat() if target else "the end of the archive"
+
+
 def plan_cluster_restore(cluster: str, members: Sequence[str], primary: str, chosen: BackupInfo,
                          target: datetime | None, now: datetime, *, keep_aside: bool,
                          refusals: Sequence[str] = ()) -> ActionPlan:
@@ -289,10 +297,7 @@ def plan_cluster_restore(cluster: str, members: Sequence[str], primary: str, cho
     lost. `keep_aside`: the primary's disk has room to keep its data directory until verified."""
     if refusals:
         return ActionPlan(refusals=tuple(refusals))
-    if primary not in members:
-        raise ValueError(f"plan_cluster_restore: primary {primary!r} is not among the members {list(members)}")
-    standbys = [m for m in members if m != primary]
-    recover_to = target.isoformat() if target else "the end of the archive"
+    standbys, recover_to = _restore_layout("plan_cluster_restore", members, primary, target)
     lost = (f"Lost: every change committed on {', '.join(members)} after {target.isoformat()} "
             f"({_span(now - target)} of writes up to now)." if target else
             "Lost: changes committed after the last archived WAL segment (none when archiving keeps up).")
@@ -368,10 +373,7 @@ def plan_clone(source: str, cluster: str, members: Sequence[str], primary: str, 
     target already has a database (lost, first among the notes); `built`: build_cluster ran there."""
     if refusals:
         return ActionPlan(refusals=tuple(refusals))
-    if primary not in members:
-        raise ValueError(f"plan_clone: primary {primary!r} is not among the members {list(members)}")
-    standbys = [m for m in members if m != primary]
-    recover_to = target.isoformat() if target else "the end of the archive"
+    standbys, recover_to = _restore_layout("plan_clone", members, primary, target)
     actions = [] if built else [Action(cluster, "build_cluster first: etcd, Patroni, certificates, roles")]
     actions += [Action(m, "stop the HA manager and PostgreSQL") for m in members]
     actions.append(Action(primary, f"restore {source}'s {chosen.name} (finished "
